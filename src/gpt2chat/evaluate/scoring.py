@@ -1,0 +1,175 @@
+"""Log-probabilities of token sequences under a model: the numbers perplexity and preference need.
+
+`token_logprobs` is the pure tensor step (logits -> log p of each next token). `score_sequences` runs a
+model over many sequences in length-sorted, token-budgeted batches and returns, per sequence, the summed
+log-prob and count of the target tokens its mask selects. The builders turn conversations and preference
+pairs into (ids, mask) through a template: the trained tokens (`assistant_mask`) are the scored ones.
+Knows nothing about files, metrics' formulas or reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "token_logprobs",
+    "score_sequences",
+    "ScoringSet",
+    "conversation_sets",
+    "preference_sets",
+]
+
+
+def token_logprobs(logits, input_ids):
+    """log p(input_ids[:, t + 1] | input_ids[:, : t + 1]) for t < T - 1: a float32 tensor [B, T - 1]."""
+    import torch
+
+    shifted = logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return (shifted.gather(-1, targets) - torch.logsumexp(shifted, dim=-1, keepdim=True)).squeeze(-1)
+
+
+def score_sequences(model, sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *,
+                    batch_tokens: int = 2048, desc: str = "scoring", progress: bool = True
+                    ) -> list[tuple[float, int]]:
+    """(sum of log p over the tokens where mask == 1, their count) for each sequence.
+
+    `mask[t] == 1` scores token t given tokens < t, so `mask[0]` is ignored (nothing predicts the first
+    token). Sequences are right-padded (a causal model's real tokens never see the padding).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if len(sequences) != len(masks):
+        raise ValueError("one mask per sequence is needed")
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * len(sequences[batches[-1][0]]) <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+                width = len(sequences[batch[0]])
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
+                for row, index in enumerate(batch):
+                    length = len(sequences[index])
+                    ids[row, :length] = torch.tensor(list(sequences[index]), dtype=torch.long)
+                    target_mask[row, :length] = torch.tensor(list(masks[index]), dtype=torch.bool)
+                ids = ids.to(device)
+                logprobs = token_logprobs(model(ids), ids).cpu()
+                selected = target_mask[:, 1:]
+                sums = (logprobs * selected).sum(-1)
+                counts = selected.sum(-1)
+                for row, index in enumerate(batch):
+                    results[index] = (float(sums[row]), int(counts[row]))
+    finally:
+        model.train(was_training)
+    return results
+
+
+@dataclass
+class ScoringSet:
+    """Sequences to score plus what the report says about them."""
+
+    sequences: list[list[int]]
+    masks: list[list[int]]
+    sources: list[str]
+    truncated: int = 0
+    skipped: int = 0
+
+
+def _left_truncate(ids: list[int], mask: list[int], limit: int) -> tuple[list[int], list[int], bool]:
+    if len(ids) <= limit:
+        return ids, mask, False
+    return ids[-limit:], mask[-limit:], True
+
+
+def conversation_sets(conversations, tokenizer, template: str, context: int) -> dict[str, ScoringSet]:
+    """Three views of held-out conversations for perplexity.
+
+    - `assistant`: rendered through `template`, scored on the assistant mask (last reply + end-of-turn);
+    - `rendered`: the same ids, every token scored (template tokens included);
+    - `plain`: the last assistant reply alone as plain text after `<|endoftext|>`, no template.
+    Longer than `context`: the rendering keeps its last `context` tokens (the reply is at the end), the
+    plain reply its first.
+    """
+    from gpt2chat.templates import render_chat
+
+    assistant = ScoringSet([], [], [])
+    rendered = ScoringSet([], [], [])
+    plain = ScoringSet([], [], [])
+    for conversation in conversations:
+        messages = conversation.messages
+        ids, mask = render_chat(tokenizer, messages, template=template)
+        ids, mask = list(ids), [int(m) for m in mask]
+        ids, mask, cut = _left_truncate(ids, mask, context)
+        if sum(mask[1:]) == 0:
+            assistant.skipped += 1
+            rendered.skipped += 1
+        else:
+            for target, target_mask in ((assistant, mask), (rendered, [0] + [1] * (len(ids) - 1))):
+                target.sequences.append(ids)
+                target.masks.append(target_mask)
+                target.sources.append(conversation.source)
+                target.truncated += int(cut)
+        replies = [m["content"] for m in messages if m.get("role") == "assistant"]
+        reply_ids = tokenizer.encode(replies[-1]) if replies else []
+        if not reply_ids:
+            plain.skipped += 1
+            continue
+        sequence = [tokenizer.eos_token_id, *reply_ids]
+        plain.truncated += int(len(sequence) > context)
+        sequence = sequence[:context]
+        plain.sequences.append(sequence)
+        plain.masks.append([0] + [1] * (len(sequence) - 1))
+        plain.sources.append(conversation.source)
+    return {"assistant": assistant, "rendered": rendered, "plain": plain}
+
+
+def _reply_sequence(tokenizer, template: str, prompt: list[dict], reply: str, context: int,
+                    max_reply_tokens: int) -> tuple[list[int], list[int], bool] | None:
+    from gpt2chat.templates import render_chat
+
+    ids, mask = render_chat(tokenizer, [*prompt, {"role": "assistant", "content": reply}], template=template)
+    ids, mask = list(ids), [int(m) for m in mask]
+    positions = [i for i, m in enumerate(mask) if m]
+    if not positions:
+        return None
+    cut = False
+    if len(positions) > max_reply_tokens:  # keep the first max_reply_tokens reply tokens
+        end = positions[max_reply_tokens - 1] + 1
+        ids, mask, cut = ids[:end], mask[:end], True
+    ids, mask, left_cut = _left_truncate(ids, mask, context)
+    if sum(mask[1:]) == 0:
+        return None
+    return ids, mask, cut or left_cut
+
+
+def preference_sets(pairs, tokenizer, template: str, context: int, max_reply_tokens: int = 256
+                    ) -> tuple[ScoringSet, ScoringSet]:
+    """(chosen, rejected) sequences of each pair, the reply tokens masked; a pair either side of which
+    cannot be scored (empty reply after truncation) is skipped and counted in `chosen.skipped`."""
+    chosen = ScoringSet([], [], [])
+    rejected = ScoringSet([], [], [])
+    for pair in pairs:
+        prompt = list(pair.prompt)
+        good = _reply_sequence(tokenizer, template, prompt, pair.chosen, context, max_reply_tokens)
+        bad = _reply_sequence(tokenizer, template, prompt, pair.rejected, context, max_reply_tokens)
+        if good is None or bad is None:
+            chosen.skipped += 1
+            continue
+        for target, (ids, mask, cut) in ((chosen, good), (rejected, bad)):
+            target.sequences.append(ids)
+            target.masks.append(mask)
+            target.sources.append(pair.source)
+            target.truncated += int(cut)
+    return chosen, rejected

@@ -1,0 +1,75 @@
+"""Parameter and FLOP accounting against the well-known GPT-2 / GPT-Neo figures and formulas."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gpt2chat.evaluate.flops import (
+    analytic_parameters,
+    count_parameters,
+    decode_bytes_per_token,
+    forward_flops_per_token,
+    measure_peaks,
+    training_flops_per_token,
+    utilisation,
+)
+
+GPT2_124M = SimpleNamespace(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
+                            n_head=12, n_inner=None)
+NEO_125M = SimpleNamespace(model_type="gpt_neo", vocab_size=50257, n_positions=2048, n_embd=768, n_layer=12,
+                           n_head=12, n_inner=None, attention_layers=["global", "local"] * 6, window_size=256)
+
+
+def test_parameter_counts_of_the_published_shapes():
+    assert analytic_parameters(GPT2_124M) == 124_439_808  # GPT2LMHeadModel("gpt2").num_parameters()
+    assert analytic_parameters(NEO_125M) == 125_198_592  # GPTNeoForCausalLM 125M
+
+
+def test_forward_flops_of_gpt2_124m_match_kaplan_plus_lm_head():
+    L, d, V, ctx = 12, 768, 50257, 1024
+    non_embedding = 12 * L * d * d  # Kaplan et al. 2020: N = 12 n_layer d_model^2 (d_ff = 4 d)
+    # Kaplan's C_forward = 2N + 2 n_layer n_ctx d counts q.k only; we add the weighted sum over values
+    # (another 2 n_layer n_ctx d) and the LM head (2 V d), which every generated token pays.
+    expected = 2 * non_embedding + 2 * V * d + 4 * L * ctx * d
+    flops = forward_flops_per_token(GPT2_124M, context=ctx)
+    # 2 * 84,934,656 + 2 * 38,597,376 + 37,748,736 = 284,812,800 FLOPs per token (about 2.3x params)
+    assert flops["total"] == expected == 284_812_800
+    assert flops["attention"] == 4 * L * ctx * d
+    # PaLM (Chowdhery et al. 2022, app. B): training FLOPs/token = 6N + 12 L H Q T, H*Q = d
+    palm = 6 * (non_embedding + V * d) + 12 * L * d * ctx
+    assert training_flops_per_token(GPT2_124M, ctx) == palm
+    # a shorter context only changes the attention term
+    assert forward_flops_per_token(GPT2_124M, 1)["weights"] == flops["weights"]
+    with pytest.raises(ValueError):
+        forward_flops_per_token(GPT2_124M, 0)
+
+
+def test_gpt_neo_local_layers_attend_within_the_window():
+    d, ctx = 768, 2048
+    expected_attention = 6 * 4 * ctx * d + 6 * 4 * 256 * d  # 6 global layers, 6 local (window 256)
+    assert forward_flops_per_token(NEO_125M, ctx)["attention"] == expected_attention
+
+
+def test_count_parameters_counts_tied_weights_once_and_bytes_per_token():
+    embedding = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    assert count_parameters(torch.nn.ModuleList([embedding, head])) == 40
+    tiny = SimpleNamespace(model_type="gpt2", n_embd=4, n_layer=2)
+    # weights 100 params * 2 bytes + KV cache: 2 layers * (k + v) * 8 keys * 4 wide * 2 bytes
+    assert decode_bytes_per_token(tiny, 100, 2, 8) == 200 + 2 * 2 * 8 * 4 * 2
+
+
+def test_measured_peaks_and_utilisation():
+    peaks = measure_peaks("cpu", torch.float32, matmul_size=64, copy_bytes=1 << 20, repeats=1)
+    assert peaks["matmul_flops_per_s"] > 0 and peaks["copy_bytes_per_s"] > 0
+    assert peaks["copy_bytes"] == 2 << 20  # read + write
+    figures = utilisation(flops_per_token=1e9, bytes_per_token=1e8, prefill_tokens_per_s=50.0,
+                          decode_tokens_per_s=10.0,
+                          peaks={"matmul_flops_per_s": 1e11, "copy_bytes_per_s": 1e10})
+    assert figures["prefill_mfu"] == pytest.approx(0.5)
+    assert figures["decode_mfu"] == pytest.approx(0.1)
+    assert figures["decode_mbu"] == pytest.approx(0.1)
