@@ -1,0 +1,217 @@
+"""Training objectives: SFT, DPO and ORPO as small pure functions of tensors.
+
+Each function takes model outputs (logits or per-sequence log-probabilities) and masks and returns
+``(loss, metrics)``; it knows nothing about models, files, tokenizers or optimisers. ``metrics`` holds
+detached 0-dim tensors (no host sync is forced; call ``float()`` when logging). Key names follow TRL's
+so that logs compare directly.
+
+The causal shift (logits at position t predict the token at t + 1) happens in exactly one place:
+:func:`sequence_logps`. Every mask passed to this module is aligned with the **tokens** (``labels`` /
+``input_ids``), not with the predictions: ``mask[b, t] == 1`` means "token t of row b is scored", the
+same convention as the ``assistant_mask`` produced by the chat templates and TRL's ``completion_mask``.
+Position 0 has no prediction and is never scored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gpt2chat.errors import Gpt2ChatError
+
+Metrics = dict[str, torch.Tensor]
+
+# ORPO needs log(1 - p) for the average per-token probability p; p == 1 (avg log-prob 0) gives infinite
+# odds. Average log-probs are capped just below 0, i.e. odds of at most about 1e6 : 1.
+_MAX_AVG_LOGP = -1e-6
+
+
+def _check_beta(beta: float, name: str) -> None:
+    if not beta > 0:  # also rejects NaN
+        raise Gpt2ChatError(f"{name}: beta must be > 0, got {beta!r}")
+
+
+def _check_same_shape(name: str, **tensors: torch.Tensor) -> None:
+    shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise Gpt2ChatError(f"{name}: inputs must have the same shape, got {shapes}")
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(labels[t] | tokens < t) over the masked tokens of each row, and how many there are.
+
+    The one place of the causal shift: ``logits[:, t]`` scores ``labels[:, t + 1]``, weighted by
+    ``mask[:, t + 1]`` (``mask`` is aligned with ``labels``, see the module docstring). Labels under a zero
+    mask may hold anything (e.g. -100 or padding); they are never read.
+
+    Memory: ``log_softmax`` would materialise a second ``[B, T, V]`` tensor. Instead
+    ``log p = logit[label] - logsumexp(logits)``, with the ``logsumexp`` taken one row at a time (in
+    float32, so bf16 logits are scored accurately) and the label logit gathered; peak extra memory is one
+    ``[T, V]`` float32 temporary.
+
+    Args:
+        logits: ``[B, T, V]`` unnormalised next-token scores.
+        labels: ``[B, T]`` token ids (usually the ``input_ids`` themselves).
+        mask: ``[B, T]`` 1 / True where the token is scored.
+
+    Returns:
+        ``(sum_logps [B] float32, token_counts [B] int64)``.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or mask.shape != labels.shape:
+        raise Gpt2ChatError(
+            "sequence_logps: expected logits [B, T, V] with labels and mask [B, T], got "
+            f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}"
+        )
+    pred_logits = logits[:, :-1, :]  # [B, T-1, V]: position t predicts token t + 1
+    target = labels[:, 1:]
+    target_mask = mask[:, 1:].bool()
+    safe_target = torch.where(target_mask, target, torch.zeros_like(target))
+
+    label_logits = pred_logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1).float()
+    normalisers = torch.stack([row.float().logsumexp(dim=-1) for row in pred_logits])
+    token_logps = (label_logits - normalisers) * target_mask
+    return token_logps.sum(dim=-1), target_mask.sum(dim=-1)
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    assistant_mask: torch.Tensor,
+    num_items: int | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Supervised fine-tuning: mean cross-entropy over the assistant tokens of the whole batch.
+
+    The standard causal-LM objective ``-1/N * sum_{t in assistant} log p(x_t | x_<t)`` (e.g. Ouyang et
+    al. 2022, "Training language models to follow instructions with human feedback", the SFT stage),
+    averaged per token over the batch like TRL's ``SFTTrainer`` with ``assistant_only_loss`` /
+    ``completion_only_loss`` (long replies weigh more than short ones, padding weighs nothing).
+
+    Args:
+        logits: ``[B, T, V]`` model output on ``input_ids``.
+        input_ids: ``[B, T]`` the tokens; also the labels.
+        assistant_mask: ``[B, T]`` 1 on tokens to train on (aligned with ``input_ids``).
+        num_items: divide by this many tokens instead of the batch's own count: the total over all
+            gradient-accumulation micro-batches (and ranks), so that accumulated gradients equal those of
+            one big batch.
+
+    Raises:
+        Gpt2ChatError: the mask selects no token (the loss would be 0 / 0).
+    """
+    sum_logps, counts = sequence_logps(logits, input_ids, assistant_mask)
+    n_tokens = counts.sum()
+    if int(n_tokens) == 0:
+        raise Gpt2ChatError(
+            "sft_loss: the assistant mask selects no token in this batch (nothing to train on); "
+            "check the template's assistant_mask or the truncation length"
+        )
+    denominator = n_tokens if num_items is None else num_items
+    if num_items is not None and num_items <= 0:
+        raise Gpt2ChatError(f"sft_loss: num_items must be > 0, got {num_items}")
+    loss = -sum_logps.sum() / denominator
+    token_nll = (-sum_logps.sum() / n_tokens).detach()
+    metrics = {"loss": token_nll, "n_tokens": n_tokens.detach(), "ppl": token_nll.exp()}
+    return loss, metrics
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Metrics]:
+    """Direct Preference Optimization, sigmoid loss (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7).
+
+    ``L = -mean log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])``
+
+    All inputs are ``[B]`` log-probabilities **summed** over the reply tokens (:func:`sequence_logps`).
+    The implicit rewards ``beta * (log pi - log ref)`` (Section 5 of the paper) are logged as
+    ``rewards/chosen`` / ``rewards/rejected`` (batch means), ``rewards/margins`` their difference and
+    ``rewards/accuracies`` the fraction of pairs whose chosen reward is higher.
+
+    Raises:
+        Gpt2ChatError: ``beta <= 0`` or inputs of different shapes.
+    """
+    _check_beta(beta, "dpo_loss")
+    _check_same_shape(
+        "dpo_loss",
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
+    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().float().mean(),
+        "logps/rejected": policy_rejected_logps.detach().float().mean(),
+    }
+    return loss, metrics
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"): ``log1p(-exp(x))`` below ``-ln 2``, ``log(-expm1(x))`` above it."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_nll: torch.Tensor,
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Metrics]:
+    """Odds Ratio Preference Optimization (Hong et al. 2024, arXiv:2403.07691, Eqs. 4-7).
+
+    ``L = L_SFT + beta * mean(-log sigmoid(log odds(y_w|x) - log odds(y_l|x)))`` with
+    ``odds(y|x) = P(y|x) / (1 - P(y|x))`` and ``log P(y|x)`` the **average** per-token log-probability of
+    the reply (Eq. 3, length-normalised). The log odds are
+    ``log p - log(1 - p) = avg_logp - log1mexp(avg_logp)``, computed without leaving log space.
+
+    Args:
+        chosen_nll: the SFT term ``L_SFT`` on the chosen replies: a scalar (already averaged) or ``[B]``
+            (averaged here). The caller chooses what it covers: the paper scores the reply only; TRL's
+            ``ORPOTrainer`` scores prompt + reply.
+        chosen_avg_logps, rejected_avg_logps: ``[B]`` mean per-token log-probs of the replies (< 0).
+        beta: weight of the odds-ratio term (the paper's lambda).
+
+    Metrics (TRL's names): ``log_odds_ratio`` is the batch mean of ``log sigmoid(log odds ratio)`` and
+    ``log_odds_chosen`` the batch mean of the log odds ratio itself; ``rewards/*`` are
+    ``beta * avg_logps``.
+
+    Raises:
+        Gpt2ChatError: ``beta <= 0`` or inputs of different shapes.
+    """
+    _check_beta(beta, "orpo_loss")
+    _check_same_shape("orpo_loss", chosen_avg_logps=chosen_avg_logps, rejected_avg_logps=rejected_avg_logps)
+    chosen = chosen_avg_logps.float().clamp(max=_MAX_AVG_LOGP)
+    rejected = rejected_avg_logps.float().clamp(max=_MAX_AVG_LOGP)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    log_sigmoid_odds = F.logsigmoid(log_odds)
+    nll = chosen_nll.float().mean()
+    loss = nll - beta * log_sigmoid_odds.mean()
+
+    chosen_rewards = beta * chosen_avg_logps.detach().float()
+    rejected_rewards = beta * rejected_avg_logps.detach().float()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": chosen_avg_logps.detach().float().mean(),
+        "logps/rejected": rejected_avg_logps.detach().float().mean(),
+        "nll_loss": nll.detach(),
+        "log_odds_ratio": log_sigmoid_odds.detach().mean(),
+        "log_odds_chosen": log_odds.detach().mean(),
+    }
+    return loss, metrics
