@@ -1,0 +1,134 @@
+"""`gpt2chat serve` (OpenAI-compatible API + web page) and `gpt2chat telegram` (the Telegram bot).
+
+Heavy imports (torch, FastAPI, uvicorn, python-telegram-bot) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from gpt2chat.errors import Gpt2ChatError
+
+API_KEY_ENV = "GPT2CHAT_API_KEY"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--template", default=None,
+                        help="chat template name (default: the one saved with the checkpoint)")
+    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a batch slot before new ones get 429 (default 64)")
+    parser.add_argument("--max-tokens-limit", type=int, default=1024,
+                        help="most tokens one request may generate (default 1024)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API with a web chat page",
+        description="Serve a chat model: /v1/chat/completions, /v1/completions, /v1/models, /health and a "
+                    "web chat page at /. Listens on 127.0.0.1 unless --host says otherwise.")
+    serve.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                            f"(default: ${API_KEY_ENV} if set)")
+    serve.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    _add_model_options(serve)
+    serve.set_defaults(handler=run_serve)
+
+    telegram = subparsers.add_parser(
+        "telegram", help="run the Telegram bot (token from $TELEGRAM_BOT_TOKEN)",
+        description="Answer Telegram chats with a local model (--model) or a running gpt2chat server "
+                    "(--server). One history per chat; /start, /reset, /system TEXT.")
+    source = telegram.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder to load in this process")
+    source.add_argument("--server", help="URL of a running gpt2chat server, e.g. http://127.0.0.1:8000")
+    telegram.add_argument("--api-key", default=None, help=f"the server's API key (default: ${API_KEY_ENV})")
+    telegram.add_argument("--system", default=None, help="default system prompt for new chats")
+    telegram.add_argument("--max-tokens", type=int, default=256, help="tokens per reply (default 256)")
+    telegram.add_argument("--temperature", type=float, default=0.8)
+    telegram.add_argument("--top-p", type=float, default=0.95)
+    telegram.add_argument("--bot-api-url", default=None,
+                          help="Bot API base URL (default Telegram's; for a local Bot API server)")
+    _add_model_options(telegram)
+    telegram.set_defaults(handler=run_telegram_command)
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    for name in ("max_batch", "max_tokens_limit"):
+        if getattr(args, name) < 1:
+            raise Gpt2ChatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        raise Gpt2ChatError(f"--max-queue must be 0 or more, got {args.max_queue}")
+
+
+def _build_service(args: argparse.Namespace, model_name: str | None = None):
+    from gpt2chat.checkpoint import load_model
+    from gpt2chat.serve.service import ChatService
+
+    _check_limits(args)
+    model, tokenizer = load_model(args.model, device=args.device)
+    model.eval()
+    name = model_name or Path(str(args.model).rstrip("/")).name or "gpt2chat"
+    return ChatService(model, tokenizer, template=args.template, model_name=name,
+                       max_batch_size=args.max_batch, max_queue=args.max_queue,
+                       max_tokens_limit=args.max_tokens_limit)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gpt2chat.serve.app import create_app
+
+    if not 0 < args.port < 65536:
+        raise Gpt2ChatError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_body_bytes < 1024:
+        raise Gpt2ChatError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.host not in LOOPBACK_HOSTS and not api_key:
+        logging.getLogger("gpt2chat.serve").warning(
+            "listening on %s without an API key: anyone who can reach this address can use the model", args.host)
+    service = _build_service(args, args.model_name)
+    app = create_app(service, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    print(f"serving {service.model_name} on http://{args.host}:{args.port}/ (OpenAI API under /v1)")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        service.close()
+    return 0
+
+
+def run_telegram_command(args: argparse.Namespace) -> int:
+    from gpt2chat.serve.telegram_bot import (
+        LocalBackend,
+        RemoteBackend,
+        ReplySettings,
+        bot_token,
+        run_telegram,
+    )
+
+    token = bot_token()  # fail before loading a model when the token is missing
+    if args.max_tokens < 1:
+        raise Gpt2ChatError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    settings = ReplySettings(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = None
+    if args.server:
+        backend = RemoteBackend(args.server, args.api_key or os.environ.get(API_KEY_ENV), settings)
+    else:
+        service = _build_service(args)
+        backend = LocalBackend(service, settings)
+    try:
+        run_telegram(backend, token=token, base_url=args.bot_api_url, default_system=args.system)
+    finally:
+        if service is not None:
+            service.close()
+    return 0
