@@ -1,0 +1,198 @@
+"""Conversations / preference pairs -> token ids with loss masks, inside length budgets.
+
+Rendering is the template's job (`templates.render_chat`: history as context, the mask on the last assistant
+reply and its end-of-turn token). This module decides *what* to render and what to cut:
+
+- SFT: one example per assistant turn (with its history) or only the last one. When an example is over budget
+  the context is cut from the oldest turn first (then the system message); the last user turn and the reply
+  are kept whole. An example whose reply (or last user turn) cannot fit is dropped and counted.
+- Preferences: the prompt is cut the same way to `max_prompt_tokens` (never the last user turn: a pair whose
+  last user turn alone is too long is dropped); replies are cut to `max_response_tokens` and to what
+  `max_length` leaves (as seed 002 and TRL do). A reply that was not cut ends with the end-of-turn token.
+- Never an example with an empty loss mask.
+
+Speed: all message texts are encoded in one `encode_batch` call first (parallel in `tokenizers`), and the
+template reads them from that table, so per-example rendering does no BPE work for message contents.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from gpt2chat.data.types import (
+    Budgets,
+    Conversation,
+    DataError,
+    PreferenceExample,
+    PreferencePair,
+    SFTExample,
+)
+
+
+class PrefetchedTokenizer:
+    """A tokenizer whose `encode` answers from a table filled by one `encode_batch` (same ids: plain text).
+
+    Everything else is the wrapped tokenizer's. Texts not in the table are encoded on demand and remembered.
+    """
+
+    def __init__(self, tokenizer, texts: Iterable[str] = ()):
+        self._tokenizer = tokenizer
+        self._table: dict[str, list[int]] = {}
+        self.prefetch(texts)
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        todo = list(dict.fromkeys(text for text in texts if text not in self._table))
+        if todo:
+            self._table.update(zip(todo, self._tokenizer.encode_batch(todo), strict=True))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._table.get(text)
+        if ids is None:
+            ids = self._table[text] = self._tokenizer.encode(text)
+        return list(ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self.prefetch(texts)
+        return [list(self._table[text]) for text in texts]
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def unwrap(tokenizer):
+    return tokenizer._tokenizer if isinstance(tokenizer, PrefetchedTokenizer) else tokenizer
+
+
+def prefetch_texts(items: Iterable[Conversation | PreferencePair]) -> list[str]:
+    texts = []
+    for item in items:
+        if isinstance(item, PreferencePair):
+            texts.extend(m["content"] for m in item.prompt)
+            texts.extend((item.chosen, item.rejected))
+        else:
+            texts.extend(m["content"] for m in item.messages)
+    return texts
+
+
+def _render(tokenizer, messages: list[dict], template, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    from gpt2chat.templates import render_chat
+
+    ids, mask = render_chat(tokenizer, messages, template=template, add_generation_prompt=add_generation_prompt)
+    return list(ids), list(mask)
+
+
+def context_candidates(messages: list[dict]):
+    """`messages` (ending with the turn to keep), then with the oldest history turn pairs dropped one by one,
+    then without the system message. The last user turn (and a trailing reply) are always kept."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    keep = 2 if body and body[-1]["role"] == "assistant" else 1
+    history, tail = body[:-keep], body[-keep:]
+    for start in range(0, len(history) + 1, 2):
+        yield system + history[start:] + tail
+    if system:
+        yield tail
+
+
+def sft_turn_targets(conversation: Conversation, per_turn: bool) -> list[list[dict]]:
+    """The message lists to train on: one per assistant turn (each with its history), or the whole thing."""
+    messages = conversation.messages
+    if not per_turn:
+        return [messages]
+    return [messages[: index + 1] for index, m in enumerate(messages) if m["role"] == "assistant" and index > 0]
+
+
+def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets,
+                source: str) -> tuple[SFTExample | None, str | None]:
+    """Render one target (ends with the reply to train on) inside the budgets -> (example, None) or (None, reason)."""
+    first = True
+    for candidate in context_candidates(messages):
+        ids, mask = _render(tokenizer, candidate, template, False)
+        if first:
+            first = False
+            reply_tokens = sum(mask)
+            if reply_tokens == 0:
+                return None, "empty loss mask"
+            if budgets.max_response_tokens is not None and reply_tokens > budgets.max_response_tokens:
+                return None, "reply over max_response_tokens"
+        prompt_tokens = mask.index(1)
+        if len(ids) <= budgets.max_length and (budgets.max_prompt_tokens is None
+                                               or prompt_tokens <= budgets.max_prompt_tokens):
+            if sum(mask) == 0:
+                return None, "empty loss mask"
+            return SFTExample(input_ids=ids, assistant_mask=mask, source=source), None
+    if sum(mask) + 1 > budgets.max_length:
+        return None, "reply over max_length"
+    return None, "last user turn over budget"
+
+
+def build_sft(tokenizer, conversations: list[Conversation], template, budgets: Budgets,
+              per_turn: bool = True, drops: Counter | None = None,
+              targets: list[tuple[list[dict], str]] | None = None) -> list[SFTExample]:
+    """Examples for many conversations (or ready-made (messages, source) targets); drops counted by reason."""
+    drops = drops if drops is not None else Counter()
+    if targets is None:
+        targets = [(t, c.source) for c in conversations for t in sft_turn_targets(c, per_turn)]
+    fast = tokenizer if isinstance(tokenizer, PrefetchedTokenizer) else PrefetchedTokenizer(tokenizer)
+    fast.prefetch(m["content"] for messages, _ in targets for m in messages)
+    examples = []
+    for messages, source in targets:
+        example, reason = sft_example(fast, messages, template, budgets, source)
+        if example is None:
+            drops[reason] += 1
+        else:
+            examples.append(example)
+    return examples
+
+
+def preference_example(tokenizer, pair: PreferencePair, template, budgets: Budgets,
+                       truncations: Counter | None = None) -> tuple[PreferenceExample | None, str | None]:
+    """One pair inside the budgets -> (example, None) or (None, reason)."""
+    prompt_ids = prompt = None
+    for candidate in context_candidates(pair.prompt):
+        ids, _ = _render(tokenizer, candidate, template, True)
+        if budgets.max_prompt_tokens is None or len(ids) <= budgets.max_prompt_tokens:
+            prompt_ids, prompt = ids, candidate
+            break
+    if prompt_ids is None:
+        return None, "last user turn over max_prompt_tokens"
+    room = budgets.max_length - len(prompt_ids)
+    if budgets.max_response_tokens is not None:
+        room = min(room, budgets.max_response_tokens)
+    if room < 1:
+        return None, "no room for the reply"
+    replies = []
+    for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        ids, mask = _render(tokenizer, prompt + [{"role": "assistant", "content": text}], template, False)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"template {getattr(template, 'name', template)!r}: rendering with the reply does not "
+                            f"start with the rendered prompt ({pair.source})")
+        reply = ids[len(prompt_ids):]
+        if not reply or sum(mask[len(prompt_ids):]) == 0:
+            return None, "empty loss mask"
+        if len(reply) > room:
+            reply = reply[:room]
+            if truncations is not None:
+                truncations[f"{name} reply cut"] += 1
+        replies.append(reply)
+    return PreferenceExample(prompt_ids=prompt_ids, chosen_ids=replies[0], rejected_ids=replies[1],
+                             source=pair.source), None
+
+
+def build_preferences(tokenizer, pairs: list[PreferencePair], template, budgets: Budgets,
+                      drops: Counter | None = None, truncations: Counter | None = None) -> list[PreferenceExample]:
+    drops = drops if drops is not None else Counter()
+    fast = tokenizer if isinstance(tokenizer, PrefetchedTokenizer) else PrefetchedTokenizer(tokenizer)
+    fast.prefetch(prefetch_texts(pairs))
+    examples = []
+    for pair in pairs:
+        example, reason = preference_example(fast, pair, template, budgets, truncations)
+        if example is None:
+            drops[reason] += 1
+        else:
+            examples.append(example)
+    return examples

@@ -1,0 +1,293 @@
+"""One parser per row format: a raw row dict -> `Conversation` or `PreferencePair`, or a `RowError`.
+
+Formats (the `FORMAT` of a spec): `alpaca`, `guanaco`, `openorca`, `sharegpt`, `messages`, `ultrafeedback`,
+and `oasst1` / `oasst2` (a whole message table, handled in `oasst.py`). Every parser checks each field it
+reads (present, right type, non-empty, valid UTF-8, not absurdly long) and every message list (known roles, a
+system message only first, user / assistant alternating), so what comes out can be rendered by any template.
+
+This module knows rows and messages only: nothing about files (rows.py) or tokens (examples.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gpt2chat.data.types import Conversation, PreferencePair
+
+DEFAULT_MAX_CHARS = 200_000  # ~50k tokens: far past any GPT-2 context; a 10 MB string is a broken row
+
+
+@dataclass
+class FormatOptions:
+    lang: str | None = "en"  # oasst: keep only this language (None = all)
+    all_paths: bool = False  # oasst: every root-to-leaf path instead of the best-ranked one
+    max_chars: int = DEFAULT_MAX_CHARS
+
+    def key(self) -> dict:
+        return {"lang": self.lang, "all_paths": self.all_paths, "max_chars": self.max_chars}
+
+
+class RowError(Exception):
+    """A row that cannot become a conversation: `reason` is the counter key, `field` the JSON path."""
+
+    def __init__(self, reason: str, field: str | None, detail: str):
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
+
+    def message(self, where) -> str:
+        place = f"{where}: field '{self.field}'" if self.field else f"{where}"
+        return f"{place}: {self.detail}"
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean",
+                                         int: "integer", float: "number"}.get(type(value), type(value).__name__)
+
+
+def check_text(value, field: str, max_chars: int, *, missing_ok: bool = False) -> str:
+    """A usable text field, stripped; RowError naming `field` otherwise."""
+    if value is None:
+        if missing_ok:
+            return ""
+        raise RowError("missing field", field, "missing (or null)")
+    if not isinstance(value, str):
+        raise RowError("wrong type", field, f"expected a string, got {_type_name(value)}")
+    if len(value) > max_chars:
+        raise RowError("text too long", field, f"{len(value):,} characters (limit {max_chars:,})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError("invalid UTF-8", field, f"invalid UTF-8 / unpaired surrogate at character {exc.start}") from None
+    text = value.strip()
+    if not text and not missing_ok:
+        raise RowError("empty text", field, "empty text")
+    return text
+
+
+def get_field(row: dict, name: str, prefix: str = ""):
+    if name not in row:
+        raise RowError("missing field", prefix + name, "missing")
+    return row[name]
+
+
+def check_list(value, field: str) -> list:
+    if value is None:
+        raise RowError("missing field", field, "missing (or null)")
+    if not isinstance(value, list):
+        raise RowError("wrong type", field, f"expected an array, got {_type_name(value)}")
+    if not value:
+        raise RowError("empty text", field, "empty list")
+    return value
+
+
+def check_messages(messages: list[dict], field: str, *, end: str) -> list[dict]:
+    """Validate turn order: optional system first, then user/assistant alternating starting with user.
+
+    end="assistant": a conversation to train on (trailing user turns are dropped; needs one reply);
+    end="user": a preference prompt (must end with the user turn the replies answer).
+    """
+    for index, message in enumerate(messages):
+        if message["role"] == "system" and index > 0:
+            raise RowError("bad turn order", f"{field}[{index}]", "a system message is only allowed first")
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(body)
+    for index, message in enumerate(body):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RowError("bad turn order", f"{field}[{index + offset}]",
+                           f"expected a {expected} turn, got {message['role']} (turns must alternate, user first)")
+    if end == "assistant":
+        while messages and messages[-1]["role"] != "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise RowError("no assistant reply", field, "no assistant reply to train on")
+    elif not body or body[-1]["role"] != "user":
+        raise RowError("bad turn order", field, "the prompt must end with a user turn")
+    return messages
+
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant",
+}
+
+
+def parse_message_list(value, field: str, max_chars: int, *, role_key="role", content_key="content",
+                       aliases: dict | None = None) -> list[dict]:
+    """A list of {role, content} (or {from, value}) dicts -> normalised messages; roles checked."""
+    items = check_list(value, field)
+    messages = []
+    for index, item in enumerate(items):
+        place = f"{field}[{index}]"
+        if not isinstance(item, dict):
+            raise RowError("wrong type", place, f"expected an object, got {_type_name(item)}")
+        role = get_field(item, role_key, place + ".")
+        if not isinstance(role, str):
+            raise RowError("wrong type", f"{place}.{role_key}", f"expected a string, got {_type_name(role)}")
+        table = aliases or {name: name for name in ("system", "user", "assistant")}
+        if role.strip().lower() not in table:
+            raise RowError("unknown role", f"{place}.{role_key}",
+                           f"unknown role {role[:40]!r} (expected one of {', '.join(sorted(table))})")
+        content = get_field(item, content_key, place + ".")
+        if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
+            content = _join_text_parts(content, f"{place}.{content_key}")
+        text = check_text(content, f"{place}.{content_key}", max_chars)
+        messages.append({"role": table[role.strip().lower()], "content": text})
+    return messages
+
+
+def _join_text_parts(parts: list, field: str) -> str:
+    texts = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise RowError("wrong type", f"{field}[{index}]", "only text content parts are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+# ---------------------------------------------------------------- SFT formats
+
+
+def parse_alpaca(row: dict, options: FormatOptions) -> list[dict]:
+    instruction = check_text(get_field(row, "instruction"), "instruction", options.max_chars)
+    extra = check_text(row.get("input"), "input", options.max_chars, missing_ok=True)
+    output = check_text(get_field(row, "output"), "output", options.max_chars)
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    system = check_text(row.get("system"), "system", options.max_chars, missing_ok=True)
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+GUANACO_MARKER = re.compile(r"###\s*(Human|Assistant)\s*:")
+
+
+def parse_guanaco(row: dict, options: FormatOptions) -> list[dict]:
+    text = check_text(get_field(row, "text"), "text", options.max_chars)
+    pieces = GUANACO_MARKER.split(text)
+    if pieces[0].strip():
+        raise RowError("bad turn order", "text", "text must start with '### Human:'")
+    messages = []
+    for speaker, content in zip(pieces[1::2], pieces[2::2], strict=True):
+        role = "user" if speaker == "Human" else "assistant"
+        content = content.strip()
+        if not content:
+            raise RowError("empty text", "text", f"empty '### {speaker}:' turn {len(messages) + 1}")
+        messages.append({"role": role, "content": content})
+    if not messages:
+        raise RowError("missing field", "text", "no '### Human:' / '### Assistant:' turns found")
+    return check_messages(messages, "text", end="assistant")
+
+
+def parse_openorca(row: dict, options: FormatOptions) -> list[dict]:
+    """system_prompt becomes a system message of its own, never text glued to the question (seed 004's bug)."""
+    system = check_text(row.get("system_prompt"), "system_prompt", options.max_chars, missing_ok=True)
+    question = check_text(get_field(row, "question"), "question", options.max_chars)
+    response = check_text(get_field(row, "response"), "response", options.max_chars)
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+
+
+def parse_sharegpt(row: dict, options: FormatOptions) -> list[dict]:
+    if "chosen" in row and "rejected" in row:  # preference layout: train on the chosen reply
+        pair = parse_sharegpt_preference(row, options)
+        return pair.prompt + [{"role": "assistant", "content": pair.chosen}]
+    messages = _sharegpt_turns(row, options)
+    return check_messages(messages, "conversations", end="assistant")
+
+
+def _sharegpt_turns(row: dict, options: FormatOptions) -> list[dict]:
+    messages = parse_message_list(get_field(row, "conversations"), "conversations", options.max_chars,
+                                  role_key="from", content_key="value", aliases=ROLE_ALIASES)
+    system = check_text(row.get("system"), "system", options.max_chars, missing_ok=True)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def parse_messages(row: dict, options: FormatOptions) -> list[dict]:
+    messages = parse_message_list(get_field(row, "messages"), "messages", options.max_chars)
+    return check_messages(messages, "messages", end="assistant")
+
+
+def parse_ultrafeedback_conversation(row: dict, options: FormatOptions) -> list[dict]:
+    pair = parse_ultrafeedback(row, options)
+    return pair.prompt + [{"role": "assistant", "content": pair.chosen}]
+
+
+# ---------------------------------------------------------------- preference formats
+
+
+def _reply(value, field: str, options: FormatOptions, prompt: list[dict] | None) -> tuple[list[dict] | None, str]:
+    """A reply given as a string, a one-message list, or a whole conversation -> (its prompt or None, text)."""
+    if isinstance(value, str) or value is None:
+        return None, check_text(value, field, options.max_chars)
+    if isinstance(value, dict):  # {"role": "assistant", "content": ...} / {"from": "gpt", "value": ...}
+        value = [value]
+    keys = ("from", "value") if isinstance(value, list) and value and isinstance(value[0], dict) \
+        and "from" in value[0] else ("role", "content")
+    messages = parse_message_list(value, field, options.max_chars, role_key=keys[0], content_key=keys[1],
+                                  aliases=ROLE_ALIASES)
+    if messages[-1]["role"] != "assistant":
+        raise RowError("bad turn order", f"{field}[{len(messages) - 1}]", "the last message must be the assistant reply")
+    if len(messages) == 1:
+        return None, messages[0]["content"]
+    return messages[:-1], messages[-1]["content"]
+
+
+def _same_prompt(a: list[dict], b: list[dict]) -> bool:
+    return [(m["role"], m["content"]) for m in a] == [(m["role"], m["content"]) for m in b]
+
+
+def parse_ultrafeedback(row: dict, options: FormatOptions) -> PreferencePair:
+    """trl-lib/ultrafeedback_binarized (chosen / rejected message lists sharing the prompt), TRL's explicit
+    prompt layout (prompt messages + one-message replies), and flat prompt / chosen / rejected strings."""
+    prompt_value = row.get("prompt")
+    prompt: list[dict] | None = None
+    if isinstance(prompt_value, list):
+        prompt = parse_message_list(prompt_value, "prompt", options.max_chars, aliases=ROLE_ALIASES)
+    chosen_prompt, chosen = _reply(get_field(row, "chosen"), "chosen", options, prompt)
+    rejected_prompt, rejected = _reply(get_field(row, "rejected"), "rejected", options, prompt)
+    if chosen_prompt is not None and rejected_prompt is not None and not _same_prompt(chosen_prompt, rejected_prompt):
+        raise RowError("prompt mismatch", "rejected", "chosen and rejected do not share the same prompt turns")
+    embedded = chosen_prompt if chosen_prompt is not None else rejected_prompt
+    if prompt is None and embedded is not None:
+        prompt = embedded
+        if isinstance(prompt_value, str) and prompt_value.strip() and prompt_value.strip() != prompt[-1]["content"]:
+            raise RowError("prompt mismatch", "prompt", "the prompt string differs from the user turn in chosen")
+    elif prompt is not None and embedded is not None and not _same_prompt(prompt, embedded):
+        raise RowError("prompt mismatch", "chosen", "the chosen conversation does not start with the prompt")
+    if prompt is None:
+        prompt = [{"role": "user", "content": check_text(prompt_value, "prompt", options.max_chars)}]
+    prompt = check_messages(prompt, "prompt", end="user")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source="")
+
+
+def parse_sharegpt_preference(row: dict, options: FormatOptions) -> PreferencePair:
+    """LLaMA-Factory's layout: `conversations` ending with a human turn + `chosen` / `rejected` gpt turns."""
+    prompt = check_messages(_sharegpt_turns(row, options), "conversations", end="user")
+    _, chosen = _reply(get_field(row, "chosen"), "chosen", options, prompt)
+    _, rejected = _reply(get_field(row, "rejected"), "rejected", options, prompt)
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source="")
+
+
+CONVERSATION_PARSERS = {
+    "alpaca": parse_alpaca,
+    "guanaco": parse_guanaco,
+    "openorca": parse_openorca,
+    "sharegpt": parse_sharegpt,
+    "messages": parse_messages,
+    "ultrafeedback": parse_ultrafeedback_conversation,
+}
+PREFERENCE_PARSERS = {
+    "ultrafeedback": parse_ultrafeedback,
+    "sharegpt": parse_sharegpt_preference,
+}
+TABLE_FORMATS = ("oasst1", "oasst2")  # whole-table formats (message trees)
+FORMATS = (*TABLE_FORMATS, *CONVERSATION_PARSERS)
+
+
+def to_conversation(messages: list[dict], source: str) -> Conversation:
+    return Conversation(messages=messages, source=source)

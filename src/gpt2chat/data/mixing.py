@@ -1,0 +1,246 @@
+"""Several sources -> one seeded train / validation set of tokenized examples (cached).
+
+Order of work, each step seeded and counted in `stats`:
+1. load every source (`load.py`), skipping (or, strict, stopping at) malformed rows;
+2. de-duplicate exactly on normalised messages (NFC, whitespace runs collapsed), across sources, first wins;
+3. split each source's conversations into train / validation (so turns of one conversation never straddle the
+   split); SFT targets (one per assistant turn by default) are de-duplicated again, validation losing those
+   already in train;
+4. tokenize (`examples.py`);
+5. weight the training part of each source: weight < 1 keeps a seeded sample, > 1 repeats (whole copies plus a
+   seeded sample for the fraction); the validation part is never repeated. Shuffle train with the seed.
+The result is cached (`cache.py`) under a key of every input, so a second identical build does not tokenize.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from gpt2chat.data.cache import (
+    cache_key,
+    default_cache_dir,
+    load_entry,
+    save_entry,
+    template_fingerprint,
+    tokenizer_fingerprint,
+)
+from gpt2chat.data.examples import (
+    PrefetchedTokenizer,
+    build_preferences,
+    build_sft,
+    prefetch_texts,
+    sft_turn_targets,
+    unwrap,
+)
+from gpt2chat.data.formats import FormatOptions
+from gpt2chat.data.load import as_spec, load_conversations, load_preferences
+from gpt2chat.data.report import example_stats, preference_stats
+from gpt2chat.data.rows import Spec, location_fingerprint
+from gpt2chat.data.types import Budgets, DataError, PreferenceExample, SFTExample
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    return _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def messages_key(messages: list[dict]) -> tuple:
+    return tuple((m["role"], normalise(m["content"])) for m in messages)
+
+
+def split_indices(n: int, val_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    rng.shuffle(order)
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    if val_fraction > 0 and n >= 2:
+        n_val = max(1, min(n_val, n - 1))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def apply_weight(items: list, weight: float, rng: random.Random) -> list:
+    """weight < 1: a seeded sample of round(weight * n); > 1: whole copies plus a sample for the fraction."""
+    copies, fraction = divmod(weight, 1.0)
+    out = list(items) * int(copies)
+    extra = int(round(fraction * len(items)))
+    if extra:
+        out.extend(rng.sample(items, extra))
+    return out
+
+
+def _specs(specs: str | Spec | Sequence[str | Spec]) -> list[Spec]:
+    if isinstance(specs, (str, Spec)):
+        specs = [specs]
+    parsed = [as_spec(s) for s in specs]
+    if not parsed:
+        raise DataError("no data source given (expected at least one FORMAT:LOCATION spec)")
+    return parsed
+
+
+def _template_name(template) -> str:
+    return template if isinstance(template, str) else template.name
+
+
+def _key(kind, specs, tokenizer, template, budgets, settings) -> str:
+    return cache_key({
+        "kind": kind,
+        "sources": [[s.format, s.weight, location_fingerprint(s.location)] for s in specs],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template_fingerprint(tokenizer, template),
+        "budgets": [budgets.max_prompt_tokens, budgets.max_response_tokens, budgets.max_length],
+        "settings": settings,
+    })
+
+
+def _cached(kind, key, cache_dir, use_cache):
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    hit = load_entry(directory, key, kind) if use_cache else None
+    return directory, hit
+
+
+def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Budgets | None = None, *,
+                       val_fraction: float = 0.05, seed: int = 0, per_turn: bool = True, dedup: bool = True,
+                       strict: bool = False, options: FormatOptions | None = None, cache_dir=None,
+                       use_cache: bool = True) -> tuple[list[SFTExample], list[SFTExample], dict]:
+    """Specs -> (train, val, stats) SFT examples. `stats["cache"]` says "hit" or "miss"."""
+    specs, budgets, options = _specs(specs), budgets or Budgets.sft(), options or FormatOptions()
+    _check_fraction(val_fraction)
+    settings = {"val_fraction": val_fraction, "seed": seed, "per_turn": per_turn, "dedup": dedup,
+                "strict": strict, "options": options.key()}
+    key = _key("sft", specs, tokenizer, template, budgets, settings)
+    directory, hit = _cached("sft", key, cache_dir, use_cache)
+    if hit is not None:
+        splits, stats = hit
+        return splits["train"], splits["val"], {**stats, "cache": "hit", "cache_path": str(directory / key)}
+
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    seen_conversations: set[tuple] = set()
+    fast = PrefetchedTokenizer(unwrap(tokenizer))
+    train: list[SFTExample] = []
+    val: list[SFTExample] = []
+    stats = {"kind": "sft", "template": _template_name(template), "sources": [], "dropped": Counter()}
+    for spec in specs:
+        conversations, report = load_conversations(spec, strict=strict, options=options)
+        if dedup:
+            unique = []
+            for conversation in conversations:
+                k = messages_key(conversation.messages)
+                if k in seen_conversations:
+                    report.drop("duplicate conversation")
+                else:
+                    seen_conversations.add(k)
+                    unique.append(conversation)
+            conversations = unique
+        train_idx, val_idx = split_indices(len(conversations), val_fraction, rng)
+        fast.prefetch(prefetch_texts(conversations))
+        split_targets = {}
+        seen_targets: set[tuple] = set()
+        for split, indices in (("train", train_idx), ("val", val_idx)):
+            targets = []
+            for index in indices:
+                for messages in sft_turn_targets(conversations[index], per_turn):
+                    k = messages_key(messages)
+                    if dedup and k in seen_targets:
+                        stats["dropped"]["duplicate turn"] += 1
+                        continue
+                    seen_targets.add(k)
+                    targets.append((messages, conversations[index].source))
+            split_targets[split] = targets
+        drops: Counter = Counter()
+        source_train = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["train"])
+        source_val = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["val"])
+        stats["dropped"].update(drops)
+        weighted = apply_weight(source_train, spec.weight, rng)
+        if spec.weight < 1:
+            source_val = apply_weight(source_val, spec.weight, rng)
+        train.extend(weighted)
+        val.extend(source_val)
+        stats["sources"].append({**report.to_dict(), "weight": spec.weight, "conversations": len(conversations),
+                                 "train_examples": len(weighted), "val_examples": len(source_val),
+                                 "example_drops": dict(drops)})
+    rng.shuffle(train)
+    _no_empty_masks(train, val)
+    stats.update(example_stats(train, val))
+    stats["dropped"] = dict(stats["dropped"])
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    if use_cache:
+        save_entry(directory, key, "sft", {"train": train, "val": val}, stats)
+    return train, val, {**stats, "cache": "miss", "cache_path": str(directory / key) if use_cache else None}
+
+
+def build_preference_examples(specs, tokenizer, template="llama3-context", budgets: Budgets | None = None, *,
+                              val_fraction: float = 0.05, seed: int = 0, dedup: bool = True, strict: bool = False,
+                              options: FormatOptions | None = None, cache_dir=None,
+                              use_cache: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
+    """Specs -> (train, val, stats) preference examples (budgets default to seed 002's 96 / 64 / 160)."""
+    specs, budgets, options = _specs(specs), budgets or Budgets.preference(), options or FormatOptions()
+    _check_fraction(val_fraction)
+    settings = {"val_fraction": val_fraction, "seed": seed, "dedup": dedup, "strict": strict,
+                "options": options.key()}
+    key = _key("preference", specs, tokenizer, template, budgets, settings)
+    directory, hit = _cached("preference", key, cache_dir, use_cache)
+    if hit is not None:
+        splits, stats = hit
+        return splits["train"], splits["val"], {**stats, "cache": "hit", "cache_path": str(directory / key)}
+
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    seen: set[tuple] = set()
+    fast = PrefetchedTokenizer(unwrap(tokenizer))
+    train: list[PreferenceExample] = []
+    val: list[PreferenceExample] = []
+    stats = {"kind": "preference", "template": _template_name(template), "sources": [], "dropped": Counter(),
+             "truncated": Counter()}
+    for spec in specs:
+        pairs, report = load_preferences(spec, strict=strict, options=options)
+        if dedup:
+            unique = []
+            for pair in pairs:
+                k = (messages_key(pair.prompt), normalise(pair.chosen), normalise(pair.rejected))
+                if k in seen:
+                    report.drop("duplicate pair")
+                else:
+                    seen.add(k)
+                    unique.append(pair)
+            pairs = unique
+        train_idx, val_idx = split_indices(len(pairs), val_fraction, rng)
+        drops: Counter = Counter()
+        source_train = build_preferences(fast, [pairs[i] for i in train_idx], template, budgets, drops,
+                                         stats["truncated"])
+        source_val = build_preferences(fast, [pairs[i] for i in val_idx], template, budgets, drops,
+                                       stats["truncated"])
+        stats["dropped"].update(drops)
+        weighted = apply_weight(source_train, spec.weight, rng)
+        if spec.weight < 1:
+            source_val = apply_weight(source_val, spec.weight, rng)
+        train.extend(weighted)
+        val.extend(source_val)
+        stats["sources"].append({**report.to_dict(), "weight": spec.weight, "pairs": len(pairs),
+                                 "train_examples": len(weighted), "val_examples": len(source_val),
+                                 "example_drops": dict(drops)})
+    rng.shuffle(train)
+    stats.update(preference_stats(train, val))
+    stats["dropped"], stats["truncated"] = dict(stats["dropped"]), dict(stats["truncated"])
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    if use_cache:
+        save_entry(directory, key, "preference", {"train": train, "val": val}, stats)
+    return train, val, {**stats, "cache": "miss", "cache_path": str(directory / key) if use_cache else None}
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def _no_empty_masks(*splits: list[SFTExample]) -> None:
+    for split in splits:
+        for example in split:
+            if not any(example.assistant_mask):  # examples.py never emits these; a last guard before training
+                raise DataError(f"{example.source}: example with an empty loss mask")
