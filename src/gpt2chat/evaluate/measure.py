@@ -1,0 +1,255 @@
+"""One checkpoint through every measurement: the per-model half of `evaluate_models`.
+
+Loads the checkpoint, renders the held-out data through the checkpoint's own template
+(`tokenizer.template_name`), and returns one report entry: size and FLOPs, perplexity, preference
+accuracy (against a shared `Reference` when given), generated-reply metrics, speed with MFU / MBU, the
+side-by-side replies and the harness rows. Each figure carries a `measured_on` line.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.evaluate import metrics
+
+__all__ = ["Reference", "evaluate_one", "template_of"]
+
+DEFAULT_TEMPLATE = "llama3-context"
+
+
+def template_of(tokenizer) -> tuple[str, str]:
+    """(template name, where it came from): the checkpoint's own, or the default when it names none."""
+    name = getattr(tokenizer, "template_name", None)
+    return (name, "checkpoint") if name else (DEFAULT_TEMPLATE, "default (the checkpoint names no template)")
+
+
+def _load(path: str, device, dtype):
+    from gpt2chat.checkpoint import load_model
+
+    model, tokenizer = load_model(path, device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _free(model) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Reference:
+    """The frozen reference of DPO-style rewards: loaded once, its log-probs cached per token sequence."""
+
+    def __init__(self, path: str, device, dtype):
+        self.path = path
+        self.model, self.tokenizer = _load(path, device, dtype)
+        self._cache: dict[tuple[int, ...], tuple[float, int]] = {}
+
+    def check_vocab(self, tokenizer, label: str) -> None:
+        if int(self.model.config.vocab_size) < len(tokenizer):
+            raise Gpt2ChatError(
+                f"--ref {self.path}: its vocabulary ({self.model.config.vocab_size} tokens) lacks tokens of "
+                f"{label}'s tokenizer ({len(tokenizer)}); a DPO reference must share the policy's tokenizer "
+                "(use the SFT checkpoint the preference run started from)")
+
+    def score(self, sequences, masks, batch_tokens: int, progress: bool) -> list[tuple[float, int]]:
+        from gpt2chat.evaluate.scoring import score_sequences
+
+        keys = [(*seq, -1, *mask) for seq, mask in zip(sequences, masks, strict=True)]
+        todo = [i for i, key in enumerate(keys) if key not in self._cache]
+        if todo:
+            fresh = score_sequences(self.model, [sequences[i] for i in todo], [masks[i] for i in todo],
+                                    batch_tokens=batch_tokens, desc="reference log-probs", progress=progress)
+            for i, value in zip(todo, fresh, strict=True):
+                self._cache[keys[i]] = value
+        return [self._cache[key] for key in keys]
+
+    def close(self) -> None:
+        _free(self.model)
+        self.model = None
+
+
+def _perplexity(model, tokenizer, template, config, conversations, info, where) -> dict:
+    from gpt2chat.evaluate.scoring import conversation_sets, score_sequences
+
+    context = int(model.config.n_positions)
+    sets = conversation_sets(conversations, tokenizer, template, context)
+    result = {}
+    for view, scoring_set in sets.items():
+        if not scoring_set.sequences:
+            raise Gpt2ChatError(f"{info['spec']}: no conversation has {view} tokens to score under template "
+                                f"{template!r} (zero usable rows)")
+        scored = score_sequences(model, scoring_set.sequences, scoring_set.masks, batch_tokens=config.batch_tokens,
+                                 desc=f"perplexity ({view})", progress=config.progress)
+        total_logp = sum(s for s, _ in scored)
+        tokens = sum(c for _, c in scored)
+        result[view] = {"ppl": metrics.perplexity(total_logp, tokens), "nll": -total_logp / tokens,
+                        "tokens": tokens, "sequences": len(scored), "truncated": scoring_set.truncated,
+                        "skipped": scoring_set.skipped}
+    result["measured_on"] = (
+        f"{info['spec']}: {result['assistant']['sequences']} conversations ({info['used']} used of "
+        f"{info['kept']} kept, {info['rows_read']} rows read), {result['assistant']['truncated']} cut to the last "
+        f"{context} tokens; assistant = last reply + end-of-turn through template {template}; plain = that "
+        f"reply as plain text after <|endoftext|>; {where}")
+    return result
+
+
+def _preference(model, tokenizer, template, label, config, pairs, info, reference, where) -> dict:
+    from gpt2chat.evaluate.scoring import preference_sets, score_sequences
+
+    context = int(model.config.n_positions)
+    chosen, rejected = preference_sets(pairs, tokenizer, template, context, config.max_reply_tokens)
+    if not chosen.sequences:
+        raise Gpt2ChatError(f"{info['spec']}: no pair has reply tokens to score under template {template!r} "
+                            "(zero usable rows)")
+    score = dict(batch_tokens=config.batch_tokens, progress=config.progress)
+    good = score_sequences(model, chosen.sequences, chosen.masks, desc="preference (chosen)", **score)
+    bad = score_sequences(model, rejected.sequences, rejected.masks, desc="preference (rejected)", **score)
+    kwargs = {}
+    if reference is not None:
+        reference.check_vocab(tokenizer, label)
+        ref_good = reference.score(chosen.sequences, chosen.masks, config.batch_tokens, config.progress)
+        ref_bad = reference.score(rejected.sequences, rejected.masks, config.batch_tokens, config.progress)
+        kwargs = {"ref_chosen_logps": [s for s, _ in ref_good], "ref_rejected_logps": [s for s, _ in ref_bad]}
+    scores = metrics.preference_scores([s for s, _ in good], [s for s, _ in bad],
+                                       chosen_counts=[c for _, c in good], rejected_counts=[c for _, c in bad],
+                                       beta=config.beta, **kwargs)
+    reward = (f"DPO implicit reward beta*(log pi - log pi_ref) summed over reply tokens, beta {config.beta}, "
+              f"reference {reference.path}" if reference is not None else
+              "reference-free: average per-token log-prob of the reply")
+    return {
+        "accuracy": scores.accuracy, "mean_margin": scores.mean_margin,
+        "mean_chosen_reward": scores.mean_chosen_reward, "mean_rejected_reward": scores.mean_rejected_reward,
+        "pairs": scores.pairs, "ties": scores.ties, "skipped": chosen.skipped, "mode": scores.mode,
+        "beta": config.beta if reference is not None else None,
+        "reference": reference.path if reference is not None else None,
+        "measured_on": (f"{info['spec']}: {scores.pairs} pairs ({chosen.skipped} skipped; replies cut to "
+                        f"{config.max_reply_tokens} tokens, {chosen.truncated + rejected.truncated} replies cut), "
+                        f"template {template}; {reward}; {where}"),
+    }
+
+
+def _generation_rows(conversations, limit: int) -> tuple[list[list[dict]], list[str]]:
+    prompts, references = [], []
+    for conversation in conversations:
+        messages = conversation.messages
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None or last == 0 or messages[last - 1].get("role") != "user":
+            continue
+        prompts.append(messages[:last])
+        references.append(messages[last]["content"])
+        if len(prompts) == limit:
+            break
+    return prompts, references
+
+
+def _decoding(config) -> str:
+    if config.temperature == 0:
+        return "greedy"
+    return f"sampling T={config.temperature} top_k={config.top_k} top_p={config.top_p} seed {config.seed}"
+
+
+def _generate(model, tokenizer, template, config, prompts, desc):
+    from gpt2chat.evaluate.replies import generate_replies
+
+    return generate_replies(model, tokenizer, template, prompts, max_new_tokens=config.max_new_tokens,
+                            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                            seed=config.seed, batch_size=config.batch_size, desc=desc, progress=config.progress)
+
+
+def _generation(model, tokenizer, template, config, conversations, info, where) -> dict | None:
+    prompts, references = _generation_rows(conversations, config.gen_rows)
+    if not prompts:
+        return None
+    replies = _generate(model, tokenizer, template, config, prompts, "replies for BLEU")
+    figures = metrics.reply_metrics(replies, references)
+    figures["samples"] = [{"prompt": p[-1]["content"], "reference": r, "reply": g}
+                          for p, r, g in zip(prompts, references, replies, strict=True)]
+    figures["measured_on"] = (f"{info['spec']}: the last assistant reply of the first {len(prompts)} usable "
+                              f"conversations, {_decoding(config)}, at most {config.max_new_tokens} new tokens, "
+                              f"template {template}; sacrebleu corpus BLEU (13a); {where}")
+    return figures
+
+
+def _compute(model, config, peaks, env) -> tuple[int, dict, dict | None]:
+    from gpt2chat.evaluate import flops
+
+    parameters = flops.count_parameters(model)
+    forward = flops.forward_flops_per_token(model.config, config.flops_context)
+    flop_entry = {"forward_per_token": forward["total"], "weights": forward["weights"],
+                  "attention": forward["attention"], "context": forward["context"],
+                  "training_per_token": flops.training_flops_per_token(model.config, config.flops_context)}
+    if peaks is None:
+        return parameters, flop_entry, None
+    from gpt2chat.evaluate.speed import measure_speed
+
+    speed = measure_speed(model, prompt_tokens=config.speed_prompt_tokens, new_tokens=config.speed_new_tokens,
+                          repeats=config.speed_repeats, seed=config.seed)
+    prompt, new = speed["prompt_tokens"], speed["new_tokens"]
+    element = next(model.parameters()).element_size()
+    # prefill: token t attends to t keys (mean (P+1)/2); decode: mean context P + N/2
+    prefill_flops = flops.forward_flops_per_token(model.config, max(1, (prompt + 1) // 2))["total"]
+    decode_context = prompt + max(1, new // 2)
+    decode_flops = flops.forward_flops_per_token(model.config, decode_context)["total"]
+    decode_bytes = flops.decode_bytes_per_token(model.config, parameters, element, decode_context)
+    mfu = flops.utilisation(flops_per_token=prefill_flops, bytes_per_token=decode_bytes,
+                            prefill_tokens_per_s=speed["prefill_tokens_per_s"], decode_tokens_per_s=None,
+                            peaks=peaks)
+    decode = flops.utilisation(flops_per_token=decode_flops, bytes_per_token=decode_bytes, prefill_tokens_per_s=None,
+                               decode_tokens_per_s=speed["decode_tokens_per_s"], peaks=peaks)
+    speed.update(prefill_mfu=mfu["prefill_mfu"], decode_mfu=decode["decode_mfu"], decode_mbu=decode["decode_mbu"],
+                 decode_bytes_per_token=decode_bytes)
+    speed["measured_on"] = (f"batch 1, {prompt}-token random prompt, {new} greedy KV-cache decode steps, median "
+                            f"of {speed['repeats']}; MFU = FLOP/s / measured matmul peak, MBU = (weights + KV "
+                            f"cache bytes per token) x tokens/s / measured copy bandwidth; {speed['device']}, "
+                            f"{speed['dtype']}, {speed['threads']} threads")
+    return parameters, flop_entry, speed
+
+
+def evaluate_one(path, label, config, *, device, dtype, env, conversations, conversation_info, pairs, pair_info,
+                 reference, peaks, prompts, harness_tasks) -> dict:
+    """The report entry of one checkpoint (see the module docstring)."""
+    skip = set(config.skip)
+    model, tokenizer = _load(path, device, dtype)
+    template, template_source = template_of(tokenizer)
+    where = f"{env['device']}, {env['dtype']}, {env['threads']} threads"
+    entry: dict = {"label": label, "path": str(path), "template": template, "template_source": template_source,
+                   "model_type": getattr(model.config, "model_type", "gpt2"),
+                   "context": int(model.config.n_positions)}
+    try:
+        entry["parameters"], entry["flops"], entry["speed"] = _compute(model, config, peaks, env)
+        if "ppl" not in skip:
+            entry["perplexity"] = _perplexity(model, tokenizer, template, config, conversations,
+                                              conversation_info, where)
+        if pairs is not None and "pref" not in skip:
+            entry["preference"] = _preference(model, tokenizer, template, label, config, pairs, pair_info,
+                                              reference, where)
+        if "gen" not in skip:
+            entry["generation"] = _generation(model, tokenizer, template, config, conversations,
+                                              conversation_info, where)
+        if prompts:
+            entry["side_by_side_replies"] = _generate(model, tokenizer, template, config,
+                                                      [[{"role": "user", "content": p}] for p in prompts],
+                                                      "side-by-side replies")
+    finally:
+        _free(model)
+    if harness_tasks:
+        import sys
+
+        from gpt2chat.evaluate.harness import run_harness
+
+        rows = run_harness(str(path), harness_tasks, device=str(device), dtype=entry_dtype(dtype),
+                           batch_size=config.batch_size, limit=config.harness_limit, seed=config.seed)
+        for row in rows:
+            if row["status"] != "ok":
+                print(f"warning: {label}: {row['message']}", file=sys.stderr)
+        entry["harness"] = rows
+    return entry
+
+
+def entry_dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "")

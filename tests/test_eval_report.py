@@ -1,0 +1,131 @@
+"""Report writing from a report dict, loss logs, and the bad-input checks made before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.evaluate import inputs
+from gpt2chat.evaluate.report import human, read_loss_log, render_markdown, write_report
+from gpt2chat.evaluate.runner import evaluate_models
+
+
+def _report() -> dict:
+    ppl = {"assistant": {"ppl": 15.7, "tokens": 100}, "rendered": {"ppl": 20.1, "tokens": 150},
+           "plain": {"ppl": 30.2, "tokens": 90}, "measured_on": "oasst1:x.jsonl: 3 conversations; cpu, float32"}
+    entry = {"label": "sft", "path": "/x/sft", "template": "llama3-context", "parameters": 124_439_808,
+             "flops": {"forward_per_token": 284_812_800, "training_per_token": 854_438_400, "context": 1024},
+             "speed": {"prefill_tokens_per_s": 500.0, "decode_tokens_per_s": 90.2, "prefill_mfu": 0.2,
+                       "decode_mbu": 0.5, "measured_on": "batch 1; cpu, float32, 2 threads"},
+             "perplexity": ppl,
+             "preference": {"mode": "reference-free", "accuracy": 0.5, "mean_margin": 0.1, "mean_chosen_reward": -1,
+                            "mean_rejected_reward": -1.1, "pairs": 4, "measured_on": "ultrafeedback:y: 4 pairs"},
+             "generation": {"bleu": 9.0, "reward_mean": 3.0, "penalty_mean": 1.0, "distinct_1": 0.5,
+                            "distinct_2": 0.8, "mean_reply_words": 12.0, "replies": 2, "measured_on": "greedy"}}
+    return {"gpt2chat_version": "0.1.0", "seed": 0,
+            "environment": {"device": "cpu", "device_name": "x86", "dtype": "float32", "threads": 2, "torch": "2"},
+            "datasets": {"conversations": {"spec": "oasst1:x.jsonl", "summary": "oasst1:x.jsonl: 3 used"}},
+            "peaks": {"matmul_flops_per_s": 1e11, "copy_bytes_per_s": 1e10, "matmul_size": 1024,
+                      "copy_bytes": 2 << 27, "dtype": "float32", "device": "cpu", "threads": 2, "repeats": 3},
+            "models": [entry, {**entry, "label": "orpo | v2"}],
+            "side_by_side": {"measured_on": "3 prompts, greedy", "items": [
+                {"prompt": "What's the best way to learn Python?", "replies": {"sft": "Practice.\nDaily.",
+                                                                               "orpo | v2": "Read."}}]},
+            "notes": ["a note"]}
+
+
+def test_write_report_files_tables_and_plots(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "eval_loss": 2.7}\nnot json\n'
+                   '{"step": 3, "loss": 2.6, "split": "val"}\n')
+    report = write_report(_report(), tmp_path / "out", loss_logs={"sft": str(log)})
+    out = tmp_path / "out"
+    assert report["plots"] == {"perplexity": "perplexity.png", "loss curves": "loss_curves.png"}
+    for name in ("perplexity.png", "loss_curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "report.json").read_text())["models"][0]["parameters"] == 124_439_808
+    md = (out / "report.md").read_text()
+    assert "| sft | 124M | 285M | 90.2 | 15.700 |" in md  # seed 000's summary table
+    assert "orpo \\| v2" in md and "Practice.<br>Daily." in md  # cells escaped
+    assert "oasst1:x.jsonl: 3 conversations; cpu, float32" in md  # measured-on lines
+    assert "Peaks measured on this machine" in md and "![perplexity](perplexity.png)" in md
+
+
+def test_read_loss_log_both_layouts(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval_loss": 2.7}\n{"step": 3, "loss": 2.6, "split": "val"}\n'
+                   '{"loss": 9}\n')
+    assert read_loss_log(log) == {"train": [(1, 3.0)], "eval": [(2, 2.7), (3, 2.6)]}
+
+
+def test_human_numbers():
+    assert human(124_439_808) == "124M" and human(None) == "—" and human(1.5e9) == "1.5G" and human(12) == "12"
+
+
+def test_markdown_without_optional_sections():
+    report = _report()
+    for entry in report["models"]:
+        for key in ("perplexity", "preference", "generation", "speed"):
+            entry.pop(key)
+    report["side_by_side"] = None
+    md = render_markdown(report)
+    assert "## Perplexity" not in md and "## Side-by-side" not in md and "## Size, compute and speed" in md
+
+
+# ---------------------------------------------------------------- bad input, before any model loads
+
+
+def _fake_checkpoint(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(Gpt2ChatError, match="checkpoint folder not found"):
+        evaluate_models([str(tmp_path / "nope" / "final")], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Gpt2ChatError, match="no config.json"):
+        evaluate_models([str(tmp_path / "empty")], tmp_path / "out")
+    with pytest.raises(Gpt2ChatError, match="no model"):
+        evaluate_models([], tmp_path / "out")
+
+
+def test_missing_data_file_and_zero_usable_rows(tmp_path):
+    model = str(_fake_checkpoint(tmp_path))
+    with pytest.raises(Gpt2ChatError, match="file not found: .*missing.jsonl"):
+        evaluate_models([model], tmp_path / "out", data=f"oasst1:{tmp_path / 'missing.jsonl'}", skip=("speed",))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "not a list"}\n{"nothing": 1}\nnot json\n')
+    with pytest.raises(Gpt2ChatError, match="no usable rows .*3 rows read, 0 kept"):
+        evaluate_models([model], tmp_path / "out", data=f"messages:{bad}", skip=("speed", "pref"))
+    with pytest.raises(Gpt2ChatError, match="pref.* file not found"):
+        evaluate_models([model], tmp_path / "out", pref_data=f"ultrafeedback:{tmp_path / 'p.jsonl'}",
+                        skip=("ppl", "gen", "speed"))
+
+
+def test_default_data_missing_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "_shared_dirs", lambda: [tmp_path / "no-shared"])
+    with pytest.raises(Gpt2ChatError, match="no held-out conversations.*--data"):
+        inputs.held_out_conversations(None, None)
+    pairs, info = inputs.held_out_pairs(None, None)
+    assert pairs is None and "skipped" in info["summary"]
+
+
+def test_bad_options_and_prompts(tmp_path):
+    model = str(_fake_checkpoint(tmp_path))
+    with pytest.raises(Gpt2ChatError, match="unknown section"):
+        evaluate_models([model], tmp_path / "out", skip=("everything",))
+    with pytest.raises(Gpt2ChatError, match="--prompts file not found"):
+        inputs.side_by_side_prompts(str(tmp_path / "p.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(Gpt2ChatError, match="no prompt"):
+        inputs.side_by_side_prompts(str(empty))
+    listed = tmp_path / "p.json"
+    listed.write_text('["Hi?", " "]')
+    assert inputs.side_by_side_prompts(str(listed)) == ["Hi?"]
+    assert inputs.side_by_side_prompts(None)[0] == "What's the best way to learn Python?"
