@@ -1,0 +1,301 @@
+"""The HTTP API's contract, over a real uvicorn server: OpenAI response and SSE shapes, every malformed
+request answered 4xx with an OpenAI-style body, limits (context, max tokens, body size, queue), API keys,
+and a disconnect freeing the engine slot. The engine is the stand-in (deterministic tokens, replies that
+last as long as a test needs); tests/test_serve_clients.py runs the real model behind the same server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from gpt2chat.serve.app import create_app
+from test_serve_helpers import ServerThread, StandInEngine, standin_service, wait_until
+
+USER = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    service = standin_service()
+    with ServerThread(create_app(service, max_body_bytes=64 * 1024)) as srv:
+        srv.service = service
+        yield srv
+    service.close()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def sse_events(response: httpx.Response) -> list:
+    """Every `data:` payload of an SSE stream, parsed ("[DONE]" kept as a string); checks the framing."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+# ---- successful requests -------------------------------------------------------------------------------
+
+
+def test_chat_completion_has_openai_shape_and_usage(client):
+    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 6})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == "I am a test.I"  # the stand-in's 6 tokens, decoded
+    assert choice["finish_reason"] == "length"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 6
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + 6
+
+
+def test_stop_string_ends_reply_with_finish_reason_stop(client):
+    body = client.post("/v1/chat/completions",
+                       json={"messages": USER, "max_tokens": 20, "stop": ["test", "zzz"]}).json()
+    assert body["choices"][0]["message"]["content"] == "I am a "
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_unknown_model_name_is_served_like_llama_cpp(client):
+    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "model": "gpt-4o"}).json()
+    assert body["model"] == "gpt-4o" and body["choices"][0]["message"]["content"]
+
+
+def test_streaming_chat_follows_openai_chunks(client):
+    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "stream": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "I am a test"
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stream_options_include_usage_adds_a_usage_chunk(client):
+    events = sse_events(client.post("/v1/chat/completions", json={
+        "messages": USER, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}))
+    *chunks, usage_chunk, done = events
+    assert done == "[DONE]"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is None for c in chunks)
+
+
+def test_n_choices_stream_and_non_stream(client):
+    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "n": 3}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["completion_tokens"] == 6
+    events = sse_events(client.post("/v1/chat/completions",
+                                    json={"messages": USER, "max_tokens": 2, "n": 2, "stream": True}))
+    finished = [c["choices"][0]["index"] for c in events[:-1] if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1]
+
+
+def test_text_completions_accept_string_list_and_token_ids(client):
+    body = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3}).json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "I am a"
+    body = client.post("/v1/completions", json={"prompt": ["A", "B"], "max_tokens": 1, "echo": True}).json()
+    assert [c["text"] for c in body["choices"]] == ["AI", "BI"]
+    body = client.post("/v1/completions", json={"prompt": [464, 3290], "max_tokens": 1}).json()
+    assert body["usage"]["prompt_tokens"] == 2
+    events = sse_events(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True}))
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "I am"
+
+
+def test_models_health_openapi_and_page(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "stand-in"
+    assert client.get("/v1/models/stand-in").json()["object"] == "model"
+    assert_openai_error(client.get("/v1/models/gpt-4"), 404)
+    assert client.get("/health").json()["status"] == "ok"
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "<textarea" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+# ---- malformed requests: always 4xx with an OpenAI error body ------------------------------------------
+
+BAD_CHAT_BODIES = {
+    "bad json": b'{"messages": [',
+    "not an object": b"[1, 2]",
+    "missing messages": {"max_tokens": 3},
+    "messages not a list": {"messages": "hi"},
+    "empty messages": {"messages": []},
+    "unknown role": {"messages": [{"role": "wizard", "content": "hi"}]},
+    "tool role": {"messages": [{"role": "tool", "content": "hi"}]},
+    "content wrong type": {"messages": [{"role": "user", "content": 5}]},
+    "message not an object": {"messages": ["hi"]},
+    "negative max_tokens": {"messages": USER, "max_tokens": -1},
+    "zero max_tokens": {"messages": USER, "max_tokens": 0},
+    "max_tokens as string": {"messages": USER, "max_tokens": "5"},
+    "max_tokens over server limit": {"messages": USER, "max_tokens": 100000},
+    "temperature as word": {"messages": USER, "temperature": "hot"},
+    "temperature too high": {"messages": USER, "temperature": 3},
+    "top_p zero": {"messages": USER, "top_p": 0},
+    "n too large": {"messages": USER, "n": 100},
+    "n as bool": {"messages": USER, "n": True},
+    "stop wrong type": {"messages": USER, "stop": 5},
+    "stream wrong type": {"messages": USER, "stream": "yes"},
+    "seed wrong type": {"messages": USER, "seed": 1.5},
+    "prompt longer than context": {"messages": [{"role": "user", "content": "word " * 400}]},
+}
+
+
+@pytest.mark.parametrize("body", BAD_CHAT_BODIES.values(), ids=BAD_CHAT_BODIES.keys())
+def test_malformed_chat_request_is_400(client, body):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    error = assert_openai_error(response, 400)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_error_names_the_field_and_the_context_limit(client):
+    error = assert_openai_error(client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": -1}), 400)
+    assert error["param"] == "max_tokens"
+    error = assert_openai_error(client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "word " * 400}]}), 400)
+    assert error["code"] == "context_length_exceeded" and "256 tokens" in error["message"]
+
+
+@pytest.mark.parametrize("body", [{"prompt": 5}, {"prompt": []}, {"prompt": [-1]}, {"prompt": [10**9]},
+                                  {"prompt": "x", "max_tokens": -2}, {"prompt": ["a"] * 5, "n": 2}, {}])
+def test_malformed_completion_request_is_400(client, body):
+    assert_openai_error(client.post("/v1/completions", json=body), 400)
+
+
+def test_unknown_route_and_wrong_method(client):
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_truncate_drops_the_oldest_turns(client):
+    long_history = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "first " * 200}, {"role": "assistant", "content": "reply " * 60},
+                    {"role": "user", "content": "And now?"}]
+    assert_openai_error(client.post("/v1/chat/completions", json={"messages": long_history, "max_tokens": 2}), 400)
+    body = client.post("/v1/chat/completions",
+                       json={"messages": long_history, "max_tokens": 2, "truncate": True}).json()
+    assert body["usage"]["prompt_tokens"] < 40  # system + last user turn only
+    text = client.post("/v1/completions", json={"prompt": "w " * 400, "max_tokens": 1, "truncate": True}).json()
+    assert text["usage"]["prompt_tokens"] == 255
+
+
+def test_body_size_limit_is_413_with_and_without_content_length(client, server):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 70_000}]}).encode()
+    assert_openai_error(client.post("/v1/chat/completions", content=big,
+                                    headers={"content-type": "application/json"}), 413)
+
+    def chunked():
+        for start in range(0, len(big), 8192):
+            yield big[start:start + 8192]
+
+    assert_openai_error(client.post("/v1/chat/completions", content=chunked(),
+                                    headers={"content-type": "application/json"}), 413)
+
+
+def test_bug_is_a_500_with_an_openai_body(server, client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(server.service, "start", broken)
+    error = assert_openai_error(client.post("/v1/chat/completions", json={"messages": USER}), 500)
+    assert error["type"] == "server_error" and "simulated" not in error["message"]
+
+
+# ---- limits that depend on load ---------------------------------------------------------------------------
+
+
+def test_queue_full_is_429_and_disconnect_frees_the_slot():
+    engine = StandInEngine(step_s=0.05)
+    service = standin_service(engine, max_batch_size=1, max_queue=0)
+    with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"messages": USER, "max_tokens": 64, "stream": True}) as stream:
+            lines = stream.iter_lines()  # keep a reference: a dropped iterator closes the connection
+            next(lines)  # the reply has started: its slot is taken
+            assert engine.active_count == 1 and service.outstanding == 1
+            error = assert_openai_error(c.post("/v1/chat/completions", json={"messages": USER}), 429)
+            assert error["type"] == "rate_limit_error"
+            assert engine.active_count == 1 and service.outstanding == 1  # still running
+        # leaving the `with` closed the connection mid-stream: 64 tokens would take 3 s more
+        started = time.monotonic()
+        assert wait_until(lambda: engine.active_count == 0 and service.outstanding == 0, timeout=2.5)
+        assert time.monotonic() - started < 2.5
+        assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1}).status_code == 200
+    service.close()
+
+
+def test_non_streaming_client_that_gives_up_frees_the_slot():
+    engine = StandInEngine(step_s=0.05)
+    service = standin_service(engine)
+    with ServerThread(create_app(service)) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 64}, timeout=0.5)
+        assert wait_until(lambda: engine.active_count == 0 and service.outstanding == 0, timeout=2.0)
+    service.close()
+
+
+def test_concurrent_streams_are_in_the_engine_together(server):
+    engine = server.service.engine
+    peak = 0
+    results: list[int] = []
+
+    def one_stream():
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            events = sse_events(c.post("/v1/chat/completions",
+                                       json={"messages": USER, "max_tokens": 40, "stream": True}))
+            results.append(len(events))
+
+    threads = [threading.Thread(target=one_stream) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, engine.active_count)
+        time.sleep(0.002)
+    assert len(results) == 4 and peak >= 2
+
+
+# ---- API key ----------------------------------------------------------------------------------------------
+
+
+def test_api_key_protects_every_route_but_health():
+    service = standin_service()
+    with ServerThread(create_app(service, api_key="sekrit")) as srv, httpx.Client(base_url=srv.url) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                             ("GET", "/openapi.json")]:
+            error = assert_openai_error(c.request(method, path, json={"messages": USER}), 401)
+            assert error["code"] == "invalid_api_key"
+            assert_openai_error(c.request(method, path, headers={"Authorization": "Bearer wrong"}), 401)
+        ok = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1},
+                    headers={"Authorization": "Bearer sekrit"})
+        assert ok.status_code == 200
+    service.close()
