@@ -92,10 +92,11 @@ class Tokenizer:
     """GPT-2 BPE plus added special tokens. See the module docstring and docs/DESIGN.md."""
 
     def __init__(self, backend, *, chat_template: str | None = None, template_name: str | None = None,
-                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH):
+                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, _plain=None):
         """Wrap a `tokenizers.Tokenizer` (its added tokens are the control tokens). Prefer `gpt2()` / `from_dir()`."""
         self._tok = backend
-        self._plain = self._without_added_tokens(backend)
+        # the plain tokenizer is only ever used to encode (never mutated), so it may be shared
+        self._plain = _plain if _plain is not None else self._without_added_tokens(backend)
         self.chat_template = chat_template
         self._template_name = template_name
         self.model_max_length = int(model_max_length)
@@ -118,8 +119,10 @@ class Tokenizer:
     @classmethod
     def gpt2(cls) -> Tokenizer:
         """GPT-2's tokenizer from OpenAI's original files (offline), with `<|endoftext|>` and `<|pad|>`."""
-        encoder_path, merges_path = _gpt2_data_files()
-        return cls(_build_gpt2_backend(encoder_path, merges_path))
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        base_json, plain = _gpt2_cached()
+        return cls(_RustTokenizer.from_str(base_json), _plain=plain)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -333,6 +336,14 @@ class Tokenizer:
             cache = (n, set(self._tok.get_added_tokens_decoder()))
             self._added_cache = cache
         return cache[1]
+
+
+@lru_cache(maxsize=1)
+def _gpt2_cached():
+    """(JSON of the GPT-2 backend with <|endoftext|>, shared plain tokenizer): built once per process."""
+    encoder_path, merges_path = _gpt2_data_files()
+    backend = _build_gpt2_backend(encoder_path, merges_path)
+    return backend.to_str(), Tokenizer._without_added_tokens(backend)
 
 
 def _build_gpt2_backend(encoder_path: Path, merges_path: Path):
