@@ -1,0 +1,229 @@
+"""Batches for training: deterministic epoch order, SFT packing or padding, preference pairs.
+
+The order of every epoch is a pure function of (seed, epoch), so a resumed run and every process of a
+distributed run rebuild the same plan and take their part of it: a step is `batch_size * grad_accum *
+world_size` rows, cut into micro-batches; process `rank` takes micro-batches `rank, rank + world, ...`.
+
+Packing puts several short SFT examples in one row: positions restart at 0 for each example and
+`segment_ids` keep examples from attending to each other. Padding uses the tokenizer's pad id (never
+end-of-text), and pad positions never carry a loss.
+
+This module knows token ids and masks only: no model, no loss, no files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One micro-batch. `loss_mask[b, t] = 1` where token t of row b is a training target."""
+
+    input_ids: torch.Tensor                  # [R, T]
+    loss_mask: torch.Tensor                  # [R, T], aligned with input_ids (targets, not inputs)
+    attention_mask: torch.Tensor             # [R, T] 1 = real token
+    position_ids: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+    example_index: torch.Tensor | None = None   # preference batches: dataset index of each pair
+    n_pairs: int = 0                           # preference batches: rows = 2 * n_pairs (chosen, rejected)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.loss_mask[:, 1:].sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            moved[name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        return Batch(**moved)
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n_items), the same on every process and every run with this seed."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_items, generator=generator).tolist()
+
+
+def pack_rows(examples: list, order: list[int], max_length: int) -> list[list[int]]:
+    """Greedy in-order packing: each row is a list of example indices whose lengths sum <= max_length."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index in order:
+        length = min(len(examples[index].input_ids), max_length)
+        if current and used + length > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    if current:
+        rows.append(current)
+    return rows
+
+
+def sft_rows(examples: list, order: list[int], max_length: int, pack: bool) -> list[list[int]]:
+    if pack:
+        return pack_rows(examples, order, max_length)
+    return [[index] for index in order]
+
+
+def collate_sft(examples: list, rows: list[list[int]], pad_id: int, max_length: int, pack: bool) -> Batch:
+    """Rows of example indices -> a padded micro-batch (packed rows get positions and segments)."""
+    ids_rows, mask_rows, pos_rows, seg_rows = [], [], [], []
+    for row in rows:
+        ids: list[int] = []
+        mask: list[int] = []
+        positions: list[int] = []
+        segments: list[int] = []
+        for segment, index in enumerate(row, start=1):
+            example = examples[index]
+            example_ids = list(example.input_ids[:max_length])
+            example_mask = list(example.assistant_mask[:max_length])
+            example_mask[0] = 0          # the first token of an example is never predicted from another
+            ids += example_ids
+            mask += example_mask
+            positions += range(len(example_ids))
+            segments += [segment] * len(example_ids)
+        ids_rows.append(ids)
+        mask_rows.append(mask)
+        pos_rows.append(positions)
+        seg_rows.append(segments)
+    width = max(len(r) for r in ids_rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), width), dtype=torch.long)   # pads: segment 0 of their own
+    for b, (ids, mask, positions, segments) in enumerate(zip(ids_rows, mask_rows, pos_rows, seg_rows,
+                                                             strict=True)):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        loss_mask[b, :n] = torch.tensor(mask)
+        attention_mask[b, :n] = 1
+        position_ids[b, :n] = torch.tensor(positions)
+        position_ids[b, n:] = torch.arange(width - n)
+        segment_ids[b, :n] = torch.tensor(segments)
+    if not pack:
+        # right padding under a causal mask: real tokens never see pads, plain positions suffice
+        return Batch(input_ids, loss_mask, attention_mask, position_ids=None, segment_ids=None)
+    return Batch(input_ids, loss_mask, attention_mask, position_ids=position_ids, segment_ids=segment_ids)
+
+
+def collate_preferences(examples: list, indices: list[int], pad_id: int) -> Batch:
+    """Pairs -> one batch of 2N rows: N prompt+chosen rows, then N prompt+rejected rows (one forward)."""
+    sequences, masks = [], []
+    for which in ("chosen_ids", "rejected_ids"):
+        for index in indices:
+            example = examples[index]
+            reply = list(getattr(example, which))
+            sequences.append(list(example.prompt_ids) + reply)
+            masks.append([0] * len(example.prompt_ids) + [1] * len(reply))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, (ids, mask) in enumerate(zip(sequences, masks, strict=True)):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        loss_mask[b, : len(ids)] = torch.tensor(mask)
+        attention_mask[b, : len(ids)] = 1
+    return Batch(input_ids, loss_mask, attention_mask, example_index=torch.tensor(indices),
+                 n_pairs=len(indices))
+
+
+class BatchPlan:
+    """The deterministic sequence of optimizer steps over a dataset, and each process's share of a step.
+
+    `rows_for_epoch(epoch)` gives the rows (lists of example indices) of an epoch; a step is
+    `rows_per_step` consecutive rows; incomplete trailing steps are dropped.
+    """
+
+    def __init__(self, examples: list, kind: str, *, batch_size: int, grad_accum: int, world_size: int,
+                 seed: int, max_length: int, pad_id: int, pack: bool = False):
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples = examples
+        self.kind = kind
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.seed = seed
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.pack = pack and kind == "sft"
+        self.rows_per_step = batch_size * grad_accum * world_size
+        self._epoch_rows: dict[int, list[list[int]]] = {}
+
+    def rows_for_epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epoch_rows:
+            order = epoch_order(len(self.examples), self.seed, epoch)
+            if self.kind == "sft":
+                rows = sft_rows(self.examples, order, self.max_length, self.pack)
+            else:
+                rows = [[index] for index in order]
+            self._epoch_rows = {epoch: rows}          # keep one epoch in memory
+        return self._epoch_rows[epoch]
+
+    def steps_per_epoch(self) -> int:
+        return len(self.rows_for_epoch(0)) // self.rows_per_step
+
+    def step_rows(self, epoch: int, step_in_epoch: int) -> list[list[int]]:
+        rows = self.rows_for_epoch(epoch)
+        start = step_in_epoch * self.rows_per_step
+        return rows[start : start + self.rows_per_step]
+
+    def micro_batches(self, epoch: int, step_in_epoch: int, rank: int) -> list[Batch]:
+        """This process's micro-batches of one step (grad_accum of them)."""
+        rows = self.step_rows(epoch, step_in_epoch)
+        batches = []
+        for micro in range(self.grad_accum):
+            chunk_index = micro * self.world_size + rank
+            chunk = rows[chunk_index * self.batch_size : (chunk_index + 1) * self.batch_size]
+            batches.append(self.collate(chunk))
+        return batches
+
+    def step_totals(self, epoch: int, step_in_epoch: int) -> dict[str, int]:
+        """Targets / pairs / tokens in the whole step, across every process (the loss normaliser)."""
+        rows = self.step_rows(epoch, step_in_epoch)
+        if self.kind == "sft":
+            targets = tokens = 0
+            for row in rows:
+                for index in row:
+                    example = self.examples[index]
+                    mask = example.assistant_mask[: self.max_length]
+                    targets += sum(mask[1:])
+                    tokens += len(mask)
+            return {"targets": targets, "tokens": tokens, "pairs": 0}
+        pairs = len(rows)
+        targets = tokens = 0
+        for row in rows:
+            example = self.examples[row[0]]
+            targets += len(example.chosen_ids)
+            tokens += 2 * len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
+        return {"targets": targets, "tokens": tokens, "pairs": pairs}
+
+    def collate(self, rows: list[list[int]]) -> Batch:
+        if self.kind == "sft":
+            return collate_sft(self.examples, rows, self.pad_id, self.max_length, self.pack)
+        return collate_preferences(self.examples, [row[0] for row in rows], self.pad_id)
+
+    def eval_batches(self, limit: int) -> list[Batch]:
+        """Fixed, in-order batches for validation (no shuffle), at most `limit`."""
+        order = list(range(len(self.examples)))
+        if self.kind == "sft":
+            rows = sft_rows(self.examples, order, self.max_length, self.pack)
+        else:
+            rows = [[index] for index in order]
+        batches = []
+        for start in range(0, len(rows), self.batch_size):
+            if len(batches) >= limit:
+                break
+            batches.append(self.collate(rows[start : start + self.batch_size]))
+        return batches

@@ -1,0 +1,118 @@
+"""Training checkpoints: atomic folders `OUT/checkpoints/step-NNNNNNN/`, keep-last-K, resume lookup.
+
+A checkpoint folder holds the model in the Hugging Face layout (or, for LoRA, the adapter in PEFT's
+layout), written by a callback the caller passes, plus the trainer's state:
+- `trainer_state.json`: step, epoch position, config and its fingerprint, library versions;
+- `trainer_state.pt`: tensors only (optimizer state, RNG states, LoRA weights, DPO reference
+  log-probs), read back with `torch.load(weights_only=True)`: loading never runs pickled code.
+
+Everything is written into `.tmp-step-NNNNNNN` first and renamed into place, so a crash mid-write
+leaves the previous checkpoints intact and never a half-written one under a real name.
+
+This module knows folders and state dicts; it does not know what a model or a loss is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2chat.errors import Gpt2ChatError
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ResumeError(Gpt2ChatError):
+    """A resume folder that is missing, incomplete or from another run."""
+
+
+def checkpoints_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / STATE_JSON).is_file() and (child / STATE_TENSORS).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def write_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path], None],
+                     state: dict[str, Any], tensors: dict[str, Any], keep_last: int) -> Path:
+    """Write a checkpoint atomically and delete all but the newest `keep_last`."""
+    root = checkpoints_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_model(tmp)
+    torch.save(tensors, tmp / STATE_TENSORS)
+    (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    if final.exists():
+        old = root / f".old-step-{step:07d}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    for stale in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path:
+    """`last` (newest checkpoint under OUT) or an explicit checkpoint / run folder."""
+    if resume in ("last", "auto", "true", "1"):
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise ResumeError(f"--resume: no checkpoint found under {checkpoints_root(out_dir)}")
+        return found[-1]
+    path = Path(resume)
+    if path.is_dir() and not (path / STATE_JSON).is_file() and list_checkpoints(path):
+        return list_checkpoints(path)[-1]
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise ResumeError(f"--resume {resume}: not a training checkpoint (no {STATE_JSON} / {STATE_TENSORS})")
+    return path
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = torch.load(path / STATE_TENSORS, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ResumeError(f"{path}: cannot read the trainer state: {exc}") from None
+    if not isinstance(state, dict) or "step" not in state or not isinstance(tensors, dict):
+        raise ResumeError(f"{path}: {STATE_JSON} is not a trainer state")
+    return state, tensors
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

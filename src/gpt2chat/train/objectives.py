@@ -1,0 +1,176 @@
+"""What one micro-batch contributes to a step, for each objective (SFT, DPO, ORPO).
+
+An objective turns a model and a `Batch` into a loss that is already divided by the whole step's
+normaliser (assistant tokens for SFT, pairs for DPO / ORPO, across every micro-batch and process), so
+that summing micro-batches gives exactly the loss of one big batch, and gradient accumulation or extra
+processes change nothing but speed. Metrics come back weighted the same way: summed over a step they are
+the step's means.
+
+The loss formulas live in `gpt2chat.losses`; this module only wires model outputs to them. It knows
+nothing about optimisers, files or processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from gpt2chat.losses import dpo_loss, orpo_loss, sequence_logps, sft_loss
+from gpt2chat.train.batching import Batch
+
+Forward = Callable[[Batch], torch.Tensor]
+
+
+def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits for every position; packed rows pass positions and segments."""
+    if batch.segment_ids is not None:
+        return model(batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
+    return model(batch.input_ids)
+
+
+def chosen_targets(batch: Batch) -> int:
+    """Scored tokens of a batch: all of them for SFT, the chosen replies' for preference batches."""
+    if batch.n_pairs:
+        return int(batch.loss_mask[: batch.n_pairs, 1:].sum())
+    return batch.n_targets
+
+
+class Objective:
+    """Base: `micro_loss` for training, `eval_metrics` for validation."""
+
+    name = "base"
+    per_pair = False
+
+    def __init__(self, autocast: Callable[[], AbstractContextManager] | None = None):
+        self.autocast = autocast or nullcontext
+
+    def prepare(self, model: torch.nn.Module, plans: dict, device: torch.device) -> None:
+        """Work done once before training (DPO: reference log-probs)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def micro_loss(self, model, batch: Batch, totals: dict[str, int],
+                   split: str = "train") -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_metrics(self, model, batches: list[Batch], device: torch.device) -> dict[str, float]:
+        """Mean metrics over fixed validation batches (one normaliser over all of them)."""
+        totals = {"targets": sum(chosen_targets(b) for b in batches), "pairs": sum(b.n_pairs for b in batches)}
+        summed: dict[str, float] = {}
+        for batch in batches:
+            loss, metrics = self.micro_loss(model, batch.to(device), totals, split="val")
+            metrics["loss"] = float(loss)
+            for key, value in metrics.items():
+                summed[key] = summed.get(key, 0.0) + value
+        return summed
+
+
+class SFTObjective(Objective):
+    """Cross-entropy on assistant tokens, per token over the whole step."""
+
+    name = "sft"
+
+    def micro_loss(self, model, batch, totals, split="train"):
+        with self.autocast():
+            logits = forward_logits(model, batch)
+        if batch.n_targets == 0:   # keep every process in step (DDP) even if a batch has nothing to learn
+            return logits.sum() * 0.0, {}
+        loss, _ = sft_loss(logits, batch.input_ids, batch.loss_mask, num_items=totals["targets"])
+        return loss, {}
+
+
+def split_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected rows -> (summed logps [2N], token counts [2N], logits)."""
+    with autocast():
+        logits = forward_logits(model, batch)
+    sums, counts = sequence_logps(logits, batch.input_ids, batch.loss_mask)
+    return sums, counts, logits
+
+
+class DPOObjective(Objective):
+    """Sigmoid DPO against reference log-probs (precomputed once, or from a frozen reference model)."""
+
+    name = "dpo"
+    per_pair = True
+
+    def __init__(self, beta: float, reference: torch.nn.Module | None = None, autocast=None):
+        super().__init__(autocast)
+        self.beta = beta
+        self.reference = reference              # None: use the precomputed table
+        self.ref_logps: dict[str, torch.Tensor] = {}   # split -> [n_examples, 2] (chosen, rejected)
+
+    def prepare(self, model, plans, device):
+        if self.reference is not None or self.ref_logps:
+            return
+        was_training = model.training
+        model.eval()
+        for split, plan in plans.items():
+            table = torch.zeros(len(plan.examples), 2, dtype=torch.float32)
+            indices = list(range(len(plan.examples)))
+            with torch.no_grad():
+                for start in range(0, len(indices), plan.batch_size):
+                    batch = plan.collate([[i] for i in indices[start : start + plan.batch_size]]).to(device)
+                    sums, _, _ = split_logps(model, batch, self.autocast)
+                    n = batch.n_pairs
+                    table[batch.example_index.cpu(), 0] = sums[:n].float().cpu()
+                    table[batch.example_index.cpu(), 1] = sums[n:].float().cpu()
+            self.ref_logps[split] = table
+        model.train(was_training)
+
+    def state_tensors(self):
+        return {f"ref_logps.{split}": table for split, table in self.ref_logps.items()}
+
+    def load_state_tensors(self, tensors):
+        for key, value in tensors.items():
+            if key.startswith("ref_logps."):
+                self.ref_logps[key.removeprefix("ref_logps.")] = value
+
+    def reference_logps(self, batch: Batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n = batch.n_pairs
+        if self.reference is not None:
+            with torch.no_grad():
+                sums, _, _ = split_logps(self.reference, batch, self.autocast)
+            return sums[:n], sums[n:]
+        table = self.ref_logps[split].to(batch.input_ids.device)
+        rows = table[batch.example_index]
+        return rows[:, 0], rows[:, 1]
+
+    def micro_loss(self, model, batch, totals, split="train"):
+        sums, _, _ = split_logps(model, batch, self.autocast)
+        n = batch.n_pairs
+        ref_chosen, ref_rejected = self.reference_logps(batch, split)
+        loss, metrics = dpo_loss(sums[:n], sums[n:], ref_chosen, ref_rejected, beta=self.beta)
+        weight = n / totals["pairs"]
+        return loss * weight, {key: float(value) * weight for key, value in metrics.items()}
+
+
+class ORPOObjective(Objective):
+    """ORPO: NLL of the chosen reply (per token over the step) + beta * odds-ratio term (per pair)."""
+
+    name = "orpo"
+    per_pair = True
+
+    def __init__(self, beta: float, autocast=None):
+        super().__init__(autocast)
+        self.beta = beta
+
+    def micro_loss(self, model, batch, totals, split="train"):
+        sums, counts, _ = split_logps(model, batch, self.autocast)
+        n = batch.n_pairs
+        counts = counts.clamp(min=1)
+        chosen_nll_sum = -sums[:n].sum()
+        micro_chosen_nll = chosen_nll_sum / counts[:n].sum()
+        loss, metrics = orpo_loss(micro_chosen_nll, sums[:n] / counts[:n], sums[n:] / counts[n:], beta=self.beta)
+        odds_term = loss - micro_chosen_nll              # -beta * mean log sigmoid(log odds), this micro-batch
+        pair_weight = n / totals["pairs"]
+        step_loss = chosen_nll_sum / totals["targets"] + odds_term * pair_weight
+        logged = {key: float(value) * pair_weight for key, value in metrics.items() if key != "nll_loss"}
+        logged["nll_loss"] = float(chosen_nll_sum.detach()) / totals["targets"]
+        return step_loss, logged

@@ -1,0 +1,331 @@
+"""Recipes: wire model, tokenizer, template, data, objective and trainer into one call per command.
+
+`run_sft(cfg)`, `run_dpo(cfg)`, `run_orpo(cfg)` train one stage; `run_pipeline(recipe)` runs SFT, then
+DPO or ORPO from the SFT result, then evaluation. Each is also a CLI command (`cli/train.py`).
+
+This module is the only place in `train/` that touches checkpoints, tokenizers and datasets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.train import checkpointing as ckpt
+from gpt2chat.train import distributed as dist_utils
+from gpt2chat.train.batching import BatchPlan
+from gpt2chat.train.config import TrainConfig, build_config, read_recipe, recipe_stages
+from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
+from gpt2chat.train.trainer import Trainer, TrainResult, autocast_for, check_resume_state
+
+SAMPLE = "sample"
+
+
+def _say(dist: dist_utils.DistState, message: str) -> None:
+    if dist.is_main:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------- model
+def resolve_base(cfg: TrainConfig, dist: dist_utils.DistState) -> str:
+    """`init:PRESET` -> a random-weight checkpoint under OUT/init (built once, seeded); else as given."""
+    if not cfg.model.startswith("init:"):
+        return cfg.model
+    from gpt2chat.checkpoint import init_checkpoint
+
+    preset = cfg.model.removeprefix("init:")
+    folder = Path(cfg.out) / "init"
+    if dist.is_main and not (folder / "config.json").is_file():
+        init_checkpoint(preset, folder, template=cfg.template, seed=cfg.seed)
+        _say(dist, f"[{cfg.objective}] initialised a random {preset!r} model in {folder}")
+    dist_utils.barrier(dist)
+    return str(folder)
+
+
+def load_base(source: str, cfg: TrainConfig, dist: dist_utils.DistState, quiet: bool = False):
+    """Model + tokenizer with the template's special tokens present (embedding resized when added)."""
+    from gpt2chat.checkpoint import load_model
+    from gpt2chat.templates import get_template
+
+    model, tokenizer = load_model(source, device="cpu")
+    template = get_template(cfg.template)
+    vocab_before = model.config.vocab_size
+    added = template.ensure_tokens(tokenizer)
+    if len(tokenizer) > vocab_before:
+        if not added:
+            raise Gpt2ChatError(
+                f"{source}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_before} "
+                "embedding rows: tokenizer and model do not belong together")
+        model.resize_token_embeddings(len(tokenizer))
+        if not quiet:
+            _say(dist, f"[{cfg.objective}] added {added} special token(s) of template {cfg.template!r} to the "
+                       f"tokenizer; resized the embedding {vocab_before} -> {len(tokenizer)}")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise Gpt2ChatError(f"{source}: the tokenizer has no pad token distinct from end-of-text")
+    return model, tokenizer
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if hasattr(module, "dropout_p"):
+            module.dropout_p = p
+
+
+def apply_lora_from(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    from gpt2chat.lora import apply_lora
+
+    params = inspect.signature(apply_lora).parameters
+    values = {"r": cfg.lora_r, "rank": cfg.lora_r, "alpha": cfg.lora_alpha, "lora_alpha": cfg.lora_alpha,
+              "dropout": cfg.lora_dropout, "lora_dropout": cfg.lora_dropout,
+              "targets": list(cfg.lora_targets), "target_modules": list(cfg.lora_targets)}
+    result = apply_lora(model, **{k: v for k, v in values.items() if k in params})
+    return result if isinstance(result, torch.nn.Module) else model
+
+
+def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
+    from gpt2chat.checkpoint import save_pretrained
+
+    def write_model(model, folder: Path) -> None:
+        if cfg.lora_r:
+            _save_adapter(model, folder, base_name, cfg)
+            tokenizer.save(folder)
+        else:
+            save_pretrained(model, tokenizer, folder, template=cfg.template)
+
+    def write_final(model, folder: Path) -> Path:
+        if not cfg.lora_r:
+            save_pretrained(model, tokenizer, folder, template=cfg.template)
+            return folder
+        adapter_dir = Path(cfg.out) / "adapter"
+        _save_adapter(model, adapter_dir, base_name, cfg)
+        tokenizer.save(adapter_dir)
+        if not cfg.merge_lora:
+            return adapter_dir
+        from gpt2chat.lora import merge_lora
+
+        merged = merge_lora(model)
+        save_pretrained(merged if isinstance(merged, torch.nn.Module) else model, tokenizer, folder,
+                        template=cfg.template)
+        return folder
+
+    return write_model, write_final
+
+
+def _save_adapter(model, folder: Path, base_name: str, cfg: TrainConfig) -> None:
+    from gpt2chat.lora import save_adapter
+
+    params = inspect.signature(save_adapter).parameters
+    kwargs = {k: v for k, v in {"base_model_name_or_path": base_name, "base_model": base_name}.items()
+              if k in params}
+    save_adapter(model, folder, **kwargs)
+
+
+# ---------------------------------------------------------------------- data
+def _specs(cfg: TrainConfig, preference: bool) -> list[str]:
+    from gpt2chat import data
+
+    sample = data.SAMPLE_PREF_SPEC if preference else data.SAMPLE_SFT_SPEC
+    return [sample if spec == SAMPLE else spec for spec in cfg.data]
+
+
+def _call_builder(builder, specs, tokenizer, cfg: TrainConfig, budgets):
+    params = inspect.signature(builder).parameters
+    optional = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "max_examples": cfg.max_examples}
+    kwargs = {k: v for k, v in optional.items() if k in params}
+    return builder(specs, tokenizer, cfg.template, budgets, **kwargs)
+
+
+def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState):
+    from gpt2chat import data
+
+    preference = cfg.objective != "sft"
+    if preference:
+        budgets = data.Budgets(max_prompt_tokens=cfg.max_prompt_length,
+                               max_response_tokens=cfg.max_response_length, max_length=cfg.max_length)
+        train, val, stats = _call_builder(data.build_preference_examples, _specs(cfg, True), tokenizer, cfg,
+                                          budgets)
+    else:
+        budgets = data.Budgets(max_prompt_tokens=cfg.max_prompt_length,
+                               max_response_tokens=cfg.max_response_length, max_length=cfg.max_length)
+        train, val, stats = _call_builder(data.build_sft_examples, _specs(cfg, False), tokenizer, cfg, budgets)
+    if cfg.max_examples:
+        train = train[: cfg.max_examples]
+    if not train:
+        raise Gpt2ChatError(f"[{cfg.objective}] no training examples left from {', '.join(cfg.data)}")
+    _say(dist, f"[{cfg.objective}] {len(train)} training / {len(val)} validation examples")
+    return list(train), list(val)
+
+
+# ---------------------------------------------------------------------- one stage
+def run_stage(cfg: TrainConfig) -> TrainResult:
+    """Train one objective as configured; the result names the final model folder."""
+    cfg.validate()
+    dist, device = dist_utils.setup(cfg.distributed, cfg.device)
+    try:
+        return _run_stage(cfg, dist, device)
+    finally:
+        dist_utils.teardown(dist)
+
+
+def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.device) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    resume_path = tensors = None
+    if cfg.resume:
+        resume_path = ckpt.resolve_resume(cfg.resume, out)
+        state, tensors = ckpt.read_checkpoint(resume_path)
+        check_resume_state(cfg, state, dist.world_size, resume_path)
+        _say(dist, f"[{cfg.objective}] resuming from {resume_path} (step {state['step']})")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    base = resolve_base(cfg, dist)
+    source = str(resume_path) if resume_path is not None and not cfg.lora_r else base
+    model, tokenizer = load_base(source, cfg, dist)
+    dropout = cfg.dropout if cfg.dropout is not None else (0.0 if cfg.objective != "sft" else None)
+    if dropout is not None:
+        set_dropout(model, dropout)
+    reference = None
+    if cfg.objective == "dpo" and not cfg.precompute_ref:
+        reference, _ = load_base(base, cfg, dist, quiet=True)
+        reference.requires_grad_(False).eval().to(device)
+    if cfg.lora_r:
+        model = apply_lora_from(cfg, model)
+        if tensors is not None and tensors.get("trainable"):
+            missing = model.load_state_dict(tensors["trainable"], strict=False)
+            if missing.unexpected_keys:
+                raise ckpt.ResumeError(f"{resume_path}: LoRA weights do not fit: {missing.unexpected_keys[:3]}")
+    model.to(device)
+    model.train()
+    train, val = build_data(cfg, tokenizer, dist)
+    kind = "sft" if cfg.objective == "sft" else "preference"
+    common = {"seed": cfg.seed, "max_length": cfg.max_length, "pad_id": tokenizer.pad_token_id}
+    train_plan = BatchPlan(train, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                           world_size=dist.world_size, pack=cfg.pack, **common)
+    val_plan = (BatchPlan(val, kind, batch_size=cfg.batch_size, grad_accum=1, world_size=1,
+                          pack=cfg.pack, **common) if val else None)
+    autocast = autocast_for(cfg, device)
+    if cfg.objective == "sft":
+        objective = SFTObjective(autocast)
+    elif cfg.objective == "dpo":
+        objective = DPOObjective(cfg.beta, reference=reference, autocast=autocast)
+    else:
+        objective = ORPOObjective(cfg.beta, autocast=autocast)
+    if cfg.compile:
+        model = torch.compile(model)
+    write_model, write_final = _model_writers(cfg, tokenizer, base)
+    trainer = Trainer(cfg, model, objective, train_plan, val_plan, dist, device, write_model, write_final,
+                      extra_state={"base_model": base})
+    _say(dist, f"[{cfg.objective}] {trainer.total_steps} steps of {train_plan.rows_per_step} rows "
+               f"({dist.world_size} process(es), {device.type}); output in {out}")
+    return trainer.fit(resume_path)
+
+
+def _stage(objective: str, cfg: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainResult:
+    if isinstance(cfg, TrainConfig):
+        if overrides:
+            cfg = build_config(objective, {**cfg.to_dict(), "objective": objective}, overrides)
+        elif cfg.objective != objective:
+            cfg = build_config(objective, {**cfg.to_dict(), "objective": objective})
+    else:
+        cfg = build_config(objective, cfg, overrides)
+    return run_stage(cfg)
+
+
+def run_sft(cfg: TrainConfig | dict | None = None, **overrides) -> TrainResult:
+    """Supervised fine-tuning on assistant tokens (packing or padding)."""
+    return _stage("sft", cfg, overrides)
+
+
+def run_dpo(cfg: TrainConfig | dict | None = None, **overrides) -> TrainResult:
+    """DPO from a reference (precomputed log-probs by default)."""
+    return _stage("dpo", cfg, overrides)
+
+
+def run_orpo(cfg: TrainConfig | dict | None = None, **overrides) -> TrainResult:
+    """ORPO: SFT + odds-ratio preference term, no reference model."""
+    return _stage("orpo", cfg, overrides)
+
+
+# ---------------------------------------------------------------------- pipeline
+def run_pipeline(recipe: str | Path | dict, overrides: dict[str, dict[str, Any]] | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    """SFT -> DPO or ORPO (starting from the SFT model) -> evaluation, each stage in OUT/<stage>.
+
+    `overrides` maps a stage name ("sft", "dpo", "orpo", or "all") to flag values. With `resume`, a stage
+    whose final model exists is skipped and an interrupted one continues from its last checkpoint.
+    """
+    recipe = read_recipe(recipe) if not isinstance(recipe, dict) else dict(recipe)
+    overrides = overrides or {}
+    stages = recipe_stages(recipe)
+    root = Path(overrides.get("all", {}).get("out") or recipe.get("out") or "runs/pipeline")
+    results: dict[str, Any] = {"stages": {}}
+    previous_model: str | None = None
+    for stage in stages:
+        stage_overrides = {**overrides.get("all", {}), **overrides.get(stage, {})}
+        stage_overrides["out"] = str(root / stage)
+        if previous_model is not None:
+            stage_overrides["model"] = previous_model
+        cfg = build_config(stage, recipe, stage_overrides)
+        final = Path(cfg.out) / "final"
+        if resume and (final / "config.json").is_file():
+            print(f"[pipeline] {stage}: already done ({final}), skipped", flush=True)
+            result_dir = final
+        else:
+            if resume and ckpt.list_checkpoints(cfg.out):
+                cfg.resume = "last"
+            result = run_stage(cfg)
+            if result.final_dir is None:
+                results["stopped_early"] = stage
+                return results
+            result_dir = result.final_dir
+        if cfg.lora_r and not cfg.merge_lora and stage != stages[-1]:
+            raise Gpt2ChatError(f"[{stage}] merge_lora = false: the next stage needs a merged model")
+        results["stages"][stage] = str(result_dir)
+        previous_model = str(result_dir)
+    if "eval" in recipe and int(_env_rank()) == 0:
+        results["eval"] = _run_eval(recipe, root, results["stages"])
+    return results
+
+
+def _env_rank() -> str:
+    import os
+
+    return os.environ.get("RANK", "0")
+
+
+def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any:
+    """The pipeline's last stage: `gpt2chat.evaluate.evaluate_models` over every stage's model."""
+    try:
+        from gpt2chat.evaluate import evaluate_models
+    except (ImportError, AttributeError):
+        print("[pipeline] evaluation skipped: gpt2chat.evaluate.evaluate_models is not available", flush=True)
+        return None
+    options = dict(recipe.get("eval", {}))
+    params = inspect.signature(evaluate_models).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in options:
+        if key not in params and not accepts_any:
+            from gpt2chat.train.config import ConfigError, suggest
+
+            raise ConfigError(f"{recipe.get('__path__', 'config')}: [eval] unknown key {key!r}"
+                              f"{suggest(key, [p for p in params if p != 'models'])}")
+    defaults = {"out_dir": str(root / "eval"), "out": str(root / "eval"), "template": recipe.get("template")}
+    for key, value in defaults.items():
+        if key in params and key not in options and value is not None:
+            options[key] = value
+    names = {stage: path for stage, path in models.items()}
+    print(f"[pipeline] evaluating {', '.join(names)}", flush=True)
+    return evaluate_models(names, **options)
+
+
+def steps_for(n_rows: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    """How many optimizer steps `cfg` makes over `n_rows` rows (for planning and tests)."""
+    per_epoch = n_rows // (cfg.batch_size * cfg.grad_accum * world_size)
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))

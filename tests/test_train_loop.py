@@ -1,0 +1,225 @@
+"""The trainer on a tiny random model and synthetic token data: learning, accumulation, packing, resume, NaN.
+
+These tests drive `Trainer` directly (no tokenizer, no dataset files), so they pin the loop itself.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2chat.config import get_preset
+from gpt2chat.model import GPT
+from gpt2chat.train import checkpointing as ckpt
+from gpt2chat.train.batching import BatchPlan, collate_sft
+from gpt2chat.train.config import TrainConfig
+from gpt2chat.train.distributed import DistState
+from gpt2chat.train.metrics import read_metrics
+from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
+from gpt2chat.train.trainer import Trainer, TrainingDivergedError, lr_factor
+
+VOCAB = 96
+PAD = 95
+
+
+@dataclass
+class Ex:
+    input_ids: list[int]
+    assistant_mask: list[int]
+    source: str = "synthetic"
+
+
+@dataclass
+class Pair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = "synthetic"
+
+
+def sft_examples(n: int, seed: int = 0) -> list[Ex]:
+    """Prompt of random tokens, then a reply that repeats a learnable pattern (so the loss can fall)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, 40) for _ in range(rng.randint(3, 10))]
+        start = rng.randrange(40, 60)
+        reply = [start + (k % 5) for k in range(rng.randint(4, 12))] + [2]
+        out.append(Ex(prompt + reply, [0] * len(prompt) + [1] * len(reply)))
+    return out
+
+
+def pref_examples(n: int, seed: int = 0) -> list[Pair]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, 40) for _ in range(rng.randint(3, 8))]
+        chosen = [60 + (k % 3) for k in range(rng.randint(3, 7))] + [2]
+        rejected = [rng.randrange(70, 90) for _ in range(rng.randint(3, 7))] + [2]
+        out.append(Pair(prompt, chosen, rejected))
+    return out
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = get_preset("tiny", vocab_size=VOCAB, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    return GPT(config)
+
+
+def write_model(model, folder: Path) -> None:
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "weights.pt")
+
+
+def load_weights(model, folder: Path) -> None:
+    model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+
+
+def make_trainer(tmp: Path, examples, kind="sft", objective=None, model=None, name=None, **overrides) -> Trainer:
+    values = dict(objective=name or ("sft" if kind == "sft" else "orpo"), data=["synthetic"], out=str(tmp), lr=3e-3,
+                  batch_size=4, grad_accum=1, max_steps=12, schedule="constant", max_length=64,
+                  progress=False, seed=0, max_grad_norm=1.0, pack=False)
+    values.update(overrides)
+    cfg = TrainConfig(**values).validate()
+    plan = BatchPlan(examples, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world_size=1,
+                     seed=cfg.seed, max_length=cfg.max_length, pad_id=PAD, pack=cfg.pack)
+    objective = objective or SFTObjective()
+    return Trainer(cfg, model or tiny_model(), objective, plan, None, DistState(), torch.device("cpu"),
+                   write_model)
+
+
+def losses_of(result) -> list[float]:
+    return [r["loss"] for r in result.history]
+
+
+def test_sft_loss_goes_down(tmp_path):
+    result = make_trainer(tmp_path, sft_examples(64), max_steps=30).fit()
+    losses = losses_of(result)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 31))
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert ckpt.list_checkpoints(tmp_path)[-1].name == "step-0000030"
+
+
+def test_orpo_and_dpo_learn_the_preference(tmp_path):
+    pairs = pref_examples(48)
+    orpo = make_trainer(tmp_path / "orpo", pairs, kind="preference", objective=ORPOObjective(beta=0.5),
+                        max_steps=20).fit()
+    assert orpo.history[-1]["loss"] < orpo.history[0]["loss"]
+    result = make_trainer(tmp_path / "dpo", pairs, kind="preference", objective=DPOObjective(beta=0.5),
+                          max_steps=20, name="dpo").fit()
+    first, last = result.history[0], result.history[-1]
+    assert abs(first["loss"] - 0.6931) < 1e-3          # policy == reference at step 1: -log sigmoid(0)
+    assert last["loss"] < first["loss"]
+    assert last["rewards/margins"] > 0 and last["rewards/accuracies"] > 0.5
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    examples = sft_examples(48)
+    big = make_trainer(tmp_path / "big", examples, batch_size=8, grad_accum=1, max_steps=4).fit()
+    accumulated = make_trainer(tmp_path / "acc", examples, batch_size=2, grad_accum=4, max_steps=4).fit()
+    for a, b in zip(losses_of(big), losses_of(accumulated), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    for a, b in zip(big.history, accumulated.history, strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_packing_gives_the_same_loss_as_padding():
+    examples = sft_examples(10)
+    model = tiny_model()
+    objective = SFTObjective()
+    padded = collate_sft(examples, [[i] for i in range(10)], PAD, 64, pack=False)
+    packed = collate_sft(examples, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]], PAD, 64, pack=True)
+    assert packed.input_ids.shape[0] == 3 and packed.segment_ids is not None
+    assert packed.position_ids[0, len(examples[0].input_ids)] == 0          # positions restart
+    assert padded.n_targets == packed.n_targets
+    totals = {"targets": padded.n_targets, "pairs": 0}
+    loss_padded, _ = objective.micro_loss(model, padded, totals)
+    loss_packed, _ = objective.micro_loss(model, packed, totals)
+    assert float(loss_packed) == pytest.approx(float(loss_padded), abs=1e-5)
+    # and the gradients agree
+    model.zero_grad()
+    loss_padded.backward()
+    grads_padded = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    objective.micro_loss(model, packed, totals)[0].backward()
+    for a, p in zip(grads_padded, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
+
+
+def test_pad_is_never_a_target_and_is_not_eos():
+    examples = sft_examples(4)
+    batch = collate_sft(examples, [[0], [1], [2], [3]], PAD, 64, pack=False)
+    assert bool((batch.loss_mask[batch.input_ids == PAD] == 0).all())
+    assert bool((batch.attention_mask.sum(1) == torch.tensor([len(e.input_ids) for e in examples])).all())
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    examples = sft_examples(64)
+    common = dict(max_steps=8, save_every=2, schedule="cosine", warmup_steps=2, dropout=0.1)
+    full = make_trainer(tmp_path / "full", examples, model=tiny_model(), **common).fit()
+
+    interrupted = make_trainer(tmp_path / "part", examples, model=tiny_model(), stop_after_steps=4, **common).fit()
+    assert interrupted.stopped_early and len(interrupted.history) == 4
+    last = ckpt.list_checkpoints(tmp_path / "part")[-1]
+    assert last.name == "step-0000004"
+    model = tiny_model(seed=123)               # different init: the weights must come from the checkpoint
+    load_weights(model, last)
+    resumed = make_trainer(tmp_path / "part", examples, model=model, **common).fit(resume_from=last)
+    assert [r["step"] for r in resumed.history] == [5, 6, 7, 8]
+    records = [r for r in read_metrics(tmp_path / "part" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for a, b in zip(losses_of(full), [r["loss"] for r in records], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_resume_from_another_run_is_refused(tmp_path):
+    examples = sft_examples(32)
+    make_trainer(tmp_path, examples, max_steps=2).fit()
+    last = ckpt.list_checkpoints(tmp_path)[-1]
+    other = make_trainer(tmp_path, examples, max_steps=2, lr=1e-2)
+    with pytest.raises(ckpt.ResumeError, match="another run.*lr"):
+        other.fit(resume_from=last)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Poisoned(SFTObjective):
+        def micro_loss(self, model, batch, totals, split="train"):
+            loss, metrics = super().micro_loss(model, batch, totals, split)
+            if torch.initial_seed() == poisoned_seed:
+                loss = loss * float("nan")
+            return loss, metrics
+
+    from gpt2chat.train.trainer import seed_for_step
+
+    poisoned_seed = seed_for_step(0, 4, 0)     # the 5th step
+    trainer = make_trainer(tmp_path, sft_examples(64), objective=Poisoned(), max_steps=10, save_every=2)
+    with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*step-0000004"):
+        trainer.fit()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names[-1] == "step-0000004"
+    state, _ = ckpt.read_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])
+    assert state["step"] == 4
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    make_trainer(tmp_path, sft_examples(64), max_steps=10, save_every=2, keep_last=2).fit()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000008", "step-0000010"]
+    state, tensors = ckpt.read_checkpoint(root / "step-0000010")
+    assert state["step"] == 10 and "optimizer" in tensors and "rng" in tensors
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10, "cosine", 0.1) < 0.11
+    assert lr_factor(50, 100, 3, "constant", 0.0) == 1.0
