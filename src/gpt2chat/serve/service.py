@@ -100,7 +100,7 @@ class Generation:
     """One running request: iterate (async) for text pieces; then read finish_reason and token counts."""
 
     def __init__(self, service: ChatService, engine_request: Any, prompt_tokens: int,
-                 stop_token_ids: frozenset[int], stop_strings: Sequence[str]):
+                 stop_token_ids: frozenset[int], stop_strings: Sequence[str], reply_prefix: str = ""):
         from gpt2chat.tokenizer import IncrementalDecoder
 
         self._service = service
@@ -112,6 +112,18 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._released = False
+        self._reply_prefix = reply_prefix  # e.g. the space after "Assistant:": not part of the reply
+        self._head = ""
+
+    def _strip_reply_prefix(self, text: str) -> str:
+        if not self._reply_prefix:
+            return text
+        self._head += text
+        if len(self._head) < len(self._reply_prefix) and self._reply_prefix.startswith(self._head):
+            return ""  # could still be the prefix: wait for more
+        head, prefix = self._head, self._reply_prefix
+        self._head = self._reply_prefix = ""
+        return head[len(prefix):] if head.startswith(prefix) else head
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
@@ -120,7 +132,7 @@ class Generation:
                 if token_id in self._stop_token_ids:
                     self.finish_reason = "stop"
                     break
-                text, stopped = self._matcher.push(self._decoder.push(token_id))
+                text, stopped = self._matcher.push(self._strip_reply_prefix(self._decoder.push(token_id)))
                 if text:
                     yield text
                 if stopped:
@@ -129,7 +141,7 @@ class Generation:
             if self.finish_reason is None:
                 self.finish_reason = getattr(self._request, "finish_reason", None) or "length"
                 flush = getattr(self._decoder, "flush", None)
-                text, stopped = self._matcher.push(flush() if flush else "")
+                text, stopped = self._matcher.push(self._strip_reply_prefix(flush() if flush else ""))
                 tail = text if stopped else text + self._matcher.flush()
                 if stopped:
                     self.finish_reason = "stop"
@@ -292,7 +304,8 @@ class ChatService:
                 )
                 request = self.engine.submit(list(prompt_ids), params)
                 # each Generation owns one reserved slot and releases it when it ends or is cancelled
-                generations.append(Generation(self, request, len(prompt_ids), stop_ids, stop_strings))
+                reply_prefix = getattr(self.template, "reply_prefix", "") if chat else ""
+                generations.append(Generation(self, request, len(prompt_ids), stop_ids, stop_strings, reply_prefix))
         except BaseException as exc:
             self._release(n - len(generations))
             for generation in generations:
