@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
+
 from gpt2chat.data.types import (
     Budgets,
     Conversation,
@@ -31,33 +33,77 @@ from gpt2chat.data.types import (
 
 
 class PrefetchedTokenizer:
-    """A tokenizer whose `encode` answers from a table filled by one `encode_batch` (same ids: plain text).
+    """A tokenizer whose `encode_with_offsets` (what templates call) answers from a table.
 
-    Everything else is the wrapped tokenizer's. Texts not in the table are encoded on demand and remembered.
+    `prefetch(renders)` renders everything once with a recording stand-in (no BPE work) to learn the text
+    segments the template will encode, then encodes the distinct ones in one `encode_batch` call (parallel in
+    `tokenizers`) and derives each token's character offsets from its bytes. Segments met later (a context cut
+    to fit a budget) are encoded on demand and remembered, so shared history is encoded once. Same ids and
+    offsets as the wrapped tokenizer (pinned by a test); everything else is the wrapped tokenizer's.
     """
 
-    def __init__(self, tokenizer, texts: Iterable[str] = ()):
+    def __init__(self, tokenizer):
         self._tokenizer = tokenizer
-        self._table: dict[str, list[int]] = {}
-        self.prefetch(texts)
+        self.special_token_ids = tokenizer.special_token_ids  # a property that builds a set on every call
+        self._table: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        self._byte_lengths: np.ndarray | None = None
 
-    def prefetch(self, texts: Iterable[str]) -> None:
-        todo = list(dict.fromkeys(text for text in texts if text not in self._table))
+    def prefetch(self, template, renders: Iterable[tuple[list[dict], bool]]) -> None:
+        """Learn and batch-encode the segments of `renders` ((messages, add_generation_prompt) pairs)."""
+        recorder = _Recorder(self._tokenizer)
+        for messages, add_generation_prompt in renders:
+            _render(recorder, messages, template, add_generation_prompt)
+        todo = [text for text in dict.fromkeys(recorder.texts) if text not in self._table]
         if todo:
-            self._table.update(zip(todo, self._tokenizer.encode_batch(todo), strict=True))
+            for text, ids in zip(todo, self._tokenizer.encode_batch(todo), strict=True):
+                self._table[text] = (ids, self._offsets(text, ids))
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._table.get(text)
-        if ids is None:
-            ids = self._table[text] = self._tokenizer.encode(text)
-        return list(ids)
+    def _offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
+        """Character (start, end) per token; a token holding part of a multi-byte character covers all of it."""
+        if self._byte_lengths is None or len(self._byte_lengths) < len(self._tokenizer):
+            self._byte_lengths = self._token_byte_lengths()
+        if not ids:
+            return []
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        char_of_byte = np.cumsum((raw & 0xC0) != 0x80) - 1
+        ends = np.cumsum(self._byte_lengths[np.asarray(ids)])
+        starts = ends - self._byte_lengths[np.asarray(ids)]
+        if ends[-1] != raw.size:  # cannot happen for plain byte-level BPE; never guess
+            return self._tokenizer.encode_with_offsets(text)[1]
+        return list(zip(char_of_byte[starts].tolist(), (char_of_byte[ends - 1] + 1).tolist(), strict=True))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        self.prefetch(texts)
-        return [list(self._table[text]) for text in texts]
+    def _token_byte_lengths(self) -> np.ndarray:
+        """Bytes per token id. A byte-level BPE token's string has one character per byte; added (control)
+        tokens are their UTF-8 spelling."""
+        tokenizer = self._tokenizer
+        special = tokenizer.special_token_ids
+        return np.array([len(tokenizer.token_bytes(i)) if i in special or i >= 50257
+                         else len(tokenizer.id_to_token(i)) for i in range(len(tokenizer))], dtype=np.int64)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        hit = self._table.get(text)
+        if hit is None:
+            hit = self._table[text] = tuple(self._tokenizer.encode_with_offsets(text))
+        return list(hit[0]), list(hit[1])
 
     def __len__(self) -> int:
         return len(self._tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+class _Recorder:
+    """Stands in for the tokenizer during a dry render: notes the texts, returns no tokens."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.texts: list[str] = []
+        self.special_token_ids = tokenizer.special_token_ids
+
+    def encode_with_offsets(self, text: str):
+        self.texts.append(text)
+        return [], []
 
     def __getattr__(self, name: str):
         return getattr(self._tokenizer, name)
@@ -67,15 +113,11 @@ def unwrap(tokenizer):
     return tokenizer._tokenizer if isinstance(tokenizer, PrefetchedTokenizer) else tokenizer
 
 
-def prefetch_texts(items: Iterable[Conversation | PreferencePair]) -> list[str]:
-    texts = []
-    for item in items:
-        if isinstance(item, PreferencePair):
-            texts.extend(m["content"] for m in item.prompt)
-            texts.extend((item.chosen, item.rejected))
-        else:
-            texts.extend(m["content"] for m in item.messages)
-    return texts
+def _pair_renders(pairs: list[PreferencePair]):
+    for pair in pairs:
+        yield pair.prompt, True
+        for reply in (pair.chosen, pair.rejected):
+            yield pair.prompt + [{"role": "assistant", "content": reply}], False
 
 
 def _render(tokenizer, messages: list[dict], template, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
@@ -138,7 +180,7 @@ def build_sft(tokenizer, conversations: list[Conversation], template, budgets: B
     if targets is None:
         targets = [(t, c.source) for c in conversations for t in sft_turn_targets(c, per_turn)]
     fast = tokenizer if isinstance(tokenizer, PrefetchedTokenizer) else PrefetchedTokenizer(tokenizer)
-    fast.prefetch(m["content"] for messages, _ in targets for m in messages)
+    fast.prefetch(template, ((messages, False) for messages, _ in targets))
     examples = []
     for messages, source in targets:
         example, reason = sft_example(fast, messages, template, budgets, source)
@@ -187,7 +229,7 @@ def build_preferences(tokenizer, pairs: list[PreferencePair], template, budgets:
                       drops: Counter | None = None, truncations: Counter | None = None) -> list[PreferenceExample]:
     drops = drops if drops is not None else Counter()
     fast = tokenizer if isinstance(tokenizer, PrefetchedTokenizer) else PrefetchedTokenizer(tokenizer)
-    fast.prefetch(prefetch_texts(pairs))
+    fast.prefetch(template, _pair_renders(pairs))
     examples = []
     for pair in pairs:
         example, reason = preference_example(fast, pair, template, budgets, truncations)

@@ -34,7 +34,6 @@ from gpt2chat.data.examples import (
     PrefetchedTokenizer,
     build_preferences,
     build_sft,
-    prefetch_texts,
     sft_turn_targets,
     unwrap,
 )
@@ -139,7 +138,6 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
                     unique.append(conversation)
             conversations = unique
         train_idx, val_idx = split_indices(len(conversations), val_fraction, rng)
-        fast.prefetch(prefetch_texts(conversations))
         split_targets = {}
         seen_targets: set[tuple] = set()
         for split, indices in (("train", train_idx), ("val", val_idx)):
