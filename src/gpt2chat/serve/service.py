@@ -139,7 +139,8 @@ class Generation:
                     self.finish_reason = "stop"
                     break
             if self.finish_reason is None:
-                self.finish_reason = getattr(self._request, "finish_reason", None) or "length"
+                reason = getattr(self._request, "finish_reason", None)
+                self.finish_reason = reason if reason in ("stop", "length") else "length"
                 flush = getattr(self._decoder, "flush", None)
                 text, stopped = self._matcher.push(self._strip_reply_prefix(flush() if flush else ""))
                 tail = text if stopped else text + self._matcher.flush()
@@ -168,7 +169,7 @@ class ChatService:
 
     def __init__(self, model: Any, tokenizer: Any, *, template: Any = None, model_name: str = "gpt2chat",
                  max_batch_size: int = 16, max_queue: int = 64, max_tokens_limit: int = 1024,
-                 engine: Any = None):
+                 engine: Any = None, device: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         if template is None or isinstance(template, str):
@@ -188,7 +189,7 @@ class ChatService:
         if engine is None:
             from gpt2chat.engine import BatchedEngine
 
-            engine = BatchedEngine(model, max_batch_size=max_batch_size)
+            engine = BatchedEngine(model, max_batch_size=max_batch_size, max_queue=max_queue, device=device)
         self.engine = engine
         self.outstanding = 0  # requests submitted and not yet finished or cancelled
         self.chat_stop_token_ids = frozenset(self._template_stop_ids() | {tokenizer.eos_token_id})
@@ -230,7 +231,7 @@ class ChatService:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
-            vocab = len(self.tokenizer)
+            vocab = min(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", len(self.tokenizer))))
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ServiceError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
