@@ -1,0 +1,253 @@
+"""Logits -> next token: greedy, temperature, top-k, top-p and repetition penalty.
+
+Pure tensor functions with the semantics of `transformers`' logits processors, applied in the order
+`generate` applies them: repetition penalty (over prompt + generated tokens), temperature, top-k, top-p,
+then a multinomial draw. Temperature 0 means greedy: argmax of the (penalised) logits.
+
+Several rows may be sampled at once, each with its own `SamplingParams` and its own generator, which is
+what the batched engine needs when requests with different settings share one decode step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gpt2chat.errors import Gpt2ChatError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SamplingParams", "SAMPLING_PRESETS", "get_preset", "sample_next", "process_logits", "make_generator"]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token; checked on construction (bad values raise `Gpt2ChatError`)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or reply
+    stop_token_ids: tuple[int, ...] = field(default=())
+    seed: int | None = None
+
+    def __post_init__(self):
+        def bad(name: str, rule: str):
+            raise Gpt2ChatError(f"sampling parameter {name}={getattr(self, name)!r}: must be {rule}")
+
+        if not _is_number(self.temperature) or self.temperature < 0:
+            bad("temperature", "a number >= 0 (0 = greedy)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "a number with 0 < top_p <= 1")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 = off)")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "a number > 0 (1 = off)")
+        if (
+            not isinstance(self.max_new_tokens, int)
+            or isinstance(self.max_new_tokens, bool)
+            or self.max_new_tokens < 1
+        ):
+            bad("max_new_tokens", "an integer >= 1")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad("seed", "an integer or None")
+        try:
+            stops = tuple(int(t) for t in self.stop_token_ids)
+        except (TypeError, ValueError):
+            bad("stop_token_ids", "a sequence of token ids")
+        if any(t < 0 for t in stops):
+            bad("stop_token_ids", "non-negative token ids")
+        object.__setattr__(self, "stop_token_ids", stops)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> SamplingParams:
+        """A copy with some fields changed (validated again)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+SAMPLING_PRESETS: dict[str, SamplingParams] = {
+    "greedy": SamplingParams(temperature=0.0),
+    # seed 004's final choice for its chatbot: do_sample=True, temperature=0.9, top_k=30, top_p=0.95
+    "seed004": SamplingParams(temperature=0.9, top_k=30, top_p=0.95),
+    # seed 001: do_sample=True, top_k=35, top_p=0.80
+    "seed001": SamplingParams(temperature=1.0, top_k=35, top_p=0.80),
+}
+
+
+def get_preset(name: str) -> SamplingParams:
+    try:
+        return SAMPLING_PRESETS[name]
+    except KeyError:
+        raise Gpt2ChatError(
+            f"unknown sampling preset {name!r}; choose one of {', '.join(sorted(SAMPLING_PRESETS))}"
+        ) from None
+
+
+def make_generator(seed: int | None, device="cpu") -> torch.Generator | None:
+    """A generator seeded with `seed` on `device`, or None (the global RNG) when seed is None."""
+    import torch
+
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _seen_mask(seen, batch: int, vocab: int, device) -> torch.Tensor | None:
+    """Presence mask [B, V] of the tokens the repetition penalty applies to."""
+    import torch
+
+    if seen is None:
+        return None
+    if isinstance(seen, torch.Tensor) and seen.dtype == torch.bool:
+        return seen
+    mask = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+    if isinstance(seen, torch.Tensor):
+        ids = seen.to(device=device, dtype=torch.long)
+        # negative ids are padding; ids beyond the vocabulary cannot be generated: both go to the spare column
+        ids = torch.where((ids < 0) | (ids >= vocab), vocab, ids)
+        mask.scatter_(1, ids, True)
+    else:
+        for row, ids in enumerate(seen):
+            ids = [i for i in ids if 0 <= i < vocab]
+            if ids:
+                mask[row, ids] = True
+    return mask[:, :vocab]
+
+
+def _rows(params, batch: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * batch
+    params = list(params)
+    if len(params) != batch:
+        raise ValueError(f"got {len(params)} SamplingParams for {batch} rows")
+    return params
+
+
+def _apply_repetition_penalty(logits, seen_mask, penalties) -> torch.Tensor:
+    import torch
+
+    if isinstance(penalties, float):
+        penalty = penalties
+    else:
+        penalty = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen_mask, penalised, logits)
+
+
+def _top_k_top_p(scores, top_k: int, top_p: float) -> torch.Tensor:
+    """HF's TopKLogitsWarper then TopPLogitsWarper (min_tokens_to_keep=1) on rows sharing k and p."""
+    import torch
+
+    vocab = scores.size(-1)
+    if top_k > 0 and top_k < vocab:
+        # Same rule as HF (keep every score >= the k-th largest), but the top-p step then only looks at
+        # the survivors: the removed ones are -inf, carry zero probability and cannot change the result.
+        kth = torch.topk(scores, top_k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+        if top_p < 1.0:
+            n_keep = int((scores > -math.inf).sum(-1).max())  # ties at the k-th value may keep a few more
+            cand_vals, cand_idx = torch.topk(scores, n_keep)
+            cand_vals = _top_p_filter(cand_vals, top_p)
+            scores = torch.full_like(scores, -math.inf).scatter_(1, cand_idx, cand_vals)
+        return scores
+    if top_p < 1.0:
+        scores = _top_p_filter(scores, top_p)
+    return scores
+
+
+def _top_p_filter(scores, top_p: float) -> torch.Tensor:
+    import torch
+
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_remove = cumulative_probs <= (1 - top_p)
+    sorted_remove[..., -1:] = False
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    return scores.masked_fill(remove, -math.inf)
+
+
+def process_logits(logits, seen, params) -> torch.Tensor:
+    """The scores the next token is drawn from: logits [B, V] after penalty, temperature, top-k, top-p.
+
+    `seen`: the tokens the repetition penalty looks at (prompt + generated) as a bool mask [B, V], a
+    LongTensor [B, L] (negative = padding) or a list of id lists; None when no penalty applies.
+    `params`: one `SamplingParams` for all rows or one per row. Greedy rows get only the penalty.
+    """
+    import torch
+
+    batch, vocab = logits.shape
+    rows = _rows(params, batch)
+    scores = logits.float()
+    penalties = [p.repetition_penalty for p in rows]
+    if seen is not None and any(p != 1.0 for p in penalties):
+        mask = _seen_mask(seen, batch, vocab, logits.device)
+        scores = _apply_repetition_penalty(
+            scores, mask, penalties[0] if len(set(penalties)) == 1 else penalties
+        )
+    # rows sharing (temperature, top_k, top_p) are processed together
+    groups: dict[tuple, list[int]] = {}
+    for row, p in enumerate(rows):
+        if not p.greedy:
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+    if not groups:
+        return scores
+    if len(groups) == 1 and len(next(iter(groups.values()))) == batch:
+        (temperature, top_k, top_p), _ = next(iter(groups.items()))
+        return _top_k_top_p(scores / temperature, top_k, top_p)
+    scores = scores.clone()
+    for (temperature, top_k, top_p), members in groups.items():
+        index = torch.tensor(members, device=scores.device)
+        scores[index] = _top_k_top_p(scores[index] / temperature, top_k, top_p)
+    return scores
+
+
+def sample_next(logits, generated_ids, params, generator=None) -> torch.Tensor:
+    """Pick the next token of each row: LongTensor [B].
+
+    logits: [B, V] for the last position. generated_ids: what the repetition penalty sees (prompt +
+    generated tokens; see `process_logits`). params: one `SamplingParams` or one per row. generator: one
+    `torch.Generator`, one per row (None entries use the global RNG), or None.
+    """
+    import torch
+
+    batch = logits.size(0)
+    rows = _rows(params, batch)
+    needs_penalty = generated_ids is not None and any(p.repetition_penalty != 1.0 for p in rows)
+    if all(p.greedy for p in rows) and not needs_penalty:
+        return logits.argmax(dim=-1)
+    scores = process_logits(logits, generated_ids if needs_penalty else None, rows)
+    greedy_rows = [i for i, p in enumerate(rows) if p.greedy]
+    if len(greedy_rows) == batch:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        generators = list(generator)
+        if len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for {batch} rows")
+        next_ids = torch.empty(batch, dtype=torch.long, device=logits.device)
+        for row in range(batch):
+            if not rows[row].greedy:
+                next_ids[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+    if greedy_rows:
+        index = torch.tensor(greedy_rows, device=logits.device)
+        next_ids[index] = scores[index].argmax(dim=-1)
+    return next_ids
