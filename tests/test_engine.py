@@ -13,7 +13,12 @@ from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
-PROMPTS = [[464, 2068, 7586, 21831], [40, 1101], [15496, 11, 995, 0, 314, 716, 257, 1332, 13, 50256, 198], [7]]
+PROMPTS = [
+    [464, 2068, 7586, 21831],
+    [40, 1101],
+    [15496, 11, 995, 0, 314, 716, 257, 1332, 13, 50256, 198],
+    [7],
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def test_seeded_sampling_equals_transformers_and_repeats(engine, hf_model):
 
 def test_rows_of_different_lengths_equal_single_rows(engine):
     together = engine.generate(PROMPTS, GREEDY)
-    for prompt, result in zip(PROMPTS, together):
+    for prompt, result in zip(PROMPTS, together, strict=True):
         assert result.token_ids == engine.generate([prompt], GREEDY)[0].token_ids
         assert result.prompt_tokens == len(prompt)
 
@@ -106,7 +111,7 @@ def test_stream_matches_generate_and_reports_finish(engine):
 def test_interleaved_streams_do_not_share_cache(engine):
     a, b = engine.stream(PROMPTS[0], GREEDY), engine.stream(PROMPTS[1], GREEDY)
     got_a, got_b = [], []
-    for token_a, token_b in zip(a, b):
+    for token_a, token_b in zip(a, b, strict=True):
         got_a.append(token_a)
         got_b.append(token_b)
     assert got_a == engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
@@ -138,7 +143,10 @@ def test_bad_prompts(engine):
 
 
 def test_batched_greedy_equals_single(model, engine):
-    requests_spec = [(p, GREEDY.replace(max_new_tokens=n)) for p, n in zip(PROMPTS * 2, [24, 9, 17, 30, 5, 24, 12, 20])]
+    requests_spec = [
+        (p, GREEDY.replace(max_new_tokens=n))
+        for p, n in zip(PROMPTS * 2, [24, 9, 17, 30, 5, 24, 12, 20], strict=True)
+    ]
     expected = [engine.generate([p], params)[0].token_ids for p, params in requests_spec]
     with BatchedEngine(model, max_batch_size=3) as batched:
         requests = [batched.submit(p, params) for p, params in requests_spec]
@@ -231,7 +239,9 @@ def test_async_iteration_does_not_block_the_loop(model, engine):
 
 def test_close_cancels_unfinished(model):
     batched = BatchedEngine(model, max_batch_size=1)
-    requests = [batched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=200)) for _ in range(3)]
+    requests = [
+        batched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=200)) for _ in range(3)
+    ]
     batched.close()
     for request in requests:
         list(request)  # ends instead of blocking

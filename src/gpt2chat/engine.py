@@ -168,7 +168,9 @@ class Engine:
             generators = [shared] * len(checked)
         else:
             generators = [make_generator(p.seed, self.device) for p in per_row]
-        return [_Sequence(p, sp, g, self.context) for p, sp, g in zip(checked, per_row, generators)]
+        return [
+            _Sequence(p, sp, g, self.context) for p, sp, g in zip(checked, per_row, generators, strict=True)
+        ]
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         if self._cache_busy:  # another stream of this engine is still open: never share its rows
@@ -183,7 +185,9 @@ class Engine:
     def _sampler_args(self, sequences: list[_Sequence]):
         params = [s.params for s in sequences]
         first = params[0]
-        shared = all(p is first for p in params) and all(s.generator is sequences[0].generator for s in sequences)
+        shared = all(p is first for p in params) and all(
+            s.generator is sequences[0].generator for s in sequences
+        )
         if shared:
             return first, sequences[0].generator
         return params, [s.generator for s in sequences]
@@ -605,7 +609,7 @@ class BatchedEngine:
             if any(p.repetition_penalty != 1.0 for p in params):
                 seen = [slot.sequence.prompt + slot.sequence.tokens for slot in slots]
             tokens = sample_next(logits, seen, params, generators).tolist()
-        for row, slot, token in zip(active, slots, tokens):
+        for row, slot, token in zip(active, slots, tokens, strict=True):
             if slot.request.cancelled:
                 self._free(row, "cancelled")
             else:

@@ -19,7 +19,14 @@ from gpt2chat.errors import Gpt2ChatError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SamplingParams", "SAMPLING_PRESETS", "get_preset", "sample_next", "process_logits", "make_generator"]
+__all__ = [
+    "SamplingParams",
+    "SAMPLING_PRESETS",
+    "get_preset",
+    "sample_next",
+    "process_logits",
+    "make_generator",
+]
 
 
 def _is_number(value) -> bool:

@@ -1,0 +1,166 @@
+"""sampling.py: validation, presets, and agreement with transformers' logits processors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.sampling import (
+    SAMPLING_PRESETS,
+    SamplingParams,
+    get_preset,
+    make_generator,
+    process_logits,
+    sample_next,
+)
+
+VOCAB = 1000
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("max_new_tokens", 0),
+        ("max_new_tokens", True),
+        ("seed", "abc"),
+        ("stop_token_ids", [-3]),
+    ],
+)
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(Gpt2ChatError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_params_normalise_and_replace():
+    params = SamplingParams(stop_token_ids=[5, 7], temperature=1)
+    assert params.stop_token_ids == (5, 7)
+    assert isinstance(params.temperature, float)
+    assert params.replace(temperature=0).greedy
+    with pytest.raises(Gpt2ChatError, match="top_p"):
+        params.replace(top_p=2)
+
+
+def test_presets():
+    assert SAMPLING_PRESETS["greedy"].greedy
+    seed004 = get_preset("seed004")
+    assert (seed004.temperature, seed004.top_k, seed004.top_p) == (0.9, 30, 0.95)
+    seed001 = get_preset("seed001")
+    assert (seed001.top_k, seed001.top_p) == (35, 0.80)
+    with pytest.raises(Gpt2ChatError, match="unknown sampling preset"):
+        get_preset("nope")
+
+
+def hf_scores(logits, input_ids, params: SamplingParams):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if not params.greedy:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors(input_ids, logits.clone())
+
+
+CASES = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.7),
+    SamplingParams(top_k=30),
+    SamplingParams(top_p=0.8),
+    SamplingParams(temperature=0.9, top_k=30, top_p=0.95),
+    SamplingParams(temperature=1.3, top_k=5, top_p=0.5, repetition_penalty=1.2),
+    SamplingParams(top_p=0.3, repetition_penalty=0.8),
+    SamplingParams(top_k=VOCAB + 10),
+]
+
+
+@pytest.mark.parametrize("params", CASES, ids=repr)
+def test_processed_scores_equal_transformers(params):
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    torch.manual_seed(0)
+    for trial in range(5):
+        logits = torch.randn(4, VOCAB) * (1 + trial)
+        input_ids = torch.randint(0, VOCAB, (4, 17))
+        theirs = hf_scores(logits, input_ids, params)
+        for seen in (input_ids, [row.tolist() for row in input_ids]):
+            ours = process_logits(logits, seen, params)
+            assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+            finite = torch.isfinite(theirs)
+            torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-6, atol=1e-6)
+
+
+def test_per_row_params_equal_row_by_row():
+    torch.manual_seed(1)
+    logits = torch.randn(len(CASES), VOCAB)
+    input_ids = torch.randint(0, VOCAB, (len(CASES), 9))
+    together = process_logits(logits, input_ids, CASES)
+    for row, params in enumerate(CASES):
+        alone = process_logits(logits[row : row + 1], input_ids[row : row + 1], params)
+        assert torch.equal(together[row : row + 1], alone)
+
+
+def test_greedy_is_argmax_and_penalty_changes_it():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-1.0, -3.0, -2.0]])
+    greedy = SamplingParams(temperature=0)
+    assert sample_next(logits, None, greedy).tolist() == [1, 0]
+    penalised = SamplingParams(temperature=0, repetition_penalty=2.0)
+    # row 0: 3/2 = 1.5 < 2 -> token 2; row 1: -1*2 = -2 ties with token 2, argmax takes the first
+    assert sample_next(logits, torch.tensor([[1], [0]]), penalised).tolist() == [2, 0]
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_k():
+    logits = torch.randn(3, VOCAB)
+    params = SamplingParams(temperature=1.0, top_k=3, seed=123)
+    allowed = torch.topk(logits, 3).indices
+    draws = []
+    for _ in range(2):
+        generator = make_generator(params.seed)
+        draws.append([sample_next(logits, None, params, generator).tolist() for _ in range(20)])
+    assert draws[0] == draws[1]
+    for step in draws[0]:
+        for row, token in enumerate(step):
+            assert token in allowed[row].tolist()
+
+
+def test_sample_distribution_follows_softmax():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    generator = make_generator(0)
+    counts = torch.zeros(3)
+    params = SamplingParams(temperature=1.0)
+    for _ in range(3000):
+        counts[sample_next(logits, None, params, generator)[0]] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_mixed_rows_and_per_row_generators():
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    rows = [SamplingParams(temperature=0), SamplingParams(top_k=5, seed=1), SamplingParams(top_k=5, seed=2)]
+    first = sample_next(logits, None, rows, [None, make_generator(1), make_generator(2)])
+    second = sample_next(logits, None, rows, [None, make_generator(1), make_generator(2)])
+    assert torch.equal(first, second)
+    assert first[0] == logits[0].argmax()
+    # each row's draw depends only on its own generator
+    alone = sample_next(logits[1:2], None, rows[1], make_generator(1))
+    assert alone[0] == first[1]
