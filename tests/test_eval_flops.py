@@ -73,3 +73,12 @@ def test_measured_peaks_and_utilisation():
     assert figures["prefill_mfu"] == pytest.approx(0.5)
     assert figures["decode_mfu"] == pytest.approx(0.1)
     assert figures["decode_mbu"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-neo"])
+def test_analytic_parameters_match_our_model(preset):
+    from gpt2chat.config import get_preset
+    from gpt2chat.model import GPT
+
+    config = get_preset(preset)
+    assert analytic_parameters(config) == count_parameters(GPT(config))

@@ -61,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-tokens", type=_positive_int, default=2048, help="tokens per scoring forward")
     parser.add_argument("--speed-prompt-tokens", type=_positive_int, default=128)
     parser.add_argument("--speed-new-tokens", type=_positive_int, default=64)
+    parser.add_argument("--speed-repeats", type=_positive_int, default=3, help="timed repeats (median)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(handler=run_eval)
 
@@ -75,7 +76,8 @@ def run_eval(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beta=args.beta, harness=args.harness,
         harness_limit=args.harness_limit, skip=skip, seed=args.seed, device=args.device, dtype=args.dtype,
         threads=args.threads, batch_tokens=args.batch_tokens, speed_prompt_tokens=args.speed_prompt_tokens,
-        speed_new_tokens=args.speed_new_tokens, labels=args.label, progress=not args.no_progress)
+        speed_new_tokens=args.speed_new_tokens, speed_repeats=args.speed_repeats, labels=args.label,
+        progress=not args.no_progress)
     for entry in report["models"]:
         ppl = ((entry.get("perplexity") or {}).get("assistant") or {}).get("ppl")
         pref = (entry.get("preference") or {}).get("accuracy")

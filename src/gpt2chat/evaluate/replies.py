@@ -57,7 +57,8 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
         prompt_ids.append(list(ids)[-(context - max_new_tokens):])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=stop_ids, seed=seed if temperature > 0 else None)
-    engine = Engine(model)
+    parameter = next(model.parameters())
+    engine = Engine(model, device=parameter.device, dtype=parameter.dtype)
     replies: list[str] = []
     torch.manual_seed(seed)
     starts = range(0, len(prompt_ids), max(1, batch_size))

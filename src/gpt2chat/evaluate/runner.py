@@ -149,7 +149,7 @@ def evaluate_models(models, out_dir, *, config: EvalConfig | None = None, **over
         from gpt2chat.evaluate.flops import measure_peaks
 
         peaks = measure_peaks(device, dtype, matmul_size=config.peak_matmul_size,
-                              copy_bytes=config.peak_copy_bytes, repeats=max(3, config.speed_repeats))
+                              copy_bytes=config.peak_copy_bytes, repeats=config.speed_repeats)
 
     labels = _labels(models, config.labels)
     reference = measure.Reference(config.ref, device, dtype) if config.ref and pairs else None
