@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -163,15 +164,12 @@ def test_sharded_safetensors(tmp_path):
         load_model(tmp_path, device="cpu")
 
 
-def test_dtype_and_device(tmp_path, tokenizer):
-    save_pretrained(our_model("tiny", len(tokenizer)), tokenizer, tmp_path)
-    model, _ = load_model(str(tmp_path), device="cpu", dtype="bf16")
+def test_dtype_and_device(saved_tiny):
+    model, _ = load_model(str(saved_tiny), device="cpu", dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.transformer.wte.weight.device.type == "cpu"
-    model, _ = load_model(tmp_path, device="cpu", dtype=torch.float16)
-    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float16
     with pytest.raises(CheckpointError, match="unsupported dtype 'int8'"):
-        load_model(tmp_path, device="cpu", dtype="int8")
+        load_model(saved_tiny, device="cpu", dtype="int8")
 
 
 def test_save_refuses_tokenizer_larger_than_embedding(tokenizer, tmp_path):
@@ -180,11 +178,17 @@ def test_save_refuses_tokenizer_larger_than_embedding(tokenizer, tmp_path):
 
 
 # ---------------------------------------------------------------- bad folders
-@pytest.fixture()
-def good_folder(tmp_path, tokenizer) -> Path:
-    folder = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "ckpt"
     save_pretrained(our_model("tiny", len(tokenizer)), tokenizer, folder)
     return folder
+
+
+@pytest.fixture()
+def good_folder(saved_tiny, tmp_path) -> Path:
+    """A fresh copy of a good checkpoint folder, for a test to damage."""
+    return Path(shutil.copytree(saved_tiny, tmp_path / "ckpt"))
 
 
 def edit_config(folder: Path, **changes) -> None:
@@ -243,10 +247,10 @@ def test_no_weights(good_folder):
         load_model(good_folder, device="cpu")
 
 
-def test_tokenizer_larger_than_embedding(good_folder):
-    tok = Tokenizer.from_dir(good_folder)
-    tok.add_special_tokens(["<|extra_a|>", "<|extra_b|>"])
-    tok.save(good_folder)
+def test_tokenizer_larger_than_embedding(good_folder, tokenizer):
+    bigger = Tokenizer.gpt2()
+    bigger.add_special_tokens(["<|extra_a|>", "<|extra_b|>"])
+    bigger.save(good_folder)
     with pytest.raises(CheckpointError, match=r"50260 tokens but the model's embedding has 50258 rows.*<\|extra_a\|>"):
         load_model(good_folder, device="cpu")
 
@@ -318,16 +322,16 @@ def test_init_checkpoint_loads_here_and_in_transformers(tiny_checkpoint):
     assert hf_tok.chat_template  # the template travels as Jinja
 
 
-def test_init_checkpoint_is_seeded(tmp_path):
+def test_init_checkpoint_is_seeded(tmp_path, tiny_checkpoint):
     pytest.importorskip("gpt2chat.templates")
     from gpt2chat.checkpoint import init_checkpoint
 
     before = torch.get_rng_state()
-    a = load_file(init_checkpoint("tiny-neo", tmp_path / "a", seed=3) / "model.safetensors")
-    b = load_file(init_checkpoint("tiny-neo", tmp_path / "b", seed=3) / "model.safetensors")
-    c = load_file(init_checkpoint("tiny-neo", tmp_path / "c", seed=4) / "model.safetensors")
+    a = load_file(init_checkpoint("tiny", tmp_path / "a", seed=3) / "model.safetensors")
+    b = load_file(init_checkpoint("tiny", tmp_path / "b", seed=3) / "model.safetensors")
+    seed0 = load_file(tiny_checkpoint / "model.safetensors")
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
-    key = "transformer.h.0.attn.attention.q_proj.weight"
-    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], seed0[key])
     with pytest.raises(Gpt2ChatError, match="unknown model preset 'gpt7'"):
         init_checkpoint("gpt7", tmp_path / "d")
