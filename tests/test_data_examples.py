@@ -1,0 +1,141 @@
+"""Conversations -> token ids + masks: per-turn examples, budgets, preference pairs, the prefetch table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gpt2chat.data import Budgets, Conversation, PreferencePair
+from gpt2chat.data.examples import PrefetchedTokenizer, build_preferences, build_sft, preference_example
+from gpt2chat.templates import TEMPLATES, get_template, render_chat
+from gpt2chat.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tokenizer = Tokenizer.gpt2()
+    for template in TEMPLATES.values():
+        template.ensure_tokens(tokenizer)
+    return tokenizer
+
+
+def conv(*texts, system=None, source="t:1"):
+    messages = [{"role": "system", "content": system}] if system else []
+    for index, text in enumerate(texts):
+        messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
+    return Conversation(messages=messages, source=source)
+
+
+def trained_text(tok, example):
+    return tok.decode([i for i, m in zip(example.input_ids, example.assistant_mask, strict=True) if m])
+
+
+UNICODE = ["Привет! Как дела? 😊", "Très bien, merci — et toi ? 你好", "  spaces\n\n and <|eot_id|> typed ",
+           "ไม่เป็นไร 👍🏽 naïve café"]
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_prefetched_render_equals_plain_render(tok, template):
+    conversations = [conv(*UNICODE, system="Système ✓"), conv("Hi", "Hello!"), conv("1+1?", "2", "x2?", "4")]
+    fast = PrefetchedTokenizer(tok)
+    fast.prefetch(template, ((c.messages, False) for c in conversations))
+    for c in conversations:
+        for prompt_only in (False, True):
+            messages = c.messages[:-1] if prompt_only else c.messages
+            assert render_chat(fast, messages, template, prompt_only) == render_chat(tok, messages, template, prompt_only)
+
+
+def test_prefetch_matches_on_real_multilingual_text(tok, shared_dir):
+    from gpt2chat.data import load_conversations
+
+    conversations, _ = load_conversations(f"guanaco:{shared_dir / 'data/guanaco/eval.jsonl'}")
+    sample = conversations[::5]
+    fast = PrefetchedTokenizer(tok)
+    fast.prefetch("llama3-context", ((c.messages, False) for c in sample))
+    for c in sample:
+        assert render_chat(fast, c.messages) == render_chat(tok, c.messages)
+
+
+def test_one_example_per_assistant_turn_loss_on_last_reply_only(tok):
+    c = conv("What is 2+2?", "4", "And 3+3?", "6")
+    examples = build_sft(tok, [c], "llama3-context", Budgets.sft())
+    assert [trained_text(tok, e) for e in examples] == ["4<|eot_id|>", "6<|eot_id|>"]
+    last_only = build_sft(tok, [c], "llama3-context", Budgets.sft(), per_turn=False)
+    assert len(last_only) == 1 and last_only[0].input_ids == examples[1].input_ids
+    assert "<|start_context|>" in tok.decode(examples[1].input_ids)
+
+
+def test_context_cut_from_oldest_turn_reply_kept(tok):
+    filler = "blah " * 40
+    c = conv(f"oldest {filler}", f"old reply {filler}", "middle question", f"middle reply {filler}",
+             "last question", "final reply", system="Be brief.")
+    full = render_chat(tok, c.messages)[0]
+    budget = Budgets(max_length=len(full) - 5)
+    (example,), drops = build_sft(tok, [c], "llama3-context", budget, per_turn=False), Counter()
+    text = tok.decode(example.input_ids)
+    assert len(example.input_ids) <= budget.max_length
+    assert "oldest" not in text and "middle question" in text and "Be brief." in text
+    assert trained_text(tok, example) == "final reply<|eot_id|>"
+    assert not drops
+
+
+def test_reply_that_cannot_fit_is_dropped_and_counted(tok):
+    c = conv("Tell me a story", "once upon a time " * 100)
+    drops = Counter()
+    assert build_sft(tok, [c], "llama3-context", Budgets(max_length=64), drops=drops) == []
+    assert drops == {"reply over max_length": 1}
+    drops = Counter()
+    assert build_sft(tok, [c], "plain", Budgets(max_response_tokens=10, max_length=512), drops=drops) == []
+    assert drops == {"reply over max_response_tokens": 1}
+
+
+def test_long_last_user_turn_is_dropped_not_cut(tok):
+    c = conv("question " * 200, "short answer")
+    drops = Counter()
+    assert build_sft(tok, [c], "llama3-context", Budgets(max_length=100), drops=drops) == []
+    assert drops == {"last user turn over budget": 1}
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_every_example_has_a_nonempty_mask(tok, template):
+    conversations = [conv(*UNICODE), conv("a", "b", "c", "d", "e", "f", system="s")]
+    for example in build_sft(tok, conversations, template, Budgets.sft()):
+        assert sum(example.assistant_mask) > 0
+        assert len(example.input_ids) == len(example.assistant_mask)
+
+
+def pair(prompt, chosen="Yes.", rejected="No.", system=None):
+    turns = [{"role": "system", "content": system}] if system else []
+    for index, text in enumerate(prompt):
+        turns.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
+    return PreferencePair(prompt=turns, chosen=chosen, rejected=rejected, source="p:1")
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_preference_example_concatenates_to_the_full_render(tok, template):
+    p = pair(["Hello", "Hi!", "Is the sky blue?"], system="Be kind.")
+    example, reason = preference_example(tok, p, template, Budgets(max_length=1024))
+    assert reason is None
+    for reply, ids in ((p.chosen, example.chosen_ids), (p.rejected, example.rejected_ids)):
+        full, mask = render_chat(tok, p.prompt + [{"role": "assistant", "content": reply}], template)
+        assert example.prompt_ids + ids == full
+        assert mask[len(example.prompt_ids):] == [1] * len(ids)  # the trainer's mask: prompt 0, reply 1
+        end_of_turn = tok.token_to_id(get_template(template).end_of_turn)
+        assert ids[-1] == end_of_turn
+
+
+def test_preference_budgets_like_seed_002(tok):
+    long_reply = "word " * 200
+    history = ["early question " * 30, "early answer " * 30]
+    p = pair([*history, "Final question?"], chosen=long_reply, rejected="Short.")
+    truncations = Counter()
+    example, _ = preference_example(tok, p, "plain", Budgets.preference(), truncations)
+    assert len(example.prompt_ids) <= 96 and len(example.chosen_ids) == 64
+    assert len(example.prompt_ids) + len(example.chosen_ids) <= 160
+    assert "Final question?" in tok.decode(example.prompt_ids) and "early" not in tok.decode(example.prompt_ids)
+    assert example.rejected_ids[-1] == tok.eos_token_id  # not cut: still ends with end-of-turn
+    assert truncations == {"chosen reply cut": 1}
+    drops = Counter()
+    assert build_preferences(tok, [pair(["too long " * 100])], "plain", Budgets.preference(), drops) == []
+    assert drops == {"last user turn over max_prompt_tokens": 1}
