@@ -18,6 +18,9 @@ from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.lora import LoRALinear, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter
 from gpt2chat.model import GPT
 
+# transformers deprecation notices raised inside the peers' own code
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
 ARCHS = ["tiny", "tiny-neo"]
 DEFAULT_LEAVES = {
     "tiny": {"c_attn", "c_proj", "c_fc"},

@@ -1,8 +1,9 @@
 """Objectives: the pure functions against independent formulas, bad input, and parity with TRL.
 
-TRL parity: the same tiny model (transformers' GPT2LMHeadModel) scores the same token ids through TRL's
-own trainer code (DPOTrainer.compute_loss, ORPOTrainer.get_batch_loss_metrics, SFTTrainer.compute_loss,
-each with its own collator) and through ours; losses and parameter gradients must agree to 1e-5.
+TRL parity: the same token ids are scored through TRL's own trainer code (DPOTrainer.compute_loss,
+ORPOTrainer.get_batch_loss_metrics, SFTTrainer.compute_loss, each with its own collator) on transformers'
+GPT2LMHeadModel, and through our losses on (a) that same HF model, isolating the objective, and (b) our
+GPT loaded from the same checkpoint folder, end to end. Losses and parameter gradients agree to 1e-5.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.losses import dpo_loss, log1mexp, orpo_loss, sequence_logps, sft_loss
+
+# transformers / TRL deprecation notices raised inside the peers' own code
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 VOCAB = 96
 PAD_ID, EOS_ID = 2, 1
@@ -203,6 +207,54 @@ def _tiny_gpt2(seed: int):
     return model.eval()
 
 
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class _Policy:
+    """One set of weights seen two ways: ``hf`` (transformers, driven by TRL) and ``ours`` (our side).
+
+    ``kind == "transformers"``: our losses run on the same HF model (isolates the objective).
+    ``kind == "gpt2chat"``: our GPT loaded from the same checkpoint folder as the HF model (end to end);
+    its gradients are reported in HF's layout (Conv1D weights transposed) so they compare name by name.
+    """
+
+    def __init__(self, kind: str, folder=None, seed: int = 0):
+        self.kind = kind
+        if kind == "transformers":
+            self.hf = _tiny_gpt2(seed)
+            self.ours = self.hf
+            return
+        transformers = pytest.importorskip("transformers")
+        from gpt2chat.checkpoint import load_model
+
+        self.hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+        self.ours = load_model(folder)[0].float().eval()
+        if seed:  # a different model from the same folder: the same noise on both copies
+            g = torch.Generator().manual_seed(seed)
+            ours_params = dict(self.ours.named_parameters())
+            with torch.no_grad():
+                for name, p in self.hf.named_parameters():
+                    noise = torch.randn(p.shape, generator=g) * 0.05
+                    p.add_(noise)
+                    ours_params[name].add_(noise.t() if name.endswith(_CONV1D) else noise)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(ids).logits if self.kind == "transformers" else self.ours(ids)
+
+    def our_grads(self) -> dict[str, torch.Tensor]:
+        grads = _grads(self.ours)
+        if self.kind == "gpt2chat":
+            grads = {n: g.t() if n.endswith(_CONV1D) else g for n, g in grads.items()}
+        return grads
+
+
+@pytest.fixture(params=["transformers", "gpt2chat"])
+def policy_kind(request):
+    if request.param == "gpt2chat":
+        return request.param, request.getfixturevalue("tiny_checkpoint")
+    return request.param, None
+
+
 def _pairs(seed: int = 3):
     """Pretokenized preference pairs of different lengths (prompt_ids, chosen_ids, rejected_ids)."""
     g = torch.Generator().manual_seed(seed)
@@ -260,10 +312,12 @@ def _our_pair_batch(pairs):
     return _padded(rows, "ids", "mask")
 
 
-def test_dpo_matches_trl_loss_and_gradients(tmp_path):
+def test_dpo_matches_trl_loss_and_gradients(tmp_path, policy_kind):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    policy, reference = _tiny_gpt2(0), _tiny_gpt2(1)
+    kind, folder = policy_kind
+    policy_pair, reference_pair = _Policy(kind, folder, seed=0), _Policy(kind, folder, seed=1)
+    policy, reference = policy_pair.hf, reference_pair.hf
     pairs = _pairs()
     trainer = trl.DPOTrainer(
         model=policy, ref_model=reference, args=_trl_args(trl.DPOConfig, tmp_path, beta=0.1),
@@ -276,24 +330,25 @@ def test_dpo_matches_trl_loss_and_gradients(tmp_path):
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
 
     ids, reply_mask = _our_pair_batch(pairs)
-    policy_logps, _ = sequence_logps(policy(ids).logits, ids, reply_mask)
+    policy_logps, _ = sequence_logps(policy_pair.logits(ids), ids, reply_mask)
     with torch.no_grad():
-        ref_logps, _ = sequence_logps(reference(ids).logits, ids, reply_mask)
+        ref_logps, _ = sequence_logps(reference_pair.logits(ids), ids, reply_mask)
     n = len(pairs)
     loss, metrics = dpo_loss(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], beta=0.1)
     loss.backward()
 
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
-    _assert_same_grads(_grads(policy), trl_grads)
+    _assert_same_grads(policy_pair.our_grads(), trl_grads)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected"):
         assert metrics[key].item() == pytest.approx(trl_metrics[key], abs=1e-4), key
 
 
-def test_orpo_matches_trl_loss_and_gradients(tmp_path):
+def test_orpo_matches_trl_loss_and_gradients(tmp_path, policy_kind):
     datasets = pytest.importorskip("datasets")
     orpo = pytest.importorskip("trl.experimental.orpo")
-    policy = _tiny_gpt2(0)
+    policy_pair = _Policy(*policy_kind)
+    policy = policy_pair.hf
     pairs = _pairs(seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -317,7 +372,7 @@ def test_orpo_matches_trl_loss_and_gradients(tmp_path):
 
     ids, reply_mask = _our_pair_batch(pairs)
     n = len(pairs)
-    logits = policy(ids).logits
+    logits = policy_pair.logits(ids)
     sums, counts = sequence_logps(logits, ids, reply_mask)
     avg_logps = sums / counts
     # TRL's ORPO scores the NLL over prompt + chosen reply (every real token of the chosen rows)
@@ -326,17 +381,22 @@ def test_orpo_matches_trl_loss_and_gradients(tmp_path):
     loss.backward()
 
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
-    _assert_same_grads(_grads(policy), trl_grads)
+    _assert_same_grads(policy_pair.our_grads(), trl_grads)
     for key in ("log_odds_ratio", "log_odds_chosen", "nll_loss", "rewards/chosen", "rewards/rejected",
                 "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
         assert metrics[key].item() == pytest.approx(trl_metrics[key], abs=1e-5), key
 
 
-@pytest.mark.parametrize("mask_column", ["assistant_masks", "completion_mask"])
-def test_sft_matches_trl_assistant_only_loss(tmp_path, mask_column):
+@pytest.mark.parametrize(
+    "kind, mask_column",
+    [("transformers", "assistant_masks"), ("transformers", "completion_mask"), ("gpt2chat", "assistant_masks")],
+)
+def test_sft_matches_trl_assistant_only_loss(tmp_path, request, kind, mask_column):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    policy = _tiny_gpt2(0)
+    folder = request.getfixturevalue("tiny_checkpoint") if kind == "gpt2chat" else None
+    policy_pair = _Policy(kind, folder)
+    policy = policy_pair.hf
     g = torch.Generator().manual_seed(7)
     rows = []
     for prompt_len, reply_len in ((6, 4), (3, 9), (10, 2)):
@@ -355,9 +415,9 @@ def test_sft_matches_trl_assistant_only_loss(tmp_path, mask_column):
     trl_grads = _grads(policy)
 
     ids, mask = _padded(rows, "input_ids", mask_column)
-    loss, metrics = sft_loss(policy(ids).logits, ids, mask)
+    loss, metrics = sft_loss(policy_pair.logits(ids), ids, mask)
     loss.backward()
 
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
     assert int(metrics["n_tokens"]) == int((batch["labels"][:, 1:] != -100).sum())
-    _assert_same_grads(_grads(policy), trl_grads)
+    _assert_same_grads(policy_pair.our_grads(), trl_grads)
