@@ -109,6 +109,11 @@ def test_sft_loss_empty_mask_raises_instead_of_nan():
         sft_loss(logits, ids, mask)
     with pytest.raises(Gpt2ChatError, match="num_items"):
         sft_loss(logits, ids, torch.ones_like(mask), num_items=0)
+    # under gradient accumulation (num_items given) an empty micro-batch contributes 0, not an error
+    logits.requires_grad_(True)
+    loss, metrics = sft_loss(logits, ids, mask, num_items=10)
+    loss.backward()
+    assert loss.item() == 0.0 and int(metrics["n_tokens"]) == 0 and torch.all(logits.grad == 0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,10 +46,11 @@ def sequence_logps(
     ``mask[:, t + 1]`` (``mask`` is aligned with ``labels``, see the module docstring). Labels under a zero
     mask may hold anything (e.g. -100 or padding); they are never read.
 
-    Memory: ``log_softmax`` would materialise a second ``[B, T, V]`` tensor. Instead
-    ``log p = logit[label] - logsumexp(logits)``, with the ``logsumexp`` taken one row at a time (in
-    float32, so bf16 logits are scored accurately) and the label logit gathered; peak extra memory is one
-    ``[T, V]`` float32 temporary.
+    Memory: ``log_softmax`` would materialise (and keep for backward) a second ``[B, T, V]`` tensor.
+    Instead ``log p = logit[label] - logsumexp(logits)``: the label logit is gathered and the
+    ``logsumexp`` taken one row at a time, so float32 logits cost only a ``[T, V]`` temporary beyond
+    themselves. Half-precision logits are scored in float32 (a bf16 ``logsumexp`` of ~11 is rounded to
+    steps of 1/16 nat); their float32 rows are kept for the backward pass.
 
     Args:
         logits: ``[B, T, V]`` unnormalised next-token scores.
@@ -94,23 +95,24 @@ def sft_loss(
         assistant_mask: ``[B, T]`` 1 on tokens to train on (aligned with ``input_ids``).
         num_items: divide by this many tokens instead of the batch's own count: the total over all
             gradient-accumulation micro-batches (and ranks), so that accumulated gradients equal those of
-            one big batch.
+            one big batch. A micro-batch without assistant tokens then simply contributes 0.
 
     Raises:
-        Gpt2ChatError: the mask selects no token (the loss would be 0 / 0).
+        Gpt2ChatError: the mask selects no token and no ``num_items`` is given (the loss would be 0 / 0).
     """
+    if num_items is not None and num_items <= 0:
+        raise Gpt2ChatError(f"sft_loss: num_items must be > 0, got {num_items}")
     sum_logps, counts = sequence_logps(logits, input_ids, assistant_mask)
     n_tokens = counts.sum()
-    if int(n_tokens) == 0:
+    n_tokens_int = int(n_tokens)
+    if n_tokens_int == 0 and num_items is None:
         raise Gpt2ChatError(
             "sft_loss: the assistant mask selects no token in this batch (nothing to train on); "
             "check the template's assistant_mask or the truncation length"
         )
-    denominator = n_tokens if num_items is None else num_items
-    if num_items is not None and num_items <= 0:
-        raise Gpt2ChatError(f"sft_loss: num_items must be > 0, got {num_items}")
-    loss = -sum_logps.sum() / denominator
-    token_nll = (-sum_logps.sum() / n_tokens).detach()
+    total = -sum_logps.sum()
+    loss = total / (n_tokens_int if num_items is None else num_items)
+    token_nll = (total / max(n_tokens_int, 1)).detach()
     metrics = {"loss": token_nll, "n_tokens": n_tokens.detach(), "ppl": token_nll.exp()}
     return loss, metrics
 
@@ -184,6 +186,12 @@ def orpo_loss(
             ``ORPOTrainer`` scores prompt + reply.
         chosen_avg_logps, rejected_avg_logps: ``[B]`` mean per-token log-probs of the replies (< 0).
         beta: weight of the odds-ratio term (the paper's lambda).
+
+    Typical inputs from one forward pass over ``[chosen rows; rejected rows]`` (n pairs)::
+
+        sums, counts = sequence_logps(logits, input_ids, reply_mask)
+        avg = sums / counts
+        chosen_nll = -sums[:n].sum() / counts[:n].sum()      # the paper: reply tokens only
 
     Metrics (TRL's names): ``log_odds_ratio`` is the batch mean of ``log sigmoid(log odds ratio)`` and
     ``log_odds_chosen`` the batch mean of the log odds ratio itself; ``rewards/*`` are
