@@ -11,8 +11,9 @@ reply and its end-of-turn token). This module decides *what* to render and what 
   `max_length` leaves (as seed 002 and TRL do). A reply that was not cut ends with the end-of-turn token.
 - Never an example with an empty loss mask.
 
-Speed: all message texts are encoded in one `encode_batch` call first (parallel in `tokenizers`), and the
-template reads them from that table, so per-example rendering does no BPE work for message contents.
+Speed: a dry render learns every text segment the template will encode; the distinct ones are encoded in one
+`encode_batch` call (parallel in `tokenizers`) and the template reads them from that table, so history shared
+by several per-turn examples, and contexts re-rendered to fit a budget, are encoded once.
 """
 
 from __future__ import annotations
