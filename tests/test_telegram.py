@@ -290,3 +290,58 @@ def test_cli_telegram_without_token_exits_2(monkeypatch, capsys):
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     assert main(["telegram", "--server", "http://127.0.0.1:9"]) == 2
     assert "TELEGRAM_BOT_TOKEN" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_service(tiny_checkpoint):
+    from gpt2chat.checkpoint import load_model
+    from gpt2chat.serve.service import ChatService
+
+    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
+    service = ChatService(model, tokenizer, model_name="tiny", max_batch_size=4, device="cpu")
+    yield service
+    service.close()
+
+
+def test_local_backend_answers_two_chats_with_the_tiny_model(tiny_service):
+    from gpt2chat.serve.telegram_bot import LocalBackend, ReplySettings
+
+    bot = TelegramChatBot(LocalBackend(tiny_service, ReplySettings(max_tokens=8)))
+
+    async def script(api):
+        api.user_sends(11, "Hello")
+        api.user_sends(12, "Hi there")
+        await wait_for_replies(api, 11, 1)
+        await wait_for_replies(api, 12, 1)
+
+    with FakeBotApi() as api:
+        run_bot(api, bot, script)
+        assert all(len(api.sent_to(chat)) == 1 and api.sent_to(chat)[0] for chat in (11, 12))
+    assert [m["role"] for m in bot.state(11).messages] == ["user", "assistant"]
+    assert tiny_service.outstanding == 0
+
+
+def test_remote_backend_talks_to_a_running_server(tiny_service):
+    from gpt2chat.serve.app import create_app
+    from gpt2chat.serve.telegram_bot import RemoteBackend, ReplySettings
+    from test_serve_helpers import ServerThread
+
+    with ServerThread(create_app(tiny_service, api_key="k")) as srv:
+        good = TelegramChatBot(RemoteBackend(srv.url, "k", ReplySettings(max_tokens=6)))
+        bad_key = TelegramChatBot(RemoteBackend(srv.url + "/v1", "wrong", ReplySettings(max_tokens=6)))
+
+        async def script(api):
+            api.user_sends(21, "Hello server")
+            (reply,) = await wait_for_replies(api, 21, 1)
+            assert reply and "could not answer" not in reply
+
+        async def refused(api):
+            api.user_sends(22, "Hello?")
+            (reply,) = await wait_for_replies(api, 22, 1)
+            assert "could not answer" in reply and "401" in reply
+
+        with FakeBotApi() as api:
+            run_bot(api, good, script)
+        with FakeBotApi() as api:
+            run_bot(api, bad_key, refused)
+    assert [m["role"] for m in good.state(21).messages] == ["user", "assistant"]

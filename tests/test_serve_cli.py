@@ -1,0 +1,80 @@
+"""`gpt2chat serve` as a user runs it: a real process on 127.0.0.1 with the tiny checkpoint, the API key
+from the environment, and clear one-line errors (exit 2) for bad options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from gpt2chat.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10 s idle, much more on a loaded machine
+def test_serve_process_listens_on_loopback_and_takes_the_key_from_the_environment(tiny_checkpoint, tmp_path):
+    port = free_port()
+    env = {**os.environ, "GPT2CHAT_API_KEY": "env-key", "HF_HUB_OFFLINE": "1"}
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2chat", "serve", "--model", str(tiny_checkpoint), "--port", str(port),
+         "--max-batch", "2", "--device", "cpu"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer env-key"}).json()
+        assert models["data"][0]["id"] == tiny_checkpoint.name
+        reply = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer env-key"}, timeout=60,
+                           json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 4
+        # bound to 127.0.0.1 only: another address of the host (127.0.0.2 also reaches this machine, and a
+        # server on 0.0.0.0 would answer there) is refused
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.2:{port}/health", timeout=5)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "0"], "--port"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--max-tokens-limit", "0"], "--max-tokens-limit"),
+    (["--max-queue", "-1"], "--max-queue"),
+    (["--max-body-bytes", "10"], "--max-body-bytes"),
+])
+def test_bad_serve_options_are_one_line_errors(argv, message, tiny_checkpoint, capsys):
+    assert main(["serve", "--model", str(tiny_checkpoint), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nothing-here")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
