@@ -83,3 +83,19 @@ def test_parse_tasks():
         parse_tasks(" , ")
     with pytest.raises(HarnessError):
         parse_tasks("arc:many")
+
+
+def test_evaluate_models_reports_unreachable_harness_datasets(monkeypatch, tiny_checkpoint, tmp_path, capsys):
+    from gpt2chat.evaluate.runner import evaluate_models
+
+    def simple_evaluate(**kwargs):
+        raise ConnectionError("Couldn't reach 'cais/mmlu' on the Hub (LocalEntryNotFoundError)")
+
+    _stub(monkeypatch, simple_evaluate)
+    report = evaluate_models([str(tiny_checkpoint)], tmp_path / "out", harness="mmlu",
+                             skip=("ppl", "pref", "gen", "speed", "side"), progress=False)
+    rows = report["models"][0]["harness"]
+    assert rows[0]["status"] == "unavailable" and "could not reach the datasets of task 'mmlu'" in rows[0]["message"]
+    assert "could not reach the datasets" in capsys.readouterr().err
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## lm-evaluation-harness" in md and "unavailable" in md

@@ -23,7 +23,10 @@ def _report() -> dict:
              "preference": {"mode": "reference-free", "accuracy": 0.5, "mean_margin": 0.1, "mean_chosen_reward": -1,
                             "mean_rejected_reward": -1.1, "pairs": 4, "measured_on": "ultrafeedback:y: 4 pairs"},
              "generation": {"bleu": 9.0, "reward_mean": 3.0, "penalty_mean": 1.0, "distinct_1": 0.5,
-                            "distinct_2": 0.8, "mean_reply_words": 12.0, "replies": 2, "measured_on": "greedy"}}
+                            "distinct_2": 0.8, "mean_reply_words": 12.0, "replies": 2, "measured_on": "greedy"},
+             "harness": [{"alias": "ARC (25-shot)", "metric": "acc_norm", "value": 0.213, "status": "ok"},
+                         {"alias": "MMLU (5-shot)", "metric": "acc", "value": 0.275, "status": "ok"}],
+             "harness_average": 0.244}
     return {"gpt2chat_version": "0.1.0", "seed": 0,
             "environment": {"device": "cpu", "device_name": "x86", "dtype": "float32", "threads": 2, "torch": "2"},
             "datasets": {"conversations": {"spec": "oasst1:x.jsonl", "summary": "oasst1:x.jsonl: 3 used"}},
@@ -50,6 +53,7 @@ def test_write_report_files_tables_and_plots(tmp_path):
     assert "| sft | 124M | 285M | 90.2 | 15.700 |" in md  # seed 000's summary table
     assert "orpo \\| v2" in md and "Practice.<br>Daily." in md  # cells escaped
     assert "oasst1:x.jsonl: 3 conversations; cpu, float32" in md  # measured-on lines
+    assert "| sft | ARC (25-shot) | acc_norm | 21.30% |  |" in md and "| sft | average |  | 24.40% |  |" in md
     assert "Peaks measured on this machine" in md and "![perplexity](perplexity.png)" in md
 
 
@@ -129,3 +133,12 @@ def test_bad_options_and_prompts(tmp_path):
     listed.write_text('["Hi?", " "]')
     assert inputs.side_by_side_prompts(str(listed)) == ["Hi?"]
     assert inputs.side_by_side_prompts(None)[0] == "What's the best way to learn Python?"
+
+
+def test_packaged_sample_specs_load():
+    from gpt2chat.data import SAMPLE_PREF_SPEC, SAMPLE_SFT_SPEC
+
+    conversations, info = inputs.held_out_conversations(SAMPLE_SFT_SPEC, 2)
+    assert len(conversations) == 2 and info["used"] == 2 and info["kept"] >= 2
+    pairs, info = inputs.held_out_pairs(SAMPLE_PREF_SPEC, 3)
+    assert len(pairs) == 3 and info["spec"] == SAMPLE_PREF_SPEC

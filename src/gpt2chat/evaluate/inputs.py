@@ -87,7 +87,7 @@ def _load(kind: str, spec: str, loader, max_rows: int | None):
         raise Gpt2ChatError(f"{kind} spec {spec!r}: expected FORMAT:PATH, e.g. oasst1:en-validation.jsonl")
     location = location.rsplit("@", 1)[0] if "@" in location and location.rsplit("@", 1)[1].replace(".", "").isdigit() \
         else location
-    if _looks_local(location) and not Path(location).expanduser().exists():
+    if not location.startswith("package:") and _looks_local(location) and not Path(location).expanduser().exists():
         raise Gpt2ChatError(f"{kind} file not found: {location} (from {spec!r})")
     items, load_report = loader(spec)
     rows_read, kept = load_report.rows, len(items)

@@ -248,6 +248,8 @@ def evaluate_one(path, label, config, *, device, dtype, env, conversations, conv
             if row["status"] != "ok":
                 print(f"warning: {label}: {row['message']}", file=sys.stderr)
         entry["harness"] = rows
+        values = [row["value"] for row in rows if row["status"] == "ok"]
+        entry["harness_average"] = sum(values) / len(values) if values and len(values) == len(rows) else None
     return entry
 
 

@@ -216,6 +216,8 @@ def _section_harness(report: dict) -> list[str]:
         for row in entry.get("harness") or []:
             value = _pct(row["value"]) if row["value"] is not None else row["status"]
             rows.append([entry["label"], row["alias"], row["metric"] or "—", value, row.get("message") or ""])
+        if entry.get("harness_average") is not None and len(entry["harness"]) > 1:
+            rows.append([entry["label"], "average", "", _pct(entry["harness_average"]), ""])
     if not rows:
         return []
     return ["## lm-evaluation-harness", ""] + _table(["model", "task", "metric", "score", "note"], rows)
@@ -243,6 +245,11 @@ def render_markdown(report: dict) -> str:
                 _num(((e.get("perplexity") or {}).get("assistant") or {}).get("ppl"))] for e in report["models"]]
     lines += ["## Summary", ""]
     lines += _table(["model", "params", "FLOPs/token", "tokens/s (decode)", "PPL ↓"], summary)
+    conversations = report["datasets"].get("conversations", {}).get("spec", "—")
+    context = next((e["flops"]["context"] for e in report["models"] if e.get("flops")), "—")
+    lines.append(f"- PPL = perplexity of the assistant tokens of {conversations}, each checkpoint through its own "
+                 f"template; tokens/s = batch-1 greedy decode; FLOPs/token = analytic forward at a context of "
+                 f"{context}; {env['device']}, {env['dtype']}, {env['threads']} threads.")
     for name, info in report["datasets"].items():
         lines.append(f"- {name}: {info['summary']}")
     lines.append("")
