@@ -175,7 +175,7 @@ def checkpoint_dir(request, tmp_path_factory):
 def _ours(folder):
     from gpt2chat.checkpoint import load_model
 
-    model, tokenizer = load_model(folder)
+    model, tokenizer = load_model(folder, device="cpu")
     return model.eval(), tokenizer
 
 

@@ -233,7 +233,7 @@ class _Policy:
         from gpt2chat.checkpoint import load_model
 
         self.hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
-        self.ours = load_model(folder)[0].float().eval()
+        self.ours = load_model(folder, device="cpu")[0].eval()
         if seed:  # a different model from the same folder: the same noise on both copies
             g = torch.Generator().manual_seed(seed)
             ours_params = dict(self.ours.named_parameters())
