@@ -1,0 +1,211 @@
+"""`gpt2chat init`, `gpt2chat generate` and `gpt2chat chat`: make a checkpoint, continue a text, chat.
+
+Heavy imports (torch, the model, the tokenizer) happen inside the handlers so `gpt2chat --help` stays fast.
+Bad input raises `Gpt2ChatError`; the dispatcher prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2chat.errors import Gpt2ChatError
+
+ARCHS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-neo-125m", "gpt-neo-1.3b", "tiny", "tiny-neo")
+TEMPLATES = ("llama3-context", "user-assistant", "plain", "guanaco")
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    init = subparsers.add_parser(
+        "init",
+        help="write a randomly initialised checkpoint folder (offline, for from-scratch work and tests)",
+        description="Write a checkpoint folder with random weights, the GPT-2 tokenizer and a chat template; "
+        "transformers loads it with AutoModelForCausalLM / AutoTokenizer.",
+    )
+    init.add_argument("--arch", required=True, choices=ARCHS, help="model shape")
+    init.add_argument("--out", required=True, help="folder to write")
+    init.add_argument("--template", default="llama3-context", choices=TEMPLATES, help="chat template")
+    init.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    init.set_defaults(handler=run_init)
+
+    generate = subparsers.add_parser(
+        "generate",
+        help="continue a text with a model (raw continuation, no chat template)",
+        description="Print the model's continuation of --prompt, streamed. --temperature 0 is greedy.",
+    )
+    _add_model_args(generate)
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    _add_sampling_args(generate, default_new_tokens=64)
+    generate.set_defaults(handler=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streamed, multi-turn)",
+        description=f"Multi-turn chat in the terminal; history is carried as context. {CHAT_HELP}.",
+    )
+    _add_model_args(chat)
+    chat.add_argument("--template", default=None, choices=TEMPLATES,
+                      help="chat template (default: the one saved with the checkpoint)")  # fmt: skip
+    chat.add_argument("--system", default=None, help="system message")
+    _add_sampling_args(chat, default_new_tokens=256, default_preset="seed004")
+    chat.set_defaults(handler=run_chat)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="checkpoint folder (or hub id when the hub is reachable)"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, default_new_tokens: int, default_preset=None) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--preset", default=default_preset, choices=("greedy", "seed004", "seed001"),
+                       help=f"sampling preset; the flags below override it (default: {default_preset or 'none'})")  # fmt: skip
+    group.add_argument("--max-new-tokens", type=int, default=default_new_tokens,
+                       help=f"most tokens to generate (default {default_new_tokens})")  # fmt: skip
+    group.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy (default 1.0 or the preset's)"
+    )
+    group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (1 = off)")
+    group.add_argument(
+        "--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)"
+    )
+    group.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+
+
+def sampling_params(args: argparse.Namespace, stop_token_ids=()):
+    """SamplingParams from a preset plus the flags given; bad values raise Gpt2ChatError naming the field."""
+    from gpt2chat.sampling import SamplingParams, get_preset
+
+    base = get_preset(args.preset) if args.preset else SamplingParams()
+    changes = {"max_new_tokens": args.max_new_tokens, "stop_token_ids": tuple(stop_token_ids)}
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    return base.replace(**changes)
+
+
+def _load(args: argparse.Namespace):
+    from gpt2chat.checkpoint import load_model, resolve_checkpoint
+    from gpt2chat.engine import Engine, default_device_dtype
+
+    folder = resolve_checkpoint(args.model)
+    device, dtype = default_device_dtype(args.device, args.dtype)
+    try:
+        model, tokenizer = load_model(folder, device=device, dtype=dtype)
+    except RuntimeError as exc:  # e.g. a device that is not there
+        raise Gpt2ChatError(f"cannot load {folder} on {device}: {exc}") from exc
+    return folder, Engine(model, device=device, dtype=dtype), tokenizer
+
+
+# ---------------------------------------------------------------------- init
+def run_init(args: argparse.Namespace) -> int:
+    from gpt2chat.checkpoint import init_checkpoint
+
+    out = init_checkpoint(args.arch, args.out, template=args.template, seed=args.seed)
+    print(f"wrote a random {args.arch} checkpoint ({args.template} template) to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- generate
+def _generation_stop_ids(folder, tokenizer) -> list[int]:
+    """The checkpoint's generation_config eos ids (as transformers' generate uses them), else end-of-text."""
+    import json
+
+    path = folder / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        eos = None
+    if isinstance(eos, int):
+        return [eos]
+    if isinstance(eos, list) and all(isinstance(i, int) for i in eos):
+        return eos
+    return [tokenizer.eos_token_id]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from gpt2chat.sampling import SamplingParams
+
+    sampling_params(args)  # check the flags before loading anything
+    folder, engine, tokenizer = _load(args)
+    from gpt2chat.tokenizer import IncrementalDecoder
+
+    stops = [] if args.ignore_eos else _generation_stop_ids(folder, tokenizer)
+    params: SamplingParams = sampling_params(args, stops)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise Gpt2ChatError("--prompt is empty: give some text to continue")
+    stream = engine.stream(prompt, params)
+    decoder = IncrementalDecoder(tokenizer)
+    out = sys.stdout
+    for token in stream:
+        out.write(decoder.push(token))
+        out.flush()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------- chat
+def run_chat(args: argparse.Namespace) -> int:
+    sampling_params(args)
+    folder, engine, tokenizer = _load(args)
+    from gpt2chat.chat import ChatSession
+
+    session = ChatSession(engine, tokenizer, args.template, system=args.system, params=sampling_params(args))
+    out = sys.stdout
+    print(f"gpt2chat: {folder} ({session.template.name} template, {engine.device.type}). {CHAT_HELP}.")
+    out.flush()
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                session.reset()
+                print("(conversation cleared)")
+                continue
+            if command == "/system":
+                session.set_system(rest.strip() or None)
+                print(f"(system message {'set' if rest.strip() else 'cleared'})")
+                continue
+            if command == "/help":
+                print(CHAT_HELP)
+                continue
+            print(f"unknown command {command}; {CHAT_HELP}")
+            continue
+        try:
+            pieces = session.send(text)
+        except Gpt2ChatError as exc:  # e.g. a message too long for the context: say so, keep chatting
+            print(f"error: {exc}")
+            continue
+        out.write("assistant> ")
+        out.flush()
+        try:
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            pieces.close()
+            out.write(" [interrupted]")
+        out.write("\n")
+        out.flush()
