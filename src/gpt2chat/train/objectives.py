@@ -12,10 +12,11 @@ nothing about optimisers, files or processes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from gpt2chat.losses import dpo_loss, orpo_loss, sequence_logps, sft_loss
 from gpt2chat.train.batching import Batch
@@ -37,14 +38,66 @@ def chosen_targets(batch: Batch) -> int:
     return batch.n_targets
 
 
+@contextmanager
+def _hidden_states_only(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Run the model without its output projection; yields the (tied) projection weight.
+
+    The trainer then projects only the positions that are scored: for chat data (prompts, padding,
+    rejected prompts) that skips a large part of the `[tokens, vocab]` matmul and its softmax, the
+    biggest cost of a small GPT-2.
+    """
+    raw = getattr(model, "module", model)
+    head = raw.lm_head
+    raw.lm_head = torch.nn.Identity()
+    try:
+        yield head.weight
+    finally:
+        raw.lm_head = head
+
+
+def scored_token_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) for every scored token (mask 1, position > 0) and the row each belongs to.
+
+    The same numbers `gpt2chat.losses.sequence_logps` sums (shift: position t predicts token t + 1), but the
+    vocabulary projection runs on the scored positions only.
+    """
+    with autocast(), _hidden_states_only(model) as head_weight:
+        if batch.segment_ids is not None:
+            hidden = model(batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
+        else:
+            hidden = model(batch.input_ids)
+    target_mask = batch.loss_mask[:, 1:].bool()
+    rows = torch.arange(batch.input_ids.shape[0], device=hidden.device).unsqueeze(1).expand_as(target_mask)
+    selected = hidden[:, :-1][target_mask]
+    targets = batch.input_ids[:, 1:][target_mask]
+    with autocast():
+        logits = F.linear(selected, head_weight)
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return token_logps, rows[target_mask]
+
+
+def sequence_sums(model, batch: Batch, autocast, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and scored-token counts per row ([R], [R])."""
+    if not fast:
+        with autocast():
+            logits = forward_logits(model, batch)
+        return sequence_logps(logits, batch.input_ids, batch.loss_mask)
+    token_logps, rows = scored_token_logps(model, batch, autocast)
+    n_rows = batch.input_ids.shape[0]
+    sums = torch.zeros(n_rows, device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    counts = torch.zeros(n_rows, device=rows.device, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
+    return sums, counts
+
+
 class Objective:
     """Base: `micro_loss` for training, `eval_metrics` for validation."""
 
     name = "base"
     per_pair = False
 
-    def __init__(self, autocast: Callable[[], AbstractContextManager] | None = None):
+    def __init__(self, autocast: Callable[[], AbstractContextManager] | None = None, fast_head: bool = True):
         self.autocast = autocast or nullcontext
+        self.fast_head = fast_head     # project only scored positions (off under FSDP / torch.compile)
 
     def prepare(self, model: torch.nn.Module, plans: dict, device: torch.device) -> None:
         """Work done once before training (DPO: reference log-probs)."""
@@ -78,20 +131,18 @@ class SFTObjective(Objective):
     name = "sft"
 
     def micro_loss(self, model, batch, totals, split="train"):
-        with self.autocast():
-            logits = forward_logits(model, batch)
-        if batch.n_targets == 0:   # keep every process in step (DDP) even if a batch has nothing to learn
-            return logits.sum() * 0.0, {}
-        loss, _ = sft_loss(logits, batch.input_ids, batch.loss_mask, num_items=totals["targets"])
-        return loss, {}
+        if not self.fast_head:
+            with self.autocast():
+                logits = forward_logits(model, batch)
+            loss, _ = sft_loss(logits, batch.input_ids, batch.loss_mask, num_items=totals["targets"])
+            return loss, {}
+        token_logps, _ = scored_token_logps(model, batch, self.autocast)
+        return -token_logps.sum() / totals["targets"], {}
 
 
-def split_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over chosen and rejected rows -> (summed logps [2N], token counts [2N], logits)."""
-    with autocast():
-        logits = forward_logits(model, batch)
-    sums, counts = sequence_logps(logits, batch.input_ids, batch.loss_mask)
-    return sums, counts, logits
+def split_logps(model, batch: Batch, autocast, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected rows -> (summed logps [2N], token counts [2N])."""
+    return sequence_sums(model, batch, autocast, fast)
 
 
 class DPOObjective(Objective):
@@ -100,8 +151,9 @@ class DPOObjective(Objective):
     name = "dpo"
     per_pair = True
 
-    def __init__(self, beta: float, reference: torch.nn.Module | None = None, autocast=None):
-        super().__init__(autocast)
+    def __init__(self, beta: float, reference: torch.nn.Module | None = None, autocast=None,
+                 fast_head: bool = True):
+        super().__init__(autocast, fast_head)
         self.beta = beta
         self.reference = reference              # None: use the precomputed table
         self.ref_logps: dict[str, torch.Tensor] = {}   # split -> [n_examples, 2] (chosen, rejected)
@@ -117,7 +169,7 @@ class DPOObjective(Objective):
             with torch.no_grad():
                 for start in range(0, len(indices), plan.batch_size):
                     batch = plan.collate([[i] for i in indices[start : start + plan.batch_size]]).to(device)
-                    sums, _, _ = split_logps(model, batch, self.autocast)
+                    sums, _ = split_logps(model, batch, self.autocast, self.fast_head)
                     n = batch.n_pairs
                     table[batch.example_index.cpu(), 0] = sums[:n].float().cpu()
                     table[batch.example_index.cpu(), 1] = sums[n:].float().cpu()
@@ -136,14 +188,14 @@ class DPOObjective(Objective):
         n = batch.n_pairs
         if self.reference is not None:
             with torch.no_grad():
-                sums, _, _ = split_logps(self.reference, batch, self.autocast)
+                sums, _ = split_logps(self.reference, batch, self.autocast, self.fast_head)
             return sums[:n], sums[n:]
         table = self.ref_logps[split].to(batch.input_ids.device)
         rows = table[batch.example_index]
         return rows[:, 0], rows[:, 1]
 
     def micro_loss(self, model, batch, totals, split="train"):
-        sums, _, _ = split_logps(model, batch, self.autocast)
+        sums, _ = split_logps(model, batch, self.autocast, self.fast_head)
         n = batch.n_pairs
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
         loss, metrics = dpo_loss(sums[:n], sums[n:], ref_chosen, ref_rejected, beta=self.beta)
@@ -157,12 +209,12 @@ class ORPOObjective(Objective):
     name = "orpo"
     per_pair = True
 
-    def __init__(self, beta: float, autocast=None):
-        super().__init__(autocast)
+    def __init__(self, beta: float, autocast=None, fast_head: bool = True):
+        super().__init__(autocast, fast_head)
         self.beta = beta
 
     def micro_loss(self, model, batch, totals, split="train"):
-        sums, counts, _ = split_logps(model, batch, self.autocast)
+        sums, counts = split_logps(model, batch, self.autocast, self.fast_head)
         n = batch.n_pairs
         counts = counts.clamp(min=1)
         chosen_nll_sum = -sums[:n].sum()

@@ -211,12 +211,13 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     val_plan = (BatchPlan(val, kind, batch_size=cfg.batch_size, grad_accum=1, world_size=1,
                           pack=cfg.pack, **common) if val else None)
     autocast = autocast_for(cfg, device)
+    fast = not cfg.compile and dist.mode != "fsdp"
     if cfg.objective == "sft":
-        objective = SFTObjective(autocast)
+        objective = SFTObjective(autocast, fast_head=fast)
     elif cfg.objective == "dpo":
-        objective = DPOObjective(cfg.beta, reference=reference, autocast=autocast)
+        objective = DPOObjective(cfg.beta, reference=reference, autocast=autocast, fast_head=fast)
     else:
-        objective = ORPOObjective(cfg.beta, autocast=autocast)
+        objective = ORPOObjective(cfg.beta, autocast=autocast, fast_head=fast)
     if cfg.compile:
         model = torch.compile(model)
     write_model, write_final = _model_writers(cfg, tokenizer, base)
@@ -301,28 +302,44 @@ def _env_rank() -> str:
 
 
 def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any:
-    """The pipeline's last stage: `gpt2chat.evaluate.evaluate_models` over every stage's model."""
+    """The pipeline's last stage: `gpt2chat.evaluate.evaluate_models` over the base and every stage's model.
+
+    Keys of the recipe's `[eval]` table are `EvalConfig` fields (checked here, with a suggestion).
+    """
     try:
         from gpt2chat.evaluate import evaluate_models
+        from gpt2chat.evaluate.runner import EvalConfig
     except (ImportError, AttributeError):
         print("[pipeline] evaluation skipped: gpt2chat.evaluate.evaluate_models is not available", flush=True)
         return None
-    options = dict(recipe.get("eval", {}))
-    params = inspect.signature(evaluate_models).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in options:
-        if key not in params and not accepts_any:
-            from gpt2chat.train.config import ConfigError, suggest
+    import dataclasses
 
-            raise ConfigError(f"{recipe.get('__path__', 'config')}: [eval] unknown key {key!r}"
-                              f"{suggest(key, [p for p in params if p != 'models'])}")
-    defaults = {"out_dir": str(root / "eval"), "out": str(root / "eval"), "template": recipe.get("template")}
-    for key, value in defaults.items():
-        if key in params and key not in options and value is not None:
-            options[key] = value
-    names = {stage: path for stage, path in models.items()}
-    print(f"[pipeline] evaluating {', '.join(names)}", flush=True)
-    return evaluate_models(names, **options)
+    from gpt2chat.train.config import ConfigError, suggest
+
+    options = dict(recipe.get("eval", {}))
+    fields = [f.name for f in dataclasses.fields(EvalConfig)]
+    for key in options:
+        if key not in fields:
+            raise ConfigError(f"{recipe.get('__path__', 'config')}: [eval] unknown key {key!r}{suggest(key, fields)}")
+    from gpt2chat import data
+
+    if options.get("data") == SAMPLE:
+        options["data"] = data.SAMPLE_SFT_SPEC
+    if options.get("pref_data") == SAMPLE:
+        options["pref_data"] = data.SAMPLE_PREF_SPEC
+    paths, labels = [], []
+    base = Path(root / "sft" / "init") if str(recipe.get("model", "")).startswith("init:") else None
+    if base is not None and (base / "config.json").is_file():
+        paths.append(str(base))
+        labels.append("base (random init)")
+    done: list[str] = []
+    for stage, path in models.items():
+        done.append(stage)
+        paths.append(path)
+        labels.append("+".join(done))
+    options.setdefault("labels", labels)
+    print(f"[pipeline] evaluating {', '.join(labels)} -> {root / 'eval'}", flush=True)
+    return evaluate_models(paths, root / "eval", **options)
 
 
 def steps_for(n_rows: int, cfg: TrainConfig, world_size: int = 1) -> int:
