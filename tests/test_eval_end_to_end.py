@@ -103,14 +103,17 @@ def test_perplexity_equals_cross_entropy_computed_by_hand(setup):
 
     model, tokenizer = load_model(setup["sft"], device="cpu", dtype=torch.float32)
     conversations, _ = load_conversations(setup["data"])
-    nll, count, plain_nll, plain_count = 0.0, 0, 0.0, 0
+    nll, count, plain_nll, plain_count, all_nll, all_count = 0.0, 0, 0.0, 0, 0.0, 0
     with torch.no_grad():
         for conversation in conversations:
             ids, mask = render_chat(tokenizer, conversation.messages, template="llama3-context")
             ids = torch.tensor([ids])
+            logits = model(ids)[0, :-1]
             targets = ids[0, 1:].clone()
+            all_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            all_count += len(targets)
             targets[torch.tensor(mask[1:]) == 0] = -100
-            nll += torch.nn.functional.cross_entropy(model(ids)[0, :-1], targets, reduction="sum").item()
+            nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += int((targets != -100).sum())
             reply = [tokenizer.eos_token_id, *tokenizer.encode(conversation.messages[-1]["content"])]
             reply = torch.tensor([reply])
@@ -119,6 +122,8 @@ def test_perplexity_equals_cross_entropy_computed_by_hand(setup):
     assert got["assistant"]["tokens"] == count
     assert got["assistant"]["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert got["plain"]["ppl"] == pytest.approx(math.exp(plain_nll / plain_count), rel=1e-4)
+    assert got["rendered"]["ppl"] == pytest.approx(math.exp(all_nll / all_count), rel=1e-4)
+    assert got["assistant"]["ppl"] != pytest.approx(got["rendered"]["ppl"], rel=1e-6)
 
 
 def test_reference_equal_to_policy_and_seeded_sampling_are_deterministic(setup):

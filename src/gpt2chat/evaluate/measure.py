@@ -74,21 +74,28 @@ class Reference:
 
 
 def _perplexity(model, tokenizer, template, config, conversations, info, where) -> dict:
-    from gpt2chat.evaluate.scoring import conversation_sets, score_sequences
+    from gpt2chat.evaluate.scoring import conversation_sets, score_sequences, score_sequences_multi
 
     context = int(model.config.n_positions)
     sets = conversation_sets(conversations, tokenizer, template, context)
-    result = {}
     for view, scoring_set in sets.items():
         if not scoring_set.sequences:
             raise Gpt2ChatError(f"{info['spec']}: no conversation has {view} tokens to score under template "
                                 f"{template!r} (zero usable rows)")
-        scored = score_sequences(model, scoring_set.sequences, scoring_set.masks, batch_tokens=config.batch_tokens,
-                                 desc=f"perplexity ({view})", progress=config.progress)
-        total_logp = sum(s for s, _ in scored)
-        tokens = sum(c for _, c in scored)
+    score = dict(batch_tokens=config.batch_tokens, progress=config.progress)
+    # "assistant" and "rendered" share their ids: one forward scores both masks
+    assistant, rendered = sets["assistant"], sets["rendered"]
+    scored = dict(zip(("assistant", "rendered"), score_sequences_multi(
+        model, assistant.sequences, [assistant.masks, rendered.masks], desc="perplexity (chat)", **score),
+        strict=True))
+    scored["plain"] = score_sequences(model, sets["plain"].sequences, sets["plain"].masks,
+                                      desc="perplexity (plain)", **score)
+    result = {}
+    for view, scoring_set in sets.items():
+        total_logp = sum(s for s, _ in scored[view])
+        tokens = sum(c for _, c in scored[view])
         result[view] = {"ppl": metrics.perplexity(total_logp, tokens), "nll": -total_logp / tokens,
-                        "tokens": tokens, "sequences": len(scored), "truncated": scoring_set.truncated,
+                        "tokens": tokens, "sequences": len(scored[view]), "truncated": scoring_set.truncated,
                         "skipped": scoring_set.skipped}
     result["measured_on"] = (
         f"{info['spec']}: {result['assistant']['sequences']} conversations ({info['used']} used of "

@@ -99,9 +99,16 @@ def plot_perplexity(report: dict, path: Path) -> Path | None:
         axis.bar_label(bars, labels=[human(v) for v in values], fontsize=7)
     axis.set_xticks(range(len(labels)), labels, rotation=15)
     axis.set_ylabel("perplexity (lower is better)")
-    axis.set_yscale("log")
-    axis.set_title(report["datasets"].get("conversations", {}).get("spec", "perplexity"), fontsize=8)
-    axis.legend(fontsize=8)
+    finite = [v for values in groups.values() for v in values if v is not None and math.isfinite(v) and v > 0]
+    if finite and max(finite) / min(finite) > 30:  # checkpoints orders of magnitude apart: log scale
+        axis.set_yscale("log")
+    else:
+        axis.set_ylim(bottom=0)
+    info = report["datasets"].get("conversations", {})
+    env = report["environment"]
+    axis.set_title(f"{info.get('spec', 'perplexity')}\n{info.get('used', '?')} conversations, {env['device']}, "
+                   f"{env['dtype']}", fontsize=7)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = [
     "token_logprobs",
     "score_sequences",
+    "score_sequences_multi",
     "ScoringSet",
     "conversation_sets",
     "preference_sets",
@@ -38,10 +39,18 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], masks: Sequence[S
     `mask[t] == 1` scores token t given tokens < t, so `mask[0]` is ignored (nothing predicts the first
     token). Sequences are right-padded (a causal model's real tokens never see the padding).
     """
+    return score_sequences_multi(model, sequences, [masks], batch_tokens=batch_tokens, desc=desc,
+                                 progress=progress)[0]
+
+
+def score_sequences_multi(model, sequences: Sequence[Sequence[int]], mask_sets: Sequence[Sequence[Sequence[int]]],
+                          *, batch_tokens: int = 2048, desc: str = "scoring", progress: bool = True
+                          ) -> list[list[tuple[float, int]]]:
+    """`score_sequences` for several masks over the same sequences with one forward per batch."""
     import torch
     from tqdm.auto import tqdm
 
-    if len(sequences) != len(masks):
+    if any(len(masks) != len(sequences) for masks in mask_sets):
         raise ValueError("one mask per sequence is needed")
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -51,7 +60,7 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], masks: Sequence[S
             batches[-1].append(index)
         else:
             batches.append([index])
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    results = [[(0.0, 0)] * len(sequences) for _ in mask_sets]
     was_training = model.training
     model.eval()
     try:
@@ -59,18 +68,19 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], masks: Sequence[S
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
                 width = len(sequences[batch[0]])
                 ids = torch.zeros(len(batch), width, dtype=torch.long)
-                target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
                 for row, index in enumerate(batch):
-                    length = len(sequences[index])
-                    ids[row, :length] = torch.tensor(list(sequences[index]), dtype=torch.long)
-                    target_mask[row, :length] = torch.tensor(list(masks[index]), dtype=torch.bool)
+                    ids[row, : len(sequences[index])] = torch.tensor(list(sequences[index]), dtype=torch.long)
                 ids = ids.to(device)
                 logprobs = token_logprobs(model(ids), ids).cpu()
-                selected = target_mask[:, 1:]
-                sums = (logprobs * selected).sum(-1)
-                counts = selected.sum(-1)
-                for row, index in enumerate(batch):
-                    results[index] = (float(sums[row]), int(counts[row]))
+                for masks, out in zip(mask_sets, results, strict=True):
+                    selected = torch.zeros(len(batch), width, dtype=torch.bool)
+                    for row, index in enumerate(batch):
+                        selected[row, : len(masks[index])] = torch.tensor(list(masks[index]), dtype=torch.bool)
+                    selected = selected[:, 1:]
+                    sums = (logprobs * selected).sum(-1)
+                    counts = selected.sum(-1)
+                    for row, index in enumerate(batch):
+                        out[index] = (float(sums[row]), int(counts[row]))
     finally:
         model.train(was_training)
     return results
