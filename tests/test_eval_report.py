@@ -142,3 +142,15 @@ def test_packaged_sample_specs_load():
     assert len(conversations) == 2 and info["used"] == 2 and info["kept"] >= 2
     pairs, info = inputs.held_out_pairs(SAMPLE_PREF_SPEC, 3)
     assert len(pairs) == 3 and info["spec"] == SAMPLE_PREF_SPEC
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
+    from gpt2chat.cli import main
+
+    assert main(["eval", "--model", str(tmp_path / "missing" / "final"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model") and "not found" in err and "Traceback" not in err
+    model = str(_fake_checkpoint(tmp_path))
+    assert main(["eval", "--model", model, "--data", f"oasst1:{tmp_path / 'nope.jsonl'}", "--skip", "speed",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err

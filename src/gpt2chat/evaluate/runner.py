@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from gpt2chat.evaluate import inputs
 __all__ = ["EvalConfig", "evaluate_models", "SECTIONS"]
 
 SECTIONS = ("ppl", "pref", "gen", "speed", "side")
-DEFAULT_TEMPLATE = "llama3-context"
 
 
 @dataclass
@@ -155,7 +155,9 @@ def evaluate_models(models, out_dir, *, config: EvalConfig | None = None, **over
     reference = measure.Reference(config.ref, device, dtype) if config.ref and pairs else None
     entries, side_items = [], [{"prompt": p, "replies": {}} for p in prompts]
     loss_logs: dict[str, str] = {}
-    for label, path in zip(labels, models, strict=True):
+    for number, (label, path) in enumerate(zip(labels, models, strict=True), start=1):
+        if config.progress:
+            print(f"[eval] {number}/{len(models)} {label} ({path})", file=sys.stderr, flush=True)
         entry = measure.evaluate_one(path, label, config, device=device, dtype=dtype, env=env,
                                      conversations=conversations, conversation_info=datasets.get("conversations"),
                                      pairs=pairs, pair_info=datasets.get("preferences"), reference=reference,
