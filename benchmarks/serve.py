@@ -75,9 +75,10 @@ def start_server(checkpoint: Path, port: int, max_batch: int, device: str | None
         time.sleep(0.5)
 
 
-async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> tuple[int, float]:
+async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int,
+                      temperature: float) -> tuple[int, float]:
     """One streaming chat request: (completion tokens, seconds to the first content chunk)."""
-    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True,
+    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True,
             "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first: float | None = None
@@ -101,7 +102,7 @@ async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> 
     return tokens, first if first is not None else time.perf_counter() - sent
 
 
-async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def run_level(url: str, clients: int, requests: int, max_tokens: int, temperature: float) -> dict:
     ttfts: list[float] = []
     errors: list[str] = []
     total_tokens = 0
@@ -111,7 +112,7 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> d
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             for r in range(requests):
                 try:
-                    tokens, ttft = await one_request(client, max_tokens, seed=index * 1000 + r)
+                    tokens, ttft = await one_request(client, max_tokens, index * 1000 + r, temperature)
                     total_tokens += tokens
                     ttfts.append(ttft)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
     parser.add_argument("--requests", type=int, default=2, help="streaming requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--device", default=None, help="the server's --device (default: cuda if present)")
     args = parser.parse_args()
@@ -148,9 +150,10 @@ def main() -> int:
             server = start_server(checkpoint, port, args.max_batch, args.device)
             url = f"http://127.0.0.1:{port}"
             try:
-                asyncio.run(run_level(url, 2, 1, 8))  # warm-up: first allocations, code paths
+                asyncio.run(run_level(url, 2, 1, 8, args.temperature))  # warm-up: first allocations, code paths
                 for clients in levels:
-                    row = {"shape": shape, **asyncio.run(run_level(url, clients, args.requests, args.max_tokens))}
+                    row = {"shape": shape, "temperature": args.temperature, **asyncio.run(run_level(url, clients, args.requests, args.max_tokens,
+                                                                   args.temperature))}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             finally:
