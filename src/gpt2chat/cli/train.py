@@ -109,7 +109,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     overrides: dict[str, dict[str, Any]] = {"all": {}}
     for key, value in _parse_set(args.set).items():
         stage, dot, name = key.partition(".")
-        if dot and stage in ("sft", "dpo", "orpo", "all"):
+        if dot and stage in ("sft", "dpo", "orpo", "all", "eval"):
             overrides.setdefault(stage, {})[name] = value
         else:
             overrides["all"][key] = value
@@ -153,5 +153,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--distributed")
     parser.add_argument("--precision")
     parser.add_argument("--set", action="append", metavar="[STAGE.]KEY=VALUE",
-                        help="override any key, for one stage (sft.lr=1e-4) or all (lr=1e-4)")
+                        help="override any key, for one stage (sft.lr=1e-4), all stages (lr=1e-4) or [eval] (eval.max_rows=8)")
     parser.set_defaults(handler=_run_pipeline)

@@ -203,7 +203,11 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
                 raise ckpt.ResumeError(f"{resume_path}: LoRA weights do not fit: {missing.unexpected_keys[:3]}")
     model.to(device)
     model.train()
+    if dist.active and not dist.is_main:
+        dist_utils.barrier(dist)              # rank 0 tokenizes (and fills the data cache) first
     train, val = build_data(cfg, tokenizer, dist)
+    if dist.active and dist.is_main:
+        dist_utils.barrier(dist)
     kind = "sft" if cfg.objective == "sft" else "preference"
     common = {"seed": cfg.seed, "max_length": cfg.max_length, "pad_id": tokenizer.pad_token_id}
     train_plan = BatchPlan(train, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
@@ -264,6 +268,9 @@ def run_pipeline(recipe: str | Path | dict, overrides: dict[str, dict[str, Any]]
     """
     recipe = read_recipe(recipe) if not isinstance(recipe, dict) else dict(recipe)
     overrides = overrides or {}
+    if overrides.get("eval"):
+        recipe["eval"] = {**recipe.get("eval", {}), **overrides["eval"]}
+    _check_eval_keys(recipe)
     stages = recipe_stages(recipe)
     root = Path(overrides.get("all", {}).get("out") or recipe.get("out") or "runs/pipeline")
     results: dict[str, Any] = {"stages": {}}
@@ -301,26 +308,37 @@ def _env_rank() -> str:
     return os.environ.get("RANK", "0")
 
 
+def _eval_fields() -> list[str] | None:
+    try:
+        import dataclasses
+
+        from gpt2chat.evaluate.runner import EvalConfig
+    except ImportError:
+        return None
+    return [f.name for f in dataclasses.fields(EvalConfig)]
+
+
+def _check_eval_keys(recipe: dict[str, Any]) -> None:
+    """Unknown `[eval]` keys fail before any training starts."""
+    from gpt2chat.train.config import ConfigError, suggest
+
+    fields = _eval_fields()
+    for key in recipe.get("eval", {}) if fields else ():
+        if key not in fields:
+            raise ConfigError(f"{recipe.get('__path__', 'config')}: [eval] unknown key {key!r}{suggest(key, fields)}")
+
+
 def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any:
     """The pipeline's last stage: `gpt2chat.evaluate.evaluate_models` over the base and every stage's model.
 
-    Keys of the recipe's `[eval]` table are `EvalConfig` fields (checked here, with a suggestion).
+    Keys of the recipe's `[eval]` table are `EvalConfig` fields (checked before training starts).
     """
     try:
         from gpt2chat.evaluate import evaluate_models
-        from gpt2chat.evaluate.runner import EvalConfig
     except (ImportError, AttributeError):
         print("[pipeline] evaluation skipped: gpt2chat.evaluate.evaluate_models is not available", flush=True)
         return None
-    import dataclasses
-
-    from gpt2chat.train.config import ConfigError, suggest
-
     options = dict(recipe.get("eval", {}))
-    fields = [f.name for f in dataclasses.fields(EvalConfig)]
-    for key in options:
-        if key not in fields:
-            raise ConfigError(f"{recipe.get('__path__', 'config')}: [eval] unknown key {key!r}{suggest(key, fields)}")
     from gpt2chat import data
 
     if options.get("data") == SAMPLE:

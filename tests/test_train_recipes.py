@@ -1,0 +1,116 @@
+"""Commands end to end on the tiny model and the packaged sample data: pipeline, vocab growth, resume
+checks, and (slow) two gloo processes against one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2chat.cli import main
+from gpt2chat.train.metrics import read_metrics
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SMALL = ["--batch-size", "2", "--max-length", "96", "--no-progress", "--lr", "3e-3", "--dropout", "0"]
+
+
+def train_losses(folder: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(folder / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_quickstart_pipeline_reduced(tmp_path, capsys):
+    """The README command with fewer steps: SFT -> ORPO -> report card, loss going down."""
+    out = tmp_path / "qs"
+    code = main(["pipeline", "--config", str(CONFIGS / "quickstart.toml"), "--out", str(out),
+                 "--set", "sft.max_steps=8", "--set", "sft.warmup_steps=2", "--set", "orpo.max_steps=2",
+                 "--set", "batch_size=4", "--set", "max_length=128", "--set", "progress=false",
+                 "--set", "sft.eval_every=4", "--set", "orpo.eval_every=0",
+                 "--set", "eval.max_rows=4", "--set", "eval.gen_rows=1", "--set", "eval.max_new_tokens=4",
+                 "--set", 'eval.skip=["speed", "side"]'])
+    assert code == 0
+    losses = train_losses(out / "sft")
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+    assert (out / "sft" / "final" / "model.safetensors").is_file()
+    assert (out / "sft" / "loss.png").is_file()
+    orpo = read_metrics(out / "orpo" / "metrics.jsonl")
+    assert [r["step"] for r in orpo if r["split"] == "train"] == [1, 2]
+    assert "log_odds_ratio" in orpo[0] and "nll_loss" in orpo[0]
+    assert (out / "orpo" / "final" / "config.json").is_file()
+    assert (out / "eval").is_dir() and any((out / "eval").iterdir())
+    printed = capsys.readouterr().out
+    assert "[pipeline] orpo:" in printed
+
+    # --resume skips finished stages
+    code = main(["pipeline", "--config", str(CONFIGS / "quickstart.toml"), "--out", str(out), "--resume",
+                 "--set", "sft.max_steps=8", "--set", "sft.warmup_steps=2", "--set", "orpo.max_steps=2",
+                 "--set", "batch_size=4", "--set", "max_length=128", "--set", "progress=false",
+                 "--set", "sft.eval_every=4", "--set", "orpo.eval_every=0",
+                 "--set", "eval.max_rows=4", "--set", "eval.gen_rows=1", "--set", "eval.max_new_tokens=4",
+                 "--set", 'eval.skip=["speed", "side", "gen", "pref"]'])
+    assert code == 0
+    assert "sft: already done" in capsys.readouterr().out
+
+
+def test_template_tokens_are_added_and_the_embedding_resized(tmp_path, capsys):
+    from gpt2chat.checkpoint import init_checkpoint, load_model
+
+    base = init_checkpoint("tiny", tmp_path / "plain-base", template="plain", seed=0)
+    model, tokenizer = load_model(base, device="cpu")
+    before = model.config.vocab_size
+    code = main(["sft", "--model", str(base), "--template", "llama3-context", "--data", "sample",
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", *SMALL])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "resized the embedding" in printed
+    trained, trained_tokenizer = load_model(tmp_path / "run" / "final", device="cpu")
+    assert trained.config.vocab_size > before
+    assert trained_tokenizer.token_to_id("<|start_context|>") is not None
+
+
+def test_resume_with_another_config_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["sft", "--model", "init:tiny", "--data", "sample", "--out", str(out), "--max-steps", "2", *SMALL]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--lr", "1e-2"]) == 2
+    err = capsys.readouterr().err
+    assert "another run" in err and "lr" in err
+    assert main(["sft", "--data", "sample", "--out", str(tmp_path / "empty"), "--resume", *SMALL]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_cli_resume_continues_an_interrupted_run(tmp_path):
+    common = ["--model", "init:tiny", "--data", "sample", "--max-steps", "4", "--save-every", "2",
+              "--schedule", "cosine", *SMALL]
+    assert main(["sft", *common, "--out", str(tmp_path / "full")]) == 0
+    assert main(["sft", *common, "--out", str(tmp_path / "part"), "--stop-after-steps", "2"]) == 0
+    assert not (tmp_path / "part" / "final").exists()
+    assert main(["sft", *common, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
+    assert len(full) == len(resumed) == 4
+    assert resumed == pytest.approx(full, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--no-progress",
+              "--max-length", "96", "--lr", "3e-3", "--dropout", "0", "--seed", "3"]
+    single = subprocess.run([sys.executable, "-m", "gpt2chat", "sft", *common, "--batch-size", "4",
+                             "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", "29517", "-m", "gpt2chat", "sft", *common, "--batch-size", "2",
+                             "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 process(es)" in double.stdout
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, abs=1e-5)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
