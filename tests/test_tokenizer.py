@@ -252,3 +252,26 @@ def test_type_errors(tok):
         tok.encode(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         tok.encode_batch(["a", 3])  # type: ignore[list-item]
+
+
+TRICKY_TEXTS = [
+    "", " ", "  ", "\n\n", "a\n\nb", "Hello  world\t\t!", "  leading and trailing  ", "\r\n\r\nx",
+    "it's they're we've I'm you'll he'd IT'S", "数字123 ١٢٣ and ½ ⅓", "emoji 👩‍👩‍👧 end", "tab\tsep\u00a0nbsp",
+    "x" * 3000, "<|eot_id|> stays text <|endoftext|>", "trailing spaces   \n   ", "$$$ ---- ...",
+]
+
+
+def test_fast_plain_encoder_matches_the_tokenizers_path():
+    """tiktoken (used by encode/encode_batch for GPT-2's vocab) gives the ids of the `tokenizers` BPE."""
+    tok = Tokenizer.gpt2()
+    assert tok._fast is not None, "GPT-2 vocabulary should use the fast plain encoder"
+    slow = [tok._plain.encode(t, add_special_tokens=False).ids for t in TRICKY_TEXTS]
+    assert [tok.encode(t) for t in TRICKY_TEXTS] == slow
+    assert tok.encode_batch(TRICKY_TEXTS) == slow
+
+
+def test_fast_plain_encoder_on_real_text(shared_dir):
+    rows = [json.loads(line) for line in (shared_dir / "data/oasst1/en-validation.jsonl").open()][:400]
+    texts = [r["text"] for r in rows]
+    tok = Tokenizer.gpt2()
+    assert tok.encode_batch(texts) == [e.ids for e in tok._plain.encode_batch(texts, add_special_tokens=False)]

@@ -11,6 +11,11 @@ Two `tokenizers.Tokenizer` objects are kept:
   user that spells a control token (``"<|eot_id|>"``, ``"<|endoftext|>"``) stays characters and can never
   become the control token. Templates insert control ids themselves (see `gpt2chat.templates`).
 
+When the base vocabulary is GPT-2's (every checkpoint this project writes, GPT-Neo's too), `encode` and
+`encode_batch` go through `tiktoken`'s `encode_ordinary` built from the same local files instead: the same
+ids (tested) about five times faster, and it never parses special tokens either. `_plain` is then built
+only when offsets are asked for, and shared by every tokenizer of the process.
+
 `<|pad|>` is always present (an added special token, id 50257 on GPT-2): padding is never end-of-text or
 end-of-turn.
 """
@@ -96,7 +101,8 @@ class Tokenizer:
         """Wrap a `tokenizers.Tokenizer` (its added tokens are the control tokens). Prefer `gpt2()` / `from_dir()`."""
         self._tok = backend
         # the plain tokenizer is only ever used to encode (never mutated), so it may be shared
-        self._plain = _plain if _plain is not None else self._without_added_tokens(backend)
+        self._plain_given = _plain
+        self._fast = _gpt2_tiktoken() if _has_gpt2_vocab(backend) else None
         self.chat_template = chat_template
         self._template_name = template_name
         self.model_max_length = int(model_max_length)
@@ -104,6 +110,16 @@ class Tokenizer:
             raise Gpt2ChatError(f"tokenizer has no {EOS_TOKEN} token")
         # <|endoftext|> is in GPT-2's vocab; make sure it is registered as a special token, then <|pad|>.
         self.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
+
+    @property
+    def _plain(self):
+        """The no-added-tokens `tokenizers` copy (built lazily; shared for GPT-2's vocabulary)."""
+        if self._plain_given is None:
+            if self._fast is not None:
+                self._plain_given = _gpt2_cached()[1]
+            else:
+                self._plain_given = self._without_added_tokens(self._tok)
+        return self._plain_given
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -166,6 +182,8 @@ class Tokenizer:
         """Plain text -> ids; spellings of control tokens stay characters."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        if self._fast is not None:
+            return self._fast.encode_ordinary(text)
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -174,6 +192,8 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch(): item {i} is {type(t).__name__}, expected str")
+        if self._fast is not None:
+            return self._fast.encode_ordinary_batch(texts, num_threads=max(1, os.cpu_count() or 1))
         return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -336,6 +356,37 @@ class Tokenizer:
             cache = (n, set(self._tok.get_added_tokens_decoder()))
             self._added_cache = cache
         return cache[1]
+
+
+# OpenAI's original GPT-2 pre-tokenisation pattern (the one `tokenizers`' ByteLevel uses too).
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@lru_cache(maxsize=1)
+def _gpt2_vocab() -> dict[str, int]:
+    encoder_path, _ = _gpt2_data_files()
+    return json.loads(encoder_path.read_text(encoding="utf-8"))
+
+
+def _has_gpt2_vocab(backend) -> bool:
+    """True when the backend's base (non-added) vocabulary is exactly GPT-2's token -> id table."""
+    if backend.get_vocab_size(with_added_tokens=False) != GPT2_VOCAB_SIZE:
+        return False
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:  # pragma: no cover - a declared dependency
+        return False
+    return backend.get_vocab(with_added_tokens=False) == _gpt2_vocab()
+
+
+@lru_cache(maxsize=1)
+def _gpt2_tiktoken():
+    """A tiktoken encoder over GPT-2's merges, built from the local files (tiktoken's own gpt2 downloads)."""
+    import tiktoken
+
+    table = _byte_decoder()
+    ranks = {bytes(table[c] for c in token): rank for token, rank in _gpt2_vocab().items()}
+    return tiktoken.Encoding("gpt2chat-gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 @lru_cache(maxsize=1)
