@@ -113,6 +113,17 @@ def validate_messages(messages) -> list[dict]:
     return msgs
 
 
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose first character falls inside a trained span (spans sorted, disjoint)."""
+    mask = []
+    k = 0
+    for start, _ in offsets:
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        mask.append(1 if k < len(spans) and spans[k][0] <= start else 0)
+    return mask
+
+
 def _split_system(msgs: list[dict]) -> tuple[str | None, list[dict]]:
     if msgs[0]["role"] == "system":
         return msgs[0]["content"], msgs[1:]
@@ -296,6 +307,7 @@ class ChatTemplate:
         ids: list[int] = []
         mask: list[int] = []
         seg: list[tuple[str, bool]] = []
+        special_ids = tokenizer.special_token_ids  # a set built from the vocabulary: once per render
 
         def flush() -> None:
             if not seg:
@@ -308,16 +320,21 @@ class ChatTemplate:
                     if trained:
                         spans.append((pos, pos + len(t)))
                     pos += len(t)
-                seg_ids, offsets = tokenizer.encode_with_offsets(text)
-                ids.extend(seg_ids)
-                mask.extend(1 if any(a <= s < b for a, b in spans) else 0 for s, _ in offsets)
+                if not spans:  # nothing trained here: no offsets needed (the fast plain encoder)
+                    seg_ids = tokenizer.encode(text)
+                    ids.extend(seg_ids)
+                    mask.extend([0] * len(seg_ids))
+                else:
+                    seg_ids, offsets = tokenizer.encode_with_offsets(text)
+                    ids.extend(seg_ids)
+                    mask.extend(_mask_from_spans(offsets, spans))
             seg.clear()
 
         for is_control, text, trained in pieces:
             if is_control:
                 flush()
                 tid = tokenizer.token_to_id(text)
-                if tid is None or tid not in tokenizer.special_token_ids:
+                if tid is None or tid not in special_ids:
                     raise ChatFormatError(
                         f"template {self.name!r}: the tokenizer has no special token {text!r}; "
                         f"call get_template({self.name!r}).ensure_tokens(tokenizer) first "
