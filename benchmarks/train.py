@@ -1,0 +1,258 @@
+"""Training throughput: our trainer against TRL's SFTTrainer and DPOTrainer on the GPT-2 124M shape.
+
+    python benchmarks/train.py [--shared ../shared] [--steps 3] [--repeats 2] [--batch-size 1] [--grad-accum 2]
+
+Same random weights (one checkpoint folder both load), same tokenized real data (OASST1 validation +
+Alpaca subset for SFT, UltraFeedback train-1k for DPO, from ../shared/data; skipped cleanly without it),
+sequence length 512, same effective batch (batch_size x grad_accum rows or pairs per step), same threads.
+Each measurement is one child process (so peak RSS belongs to one trainer); ours and TRL's children
+alternate, and the figures are medians over repeats of the per-step medians (first step dropped: warmup).
+
+- SFT: trained (non-pad) tokens / s. Ours packs short examples into 512-token rows; TRL runs its default
+  (one example per row, padded, assistant-only loss from the same masks).
+- DPO: pairs / s, reference log-probs precomputed before training in both (not timed).
+- MFU: model FLOPs (6 N per trained token + attention, `gpt2chat.evaluate.flops`) / measured matmul peak.
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py would shadow the standard library's `tokenize` for a script run from this folder
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]
+sys.modules.pop("tokenize", None) if getattr(sys.modules.get("tokenize"), "__file__", "").startswith(_HERE) else None
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SEQ = 512
+
+
+def shared_specs(shared: Path) -> dict[str, list[str]] | None:
+    data = shared / "data"
+    sft = [f"oasst1:{data / 'oasst1/en-validation.jsonl'}", f"alpaca:{data / 'alpaca/alpaca-subset-5k.json'}"]
+    dpo = [f"ultrafeedback:{data / 'ultrafeedback/train-1k.jsonl'}"]
+    if not all(Path(s.split(":", 1)[1]).is_file() for s in sft + dpo):
+        return None
+    return {"sft": sft, "dpo": dpo}
+
+
+def load_examples(kind: str, specs: list[str], tokenizer, n: int):
+    from gpt2chat.data import Budgets, build_preference_examples, build_sft_examples
+
+    if kind == "sft":
+        train, _, _ = build_sft_examples(specs, tokenizer, "llama3-context", Budgets.sft(SEQ), val_fraction=0.0)
+    else:
+        budgets = Budgets(max_prompt_tokens=256, max_response_tokens=256, max_length=SEQ)
+        train, _, _ = build_preference_examples(specs, tokenizer, "llama3-context", budgets, val_fraction=0.0)
+    return train[:n]
+
+
+# ---------------------------------------------------------------------- children
+def run_ours(kind: str, ckpt: str, specs: list[str], args) -> dict:
+    import torch
+
+    from gpt2chat.checkpoint import load_model
+    from gpt2chat.train.batching import BatchPlan
+    from gpt2chat.train.config import TrainConfig
+    from gpt2chat.train.distributed import DistState
+    from gpt2chat.train.objectives import DPOObjective, SFTObjective
+    from gpt2chat.train.trainer import Trainer
+
+    model, tokenizer = load_model(ckpt, device="cpu")
+    rows = args.batch_size * args.grad_accum * args.steps
+    examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1))
+    cfg = TrainConfig(objective="sft" if kind == "sft" else "dpo", data=["bench"], out=tempfile.mkdtemp(),
+                      lr=1e-5, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
+                      max_length=SEQ, pack=True, schedule="constant", progress=False, save_every=0).validate()
+    plan = BatchPlan(examples, "sft" if kind == "sft" else "preference", batch_size=cfg.batch_size,
+                     grad_accum=cfg.grad_accum, world_size=1, seed=0, max_length=SEQ,
+                     pad_id=tokenizer.pad_token_id, pack=True)
+    objective = SFTObjective() if kind == "sft" else DPOObjective(beta=0.1)
+    model.train()
+    trainer = Trainer(cfg, model, objective, plan, None, DistState(), torch.device("cpu"),
+                      write_model=lambda m, f: None)
+    trainer._save = lambda *a, **k: None          # no checkpoint writing inside the timed loop
+    result = trainer.fit()
+    steps = result.history[1:]
+    seconds = statistics.median(r["step_time_s"] for r in steps)
+    tokens = statistics.median(r["tokens"] for r in steps)
+    pairs = args.batch_size * args.grad_accum
+    return {"step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+            "pairs_per_s": pairs / seconds if kind == "dpo" else None}
+
+
+class _StepClock:
+    """TRL callback: wall time of each optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.times.append(time.perf_counter() - clock.started)
+                clock.step_tokens.append(clock.pending)
+                clock.pending = 0
+
+        self.times: list[float] = []
+        self.step_tokens: list[int] = []
+        self.pending = 0
+        self.started = 0.0
+        self.callback = Callback()
+
+
+def run_trl(kind: str, ckpt: str, specs: list[str], args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2chat.checkpoint import load_model
+
+    _, tokenizer = load_model(ckpt, device="cpu")
+    hf_tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    hf_tokenizer.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=torch.float32)
+    rows = args.batch_size * args.grad_accum * args.steps
+    examples = load_examples(kind, specs, tokenizer, rows)
+    clock = _StepClock()
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+                  gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=1e-5,
+                  lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
+                  use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_length=SEQ, seed=0)
+    if kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                     "assistant_masks": [e.assistant_mask for e in examples]})
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common, packing=False), train_dataset=dataset,
+                             processing_class=hf_tokenizer, callbacks=[clock.callback])
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        dataset = Dataset.from_dict({"prompt_ids": [e.prompt_ids for e in examples],
+                                     "chosen_ids": [e.chosen_ids for e in examples],
+                                     "rejected_ids": [e.rejected_ids for e in examples]})
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1, precompute_ref_log_probs=True),
+                             train_dataset=dataset, processing_class=hf_tokenizer, callbacks=[clock.callback])
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        clock.pending += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    seconds = statistics.median(clock.times[1:])
+    tokens = statistics.median(clock.step_tokens[1:])
+    pairs = args.batch_size * args.grad_accum
+    return {"step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+            "pairs_per_s": pairs / seconds if kind == "dpo" else None}
+
+
+def child(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    specs = json.loads(args.specs)
+    runner = run_ours if args.who == "ours" else run_trl
+    result = runner(args.kind, args.ckpt, specs[args.kind], args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- driver
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is warmup)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--kinds", default="sft,dpo")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--who", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    parser.add_argument("--specs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    specs = shared_specs(Path(args.shared))
+    if specs is None:
+        print(f"skipped: shared data not found under {args.shared}/data", file=sys.stderr)
+        return 0
+    import torch
+
+    from gpt2chat.checkpoint import init_checkpoint
+    from gpt2chat.config import get_preset
+    from gpt2chat.evaluate.flops import measure_peaks, training_flops_per_token
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    ckpt = init_checkpoint("gpt2", workdir / "gpt2-random", template="llama3-context", seed=0)
+    peak = measure_peaks("cpu", torch.float32, repeats=3)["matmul_flops_per_s"]
+    flops_per_token = training_flops_per_token(get_preset("gpt2"), SEQ)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, dict[str, list[dict]]] = {}
+    for kind in args.kinds.split(","):
+        results[kind] = {"ours": [], "trl": []}
+        for repeat in range(args.repeats):
+            order = ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")
+            for who in order:
+                command = [sys.executable, os.path.abspath(__file__), "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
+                           "--specs", json.dumps(specs), "--steps", str(args.steps), "--batch-size",
+                           str(args.batch_size), "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if done.returncode != 0 or line is None:
+                    print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"{who} {kind} run failed")
+                results[kind][who].append(json.loads(line.removeprefix("RESULT ")))
+                print(f"  {kind} {who} repeat {repeat}: {results[kind][who][-1]}", file=sys.stderr, flush=True)
+
+    summary: dict[str, object] = {"benchmark": "train", "shape": "gpt2 124M random", "seq_len": SEQ,
+                                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
+                                  "repeats": args.repeats, "threads": args.threads,
+                                  "matmul_peak_gflops": peak / 1e9, "torch": torch.__version__}
+    print(f"\nGPT-2 124M (random), seq {SEQ}, {args.batch_size} x {args.grad_accum} per step, "
+          f"{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'':14}{'ours':>12}{'TRL':>12}{'ratio':>8}{'ours MFU':>10}{'TRL MFU':>9}{'ours RSS':>10}{'TRL RSS':>9}")
+    for kind, by in results.items():
+        metric = "tokens_per_s" if kind == "sft" else "pairs_per_s"
+        ours = statistics.median(r[metric] for r in by["ours"])
+        trl = statistics.median(r[metric] for r in by["trl"])
+        mfu = {who: statistics.median(r["tokens_per_s"] for r in by[who]) * flops_per_token / peak
+               for who in ("ours", "trl")}
+        rss = {who: max(r["peak_rss_mb"] for r in by[who]) for who in ("ours", "trl")}
+        label = "SFT tokens/s" if kind == "sft" else "DPO pairs/s"
+        print(f"{label:14}{ours:12.2f}{trl:12.2f}{ours / trl:8.2f}{mfu['ours']:10.1%}{mfu['trl']:9.1%}"
+              f"{rss['ours']:9.0f}M{rss['trl']:8.0f}M")
+        summary[kind] = {"metric": metric, "ours": ours, "trl": trl, "ratio": ours / trl, "mfu_ours": mfu["ours"],
+                         "mfu_trl": mfu["trl"], "peak_rss_mb_ours": rss["ours"], "peak_rss_mb_trl": rss["trl"],
+                         "runs": by}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
