@@ -249,3 +249,21 @@ def test_close_cancels_unfinished(model):
     assert requests[-1].finish_reason == "cancelled"
     with pytest.raises(Gpt2ChatError, match="closed"):
         batched.submit(PROMPTS[0], GREEDY)
+
+
+def test_decode_layout_keeps_values_and_saving_works(tmp_path, tiny_checkpoint):
+    from gpt2chat.checkpoint import load_model, save_pretrained
+
+    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    plain = Engine(load_model(tiny_checkpoint, device="cpu")[0], decode_layout=False)
+    engine = Engine(model)  # CPU fp32: Linear weights re-strided
+    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert engine.generate(PROMPTS, GREEDY)[0].token_ids == plain.generate(PROMPTS, GREEDY)[0].token_ids
+    save_pretrained(model, tokenizer, tmp_path / "again")
+    reloaded, _ = load_model(tmp_path / "again", device="cpu")
+    for name, p in reloaded.named_parameters():
+        assert torch.equal(p, before[name]), name
