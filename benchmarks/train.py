@@ -143,9 +143,11 @@ def run_trl(kind: str, ckpt: str, specs: list[str], args) -> dict:
     else:
         from trl import DPOConfig, DPOTrainer
 
-        dataset = Dataset.from_dict({"prompt_ids": [e.prompt_ids for e in examples],
-                                     "chosen_ids": [e.chosen_ids for e in examples],
-                                     "rejected_ids": [e.rejected_ids for e in examples]})
+        # TRL's DPOTrainer tokenizes text itself: give it the rendered text of the same examples
+        # (control tokens are added tokens of the HF tokenizer, so they come back as the same ids).
+        dataset = Dataset.from_dict({"prompt": [tokenizer.decode(e.prompt_ids) for e in examples],
+                                     "chosen": [tokenizer.decode(e.chosen_ids) for e in examples],
+                                     "rejected": [tokenizer.decode(e.rejected_ids) for e in examples]})
         trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1, precompute_ref_log_probs=True),
                              train_dataset=dataset, processing_class=hf_tokenizer, callbacks=[clock.callback])
     collate = trainer.data_collator

@@ -114,3 +114,19 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert two == pytest.approx(one, abs=1e-5)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path):
+    from gpt2chat.checkpoint import load_model
+
+    out = tmp_path / "lora"
+    common = ["--model", "init:tiny", "--data", "sample", "--out", str(out), "--max-steps", "3",
+              "--save-every", "1", "--lora-r", "4", "--lora-alpha", "8", *SMALL]
+    assert main(["sft", *common, "--stop-after-steps", "2"]) == 0
+    assert main(["sft", *common, "--resume"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    model, _ = load_model(out / "final", device="cpu")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3]
