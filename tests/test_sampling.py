@@ -164,3 +164,18 @@ def test_mixed_rows_and_per_row_generators():
     # each row's draw depends only on its own generator
     alone = sample_next(logits[1:2], None, rows[1], make_generator(1))
     assert alone[0] == first[1]
+
+
+def test_per_row_generators_sample_each_rows_distribution_and_never_a_masked_token():
+    """The batched engine's path (one generator per row) draws from each row's own distribution."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0, 0.9]])
+    logits = torch.log(probs.clamp_min(1e-38)).masked_fill(probs == 0, float("-inf"))
+    params = SamplingParams(temperature=1.0)
+    generators = [make_generator(11), make_generator(12)]
+    counts = torch.zeros(2, 5)
+    for _ in range(3000):
+        draw = sample_next(logits, None, [params, params], generators)
+        counts[0, draw[0]] += 1
+        counts[1, draw[1]] += 1
+    assert counts[:, [3]].sum() == 0 and counts[0, 4] == 0 and counts[1, :2].sum() == 0
+    assert torch.allclose(counts / 3000, probs, atol=0.04)
