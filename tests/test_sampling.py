@@ -173,9 +173,9 @@ def test_per_row_generators_sample_each_rows_distribution_and_never_a_masked_tok
     params = SamplingParams(temperature=1.0)
     generators = [make_generator(11), make_generator(12)]
     counts = torch.zeros(2, 5)
-    for _ in range(3000):
+    for _ in range(800):
         draw = sample_next(logits, None, [params, params], generators)
         counts[0, draw[0]] += 1
         counts[1, draw[1]] += 1
     assert counts[:, [3]].sum() == 0 and counts[0, 4] == 0 and counts[1, :2].sum() == 0
-    assert torch.allclose(counts / 3000, probs, atol=0.04)
+    assert torch.allclose(counts / 800, probs, atol=0.06)
