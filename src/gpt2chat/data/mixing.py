@@ -103,6 +103,41 @@ def _cached(kind, key, cache_dir, use_cache):
     return directory, hit
 
 
+def _from_cache(hit, directory: Path, key: str) -> tuple[list, list, dict]:
+    splits, stats = hit
+    return splits["train"], splits["val"], {**stats, "cache": "hit", "cache_path": str(directory / key)}
+
+
+def _store(kind: str, directory: Path, key: str, train: list, val: list, stats: dict, started: float,
+           use_cache: bool) -> tuple[list, list, dict]:
+    """Stamp the build time, write the cache entry, and return (train, val, stats) of a cache miss."""
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    if use_cache:
+        save_entry(directory, key, kind, {"train": train, "val": val}, stats)
+    return train, val, {**stats, "cache": "miss", "cache_path": str(directory / key) if use_cache else None}
+
+
+def _unique(items: list, item_key, seen: set, report, reason: str) -> list:
+    """Items whose key is not in `seen` yet (adding theirs); each repeat is a counted drop on `report`."""
+    unique = []
+    for item in items:
+        k = item_key(item)
+        if k in seen:
+            report.drop(reason)
+        else:
+            seen.add(k)
+            unique.append(item)
+    return unique
+
+
+def _weighted(spec: Spec, source_train: list, source_val: list, rng: random.Random) -> tuple[list, list]:
+    """Apply a source's mixing weight: the train split by sampling / repeating, val only subsampled."""
+    weighted = apply_weight(source_train, spec.weight, rng)
+    if spec.weight < 1:
+        source_val = apply_weight(source_val, spec.weight, rng)
+    return weighted, source_val
+
+
 def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Budgets | None = None, *,
                        val_fraction: float = 0.05, seed: int = 0, per_turn: bool = True, dedup: bool = True,
                        strict: bool = False, options: FormatOptions | None = None, cache_dir=None,
@@ -115,8 +150,7 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     key = _key("sft", specs, tokenizer, template, budgets, settings)
     directory, hit = _cached("sft", key, cache_dir, use_cache)
     if hit is not None:
-        splits, stats = hit
-        return splits["train"], splits["val"], {**stats, "cache": "hit", "cache_path": str(directory / key)}
+        return _from_cache(hit, directory, key)
 
     started = time.perf_counter()
     rng = random.Random(seed)
@@ -128,15 +162,8 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     for spec in specs:
         conversations, report = load_conversations(spec, strict=strict, options=options)
         if dedup:
-            unique = []
-            for conversation in conversations:
-                k = messages_key(conversation.messages)
-                if k in seen_conversations:
-                    report.drop("duplicate conversation")
-                else:
-                    seen_conversations.add(k)
-                    unique.append(conversation)
-            conversations = unique
+            conversations = _unique(conversations, lambda c: messages_key(c.messages), seen_conversations,
+                                    report, "duplicate conversation")
         train_idx, val_idx = split_indices(len(conversations), val_fraction, rng)
         split_targets = {}
         seen_targets: set[tuple] = set()
@@ -155,9 +182,7 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
         source_train = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["train"])
         source_val = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["val"])
         stats["dropped"].update(drops)
-        weighted = apply_weight(source_train, spec.weight, rng)
-        if spec.weight < 1:
-            source_val = apply_weight(source_val, spec.weight, rng)
+        weighted, source_val = _weighted(spec, source_train, source_val, rng)
         train.extend(weighted)
         val.extend(source_val)
         stats["sources"].append({**report.to_dict(), "weight": spec.weight, "conversations": len(conversations),
@@ -167,10 +192,7 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     _no_empty_masks(train, val)
     stats.update(example_stats(train, val))
     stats["dropped"] = dict(stats["dropped"])
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    if use_cache:
-        save_entry(directory, key, "sft", {"train": train, "val": val}, stats)
-    return train, val, {**stats, "cache": "miss", "cache_path": str(directory / key) if use_cache else None}
+    return _store("sft", directory, key, train, val, stats, started, use_cache)
 
 
 def build_preference_examples(specs, tokenizer, template="llama3-context", budgets: Budgets | None = None, *,
@@ -185,8 +207,7 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
     key = _key("preference", specs, tokenizer, template, budgets, settings)
     directory, hit = _cached("preference", key, cache_dir, use_cache)
     if hit is not None:
-        splits, stats = hit
-        return splits["train"], splits["val"], {**stats, "cache": "hit", "cache_path": str(directory / key)}
+        return _from_cache(hit, directory, key)
 
     started = time.perf_counter()
     rng = random.Random(seed)
@@ -199,15 +220,8 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
     for spec in specs:
         pairs, report = load_preferences(spec, strict=strict, options=options)
         if dedup:
-            unique = []
-            for pair in pairs:
-                k = (messages_key(pair.prompt), normalise(pair.chosen), normalise(pair.rejected))
-                if k in seen:
-                    report.drop("duplicate pair")
-                else:
-                    seen.add(k)
-                    unique.append(pair)
-            pairs = unique
+            pairs = _unique(pairs, lambda p: (messages_key(p.prompt), normalise(p.chosen), normalise(p.rejected)),
+                            seen, report, "duplicate pair")
         train_idx, val_idx = split_indices(len(pairs), val_fraction, rng)
         drops: Counter = Counter()
         source_train = build_preferences(fast, [pairs[i] for i in train_idx], template, budgets, drops,
@@ -215,9 +229,7 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
         source_val = build_preferences(fast, [pairs[i] for i in val_idx], template, budgets, drops,
                                        stats["truncated"])
         stats["dropped"].update(drops)
-        weighted = apply_weight(source_train, spec.weight, rng)
-        if spec.weight < 1:
-            source_val = apply_weight(source_val, spec.weight, rng)
+        weighted, source_val = _weighted(spec, source_train, source_val, rng)
         train.extend(weighted)
         val.extend(source_val)
         stats["sources"].append({**report.to_dict(), "weight": spec.weight, "pairs": len(pairs),
@@ -226,10 +238,7 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
     rng.shuffle(train)
     stats.update(preference_stats(train, val))
     stats["dropped"], stats["truncated"] = dict(stats["dropped"]), dict(stats["truncated"])
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    if use_cache:
-        save_entry(directory, key, "preference", {"train": train, "val": val}, stats)
-    return train, val, {**stats, "cache": "miss", "cache_path": str(directory / key) if use_cache else None}
+    return _store("preference", directory, key, train, val, stats, started, use_cache)
 
 
 def _check_fraction(val_fraction: float) -> None:
