@@ -35,18 +35,8 @@ def load_conversations(spec: str | Spec, strict: bool = False,
         conversations = oasst_conversations(rows, report, options, strict)
     else:
         parser = CONVERSATION_PARSERS[spec.format]
-        conversations = []
-        for raw in rows:
-            report.rows += 1
-            if raw.problem:
-                report.problem(raw.problem[0], raw.problem[1], strict)
-                continue
-            try:
-                messages = parser(raw.data, options)
-            except RowError as exc:
-                report.problem(exc.reason, exc.message(raw.where), strict)
-                continue
-            conversations.append(Conversation(messages=messages, source=raw.where.source))
+        conversations = [Conversation(messages=messages, source=source)
+                         for messages, source in _parsed_rows(rows, parser, options, report, strict)]
     report.kept = len(conversations)
     return conversations, report
 
@@ -62,17 +52,8 @@ def load_preferences(spec: str | Spec, strict: bool = False,
     parser = PREFERENCE_PARSERS[spec.format]
     report = LoadReport(source=str(spec))
     pairs = []
-    for raw in iter_rows(spec.location):
-        report.rows += 1
-        if raw.problem:
-            report.problem(raw.problem[0], raw.problem[1], strict)
-            continue
-        try:
-            pair = parser(raw.data, options)
-        except RowError as exc:
-            report.problem(exc.reason, exc.message(raw.where), strict)
-            continue
-        pair.source = raw.where.source
+    for pair, source in _parsed_rows(iter_rows(spec.location), parser, options, report, strict):
+        pair.source = source
         pairs.append(pair)
     report.kept = len(pairs)
     return pairs, report
@@ -89,3 +70,19 @@ def is_preference_source(spec: str | Spec) -> bool:
         if raw.data is not None:
             return "chosen" in raw.data and "rejected" in raw.data
     return False
+
+
+def _parsed_rows(rows, parser, options: FormatOptions, report: LoadReport, strict: bool):
+    """(parsed row, source) for each row the parser accepts; every other row is a problem on `report`
+    (counted, or raised at once when `strict`)."""
+    for raw in rows:
+        report.rows += 1
+        if raw.problem:
+            report.problem(raw.problem[0], raw.problem[1], strict)
+            continue
+        try:
+            parsed = parser(raw.data, options)
+        except RowError as exc:
+            report.problem(exc.reason, exc.message(raw.where), strict)
+            continue
+        yield parsed, raw.where.source
