@@ -6,6 +6,8 @@ that needs them is first used.
 
 from __future__ import annotations
 
+from gpt2chat._lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -21,12 +23,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module_name), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gpt2chat' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

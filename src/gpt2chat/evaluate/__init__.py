@@ -10,12 +10,10 @@ Importing this package is light; torch loads when a measurement starts.
 
 from __future__ import annotations
 
-__all__ = ["evaluate_models", "EvalConfig"]
+from gpt2chat._lazy import lazy_getattr
 
+_LAZY = {name: ("gpt2chat.evaluate.runner", name) for name in ("evaluate_models", "EvalConfig")}
 
-def __getattr__(name: str):
-    if name in __all__:
-        from gpt2chat.evaluate import runner
+__all__ = list(_LAZY)
 
-        return getattr(runner, name)
-    raise AttributeError(f"module 'gpt2chat.evaluate' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -5,6 +5,8 @@ Names load lazily so that importing the package does not pull in FastAPI or pyth
 
 from __future__ import annotations
 
+from gpt2chat._lazy import lazy_getattr
+
 _LAZY = {
     "create_app": ("gpt2chat.serve.app", "create_app"),
     "ChatService": ("gpt2chat.serve.service", "ChatService"),
@@ -14,10 +16,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        return getattr(importlib.import_module(module_name), attr)
-    raise AttributeError(f"module 'gpt2chat.serve' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

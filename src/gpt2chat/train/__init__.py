@@ -5,6 +5,8 @@ Names load lazily so that `import gpt2chat.train` stays cheap (torch loads on fi
 
 from __future__ import annotations
 
+from gpt2chat._lazy import lazy_getattr
+
 _LAZY = {
     "TrainConfig": ("gpt2chat.train.config", "TrainConfig"),
     "ConfigError": ("gpt2chat.train.config", "ConfigError"),
@@ -23,12 +25,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module_name, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module_name), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gpt2chat.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
