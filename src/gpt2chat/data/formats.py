@@ -40,6 +40,22 @@ class RowError(Exception):
         return f"{place}: {self.detail}"
 
 
+def parsed_rows(rows, parse, report, strict: bool):
+    """(parsed, raw row) for each row `parse(raw)` accepts. A row the reader flagged, or one whose parse
+    raised RowError, is a problem on `report` (counted, or raised at once when `strict`)."""
+    for raw in rows:
+        report.rows += 1
+        if raw.problem:
+            report.problem(raw.problem[0], raw.problem[1], strict)
+            continue
+        try:
+            parsed = parse(raw)
+        except RowError as exc:
+            report.problem(exc.reason, exc.message(raw.where), strict)
+            continue
+        yield parsed, raw
+
+
 def _type_name(value) -> str:
     return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean",
                                          int: "integer", float: "number"}.get(type(value), type(value).__name__)

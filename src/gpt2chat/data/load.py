@@ -13,7 +13,7 @@ from gpt2chat.data.formats import (
     PREFERENCE_PARSERS,
     TABLE_FORMATS,
     FormatOptions,
-    RowError,
+    parsed_rows,
 )
 from gpt2chat.data.oasst import oasst_conversations
 from gpt2chat.data.rows import Spec, iter_rows, parse_spec
@@ -35,8 +35,9 @@ def load_conversations(spec: str | Spec, strict: bool = False,
         conversations = oasst_conversations(rows, report, options, strict)
     else:
         parser = CONVERSATION_PARSERS[spec.format]
-        conversations = [Conversation(messages=messages, source=source)
-                         for messages, source in _parsed_rows(rows, parser, options, report, strict)]
+        conversations = [Conversation(messages=messages, source=raw.where.source)
+                         for messages, raw in parsed_rows(rows, lambda raw: parser(raw.data, options),
+                                                          report, strict)]
     report.kept = len(conversations)
     return conversations, report
 
@@ -52,8 +53,9 @@ def load_preferences(spec: str | Spec, strict: bool = False,
     parser = PREFERENCE_PARSERS[spec.format]
     report = LoadReport(source=str(spec))
     pairs = []
-    for pair, source in _parsed_rows(iter_rows(spec.location), parser, options, report, strict):
-        pair.source = source
+    for pair, raw in parsed_rows(iter_rows(spec.location), lambda raw: parser(raw.data, options),
+                                 report, strict):
+        pair.source = raw.where.source
         pairs.append(pair)
     report.kept = len(pairs)
     return pairs, report
@@ -71,18 +73,3 @@ def is_preference_source(spec: str | Spec) -> bool:
             return "chosen" in raw.data and "rejected" in raw.data
     return False
 
-
-def _parsed_rows(rows, parser, options: FormatOptions, report: LoadReport, strict: bool):
-    """(parsed row, source) for each row the parser accepts; every other row is a problem on `report`
-    (counted, or raised at once when `strict`)."""
-    for raw in rows:
-        report.rows += 1
-        if raw.problem:
-            report.problem(raw.problem[0], raw.problem[1], strict)
-            continue
-        try:
-            parsed = parser(raw.data, options)
-        except RowError as exc:
-            report.problem(exc.reason, exc.message(raw.where), strict)
-            continue
-        yield parsed, raw.where.source

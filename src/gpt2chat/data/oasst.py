@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gpt2chat.data.formats import FormatOptions, RowError, check_text
+from gpt2chat.data.formats import FormatOptions, RowError, check_text, parsed_rows
 from gpt2chat.data.rows import RawRow, Where
 from gpt2chat.data.types import Conversation, LoadReport
 
@@ -75,16 +75,8 @@ def oasst_conversations(rows: Iterable[RawRow], report: LoadReport, options: For
     messages: dict[str, _Message] = {}
     removed: dict[str, str | None] = {}  # message_id -> parent_id of filtered messages
     tree_ids: set[str] = set()  # every message_tree_id seen, filtered messages included
-    for raw in rows:
-        report.rows += 1
-        if raw.problem:
-            report.problem(raw.problem[0], raw.problem[1], strict)
-            continue
-        try:
-            parsed = _parse_message(raw.data, raw.where, options)
-        except RowError as exc:
-            report.problem(exc.reason, exc.message(raw.where), strict)
-            continue
+    for parsed, raw in parsed_rows(rows, lambda raw: _parse_message(raw.data, raw.where, options),
+                                   report, strict):
         if isinstance(raw.data.get("message_tree_id"), str):
             tree_ids.add(raw.data["message_tree_id"])
         if isinstance(parsed, str):
