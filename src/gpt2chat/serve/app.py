@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
@@ -340,14 +340,23 @@ def _model_card(service: ChatService) -> dict[str, Any]:
     return {"id": service.model_name, "object": "model", "created": 0, "owned_by": "gpt2chat"}
 
 
-async def _chat_events(generations: list[Generation], completion_id: str, created: int, model: str,
-                       include_usage: bool) -> AsyncIterator[str]:
+def _chunk_writer(object_name: str, completion_id: str, created: int, model: str, include_usage: bool
+                  ) -> Callable[..., str]:
+    """`chunk(choices, usage=None)` -> one SSE event of a streamed completion (usage only when asked for)."""
+
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+        payload: dict[str, Any] = {"id": completion_id, "object": object_name, "created": created,
                                    "model": model, "system_fingerprint": FINGERPRINT, "choices": choices}
         if include_usage:
             payload["usage"] = usage
         return _sse(payload)
+
+    return chunk
+
+
+async def _chat_events(generations: list[Generation], completion_id: str, created: int, model: str,
+                       include_usage: bool) -> AsyncIterator[str]:
+    chunk = _chunk_writer("chat.completion.chunk", completion_id, created, model, include_usage)
 
     for index in range(len(generations)):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": "", "refusal": None},
@@ -365,12 +374,7 @@ async def _chat_events(generations: list[Generation], completion_id: str, create
 
 async def _completion_events(generations: list[Generation], echoes: list[str], completion_id: str, created: int,
                              model: str, include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {"id": completion_id, "object": "text_completion", "created": created,
-                                   "model": model, "system_fingerprint": FINGERPRINT, "choices": choices}
-        if include_usage:
-            payload["usage"] = usage
-        return _sse(payload)
+    chunk = _chunk_writer("text_completion", completion_id, created, model, include_usage)
 
     for index, echo in enumerate(echoes):
         if echo:
