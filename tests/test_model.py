@@ -82,6 +82,15 @@ def test_logits_to_keep():
     assert torch.allclose(full[:, -3:], last, atol=1e-6)
 
 
+def test_return_hidden_gives_what_the_head_projects():
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        hidden = model(ids, return_hidden=True)
+        assert hidden.shape == (2, 12, model.config.n_embd)
+        assert torch.allclose(model.lm_head(hidden), model(ids), atol=1e-6)
+
+
 # ---------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("preset", ["tiny", "tiny-neo"])
 def test_incremental_decode_matches_full_forward(preset):

@@ -287,7 +287,11 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         rows: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
+        """Logits `[B, T or logits_to_keep, vocab]`; with `return_hidden`, the final (layer-normed) hidden
+        states `[B, T or logits_to_keep, n_embd]` instead, for callers that project only some positions
+        through `lm_head.weight` themselves (the trainer does, to skip unscored positions)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -331,7 +335,8 @@ class GPT(nn.Module):
                 x = block(x, plan)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(tr.ln_f(x))
+        hidden = tr.ln_f(x)
+        logits = hidden if return_hidden else self.lm_head(hidden)
 
         if kv_cache is not None:
             if rows is None:

@@ -12,8 +12,8 @@ nothing about optimisers, files or processes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -38,34 +38,21 @@ def chosen_targets(batch: Batch) -> int:
     return batch.n_targets
 
 
-@contextmanager
-def _hidden_states_only(model: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """Run the model without its output projection; yields the (tied) projection weight.
-
-    The trainer then projects only the positions that are scored: for chat data (prompts, padding,
-    rejected prompts) that skips a large part of the `[tokens, vocab]` matmul and its softmax, the
-    biggest cost of a small GPT-2.
-    """
-    raw = getattr(model, "module", model)
-    head = raw.lm_head
-    raw.lm_head = torch.nn.Identity()
-    try:
-        yield head.weight
-    finally:
-        raw.lm_head = head
-
-
 def scored_token_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) for every scored token (mask 1, position > 0) and the row each belongs to.
 
     The same numbers `gpt2chat.losses.sequence_logps` sums (shift: position t predicts token t + 1), but the
-    vocabulary projection runs on the scored positions only.
+    vocabulary projection runs on the scored positions only: for chat data (prompts, padding, rejected
+    prompts) that skips a large part of the `[tokens, vocab]` matmul and its softmax, the biggest cost of a
+    small GPT-2.
     """
-    with autocast(), _hidden_states_only(model) as head_weight:
+    head_weight = getattr(model, "module", model).lm_head.weight  # tied to the embedding; DDP-wrapped or not
+    with autocast():
         if batch.segment_ids is not None:
-            hidden = model(batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
+            hidden = model(batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids,
+                           return_hidden=True)
         else:
-            hidden = model(batch.input_ids)
+            hidden = model(batch.input_ids, return_hidden=True)
     target_mask = batch.loss_mask[:, 1:].bool()
     rows = torch.arange(batch.input_ids.shape[0], device=hidden.device).unsqueeze(1).expand_as(target_mask)
     selected = hidden[:, :-1][target_mask]
