@@ -15,7 +15,7 @@ import torch
 from gpt2chat.config import get_preset
 from gpt2chat.model import GPT
 from gpt2chat.train import checkpointing as ckpt
-from gpt2chat.train.batching import BatchPlan, collate_sft
+from gpt2chat.train.batching import BatchPlan, collate_sft, epoch_order, pack_rows
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.distributed import DistState
 from gpt2chat.train.metrics import read_metrics
@@ -151,6 +151,27 @@ def test_packing_gives_the_same_loss_as_padding():
     objective.micro_loss(model, packed, totals)[0].backward()
     for a, p in zip(grads_padded, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
+
+
+def test_packing_fills_rows_best_fit_and_keeps_every_example_once():
+    # 500 tokens that fit exactly 5 rows of 100 (90+10, 80+20, 70+30, 60+40, 50+50): greedy in-order packing
+    # leaves gaps and needs more rows; best fit decreasing finds the exact fit.
+    lengths = [60, 50, 40, 50, 30, 70, 20, 80, 10, 90]
+    examples = [Ex(list(range(1, n + 1)), [1] * n) for n in lengths]
+    order = epoch_order(len(examples), seed=3, epoch=0)
+    rows = pack_rows(examples, order, max_length=100)
+    assert sorted(i for row in rows for i in row) == list(range(len(examples)))
+    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
+    assert len(rows) == sum(lengths) // 100                    # 500 tokens in exactly 5 full rows
+    assert pack_rows(examples, order, max_length=100) == rows      # deterministic
+    # rows follow the shuffled order (by their earliest example), so another epoch gives another sequence
+    position = {index: k for k, index in enumerate(order)}
+    assert [min(position[i] for i in row) for row in rows] == sorted(min(position[i] for i in row) for row in rows)
+    other = pack_rows(examples, epoch_order(len(examples), seed=3, epoch=1), max_length=100)
+    assert other != rows
+    # an example longer than a row is cut to the row, alone in it
+    long = examples + [Ex(list(range(1, 151)), [1] * 150)]
+    assert [10] in pack_rows(long, list(range(len(long))), max_length=100)
 
 
 def test_pad_is_never_a_target_and_is_not_eos():

@@ -4,7 +4,7 @@ The order of every epoch is a pure function of (seed, epoch), so a resumed run a
 distributed run rebuild the same plan and take their part of it: a step is `batch_size * grad_accum *
 world_size` rows, cut into micro-batches; process `rank` takes micro-batches `rank, rank + world, ...`.
 
-Packing puts several short SFT examples in one row: positions restart at 0 for each example and
+Packing puts several short SFT examples in one row (best fit decreasing, rows nearly full): positions restart at 0 for each example and
 `segment_ids` keep examples from attending to each other. Padding uses the tokenizer's pad id (never
 end-of-text), and pad positions never carry a loss.
 
@@ -13,6 +13,7 @@ This module knows token ids and masks only: no model, no loss, no files.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,19 +54,31 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
 
 
 def pack_rows(examples: list, order: list[int], max_length: int) -> list[list[int]]:
-    """Greedy in-order packing: each row is a list of example indices whose lengths sum <= max_length."""
+    """Best-fit-decreasing packing: rows of example indices whose lengths sum to at most `max_length`.
+
+    Longest examples first, each into the fullest row it still fits (a new row if none), which fills rows to
+    within a few tokens of `max_length`. Ties break by `order`, and rows come out in the order of their
+    earliest example in `order`: with a shuffled `order`, a shuffled sequence of rows; the same on every
+    process and every resumed run.
+    """
+    rank = {index: position for position, index in enumerate(order)}
+    lengths = {index: min(len(examples[index].input_ids), max_length) for index in order}
     rows: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for index in order:
-        length = min(len(examples[index].input_ids), max_length)
-        if current and used + length > max_length:
-            rows.append(current)
-            current, used = [], 0
-        current.append(index)
-        used += length
-    if current:
-        rows.append(current)
+    free: list[tuple[int, int]] = []          # (room left, row number), sorted: the best fit is a bisect away
+    for index in sorted(order, key=lambda i: (-lengths[i], rank[i])):
+        length = lengths[index]
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            room, row = free.pop(slot)
+        else:
+            room, row = max_length, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if room - length > 0:
+            bisect.insort(free, (room - length, row))
+    for row in rows:
+        row.sort(key=rank.__getitem__)
+    rows.sort(key=lambda row: rank[row[0]])
     return rows
 
 
