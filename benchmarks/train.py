@@ -6,10 +6,15 @@ Same random weights (one checkpoint folder both load), same tokenized real data 
 Alpaca subset for SFT, UltraFeedback train-1k for DPO, from ../shared/data; skipped cleanly without it),
 sequence length 512, same effective batch (batch_size x grad_accum rows or pairs per step), same threads.
 Each measurement is one child process (so peak RSS belongs to one trainer); ours and TRL's children
-alternate, and the figures are medians over repeats of the per-step medians (first step dropped: warmup).
+alternate. A run's rate is its total work over its total time, first step dropped (warmup); the table gives
+the median over repeats.
 
-- SFT: trained (non-pad) tokens / s. Ours packs short examples into 512-token rows; TRL runs its default
-  (one example per row, padded, assistant-only loss from the same masks).
+- SFT: trained (non-pad) tokens / s. Ours packs short examples into 512-token rows. TRL runs twice: packed
+  (`packing=True`, its best-fit-decreasing packing into 512-token padding-free rows: the like-for-like
+  figure) and with its default (one example per row, padded). Both use assistant-only loss from the same masks.
+- Precision: fp32 on both sides. TRL's configs default to `bf16=True` and `gradient_checkpointing=True`; on
+  this CPU (no bf16 matmul units), bf16 autocast makes matmuls ~100x slower, and our trainer neither autocasts on CPU nor
+  recomputes activations, so both are switched off for TRL (otherwise the comparison measures those).
 - DPO: pairs / s, reference log-probs precomputed before training in both (not timed).
 - MFU: model FLOPs (6 N per trained token + attention, `gpt2chat.evaluate.flops`) / measured matmul peak.
 Prints a table and one JSON line.
@@ -35,6 +40,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 SEQ = 512
+RUNNERS = {"sft": ("ours", "trl-packed", "trl"), "dpo": ("ours", "trl")}
 
 
 def shared_specs(shared: Path) -> dict[str, list[str]] | None:
@@ -84,11 +90,16 @@ def run_ours(kind: str, ckpt: str, specs: list[str], args) -> dict:
     trainer._save = lambda *a, **k: None          # no checkpoint writing inside the timed loop
     result = trainer.fit()
     steps = result.history[1:]
-    seconds = statistics.median(r["step_time_s"] for r in steps)
-    tokens = statistics.median(r["tokens"] for r in steps)
-    pairs = args.batch_size * args.grad_accum
-    return {"step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
-            "pairs_per_s": pairs / seconds if kind == "dpo" else None}
+    return rates(kind, [r["step_time_s"] for r in steps], [r["tokens"] for r in steps], args)
+
+
+def rates(kind: str, times: list[float], tokens: list[int], args) -> dict:
+    """Throughput over the timed steps (all but the first): total work / total time, since the two trainers
+    shuffle differently and a single step's length varies with the examples it drew."""
+    seconds = sum(times)
+    pairs = args.batch_size * args.grad_accum * len(times)
+    return {"step_s": seconds / len(times), "tokens_per_step": sum(tokens) / len(tokens),
+            "tokens_per_s": sum(tokens) / seconds, "pairs_per_s": pairs / seconds if kind == "dpo" else None}
 
 
 class _StepClock:
@@ -115,7 +126,7 @@ class _StepClock:
         self.callback = Callback()
 
 
-def run_trl(kind: str, ckpt: str, specs: list[str], args) -> dict:
+def run_trl(kind: str, ckpt: str, specs: list[str], args, packed: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,18 +138,18 @@ def run_trl(kind: str, ckpt: str, specs: list[str], args) -> dict:
     hf_tokenizer.pad_token_id = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=torch.float32)
     rows = args.batch_size * args.grad_accum * args.steps
-    examples = load_examples(kind, specs, tokenizer, rows)
+    examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1))  # the same pool as ours
     clock = _StepClock()
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                   gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=1e-5,
                   lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
-                  use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_length=SEQ, seed=0)
+                  use_cpu=True, bf16=False, gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, max_length=SEQ, seed=0)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 
         dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                                      "assistant_masks": [e.assistant_mask for e in examples]})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, packing=False), train_dataset=dataset,
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common, packing=packed), train_dataset=dataset,
                              processing_class=hf_tokenizer, callbacks=[clock.callback])
     else:
         from trl import DPOConfig, DPOTrainer
@@ -160,11 +171,7 @@ def run_trl(kind: str, ckpt: str, specs: list[str], args) -> dict:
 
     trainer.data_collator = counting_collator
     trainer.train()
-    seconds = statistics.median(clock.times[1:])
-    tokens = statistics.median(clock.step_tokens[1:])
-    pairs = args.batch_size * args.grad_accum
-    return {"step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
-            "pairs_per_s": pairs / seconds if kind == "dpo" else None}
+    return rates(kind, clock.times[1:], clock.step_tokens[1:], args)
 
 
 def child(args) -> int:
@@ -173,8 +180,10 @@ def child(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = json.loads(args.specs)
-    runner = run_ours if args.who == "ours" else run_trl
-    result = runner(args.kind, args.ckpt, specs[args.kind], args)
+    if args.who == "ours":
+        result = run_ours(args.kind, args.ckpt, specs[args.kind], args)
+    else:
+        result = run_trl(args.kind, args.ckpt, specs[args.kind], args, packed=args.who == "trl-packed")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
     return 0
@@ -217,9 +226,10 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results: dict[str, dict[str, list[dict]]] = {}
     for kind in args.kinds.split(","):
-        results[kind] = {"ours": [], "trl": []}
+        runners = RUNNERS[kind]
+        results[kind] = {who: [] for who in runners}
         for repeat in range(args.repeats):
-            order = ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")
+            order = runners if repeat % 2 == 0 else runners[::-1]
             for who in order:
                 command = [sys.executable, os.path.abspath(__file__), "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
                            "--specs", json.dumps(specs), "--steps", str(args.steps), "--batch-size",
@@ -238,20 +248,22 @@ def main() -> int:
                                   "matmul_peak_gflops": peak / 1e9, "torch": torch.__version__}
     print(f"\nGPT-2 124M (random), seq {SEQ}, {args.batch_size} x {args.grad_accum} per step, "
           f"{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'':14}{'ours':>12}{'TRL':>12}{'ratio':>8}{'ours MFU':>10}{'TRL MFU':>9}{'ours RSS':>10}{'TRL RSS':>9}")
+    print(f"{'':14}{'run':>12}{'value':>10}{'ours / it':>10}{'MFU':>8}{'tokens/step':>13}{'s/step':>8}{'peak RSS':>10}")
     for kind, by in results.items():
         metric = "tokens_per_s" if kind == "sft" else "pairs_per_s"
-        ours = statistics.median(r[metric] for r in by["ours"])
-        trl = statistics.median(r[metric] for r in by["trl"])
-        mfu = {who: statistics.median(r["tokens_per_s"] for r in by[who]) * flops_per_token / peak
-               for who in ("ours", "trl")}
-        rss = {who: max(r["peak_rss_mb"] for r in by[who]) for who in ("ours", "trl")}
         label = "SFT tokens/s" if kind == "sft" else "DPO pairs/s"
-        print(f"{label:14}{ours:12.2f}{trl:12.2f}{ours / trl:8.2f}{mfu['ours']:10.1%}{mfu['trl']:9.1%}"
-              f"{rss['ours']:9.0f}M{rss['trl']:8.0f}M")
-        summary[kind] = {"metric": metric, "ours": ours, "trl": trl, "ratio": ours / trl, "mfu_ours": mfu["ours"],
-                         "mfu_trl": mfu["trl"], "peak_rss_mb_ours": rss["ours"], "peak_rss_mb_trl": rss["trl"],
-                         "runs": by}
+        ours = statistics.median(r[metric] for r in by["ours"])
+        summary[kind] = {"metric": metric, "runs": by}
+        for who, runs in by.items():
+            value = statistics.median(r[metric] for r in runs)
+            row = {"value": value, "ours_over_this": ours / value,
+                   "mfu": statistics.median(r["tokens_per_s"] for r in runs) * flops_per_token / peak,
+                   "tokens_per_step": statistics.median(r["tokens_per_step"] for r in runs),
+                   "step_s": statistics.median(r["step_s"] for r in runs),
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+            summary[kind][who] = row
+            print(f"{label:14}{who:>12}{value:10.2f}{row['ours_over_this']:10.2f}{row['mfu']:8.1%}"
+                  f"{row['tokens_per_step']:13.0f}{row['step_s']:8.2f}{row['peak_rss_mb']:9.0f}M")
     print(json.dumps(summary))
     return 0
 
