@@ -198,6 +198,34 @@ def test_packing_matches_separate_forwards(preset):
     assert (unpacked - separate).abs().max().item() > 1e-3  # without segments examples would mix
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-neo"])
+def test_shared_prefix_branches_match_separate_forwards(preset):
+    """One row `prompt, reply A, reply B` (branch ids 0, 1, 2) gives each reply the logits it gets after the
+    prompt alone; reply B's positions restart at the prompt's end. The prompt and reply A exceed tiny-neo's
+    window, so its local layers must count positions, not row indices."""
+    model = make_model(preset)
+    prompt, reply_a, reply_b = (torch.randint(0, VOCAB, (1, n)) for n in (12, 14, 9))
+    row = torch.cat([prompt, reply_a, reply_b], dim=1)
+    branch_ids = torch.tensor([[0] * 12 + [1] * 14 + [2] * 9])
+    position_ids = torch.tensor([[*range(26), *range(12, 21)]])
+    with torch.no_grad():
+        a = model(torch.cat([prompt, reply_a], dim=1))
+        b = model(torch.cat([prompt, reply_b], dim=1))
+        shared = model(row, position_ids=position_ids, branch_ids=branch_ids)
+        # two pairs in a batch, the second one shorter and padded (a segment of its own)
+        batch = torch.cat([row, torch.cat([row[:, :20], torch.zeros(1, 15, dtype=torch.long)], dim=1)])
+        batched = model(batch, position_ids=position_ids.expand(2, -1), branch_ids=branch_ids.expand(2, -1),
+                        segment_ids=torch.tensor([[1] * 35, [1] * 20 + [0] * 15]))
+    assert (shared[:, :26] - a).abs().max().item() <= 1e-4
+    assert (shared[:, 26:] - b[:, 12:]).abs().max().item() <= 1e-4
+    assert (batched[:1] - shared).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        shorter = model(row[:, :20], position_ids=position_ids[:, :20], branch_ids=branch_ids[:, :20])
+    assert (batched[1:, :20] - shorter).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="needs explicit position_ids"):
+        model(row, branch_ids=branch_ids)
+
+
 # ---------------------------------------------------------------- weights, training switches
 def test_resize_token_embeddings_keeps_rows_and_stays_tied():
     model = make_model()

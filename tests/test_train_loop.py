@@ -15,7 +15,7 @@ import torch
 from gpt2chat.config import get_preset
 from gpt2chat.model import GPT
 from gpt2chat.train import checkpointing as ckpt
-from gpt2chat.train.batching import BatchPlan, collate_sft, epoch_order, pack_rows
+from gpt2chat.train.batching import BatchPlan, collate_preferences, collate_sft, epoch_order, pack_rows
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.distributed import DistState
 from gpt2chat.train.metrics import read_metrics
@@ -246,7 +246,7 @@ def test_schedule_warmup_then_cosine():
     assert lr_factor(50, 100, 3, "constant", 0.0) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "orpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "orpo", "dpo-shared", "orpo-shared"])
 def test_scored_positions_projection_matches_the_full_logits_path(kind):
     """The fast path (vocabulary projection on scored positions only) gives the losses.py numbers."""
     model = tiny_model()
@@ -256,11 +256,10 @@ def test_scored_positions_projection_matches_the_full_logits_path(kind):
         totals = {"targets": batch.n_targets, "pairs": 0}
         make = SFTObjective
     else:
-        from gpt2chat.train.batching import collate_preferences
-
         pairs = pref_examples(4)
-        batch = collate_preferences(pairs, [0, 1, 2, 3], PAD)
-        totals = {"targets": int(batch.loss_mask[:4, 1:].sum()), "pairs": 4}
+        batch = collate_preferences(pairs, [0, 1, 2, 3], PAD, share_prompt=kind.endswith("shared"))
+        kind = kind.removesuffix("-shared")
+        totals = {"targets": batch.n_chosen_targets, "pairs": 4}
         make = (lambda fast_head: DPOObjective(0.1, fast_head=fast_head)) if kind == "dpo" else (
             lambda fast_head: ORPOObjective(0.1, fast_head=fast_head))
     results = []
@@ -272,10 +271,54 @@ def test_scored_positions_projection_matches_the_full_logits_path(kind):
         model.zero_grad()
         loss, metrics = objective.micro_loss(model, batch, totals)
         loss.backward()
-        results.append((float(loss), metrics, [p.grad.clone() for p in model.parameters()]))
+        results.append((float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]))
     (fast_loss, fast_metrics, fast_grads), (full_loss, full_metrics, full_grads) = results
     assert fast_loss == pytest.approx(full_loss, abs=1e-5)
     for key in full_metrics:
         assert fast_metrics[key] == pytest.approx(full_metrics[key], abs=1e-4)
     for a, b in zip(fast_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+def test_shared_prompt_rows_give_the_loss_and_gradients_of_two_rows_per_pair(kind):
+    """`prompt, chosen, rejected` in one row (the prompt run once) is the same computation as the two
+    prompt+reply rows, down to the gradients; the batch runs fewer tokens and scores the same ones."""
+    model = tiny_model()
+    pairs = pref_examples(5, seed=4)
+    two_rows = collate_preferences(pairs, [0, 1, 2, 3, 4], PAD)
+    shared = collate_preferences(pairs, [0, 1, 2, 3, 4], PAD, share_prompt=True)
+    assert shared.input_ids.shape[0] == 5 and two_rows.input_ids.shape[0] == 10
+    assert int(shared.attention_mask.sum()) == int(two_rows.attention_mask.sum()) - sum(
+        len(p.prompt_ids) for p in pairs)
+    assert shared.n_chosen_targets == two_rows.n_chosen_targets == sum(len(p.chosen_ids) for p in pairs)
+    assert shared.n_targets == int(two_rows.loss_mask[:, 1:].sum())
+    totals = {"targets": shared.n_chosen_targets, "pairs": 5}
+    results = []
+    for batch in (two_rows, shared):
+        objective = DPOObjective(0.1) if kind == "dpo" else ORPOObjective(0.1)
+        if kind == "dpo":
+            objective.ref_logps["train"] = torch.linspace(-80.0, -40.0, 10).view(5, 2)
+        model.zero_grad()
+        loss, metrics = objective.micro_loss(model, batch, totals)
+        loss.backward()
+        results.append((float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for key in metrics_a:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], abs=1e-4)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_preference_plan_shares_prompts_by_default_and_counts_the_tokens_it_runs():
+    pairs = pref_examples(8)
+    common = {"batch_size": 2, "grad_accum": 2, "world_size": 1, "seed": 0, "max_length": 64, "pad_id": PAD}
+    shared = BatchPlan(pairs, "preference", **common)
+    separate = BatchPlan(pairs, "preference", share_prompt=False, **common)
+    assert shared.micro_batches(0, 0, 0)[0].branch_ids is not None
+    assert separate.micro_batches(0, 0, 0)[0].branch_ids is None
+    rows = shared.step_rows(0, 0)
+    prompts = sum(len(pairs[row[0]].prompt_ids) for row in rows)
+    assert separate.step_totals(0, 0)["tokens"] - shared.step_totals(0, 0)["tokens"] == prompts
+    assert shared.step_totals(0, 0)["targets"] == separate.step_totals(0, 0)["targets"]

@@ -130,3 +130,15 @@ def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path):
     model, _ = load_model(out / "final", device="cpu")
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_dpo_with_shared_prompts_trains_like_two_rows_per_pair(tmp_path):
+    common = ["--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--seed", "5", *SMALL]
+    assert main(["dpo", *common, "--out", str(tmp_path / "shared")]) == 0
+    assert main(["dpo", *common, "--no-share-prompt", "--out", str(tmp_path / "rows")]) == 0
+    shared, rows = train_losses(tmp_path / "shared"), train_losses(tmp_path / "rows")
+    assert len(shared) == len(rows) == 3
+    assert shared == pytest.approx(rows, abs=1e-5)
+    tokens = [[r["tokens"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
+              for name in ("shared", "rows")]
+    assert all(a < b for a, b in zip(*tokens, strict=True))       # the prompts ran once

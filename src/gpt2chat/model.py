@@ -4,7 +4,8 @@ Module names mirror Hugging Face's, so `state_dict()` keys equal theirs (`transf
 `transformer.h.0.attn.attention.q_proj.weight` for Neo); every projection is an `nn.Linear`, so HF GPT-2's
 Conv1D weights ([in, out]) must be transposed when loading / saving (checkpoint.py does that).
 Attention is `scaled_dot_product_attention`: causal fast path for training, a block-diagonal mask for packed
-rows (`segment_ids`), and cache-aware masks when decoding.
+rows (`segment_ids`), a shared-prefix mask for rows that hold one prompt and several replies (`branch_ids`),
+and cache-aware masks when decoding.
 
 This module knows nothing about files, tokenizers or sampling.
 """
@@ -288,17 +289,28 @@ class GPT(nn.Module):
         rows: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        branch_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[B, T or logits_to_keep, vocab]`; with `return_hidden`, the final (layer-normed) hidden
         states `[B, T or logits_to_keep, n_embd]` instead, for callers that project only some positions
-        through `lm_head.weight` themselves (the trainer does, to skip unscored positions)."""
+        through `lm_head.weight` themselves (the trainer does, to skip unscored positions).
+
+        `branch_ids` ([B, T], with explicit `position_ids`) lays several sequences that share a prefix in
+        one row: branch 0 is the shared prefix, and a token of branch k >= 1 sees the prefix and the earlier
+        tokens of branch k only. A preference pair then runs as `prompt, chosen, rejected` in one row, the
+        rejected positions restarting where the prompt ends: the prompt is computed once, not twice."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if t == 0:
             raise ValueError("input_ids has no tokens")
-        if segment_ids is not None and kv_cache is not None:
-            raise ValueError("segment_ids (packing) and kv_cache cannot be combined")
+        if (segment_ids is not None or branch_ids is not None) and kv_cache is not None:
+            raise ValueError("segment_ids / branch_ids (training layouts) and kv_cache cannot be combined")
+        if branch_ids is not None:
+            if position_ids is None:
+                raise ValueError("branch_ids needs explicit position_ids (each branch continues the prefix)")
+            if tuple(branch_ids.shape) != (b, t):
+                raise ValueError(f"branch_ids must be [{b}, {t}] like input_ids, got {tuple(branch_ids.shape)}")
         if rows is not None and kv_cache is None:
             raise ValueError("rows= needs kv_cache=")
         self._check_token_ids(input_ids)
@@ -319,7 +331,7 @@ class GPT(nn.Module):
                     raise self._too_long(t - 1)
                 else:
                     position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0)
-            plan = self._plain_plan(t, segment_ids, input_ids.device)
+            plan = self._plain_plan(t, segment_ids, input_ids.device, branch_ids, position_ids)
         if check_positions:
             if tuple(position_ids.shape[-1:]) != (t,):
                 raise ValueError(f"position_ids must be [batch, {t}], got {tuple(position_ids.shape)}")
@@ -376,19 +388,38 @@ class GPT(nn.Module):
     def _local_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         return causal & ((q_pos.unsqueeze(-1) - k_pos) < self.config.window_size)
 
-    def _plain_plan(self, t: int, segment_ids: torch.Tensor | None, device: torch.device) -> _AttnPlan:
-        """No cache: causal (fast path), plus block-diagonal for packed segments, plus Neo's local window."""
+    def _plain_plan(
+        self,
+        t: int,
+        segment_ids: torch.Tensor | None,
+        device: torch.device,
+        branch_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> _AttnPlan:
+        """No cache: causal (fast path), plus block-diagonal for packed segments, plus shared-prefix branches,
+        plus Neo's local window."""
         has_local = self.config.is_neo and "local" in (self.config.attention_layers or [])
         window_matters = has_local and t > self.config.window_size
-        if segment_ids is None and not window_matters:
+        if segment_ids is None and branch_ids is None and not window_matters:
             return _AttnPlan()
         pos = torch.arange(t, device=device)
         causal = pos.unsqueeze(-1) >= pos  # [T, T]
-        if segment_ids is None:
+        if segment_ids is None and branch_ids is None:
             return _AttnPlan(mask_local=self._local_mask(pos, pos, causal))
-        same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)  # [B, T, T]
-        mask = (same & causal).unsqueeze(1)  # [B, 1, T, T]
-        local = mask & self._local_mask(pos, pos, causal) if has_local else None
+        allowed = causal.unsqueeze(0)  # [1 or B, T, T]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2))
+        if branch_ids is not None:
+            key_branch = branch_ids.unsqueeze(-2)
+            allowed = allowed & ((key_branch == 0) | (key_branch == branch_ids.unsqueeze(-1)))
+        mask = allowed.unsqueeze(1)  # [B, 1, T, T]
+        local = None
+        if has_local:
+            if branch_ids is None:  # within a segment, index distance is position distance
+                local = mask & self._local_mask(pos, pos, causal)
+            else:  # a branch's index runs past its siblings; the window counts positions
+                distance = position_ids.unsqueeze(-1) - position_ids.unsqueeze(-2)
+                local = mask & (distance < self.config.window_size).unsqueeze(1)
         return _AttnPlan(mask_global=mask, mask_local=local)
 
     def _cache_plan(

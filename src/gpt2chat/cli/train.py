@@ -49,6 +49,8 @@ _VALUE_FLAGS: dict[str, tuple[Any, str]] = {
 }
 _BOOL_FLAGS = {
     "--pack": "SFT: pack several short examples per row (--no-pack: one per row, padded)",
+    "--share-prompt": "DPO / ORPO: prompt, chosen and rejected in one row, the prompt computed once "
+                      "(--no-share-prompt: two rows per pair)",
     "--precompute-ref": "DPO: reference log-probs once before training (--no-precompute-ref: frozen model)",
     "--merge-lora": "LoRA: also write a merged model at the end",
     "--progress": "show the progress bar",

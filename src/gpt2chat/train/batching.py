@@ -8,6 +8,13 @@ Packing puts several short SFT examples in one row (best fit decreasing, rows ne
 `segment_ids` keep examples from attending to each other. Padding uses the tokenizer's pad id (never
 end-of-text), and pad positions never carry a loss.
 
+Preference pairs share their prompt by default: one row `prompt, chosen, rejected` per pair, the rejected
+reply attending to the prompt but not to the chosen reply, its positions restarting where the prompt ends
+(`branch_ids`; Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). The
+prompt is then computed once instead of twice and the two replies need no padding to each other's length.
+Which hidden state scores which token is explicit (`score_index`), since the first rejected token is
+predicted from the last prompt token, not from the token before it in the row.
+
 This module knows token ids and masks only: no model, no loss, no files.
 """
 
@@ -30,11 +37,32 @@ class Batch:
     position_ids: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
     example_index: torch.Tensor | None = None   # preference batches: dataset index of each pair
-    n_pairs: int = 0                           # preference batches: rows = 2 * n_pairs (chosen, rejected)
+    n_pairs: int = 0                           # preference batches: 2 * n_pairs sequences (chosen, rejected)
+    # shared-prompt preference rows: branch 0 prompt, 1 chosen, 2 rejected; and per scored token, the flat
+    # index (row * T + t) of the hidden state that predicts it, the token, and its sequence (pair k's chosen
+    # reply is sequence k, its rejected reply n_pairs + k)
+    branch_ids: torch.Tensor | None = None
+    score_index: torch.Tensor | None = None
+    score_targets: torch.Tensor | None = None
+    score_rows: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
+        if self.score_rows is not None:
+            return int(self.score_rows.numel())
         return int(self.loss_mask[:, 1:].sum())
+
+    @property
+    def n_sequences(self) -> int:
+        """Sequences scored separately: rows, or 2 per pair when pairs share a row."""
+        return 2 * self.n_pairs if self.score_rows is not None else int(self.input_ids.shape[0])
+
+    @property
+    def n_chosen_targets(self) -> int:
+        """Scored tokens of the chosen replies (preference batches)."""
+        if self.score_rows is not None:
+            return int((self.score_rows < self.n_pairs).sum())
+        return int(self.loss_mask[: self.n_pairs, 1:].sum())
 
     @property
     def n_tokens(self) -> int:
@@ -130,8 +158,11 @@ def collate_sft(examples: list, rows: list[list[int]], pad_id: int, max_length: 
     return Batch(input_ids, loss_mask, attention_mask, position_ids=position_ids, segment_ids=segment_ids)
 
 
-def collate_preferences(examples: list, indices: list[int], pad_id: int) -> Batch:
-    """Pairs -> one batch of 2N rows: N prompt+chosen rows, then N prompt+rejected rows (one forward)."""
+def collate_preferences(examples: list, indices: list[int], pad_id: int, share_prompt: bool = False) -> Batch:
+    """Pairs -> one batch: with `share_prompt`, N rows `prompt, chosen, rejected`; else 2N rows, N
+    prompt+chosen rows then N prompt+rejected rows. Either way one forward scores both replies."""
+    if share_prompt:
+        return _collate_shared_prompt(examples, indices, pad_id)
     sequences, masks = [], []
     for which in ("chosen_ids", "rejected_ids"):
         for index in indices:
@@ -151,6 +182,48 @@ def collate_preferences(examples: list, indices: list[int], pad_id: int) -> Batc
                  n_pairs=len(indices))
 
 
+def _collate_shared_prompt(examples: list, indices: list[int], pad_id: int) -> Batch:
+    n = len(indices)
+    width = max(len(examples[i].prompt_ids) + len(examples[i].chosen_ids) + len(examples[i].rejected_ids)
+                for i in indices)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    branch_ids = torch.zeros((n, width), dtype=torch.long)
+    segment_ids = torch.ones((n, width), dtype=torch.long)      # pads: segment 0, apart from real tokens
+    score_index: list[int] = []
+    score_targets: list[int] = []
+    score_rows: list[int] = []
+    for b, index in enumerate(indices):
+        example = examples[index]
+        prompt, chosen, rejected = list(example.prompt_ids), list(example.chosen_ids), list(example.rejected_ids)
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        total = p + c + r
+        input_ids[b, :total] = torch.tensor(prompt + chosen + rejected)
+        loss_mask[b, p:total] = 1
+        attention_mask[b, :total] = 1
+        position_ids[b, :total] = torch.tensor([*range(p + c), *range(p, p + r)])
+        position_ids[b, total:] = torch.arange(width - total)
+        branch_ids[b, p : p + c] = 1
+        branch_ids[b, p + c : total] = 2
+        segment_ids[b, total:] = 0
+        row = b * width
+        for start, reply, sequence in ((p, chosen, b), (p + c, rejected, n + b)):
+            # each reply token's predictor: the last prompt token, then the reply's own previous token
+            sources = [p - 1] + list(range(start, start + len(reply) - 1))
+            if p == 0:          # nothing predicts a first token without a prompt (as in the unshared rows)
+                sources, reply = sources[1:], reply[1:]
+            score_index += [row + t for t in sources]
+            score_targets += reply
+            score_rows += [sequence] * len(reply)
+    return Batch(input_ids, loss_mask, attention_mask, position_ids=position_ids, segment_ids=segment_ids,
+                 example_index=torch.tensor(indices), n_pairs=n, branch_ids=branch_ids,
+                 score_index=torch.tensor(score_index, dtype=torch.long),
+                 score_targets=torch.tensor(score_targets, dtype=torch.long),
+                 score_rows=torch.tensor(score_rows, dtype=torch.long))
+
+
 class BatchPlan:
     """The deterministic sequence of optimizer steps over a dataset, and each process's share of a step.
 
@@ -159,7 +232,7 @@ class BatchPlan:
     """
 
     def __init__(self, examples: list, kind: str, *, batch_size: int, grad_accum: int, world_size: int,
-                 seed: int, max_length: int, pad_id: int, pack: bool = False):
+                 seed: int, max_length: int, pad_id: int, pack: bool = False, share_prompt: bool = True):
         if not examples:
             raise ValueError("no training examples")
         self.examples = examples
@@ -171,6 +244,7 @@ class BatchPlan:
         self.max_length = max_length
         self.pad_id = pad_id
         self.pack = pack and kind == "sft"
+        self.share_prompt = share_prompt and kind != "sft"
         self.rows_per_step = batch_size * grad_accum * world_size
         self._epoch_rows: dict[int, list[list[int]]] = {}
 
@@ -216,16 +290,17 @@ class BatchPlan:
             return {"targets": targets, "tokens": tokens, "pairs": 0}
         pairs = len(rows)
         targets = tokens = 0
+        prompt_copies = 1 if self.share_prompt else 2           # tokens the forward actually runs
         for row in rows:
             example = self.examples[row[0]]
             targets += len(example.chosen_ids)
-            tokens += 2 * len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
+            tokens += prompt_copies * len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
         return {"targets": targets, "tokens": tokens, "pairs": pairs}
 
     def collate(self, rows: list[list[int]]) -> Batch:
         if self.kind == "sft":
             return collate_sft(self.examples, rows, self.pad_id, self.max_length, self.pack)
-        return collate_preferences(self.examples, [row[0] for row in rows], self.pad_id)
+        return collate_preferences(self.examples, [row[0] for row in rows], self.pad_id, self.share_prompt)
 
     def eval_batches(self, limit: int) -> list[Batch]:
         """Fixed, in-order batches for validation (no shuffle), at most `limit`."""

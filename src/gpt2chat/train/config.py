@@ -48,6 +48,7 @@ class TrainConfig:
     max_prompt_length: int | None = None
     max_response_length: int | None = None
     pack: bool = True                   # SFT: several short examples per row
+    share_prompt: bool = True           # DPO / ORPO: one row prompt+chosen+rejected, the prompt run once
     out: str = "runs/train"
     # optimisation
     lr: float = 5e-5
@@ -92,7 +93,7 @@ class TrainConfig:
     # keys that do not change what is trained: a resumed run may change them
     NON_TRAINING_KEYS = (
         "out", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "resume",
-        "progress", "stop_after_steps", "device", "compile",
+        "progress", "stop_after_steps", "device", "compile", "share_prompt",
     )
 
     def validate(self) -> TrainConfig:

@@ -24,18 +24,30 @@ from gpt2chat.train.batching import Batch
 Forward = Callable[[Batch], torch.Tensor]
 
 
-def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits for every position; packed rows pass positions and segments."""
+def forward_logits(model: torch.nn.Module, batch: Batch, return_hidden: bool = False) -> torch.Tensor:
+    """Logits (or final hidden states) for every position; packed and shared-prompt rows pass their layout."""
+    layout = {}
     if batch.segment_ids is not None:
-        return model(batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
-    return model(batch.input_ids)
+        layout = {"position_ids": batch.position_ids, "segment_ids": batch.segment_ids}
+    if batch.branch_ids is not None:
+        layout["branch_ids"] = batch.branch_ids
+    return model(batch.input_ids, return_hidden=return_hidden, **layout)
 
 
 def chosen_targets(batch: Batch) -> int:
     """Scored tokens of a batch: all of them for SFT, the chosen replies' for preference batches."""
     if batch.n_pairs:
-        return int(batch.loss_mask[: batch.n_pairs, 1:].sum())
+        return batch.n_chosen_targets
     return batch.n_targets
+
+
+def _scored(states: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The states ([R, T, ...]) that predict scored tokens, the tokens, and the sequence of each."""
+    if batch.score_index is not None:
+        return states.flatten(0, 1)[batch.score_index], batch.score_targets, batch.score_rows
+    target_mask = batch.loss_mask[:, 1:].bool()
+    rows = torch.arange(batch.input_ids.shape[0], device=states.device).unsqueeze(1).expand_as(target_mask)
+    return states[:, :-1][target_mask], batch.input_ids[:, 1:][target_mask], rows[target_mask]
 
 
 def scored_token_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,29 +60,26 @@ def scored_token_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, tor
     """
     head_weight = getattr(model, "module", model).lm_head.weight  # tied to the embedding; DDP-wrapped or not
     with autocast():
-        if batch.segment_ids is not None:
-            hidden = model(batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids,
-                           return_hidden=True)
-        else:
-            hidden = model(batch.input_ids, return_hidden=True)
-    target_mask = batch.loss_mask[:, 1:].bool()
-    rows = torch.arange(batch.input_ids.shape[0], device=hidden.device).unsqueeze(1).expand_as(target_mask)
-    selected = hidden[:, :-1][target_mask]
-    targets = batch.input_ids[:, 1:][target_mask]
+        hidden = forward_logits(model, batch, return_hidden=True)
+    selected, targets, rows = _scored(hidden, batch)
     with autocast():
         logits = F.linear(selected, head_weight)
     token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
-    return token_logps, rows[target_mask]
+    return token_logps, rows
 
 
 def sequence_sums(model, batch: Batch, autocast, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and scored-token counts per row ([R], [R])."""
+    """Summed log-probs and scored-token counts per sequence ([S], [S]; S = rows, or 2 per shared pair)."""
     if not fast:
         with autocast():
             logits = forward_logits(model, batch)
-        return sequence_logps(logits, batch.input_ids, batch.loss_mask)
-    token_logps, rows = scored_token_logps(model, batch, autocast)
-    n_rows = batch.input_ids.shape[0]
+        if batch.score_index is None:
+            return sequence_logps(logits, batch.input_ids, batch.loss_mask)
+        selected, targets, rows = _scored(logits, batch)
+        token_logps = -F.cross_entropy(selected.float(), targets, reduction="none")
+    else:
+        token_logps, rows = scored_token_logps(model, batch, autocast)
+    n_rows = batch.n_sequences
     sums = torch.zeros(n_rows, device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
     counts = torch.zeros(n_rows, device=rows.device, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
     return sums, counts

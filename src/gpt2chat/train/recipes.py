@@ -211,9 +211,9 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     kind = "sft" if cfg.objective == "sft" else "preference"
     common = {"seed": cfg.seed, "max_length": cfg.max_length, "pad_id": tokenizer.pad_token_id}
     train_plan = BatchPlan(train, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                           world_size=dist.world_size, pack=cfg.pack, **common)
+                           world_size=dist.world_size, pack=cfg.pack, share_prompt=cfg.share_prompt, **common)
     val_plan = (BatchPlan(val, kind, batch_size=cfg.batch_size, grad_accum=1, world_size=1,
-                          pack=cfg.pack, **common) if val else None)
+                          pack=cfg.pack, share_prompt=cfg.share_prompt, **common) if val else None)
     autocast = autocast_for(cfg, device)
     fast = not cfg.compile and dist.mode != "fsdp"
     if cfg.objective == "sft":
