@@ -116,6 +116,55 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert state["world_size"] == 2
 
 
+
+@pytest.mark.slow
+def test_fsdp_on_two_gloo_processes_equals_one_process_saves_a_loadable_model_and_resumes(tmp_path):
+    """FSDP2 shards each block and the root (tied head included); gradients, checkpoints and resume must be
+    those of one process with the same global batch."""
+    import torch
+
+    from gpt2chat.checkpoint import load_model
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--no-progress",
+              "--max-length", "96", "--lr", "3e-3", "--dropout", "0", "--seed", "3", "--save-every", "2"]
+
+    def fsdp(out: str, *extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", "29523", "-m", "gpt2chat", "sft", *common, "--batch-size", "2",
+                               "--distributed", "fsdp", "--out", str(tmp_path / out), *extra],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    single = subprocess.run([sys.executable, "-m", "gpt2chat", "sft", *common, "--batch-size", "4",
+                             "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-2000:]
+    fsdp("two")
+    one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["split"] == "train"]
+    two = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    # Adam hides a wrongly scaled gradient from the losses; the norm shows it (FSDP averages over processes).
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["config"]["distributed"] == "fsdp"
+
+    reference, _ = load_model(tmp_path / "one" / "final", device="cpu")
+    trained, _ = load_model(tmp_path / "two" / "final", device="cpu")
+    assert trained.lm_head.weight is trained.transformer.wte.weight
+    expected, got = reference.state_dict(), trained.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        assert torch.isfinite(tensor).all(), name
+        torch.testing.assert_close(tensor, expected[name], atol=1e-4, rtol=0, msg=name)
+
+    fsdp("part", "--stop-after-steps", "2")
+    assert not (tmp_path / "part" / "final").exists()
+    fsdp("part", "--resume")
+    assert train_losses(tmp_path / "part") == pytest.approx([r["loss"] for r in two], abs=1e-6)
+    resumed, _ = load_model(tmp_path / "part" / "final", device="cpu")
+    for name, tensor in resumed.state_dict().items():     # equal only if the optimizer state came back too
+        torch.testing.assert_close(tensor, got[name], atol=1e-6, rtol=0, msg=name)
+
 def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path):
     from gpt2chat.checkpoint import load_model
 

@@ -2,16 +2,23 @@
 
 `torchrun --nproc-per-node N -m gpt2chat sft ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we join the group
 (nccl on CUDA, gloo on CPU), each process takes its share of every step (see `batching.BatchPlan`), and
-DDP averages gradients. Objectives pre-divide their losses by the whole step's normaliser, so the wrapper
-multiplies by the world size to undo DDP's averaging: the result is the gradient of the global batch.
+DDP or FSDP averages gradients. Objectives pre-divide their losses by the whole step's normaliser, so the
+trainer multiplies by the world size to undo that averaging: the result is the gradient of the global batch.
+
+FSDP is FSDP2 (`fully_shard`): each transformer block is one shard group, the root (embeddings, tied head,
+final LayerNorm) another. It shards the module in place, so the model object stays the model (no
+`.module`), its parameters become DTensors, and a plain copy for saving is rebuilt from a meta-device
+skeleton taken before sharding (`meta_copy`, `gather_full_model`).
 
 This module knows processes and wrappers, not losses or data.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,17 +79,15 @@ def wrap(model: torch.nn.Module, state: DistState, device: torch.device) -> torc
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if state.mode == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        block_types = {type(block) for block in _blocks(model)}
-        return FullyShardedDataParallel(
-            model,
-            auto_wrap_policy=ModuleWrapPolicy(block_types) if block_types else None,
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            device_id=device if device.type == "cuda" else None,
-            use_orig_params=True,
-        )
+        # FSDP1 (`FullyShardedDataParallel`) refuses CPU ("FSDP needs a non-CPU accelerator device");
+        # FSDP2 runs on gloo as well as nccl.
+        mesh = init_device_mesh(device.type, (state.world_size,))
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)   # the rest: embeddings, tied head, final LayerNorm
     return model
 
 
@@ -92,11 +97,33 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(blocks) if blocks is not None else []
 
 
-def no_sync(model: torch.nn.Module, skip: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return nullcontext()
+@contextmanager
+def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on all but the last micro-batch of a step."""
+    if not skip:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):     # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):                          # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP: put the root's shards back after a forward without a backward (evaluation, DPO's reference pass).
+
+    FSDP2 keeps the root's parameters gathered after its forward, expecting the backward to follow; until
+    they are resharded, the module's parameters are not the sharded ones the optimizer holds, and saving
+    the optimizer state fails (`KeyError` in `get_optimizer_state_dict`).
+    """
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def all_reduce_sum(values: list[float], state: DistState, device: torch.device) -> list[float]:
@@ -121,15 +148,29 @@ def barrier(state: DistState) -> None:
         dist.barrier()
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's structure (LoRA layers and tied weights included) with parameters on the meta device.
+
+    Taken before `wrap` shards the model, so that `gather_full_model` can rebuild a plain module later
+    without a second full copy of the weights in memory. Of a `torch.compile`d model it copies the module
+    inside, whose parameter names are those of the gathered state dict (no `_orig_mod.`).
+    """
+    model = getattr(model, "_orig_mod", model)
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
-def full_state_dict(model: torch.nn.Module, state: DistState) -> dict[str, torch.Tensor] | None:
-    """FSDP: gather the full (unsharded) weights on rank 0; others get None. DDP / single: the module's."""
-    if state.mode != "fsdp":
-        return None
+def gather_full_model(model: torch.nn.Module, skeleton: torch.nn.Module) -> torch.nn.Module | None:
+    """FSDP: the full weights gathered on rank 0 into a plain CPU copy of `skeleton`; None on other ranks.
+
+    A collective: every process must call it. Parameters shared in the skeleton (the tied head) stay shared.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:        # cpu_offload leaves the gathered weights on rank 0 only
+        return None
+    memo = {id(p): torch.nn.Parameter(full[name], requires_grad=p.requires_grad)
+            for name, p in skeleton.named_parameters()}
+    return copy.deepcopy(skeleton, memo)

@@ -215,6 +215,8 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     val_plan = (BatchPlan(val, kind, batch_size=cfg.batch_size, grad_accum=1, world_size=1,
                           pack=cfg.pack, share_prompt=cfg.share_prompt, **common) if val else None)
     autocast = autocast_for(cfg, device)
+    # The fast head multiplies by `lm_head.weight` outside the model's forward; under FSDP that is a shard
+    # (a DTensor: "got mixed torch.Tensor and DTensor"), so there the model projects every position itself.
     fast = not cfg.compile and dist.mode != "fsdp"
     if cfg.objective == "sft":
         objective = SFTObjective(autocast, fast_head=fast)

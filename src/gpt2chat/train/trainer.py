@@ -117,6 +117,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.last_checkpoint: Path | None = None
+        self._skeleton: torch.nn.Module | None = None    # FSDP: the model's structure, to rebuild it for saving
 
     # ------------------------------------------------------------------ state
     def _state(self, step: int) -> dict[str, Any]:
@@ -131,26 +132,25 @@ class Trainer:
             **self.extra_state,
         }
 
-    def _save(self, step: int, optimizer) -> Path | None:
+    def _save(self, step: int, optimizer) -> torch.nn.Module | None:
+        """Write checkpoint `step` (every process calls it); returns the model it saved, on rank 0."""
         optim_state = _optimizer_state(self.model, optimizer, self.dist)
-        full_weights = dist_utils.full_state_dict(self.model, self.dist)
-        path = None
+        model = self._plain_model()
         if self.dist.is_main:
             tensors = {"optimizer": optim_state, "rng": ckpt.rng_state(),
-                       "trainable": _trainable_state(self.raw_model), **self.objective.state_tensors()}
-            path = ckpt.write_checkpoint(
-                self.out_dir, step, lambda folder: self._write_weights(folder, full_weights),
-                self._state(step), tensors, self.cfg.keep_last)
+                       "trainable": _trainable_state(model), **self.objective.state_tensors()}
+            ckpt.write_checkpoint(self.out_dir, step, lambda folder: self.write_model(model, folder),
+                                  self._state(step), tensors, self.cfg.keep_last)
         dist_utils.barrier(self.dist)
-        self.last_checkpoint = path or ckpt.checkpoints_root(self.out_dir) / f"step-{step:07d}"
-        return path
+        self.last_checkpoint = ckpt.checkpoints_root(self.out_dir) / f"step-{step:07d}"
+        return model
 
-    def _write_weights(self, folder: Path, full_weights: dict | None) -> None:
-        model = self.raw_model
-        if full_weights is not None:   # FSDP: a plain CPU copy holding the gathered weights
-            model = type(model)(model.config)
-            model.load_state_dict(full_weights)
-        self.write_model(model, folder)
+    def _plain_model(self) -> torch.nn.Module | None:
+        """The trained model as a plain module: FSDP gathers its shards into a CPU copy on rank 0 (None
+        elsewhere; a collective); otherwise the model itself, which DDP only wraps."""
+        if self._skeleton is None:
+            return self.raw_model
+        return dist_utils.gather_full_model(self.model, self._skeleton)
 
     def _restore(self, path: Path, optimizer) -> int:
         state, tensors = ckpt.read_checkpoint(path)
@@ -165,6 +165,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         cfg = self.cfg
+        self._skeleton = dist_utils.meta_copy(self.raw_model) if self.dist.mode == "fsdp" else None
         self.model = dist_utils.wrap(self.raw_model, self.dist, self.device)
         optimizer = build_optimizer(self.model, cfg, self.device)
         start_step = 0
@@ -177,6 +178,7 @@ class Trainer:
         if self.val_plan is not None:
             plans["val"] = self.val_plan
         self.objective.prepare(self.raw_model, plans, self.device)
+        dist_utils.reshard(self.raw_model)
 
         val_batches = self.val_plan.eval_batches(cfg.eval_batches) if self.val_plan is not None else []
         self.model.train()
@@ -211,9 +213,9 @@ class Trainer:
             done = self.total_steps
             if val_batches:
                 self._evaluate(done, val_batches)
-            self._save(done, optimizer)
+            saved = self._save(done, optimizer)
             if self.write_final is not None and self.dist.is_main:
-                final_dir = self.write_final(self.raw_model, self.out_dir / "final")
+                final_dir = self.write_final(saved, self.out_dir / "final")
             dist_utils.barrier(self.dist)
         self._plot()
         if self.dist.is_main:
@@ -250,6 +252,7 @@ class Trainer:
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
             raise TrainingDivergedError(self._diverged_message("loss", step_loss, step))
+        # Under FSDP the gradients are DTensor shards and clip_grad_norm_ still takes the whole model's norm.
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
         else:
@@ -280,9 +283,10 @@ class Trainer:
                 f"nothing was saved for this step; {where}. Try a lower lr, clipping or fp32.")
 
     def _evaluate(self, step: int, val_batches) -> None:
-        model = self.model if self.dist.mode == "fsdp" else self.raw_model
+        model = self.raw_model          # DDP's wrapper only syncs gradients; FSDP shards this module in place
         model.eval()
         metrics = self.objective.eval_metrics(model, val_batches, self.device)
+        dist_utils.reshard(model)
         model.train()
         record = {"split": "val", "step": step, **metrics}
         self.metrics.write(record)
@@ -316,23 +320,24 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _optimizer_state(model, optimizer, dist: dist_utils.DistState) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
+    """FSDP: the whole optimizer state gathered on rank 0 (empty elsewhere), keyed by parameter name."""
     if dist.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         return get_optimizer_state_dict(model, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return optimizer.state_dict()
 
 
 def _load_optimizer_state(model, optimizer, state: dict[str, Any], dist: dist_utils.DistState) -> None:
-    if dist.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-        return
     try:
-        optimizer.load_state_dict(state)
+        if dist.mode == "fsdp":     # every process read the whole state; each keeps its own shards of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
     except (ValueError, KeyError) as exc:
         raise ckpt.ResumeError(f"the checkpoint's optimizer state does not fit this model: {exc}") from None
 
