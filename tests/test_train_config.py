@@ -125,3 +125,20 @@ def test_pipeline_rejects_unknown_eval_keys_before_training(tmp_path, capsys):
 
 def test_errors_are_gpt2chat_errors():
     assert issubclass(ConfigError, Gpt2ChatError)
+
+
+def test_auto_distribution_shards_only_full_fine_tuning_of_large_models():
+    from gpt2chat.train.distributed import FSDP_AUTO_PARAMS, DistState, settle_auto
+
+    def mode(requested: str, n_params: int, lora: bool = False, start: str = "ddp") -> str:
+        state = DistState(world_size=2, mode=start)
+        settle_auto(state, requested, n_params, lora)
+        return state.mode
+
+    large, small = 774_030_080, 124_439_808          # gpt2-large, gpt2
+    assert large >= FSDP_AUTO_PARAMS > small
+    assert mode("auto", large) == "fsdp"
+    assert mode("auto", small) == "ddp"
+    assert mode("auto", large, lora=True) == "ddp"
+    assert mode("ddp", large) == "ddp"                # an explicit choice stands
+    assert mode("auto", large, start="none") == "none"  # a single process is never wrapped

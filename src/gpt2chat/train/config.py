@@ -70,7 +70,7 @@ class TrainConfig:
     precision: str = "auto"             # auto: bf16 autocast on CUDA when supported, else fp32
     device: str | None = None           # None: cuda when present
     compile: bool = False
-    distributed: str = "auto"           # auto: DDP when launched by torchrun with >1 process
+    distributed: str = "auto"           # auto: under torchrun, DDP (FSDP for full fine-tuning of >= 700M)
     # preference objectives
     beta: float = 0.1
     precompute_ref: bool = True         # DPO: reference log-probs once before training

@@ -10,6 +10,11 @@ final LayerNorm) another. It shards the module in place, so the model object sta
 `.module`), its parameters become DTensors, and a plain copy for saving is rebuilt from a meta-device
 skeleton taken before sharding (`meta_copy`, `gather_full_model`).
 
+`distributed = "auto"` (the default) means DDP, except full fine-tuning of a model of `FSDP_AUTO_PARAMS`
+or more (gpt2-large, gpt2-xl, gpt-neo-1.3b), where a whole replica plus AdamW's two moments per process
+(16 bytes a parameter in fp32) is what FSDP exists to avoid. LoRA runs stay on DDP: their optimizer state
+is small and the frozen base needs no gradients.
+
 This module knows processes and wrappers, not losses or data.
 """
 
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+FSDP_AUTO_PARAMS = 700_000_000
 
 
 @dataclass
@@ -65,6 +72,12 @@ def setup(mode: str, device_hint: str | None) -> tuple[DistState, torch.device]:
     elif world_size > 1:
         state = DistState()   # distributed = "none": every process trains alone
     return state, device
+
+
+def settle_auto(state: DistState, requested: str, n_params: int, lora: bool) -> None:
+    """`distributed = "auto"` under torchrun: switch DDP to FSDP for full fine-tuning of large models."""
+    if requested == "auto" and state.mode == "ddp" and not lora and n_params >= FSDP_AUTO_PARAMS:
+        state.mode = "fsdp"
 
 
 def teardown(state: DistState) -> None:

@@ -201,6 +201,7 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
             missing = model.load_state_dict(tensors["trainable"], strict=False)
             if missing.unexpected_keys:
                 raise ckpt.ResumeError(f"{resume_path}: LoRA weights do not fit: {missing.unexpected_keys[:3]}")
+    dist_utils.settle_auto(dist, cfg.distributed, sum(p.numel() for p in model.parameters()), bool(cfg.lora_r))
     model.to(device)
     model.train()
     if dist.active and not dist.is_main:
