@@ -268,16 +268,25 @@ def test_scored_positions_projection_matches_the_full_logits_path(kind):
         if kind == "dpo":
             objective.ref_logps["train"] = torch.tensor([[-50.0, -60.0]] * 4)
             batch.example_index = torch.arange(4)
-        model.zero_grad()
-        loss, metrics = objective.micro_loss(model, batch, totals)
-        loss.backward()
-        results.append((float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]))
-    (fast_loss, fast_metrics, fast_grads), (full_loss, full_metrics, full_grads) = results
-    assert fast_loss == pytest.approx(full_loss, abs=1e-5)
-    for key in full_metrics:
-        assert fast_metrics[key] == pytest.approx(full_metrics[key], abs=1e-4)
-    for a, b in zip(fast_grads, full_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        results.append(loss_metrics_grads(model, objective, batch, totals))
+    assert_same_step(*results)
+
+
+def loss_metrics_grads(model, objective, batch, totals) -> tuple[float, dict, list[torch.Tensor]]:
+    """One micro-batch's loss, metrics and parameter gradients (from zero)."""
+    model.zero_grad()
+    loss, metrics = objective.micro_loss(model, batch, totals)
+    loss.backward()
+    return float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]
+
+
+def assert_same_step(expected: tuple, actual: tuple) -> None:
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = expected, actual
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for key in metrics_a:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], abs=1e-4)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])
@@ -299,16 +308,8 @@ def test_shared_prompt_rows_give_the_loss_and_gradients_of_two_rows_per_pair(kin
         objective = DPOObjective(0.1) if kind == "dpo" else ORPOObjective(0.1)
         if kind == "dpo":
             objective.ref_logps["train"] = torch.linspace(-80.0, -40.0, 10).view(5, 2)
-        model.zero_grad()
-        loss, metrics = objective.micro_loss(model, batch, totals)
-        loss.backward()
-        results.append((float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]))
-    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
-    assert loss_b == pytest.approx(loss_a, abs=1e-5)
-    for key in metrics_a:
-        assert metrics_b[key] == pytest.approx(metrics_a[key], abs=1e-4)
-    for a, b in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+        results.append(loss_metrics_grads(model, objective, batch, totals))
+    assert_same_step(*results)
 
 
 def test_preference_plan_shares_prompts_by_default_and_counts_the_tokens_it_runs():
