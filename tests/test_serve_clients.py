@@ -20,11 +20,12 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
     from gpt2chat.checkpoint import load_model
+    from gpt2chat.serve.limits import ServerLimits
     from gpt2chat.serve.service import ChatService
 
     model, tokenizer = load_model(tiny_checkpoint, device="cpu")
-    service = ChatService(model, tokenizer, model_name="tiny", max_batch_size=8, max_queue=8,
-                          max_tokens_limit=200, device="cpu")
+    limits = ServerLimits(max_batch_size=8, max_queue=8, max_tokens_limit=200)
+    service = ChatService(model, tokenizer, model_name="tiny", limits=limits, device="cpu")
     yield service
     service.close()
 
