@@ -78,6 +78,40 @@ def test_stop_string_ends_reply_with_finish_reason_stop(client):
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
+def test_logprob_entries_follow_their_tokens_through_hold_back_and_stop_strings(client):
+    """The stand-in's logprob of token i is -0.5 * (i + 1). A stop string ends the text mid-token; every
+    token the engine delivered keeps its entry, streamed (each with the chunk that shows its text, or the
+    next one while it is held back) and not."""
+    request = {"messages": USER, "max_tokens": 20, "stop": ["tes"], "logprobs": True, "top_logprobs": 2}
+    body = client.post("/v1/chat/completions", json=request).json()
+    choice = body["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("I am a ", "stop")
+    content = choice["logprobs"]["content"]
+    assert [(e["token"], e["logprob"]) for e in content] == [("I", -0.5), (" am", -1.0), (" a", -1.5), (" test", -2.0)]
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["I", " am"]
+    assert content[1]["bytes"] == list(b" am")
+
+    chunks = [e for e in sse_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+              if e != "[DONE]"]
+    streamed = [e for c in chunks for e in ((c["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == content
+    for c in chunks:  # a chunk carries entries only for tokens delivered so far
+        entries = (c["choices"][0]["logprobs"] or {}).get("content") or []
+        assert all(e["token"] in ("I", " am", " a", " test") for e in entries)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "I am a "
+
+    none = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).json()
+    assert none["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_of_the_stand_in_have_openais_columns(client):
+    body = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "logprobs": 1}).json()
+    columns = body["choices"][0]["logprobs"]
+    assert columns["tokens"] == ["I", " am", " a"] and columns["token_logprobs"] == [-0.5, -1.0, -1.5]
+    assert columns["text_offset"] == [0, 1, 4]
+    assert columns["top_logprobs"] == [{"I": -0.25}, {"I": -0.25, " am": -1.0}, {"I": -0.25, " a": -1.5}]
+
+
 def test_unknown_model_name_is_served_like_llama_cpp(client):
     body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "model": "gpt-4o"}).json()
     assert body["model"] == "gpt-4o" and body["choices"][0]["message"]["content"]

@@ -158,6 +158,8 @@ class StandInEngine:
                 self.active.remove(request)
 
     def _loop(self) -> None:
+        from gpt2chat.engine import TokenLogprob
+
         while not self._stop.is_set():
             with self._lock:
                 batch = list(self.active)
@@ -168,10 +170,8 @@ class StandInEngine:
                     request.stop_tokens += 1
                     request.finish_reason = "stop"
                 else:
-                    top_k = getattr(request.params, "logprobs", None)
+                    top_k = request.params.logprobs
                     if top_k is not None:
-                        from gpt2chat.engine import TokenLogprob
-
                         top = tuple((t, -0.25 * (i + 1)) for i, t in enumerate(self.token_ids[:top_k]))
                         request.logprobs.append(TokenLogprob(token, -0.5 * (position + 1), top))
                     request.completion_tokens += 1

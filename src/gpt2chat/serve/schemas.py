@@ -22,9 +22,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from gpt2chat.sampling import MAX_LOGPROBS  # most alternatives per token: the engine's limit and OpenAI's
+
 MAX_CHOICES = 8  # upper bound on `n`; each choice is one engine slot
 MAX_STOP_STRINGS = 4
-MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit; the engine's too)
 
 Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)]

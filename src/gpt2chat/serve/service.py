@@ -254,8 +254,6 @@ class ChatService:
         self._reserve(n)
         stop_strings = [*settings.stop_strings, *(self.template.stop_strings if chat else ())]
         reply_prefix = self.template.reply_prefix if chat else ""
-        extra = {name: getattr(settings, name) for name in ("logprobs", "prompt_logprobs")
-                 if getattr(settings, name) is not None}  # engine fields, set only when asked for
         # A scored text completion reports its stop token with its logprob (OpenAI's and vLLM's shape, what
         # lm-eval's echo scoring counts on): the engine is not told to stop there, the Generation stops.
         scored = not chat and settings.logprobs is not None
@@ -271,7 +269,8 @@ class ChatService:
                     top_p=settings.top_p,
                     stop_token_ids=engine_stops,
                     seed=None if settings.seed is None else (settings.seed + index) % SEED_MODULUS,
-                    **extra,
+                    logprobs=settings.logprobs,
+                    prompt_logprobs=settings.prompt_logprobs,
                 )
                 request = self.engine.submit(prompt, params)
                 # each Generation owns one reserved slot and releases it when it ends or is cancelled
