@@ -12,8 +12,8 @@ import torch
 from gpt2chat.cli import main
 from gpt2chat.evaluate.runner import evaluate_models
 
-FAST = dict(speed_prompt_tokens=8, speed_new_tokens=4, speed_repeats=1, peak_matmul_size=64,
-            peak_copy_bytes=1 << 20, max_new_tokens=4, gen_rows=2, progress=False)
+FAST = dict(speed_prompt_tokens=8, speed_decode_steps=64, speed_repeats=3, peak_matmul_size=64,
+            peak_read_bytes=1 << 20, peak_repeats=1, max_new_tokens=4, gen_rows=2, heldout_prompts=0, progress=False)
 
 
 def _oasst_rows():
@@ -58,7 +58,8 @@ def test_cli_writes_the_report_card(setup, capsys):
     out = setup["root"] / "out"
     status = main(["eval", "--model", setup["sft"], "--model", setup["other"], "--data", setup["data"],
                    "--pref-data", setup["pairs"], "--max-rows", "3", "--gen-rows", "2", "--max-new-tokens", "4",
-                   "--speed-prompt-tokens", "8", "--speed-new-tokens", "4", "--speed-repeats", "1", "--out", str(out), "--seed", "3",
+                   "--speed-prompt-tokens", "8", "--speed-decode-steps", "64", "--speed-repeats", "3",
+                   "--out", str(out), "--seed", "3",
                    "--no-progress"])
     assert status == 0
     assert "report:" in capsys.readouterr().out
