@@ -208,8 +208,9 @@ def _overlap(kind: str, rows, info: dict, lineages, labels) -> list[str]:
         hits = len(heldout.overlapping(rows, kind, lineage.hashes)) if lineage.known else None
         info["overlap"][label] = {"rows": hits, "of": len(rows), "trained_on": lineage.label}
         if hits:
+            stages = "" if label == lineage.label else f" (stages {lineage.label})"
             warnings.append(f"{hits} of {len(rows)} evaluation {noun} ({info['spec']}) are training rows of "
-                            f"{label} (stages {lineage.label}): its figures on them are not held-out")
+                            f"{label}{stages}: its figures on them are not held-out")
         elif hits == 0:
             clean.append(label)
         else:
@@ -269,9 +270,6 @@ def evaluate_models(models, out_dir, *, config: EvalConfig | None = None, **over
     """
     import torch
 
-    from gpt2chat.evaluate import measure
-    from gpt2chat.evaluate.report import write_report
-
     models = [str(m) for m in ([models] if isinstance(models, str | os.PathLike) else models)]
     if not models:
         raise Gpt2ChatError("no model to evaluate: give at least one --model")
@@ -281,8 +279,19 @@ def evaluate_models(models, out_dir, *, config: EvalConfig | None = None, **over
         inputs.check_model_location(model)
     harness_tasks = inputs.harness_tasks(config.harness)
 
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _evaluate(models, out_dir, config, harness_tasks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(models: list[str], out_dir, config: EvalConfig, harness_tasks) -> dict:
+    from gpt2chat.evaluate import measure
+    from gpt2chat.evaluate.report import write_report
+
     device, dtype = inputs.device_and_dtype(config.device, config.dtype)
     inputs.seed_everything(config.seed)
     env = _environment(device, dtype)
