@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.model import GPT, KVCache
+from gpt2chat.model import GPT, AttentionPlan, KVCache
 from gpt2chat.sampling import SamplingParams, make_generator, sample_next
 
 __all__ = [
@@ -124,19 +124,6 @@ def use_decode_layout(model: GPT, device: torch.device, dtype: torch.dtype) -> b
             if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
                 module.weight.data = module.weight.data.t().contiguous().t()
     return True
-
-
-def _cache_prefix(cache: KVCache, rows: int) -> KVCache:
-    """A KVCache over the first `rows` rows of `cache`: views, no copies (lengths updates reach `cache`)."""
-    if rows == cache.batch_size:
-        return cache
-    view = object.__new__(KVCache)
-    view.k = [k[:rows] for k in cache.k]
-    view.v = [v[:rows] for v in cache.v]
-    view.lengths = cache.lengths[:rows]
-    view.batch_size = rows
-    view.max_len = cache.max_len
-    return view
 
 
 class _Sequence:
@@ -272,7 +259,6 @@ class Engine:
         cache = self._cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len:
             cache = self._cache = KVCache(self.config, batch, max_len, self.device, self.dtype)
-        cache.reset()
         self._cache_busy = True
         return cache
 
@@ -304,8 +290,8 @@ class Engine:
         penalise = any(s.params.repetition_penalty != 1.0 for s in sequences)
         seen = self._seen_mask(sequences) if penalise else None
         logits = self._prefill(sequences, cache)
+        lengths = [len(s.prompt) for s in sequences]  # filled cache positions of each row
         step_input = torch.empty(batch, 1, dtype=torch.long, device=self.device)
-        frozen = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1 = finished row
         live = list(range(batch))
         while True:
             with torch.inference_mode():
@@ -324,15 +310,15 @@ class Engine:
             if newly_done:
                 live = [row for row in live if sequences[row].finish_reason is None]
                 if live:  # finished rows keep riding along, rewriting their last cache slot
-                    frozen[newly_done] = 1
-                    cache.lengths[newly_done] -= 1
+                    for row in newly_done:
+                        lengths[row] -= 1
             yield emitted
             if not live:
                 return
             with torch.inference_mode():
-                logits = self.model(step_input, kv_cache=cache)[:, -1]
-                if newly_done or len(live) < batch:
-                    cache.lengths -= frozen
+                logits = self.model(step_input, AttentionPlan.for_cache(self.config, cache, lengths, 1))[:, -1]
+            for row in live:
+                lengths[row] += 1
 
     def _prefill(self, sequences: list[_Sequence], cache: KVCache) -> torch.Tensor:
         """Run every prompt through the model into its cache row; logits [B, V] of each last position."""
@@ -344,18 +330,20 @@ class Engine:
             logits = torch.empty(batch, self.config.vocab_size, device=self.device, dtype=self.dtype)
             for rows in by_length.values():
                 ids = torch.tensor([sequences[r].prompt for r in rows], device=self.device)
-                index = None if len(rows) == batch else torch.tensor(rows, device=self.device)
+                every_row = len(rows) == batch
+                plan = AttentionPlan.for_cache(self.config, cache, [0] * len(rows), ids.shape[1],
+                                               rows=None if every_row else rows)
                 scored = any(sequences[r].params.prompt_logprobs is not None for r in rows)
-                out = self.model(ids, kv_cache=cache, rows=index, logits_to_keep=0 if scored else 1)
+                out = self.model(ids, plan, logits_to_keep=0 if scored else 1)
                 for i, r in enumerate(rows):
                     if sequences[r].params.prompt_logprobs is not None:
                         s = sequences[r]
                         s.prompt_logprobs[:] = prompt_token_logprobs(
                             out[i], s.prompt, s.params.prompt_logprobs
                         )
-                if index is None:
+                if every_row:
                     return out[:, -1]
-                logits[index] = out[:, -1]
+                logits[torch.tensor(rows, device=self.device)] = out[:, -1]
             return logits
 
     def _seen_mask(self, sequences: list[_Sequence]) -> torch.Tensor:
@@ -574,6 +562,7 @@ class BatchedEngine:
         self.max_queue = max_queue
         self.context = min(self.config.n_positions, max_len or self.config.n_positions)
         self.cache = KVCache(self.config, max_batch_size, self.context, self.device, self.dtype)
+        self._lengths = [0] * max_batch_size  # filled cache positions of each row
         self._slots: list[_Slot | None] = [None] * max_batch_size
         self._pending: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -661,7 +650,7 @@ class BatchedEngine:
     def _free(self, row: int, reason: str, error: BaseException | None = None) -> None:
         slot = self._slots[row]
         self._slots[row] = None
-        self.cache.lengths[row] = 0
+        self._lengths[row] = 0
         if slot is not None:
             slot.request._finish(reason, error)
 
@@ -692,14 +681,12 @@ class BatchedEngine:
                 self.context, request.submitted_at, request.logprobs, request.prompt_logprobs,
             )  # fmt: skip
             slot = self._slots[free] = _Slot(request, sequence)
-            self.cache.lengths[free] = 0
             top = request.params.prompt_logprobs
             with torch.inference_mode():
                 ids = torch.tensor([request.prompt_ids], device=self.device)
-                rows = torch.tensor([free], device=self.device)
-                out = self.model(
-                    ids, kv_cache=self.cache, rows=rows, logits_to_keep=0 if top is not None else 1
-                )
+                plan = AttentionPlan.for_cache(self.config, self.cache, [0], ids.shape[1], rows=[free])
+                out = self.model(ids, plan, logits_to_keep=0 if top is not None else 1)
+                self._lengths[free] = ids.shape[1]
                 if top is not None:
                     request.prompt_logprobs[:] = prompt_token_logprobs(out[0], request.prompt_ids, top)
                 logits = out[:, -1]
@@ -723,16 +710,15 @@ class BatchedEngine:
         """One forward over rows 0 .. last active row; idle rows in between ride along unchanged."""
         active = [row for row, slot in enumerate(self._slots) if slot is not None]
         width = active[-1] + 1
-        cache = _cache_prefix(self.cache, width)
         ids = [0] * width
         for row in active:
             ids[row] = self._slots[row].last_token
-        idle = [row for row in range(width) if self._slots[row] is None]
         with torch.inference_mode():
             step_input = torch.tensor(ids, device=self.device).unsqueeze(1)
-            logits = self.model(step_input, kv_cache=cache)[:, -1]
-            if idle:
-                self.cache.lengths[idle] = 0
+            plan = AttentionPlan.for_cache(self.config, self.cache, self._lengths[:width], 1)  # rows 0 .. width - 1
+            logits = self.model(step_input, plan)[:, -1]
+            for row in active:
+                self._lengths[row] += 1
             if len(active) < width:
                 logits = logits[active]
             slots = [self._slots[row] for row in active]
