@@ -292,7 +292,7 @@ def assert_same_step(expected: tuple, actual: tuple) -> None:
     (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = expected, actual
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     for key in metrics_a:
-        assert metrics_b[key] == pytest.approx(metrics_a[key], abs=1e-4)
+        assert float(metrics_b[key]) == pytest.approx(float(metrics_a[key]), abs=1e-4)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 

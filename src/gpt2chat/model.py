@@ -17,18 +17,21 @@ This module knows nothing about files, tokenizers or sampling.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gpt2chat.block_masks import flex_available
 from gpt2chat.config import ModelConfig
 from gpt2chat.errors import Gpt2ChatError
 
-__all__ = ["GPT", "AttentionPlan", "KVCache", "ContextLengthError"]
+__all__ = ["GPT", "AttentionPlan", "KVCache", "ContextLengthError", "attention_kernel"]
 
 
 class ContextLengthError(Gpt2ChatError):
@@ -74,7 +77,9 @@ class Attention(nn.Module):
         if how.first_key:
             k, v = k[:, :, how.first_key :], v[:, :, how.first_key :]
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.is_neo:  # GPT-Neo: unscaled scores, computed in fp32 like HF
+        if how.block_mask is not None:
+            y = self._flex(q, k, v, how.block_mask, dropout_p)
+        elif self.is_neo:  # GPT-Neo: unscaled scores, computed in fp32 like HF
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=how.mask, dropout_p=dropout_p,
                 is_causal=how.is_causal, scale=1.0,
@@ -85,6 +90,18 @@ class Attention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.resid_dropout(self.out_proj(y) if self.is_neo else self.c_proj(y))
+
+    def _flex(self, q, k, v, block_mask, dropout_p: float) -> torch.Tensor:
+        from gpt2chat.block_masks import attend
+
+        if dropout_p:
+            raise ValueError(
+                "FlexAttention has no attention dropout: build the plan with kernel='dense' to train with "
+                "attention dropout (attention_kernel(model, device) chooses)"
+            )
+        if self.is_neo:
+            return attend(q.float(), k.float(), v.float(), block_mask, scale=1.0).to(q.dtype)
+        return attend(q, k, v, block_mask)
 
 
 class MLP(nn.Module):
@@ -152,6 +169,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.gradient_checkpointing = False
+        self.vocab_multiple: int | None = None  # the LM head's matmul width while training (see _project)
         self.reset_parameters()
 
     def forward(
@@ -176,7 +194,24 @@ class GPT(nn.Module):
             hidden = hidden.flatten(0, 1).index_select(0, select)
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        return self._project(hidden)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head. With gradients on, it multiplies by the tied weight padded with zero rows to a multiple
+        of `vocab_multiple` (GPT-2's 50257 + added tokens is odd, a slow shape for tensor-core matmuls) and
+        slices the logits back: the same logits, and nothing stored padded. `vocab_multiple` None means 64 on
+        CUDA and off elsewhere; 0 is off. Inference keeps the plain head: padding copies the weight every call,
+        which a memory-bound decode step cannot afford."""
+        multiple = self.vocab_multiple
+        if multiple is None:
+            multiple = 64 if hidden.is_cuda else 0
+        pad = -self.config.vocab_size % multiple if multiple else 0
+        if not (pad and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear):
+            return self.lm_head(hidden)
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        return F.linear(hidden, F.pad(weight, (0, 0, 0, pad)))[..., : self.config.vocab_size]
 
     def hidden_states(self, input_ids: torch.Tensor, plan: AttentionPlan | None = None) -> torch.Tensor:
         """The final (layer-normed) hidden states `[B, T, n_embd]`: what `lm_head` projects."""
@@ -239,6 +274,13 @@ class GPT(nn.Module):
         self.tie_weights()
         self.config = self.config.replace(vocab_size=n)
 
+    def compile_blocks(self, dynamic: bool | None = True, **options) -> None:
+        """`torch.compile` each block in place (`Module.compile`): parameter names, state_dict, saving, LoRA
+        and FSDP see the same modules; the LM head and the losses, whose shapes change every batch, stay eager.
+        Dynamic shapes by default: batch widths vary, and a compile that first specialises recompiles."""
+        for block in self.transformer.h:
+            block.compile(dynamic=dynamic, **options)
+
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """A KVCache on this model's device and dtype (max_len defaults to n_positions)."""
         weight = self.transformer.wte.weight
@@ -248,9 +290,10 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------------- attention plans
 @dataclass(frozen=True, eq=False)
 class LayerAttention:
-    """How one kind of layer attends: a boolean mask (True = may attend), or none at all."""
+    """How one kind of layer attends: a boolean mask (True = may attend), a FlexAttention block mask, or none."""
 
     mask: torch.Tensor | None = None  # [T, L] or [B, 1, T, L]
+    block_mask: Any = None  # torch.nn.attention.flex_attention.BlockMask (gpt2chat.block_masks)
     is_causal: bool = False  # without a mask: causal over T == L keys, or (False) every key
     first_key: int = 0  # keys before this one are outside the window (single-token decode, local layers)
 
@@ -285,13 +328,22 @@ class AttentionPlan:
 
     @classmethod
     def packed(
-        cls, config: ModelConfig, segment_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+        cls,
+        config: ModelConfig,
+        segment_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        kernel: str = "auto",
     ) -> AttentionPlan:
-        """Several examples in one row ([B, T] `segment_ids`): a token sees only earlier tokens of its own
-        segment; positions restart at 0 with each segment unless given."""
+        """Several examples in one row ([B, T] `segment_ids`, each segment a contiguous run): a token sees only
+        earlier tokens of its own segment; positions restart at 0 with each segment unless given.
+
+        `kernel`: "dense" gives SDPA a `[B, 1, T, T]` mask; "flex" gives FlexAttention block masks built from
+        the segment boundaries (no `[T, T]` tensor; no attention dropout); "auto" is "flex" on CUDA.
+        """
         if position_ids is None:
             position_ids = _segment_positions(segment_ids)
-        return cls._masked(config, segment_ids, None, position_ids)
+        return cls._masked(config, segment_ids, None, position_ids, kernel)
 
     @classmethod
     def shared_prefix(
@@ -300,16 +352,26 @@ class AttentionPlan:
         branch_ids: torch.Tensor,
         position_ids: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
+        *,
+        kernel: str = "auto",
     ) -> AttentionPlan:
         """Sequences that share a prefix in one row: branch 0 is the prefix; a token of branch k >= 1 sees
         the prefix and the earlier tokens of branch k only. A preference pair runs as `prompt, chosen,
         rejected`, the rejected positions restarting where the prompt ends: the prompt is computed once.
-        `segment_ids` (optional) keep padding apart from the real tokens."""
-        return cls._masked(config, segment_ids, branch_ids, position_ids)
+        `segment_ids` (optional) keep padding apart from the real tokens. `kernel` as for `packed`."""
+        return cls._masked(config, segment_ids, branch_ids, position_ids, kernel)
 
     @classmethod
-    def _masked(cls, config, segment_ids, branch_ids, position_ids) -> AttentionPlan:
+    def _masked(cls, config, segment_ids, branch_ids, position_ids, kernel: str) -> AttentionPlan:
         layout = branch_ids if branch_ids is not None else segment_ids
+        if kernel not in ("auto", "dense", "flex"):
+            raise ValueError(f"kernel must be 'auto', 'dense' or 'flex', got {kernel!r}")
+        if kernel == "flex" or (kernel == "auto" and layout.is_cuda and flex_available()):
+            from gpt2chat.block_masks import row_masks
+
+            global_mask, local_mask = row_masks(segment_ids, branch_ids, position_ids, config.local_window)
+            local = LayerAttention(block_mask=local_mask) if local_mask is not None else _EVERY_KEY
+            return cls(position_ids, LayerAttention(block_mask=global_mask), local, config.local_window)
         t = layout.shape[-1]
         index = torch.arange(t, device=layout.device)
         allowed = (index.unsqueeze(-1) >= index).unsqueeze(0)  # [1, T, T]
@@ -375,6 +437,25 @@ class AttentionPlan:
         if query.dim() == 2:
             causal, local = causal.unsqueeze(1), local.unsqueeze(1)  # [B, 1, T, L]
         return cls(positions, LayerAttention(causal), LayerAttention(local), window, slots)
+
+
+def attention_kernel(model: nn.Module, device: torch.device | str) -> str:
+    """The kernel for a packed / shared-prompt plan of `model` on `device`: "flex" on CUDA (no [T, T] mask,
+    flash-style tiles), unless the model is training with attention dropout, which FlexAttention cannot apply:
+    then "dense" (SDPA with the mask, which can), with a warning once. "dense" off CUDA."""
+    if torch.device(device).type != "cuda" or not flex_available():
+        return "dense"
+    dropout = model.training and any(
+        getattr(module, "dropout_p", 0.0) > 0 for module in model.modules() if isinstance(module, Attention)
+    )
+    if dropout:
+        warnings.warn(
+            "attention dropout is on: packed / shared-prompt rows use SDPA with a dense [T, T] mask, since "
+            "FlexAttention has no dropout; train with dropout = 0 for the FlexAttention kernel",
+            stacklevel=2,
+        )
+        return "dense"
+    return "flex"
 
 
 def _causal_local(config: ModelConfig, length: int, device) -> LayerAttention:

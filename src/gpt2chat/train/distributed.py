@@ -139,12 +139,13 @@ def reshard(model: torch.nn.Module) -> None:
         model.reshard()
 
 
-def all_reduce_sum(values: list[float], state: DistState, device: torch.device) -> list[float]:
+def all_reduce_sum(values: torch.Tensor, state: DistState) -> torch.Tensor:
+    """The sum of `values` over every process (a device tensor; nothing is read back to the host)."""
     if not state.active or state.mode == "none":
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
 
 
 def broadcast_flag(flag: bool, state: DistState, device: torch.device) -> bool:
@@ -171,7 +172,10 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)
     memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for p in model.parameters()}
-    return copy.deepcopy(model, memo)
+    skeleton = copy.deepcopy(model, memo)
+    for module in skeleton.modules():      # GPT.compile_blocks' compiled calls belong to the original blocks
+        module._compiled_call_impl = None
+    return skeleton
 
 
 def gather_full_model(model: torch.nn.Module, skeleton: torch.nn.Module) -> torch.nn.Module | None:

@@ -69,6 +69,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def _step_if(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """`optimizer.step()` when `finite` (a device bool) holds, else nothing changes: no parameter, no moment,
+    no step count. A fused AdamW decides on the device (`found_inf`, as under GradScaler), so the host does
+    not wait for the GPU before the step; other optimizers read the flag first."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None
+    elif bool(finite):
+        optimizer.step()
+
+
 def seed_for_step(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
@@ -236,7 +250,7 @@ class Trainer:
         totals = self.train_plan.step_totals(epoch, step_in_epoch)
         scale = float(self.dist.world_size) if self.dist.mode != "none" else 1.0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        metric_sums: dict[str, float] = {}
+        metric_sums: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with dist_utils.no_sync(self.model, skip=not last):
@@ -244,26 +258,26 @@ class Trainer:
                 (loss * scale).backward()
             loss_sum += loss.detach().float()
             for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + value
+                metric_sums[key] = metric_sums[key] + value if key in metric_sums else value
         keys = sorted(metric_sums)
-        reduced = dist_utils.all_reduce_sum([float(loss_sum), *(metric_sums[k] for k in keys)],
-                                            self.dist, self.device)
-        step_loss = reduced[0]
-        if not math.isfinite(step_loss):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(self._diverged_message("loss", step_loss, step))
-        # Under FSDP the gradients are DTensor shards and clip_grad_norm_ still takes the whole model's norm.
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
-        if not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(self._diverged_message("gradient norm", grad_norm, step))
-        optimizer.step()
+        # Everything stays on the device until one read-back after the optimizer step: the loss, the metrics
+        # and the gradient norm (clip_grad_norm_ with inf max_norm only measures; under FSDP it is the whole
+        # model's norm, a DTensor).
+        reduced = dist_utils.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in keys)]).double(),
+                                            self.dist)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(reduced[0]) & torch.isfinite(grad_norm)
+        _step_if(optimizer, finite)
         optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        # The step's one host sync: it waits for the whole step, so the timing below covers it.
+        step_loss, *metric_values, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced)]).tolist()
+        if not math.isfinite(step_loss):
+            raise TrainingDivergedError(self._diverged_message("loss", step_loss, step))
+        if not math.isfinite(grad_norm):
+            raise TrainingDivergedError(self._diverged_message("gradient norm", grad_norm, step))
         seconds = time.perf_counter() - tick
         record: dict[str, Any] = {
             "split": "train", "step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
@@ -273,7 +287,7 @@ class Trainer:
         }
         if totals["pairs"]:
             record["pairs_per_s"] = totals["pairs"] / max(seconds, 1e-9)
-        record.update(zip(keys, reduced[1:], strict=True))
+        record.update(zip(keys, metric_values, strict=True))
         return record
 
     def _diverged_message(self, what: str, value: float, step: int) -> str:
