@@ -221,10 +221,10 @@ def _fits_together(paths: list[str], device) -> bool:
 
     import torch
 
-    from gpt2chat.checkpoint import read_config
+    from gpt2chat.checkpoint import read_config, resolve_checkpoint
     from gpt2chat.evaluate.flops import analytic_parameters
 
-    need = sum(4 * analytic_parameters(read_config(p)) for p in paths)  # fp32 upper bound
+    need = sum(4 * analytic_parameters(read_config(resolve_checkpoint(p))) for p in paths)  # fp32 upper bound
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return need < 0.6 * free

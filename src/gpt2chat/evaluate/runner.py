@@ -140,9 +140,11 @@ KINDS = {"conversations": ("--data", "conversations", inputs.held_out_conversati
 
 
 def _row_hashes(row, kind: str) -> tuple[str, ...]:
+    from gpt2chat.data.mixing import content_hash, pair_hashes
+
     if kind == "conversations":
-        return (heldout.content_hash(row.messages),)
-    return tuple(heldout.pair_hashes(row.prompt, row.chosen, row.rejected))
+        return (content_hash(row.messages),)
+    return tuple(pair_hashes(row.prompt, row.chosen, row.rejected))
 
 
 def _from_run_splits(kind: str, splits: list[dict], max_rows: int | None, lineages, labels) -> tuple[list, dict]:
@@ -203,23 +205,21 @@ def _evaluation_rows(kind: str, spec: str | None, max_rows: int | None, lineages
 def _overlap(kind: str, rows, info: dict, lineages, labels) -> list[str]:
     """Per-model overlap of the evaluation rows with its training rows, into `info`; the warnings."""
     _, noun, _ = KINDS[kind]
-    info["overlap"], warnings, clean, unknown = {}, [], [], []
+    info["overlap"], warnings, clean, found, unknown = {}, [], [], [], []
     for lineage, label in zip(lineages, labels, strict=True):
         hits = len(heldout.overlapping(rows, kind, lineage.hashes)) if lineage.known else None
         info["overlap"][label] = {"rows": hits, "of": len(rows), "trained_on": lineage.label}
         if hits:
             stages = "" if label == lineage.label else f" (stages {lineage.label})"
+            found.append(f"{hits} of {len(rows)} are training rows of {label}{stages}")
             warnings.append(f"{hits} of {len(rows)} evaluation {noun} ({info['spec']}) are training rows of "
                             f"{label}{stages}: its figures on them are not held-out")
         elif hits == 0:
             clean.append(label)
         else:
             unknown.append(label)
-    parts = []
-    if clean:
-        parts.append(f"none of the {len(rows)} {noun} is a training row of {', '.join(clean)}")
-    if warnings:
-        parts.append("; ".join(w.split(':')[0] for w in warnings))
+    parts = [f"none of the {len(rows)} {noun} is a training row of {', '.join(clean)}"] if clean else []
+    parts += found
     if unknown:
         parts.append(f"{', '.join(unknown)}: no record of training rows")
     info["overlap_statement"] = ("checked by content hash against each model's training rows: " + "; ".join(parts)
