@@ -25,7 +25,6 @@ from gpt2chat.evaluate import heldout, inputs
 __all__ = ["EvalConfig", "evaluate_models", "SECTIONS"]
 
 SECTIONS = ("ppl", "pref", "gen", "speed", "side")
-QUANTIZE_MODES = ("fp16", "int8")
 
 
 @dataclass
@@ -89,6 +88,8 @@ class EvalConfig:
             raise Gpt2ChatError(f"beta={self.beta!r}: must be > 0")
         if self.temperature < 0:
             raise Gpt2ChatError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        from gpt2chat.quantize import QUANTIZE_MODES
+
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise Gpt2ChatError(f"quantize={self.quantize!r}: choose from {', '.join(QUANTIZE_MODES)}")
 
