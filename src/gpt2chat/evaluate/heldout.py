@@ -28,7 +28,8 @@ from gpt2chat.data.mixing import content_hash, pair_hashes
 from gpt2chat.errors import Gpt2ChatError
 
 __all__ = [
-    "SPLIT_DIR", "SPLIT_FILE", "HELDOUT", "write_split", "read_split", "is_stage_input", "Lineage", "lineage_of", "overlapping", "heldout_spec",
+    "SPLIT_DIR", "SPLIT_FILE", "HELDOUT", "write_split", "read_split", "is_stage_input", "Lineage", "lineage_of",
+    "row_hashes", "overlapping", "heldout_spec",
 ]
 
 SPLIT_DIR = "heldout"
@@ -182,12 +183,13 @@ def heldout_spec(manifest: dict) -> str:
     return f"{manifest['row_format']}:{manifest['rows_path']}"
 
 
+def row_hashes(row, kind: str) -> tuple[str, ...]:
+    """The content hashes of one evaluation row: a Conversation's, or a PreferencePair's two."""
+    if kind == "conversations":
+        return (content_hash(row.messages),)
+    return tuple(pair_hashes(row.prompt, row.chosen, row.rejected))
+
+
 def overlapping(rows: Sequence, kind: str, hashes: set[str]) -> list[int]:
     """Indices of evaluation rows (Conversations or PreferencePairs) whose content is in `hashes`."""
-    found = []
-    for index, row in enumerate(rows):
-        own = [content_hash(row.messages)] if kind == "conversations" else pair_hashes(row.prompt, row.chosen,
-                                                                                      row.rejected)
-        if any(h in hashes for h in own):
-            found.append(index)
-    return found
+    return [index for index, row in enumerate(rows) if any(h in hashes for h in row_hashes(row, kind))]

@@ -140,14 +140,6 @@ KINDS = {"conversations": ("--data", "conversations", inputs.held_out_conversati
          "pairs": ("--pref-data", "preference pairs", inputs.held_out_pairs)}
 
 
-def _row_hashes(row, kind: str) -> tuple[str, ...]:
-    from gpt2chat.data.mixing import content_hash, pair_hashes
-
-    if kind == "conversations":
-        return (content_hash(row.messages),)
-    return tuple(pair_hashes(row.prompt, row.chosen, row.rejected))
-
-
 def _from_run_splits(kind: str, splits: list[dict], max_rows: int | None, lineages, labels) -> tuple[list, dict]:
     """The rows the runs held out, minus any that a model's training data contains."""
     _, noun, loader = KINDS[kind]
@@ -156,7 +148,7 @@ def _from_run_splits(kind: str, splits: list[dict], max_rows: int | None, lineag
         items, info = loader(heldout.heldout_spec(split), None)
         read += info["rows_read"]
         for item in items:
-            key = _row_hashes(item, kind)
+            key = heldout.row_hashes(item, kind)
             if key not in seen:
                 seen.add(key)
                 rows.append(item)
