@@ -63,21 +63,25 @@ def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument("--quantize", default=None, choices=("fp16", "int8"),
+                        help="store the weights compactly: fp16, or int8 per output channel (CPU; computes in "
+                             "float32). Default: the checkpoint's weights as they are")  # fmt: skip
 
 
 def load_inference_model(args: argparse.Namespace):
     """(folder, model, tokenizer, device, dtype) for the model options of `add_model_args`: the one way
-    the front-end commands load a model to generate with."""
-    from gpt2chat.checkpoint import load_model, resolve_checkpoint
-    from gpt2chat.engine import default_device_dtype
+    the front-end commands load a model to generate with (`gpt2chat.quantize.load_for_inference`, which
+    refuses a --quantize the device cannot do before reading any weight)."""
+    from gpt2chat.checkpoint import resolve_checkpoint
+    from gpt2chat.quantize import load_for_inference
 
     folder = resolve_checkpoint(args.model)
-    device, dtype = default_device_dtype(args.device, args.dtype)
     try:
-        model, tokenizer = load_model(folder, device=device, dtype=dtype)
+        model, tokenizer = load_for_inference(folder, quantize=args.quantize, device=args.device, dtype=args.dtype)
     except RuntimeError as exc:  # e.g. a device that is not there
-        raise Gpt2ChatError(f"cannot load {folder} on {device}: {exc}") from exc
-    return folder, model.eval(), tokenizer, device, dtype
+        raise Gpt2ChatError(f"cannot load {folder} on {args.device or 'the default device'}: {exc}") from exc
+    parameter = next(model.parameters())  # the compute device and dtype in every layout
+    return folder, model, tokenizer, parameter.device, parameter.dtype
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, default_new_tokens: int, default_preset=None) -> None:
