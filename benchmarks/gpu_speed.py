@@ -357,12 +357,12 @@ def part_trl(check: Check) -> list[dict]:
 # ---------------------------------------------------------------------- decode
 def part_decode(check: Check) -> list[dict]:
     need("transformers")
-    from gpt2chat.checkpoint import load_model
     from gpt2chat.engine import Engine
+    from gpt2chat.quantize import decode_read_bytes, load_for_inference
     from gpt2chat.sampling import SamplingParams
 
     folder = check.base()
-    model, tokenizer = load_model(folder, device=check.device, dtype=check.dtype)
+    model, tokenizer = load_for_inference(folder, device=check.device, dtype=check.dtype)
     engine = Engine(model, device=check.device, dtype=check.dtype)
     theirs = hf_model(folder, check.dtype, check.device)
     rows_wide = 4 if check.smoke else 64
@@ -371,7 +371,7 @@ def part_decode(check: Check) -> list[dict]:
     prompts = torch.randint(0, 50257, (rows_wide, prompt_tokens), generator=generator)
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = decode_read_bytes(model)
     rows = []
     for batch in (1, rows_wide):
         ours_prompts, theirs_prompts = prompts[:batch].tolist(), prompts[:batch].to(check.device)
@@ -391,7 +391,7 @@ def part_decode(check: Check) -> list[dict]:
         rate = {side: batch * new_tokens / statistics.median(values) for side, values in seconds.items()}
         detail = f"{prompt_tokens}-token prompts, {new_tokens} new tokens, prefill included, median of {repeats}"
         bound = None
-        if batch == 1 and check.peaks and check.peaks.get("read_bytes_per_s"):
+        if batch == 1 and check.peaks:
             bound = check.peaks["read_bytes_per_s"] / weight_bytes
             detail += f"; read bound {bound:,.0f} tok/s (ours {rate['ours'] / bound:.0%})"
         rows.append(row("decode", f"greedy decode, {batch} row{'s' if batch > 1 else ''}, "
