@@ -291,6 +291,12 @@ def reference_logprobs(model, prompt, tokens):
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def assert_same_entries(ours, theirs):
+    assert [(e.token_id, [t for t, _ in e.top]) for e in ours] == [(e.token_id, [t for t, _ in e.top]) for e in theirs]
+    values = [[e.logprob, *(v for _, v in e.top)] for e in ours]
+    assert values == [pytest.approx([e.logprob, *(v for _, v in e.top)], abs=1e-4) for e in theirs]
+
+
 def assert_entry(entry, logp_row, token, k):
     assert entry.token_id == token
     assert entry.logprob == pytest.approx(float(logp_row[token]), abs=1e-4)
@@ -350,7 +356,7 @@ def test_batched_logprobs_arrive_before_their_token(model, engine):
     assert [e.logprob for e in request.logprobs] == pytest.approx(
         [e.logprob for e in expected.logprobs], abs=1e-4
     )
-    assert [e.top for e in request.prompt_logprobs[1:]] == [e.top for e in expected.prompt_logprobs[1:]]
+    assert_same_entries(request.prompt_logprobs[1:], expected.prompt_logprobs[1:])
     assert other.logprobs == [] and other.prompt_logprobs == []
 
 
@@ -380,3 +386,122 @@ def test_counters(model):
         assert batched.active_count == 1 and batched.pending_count == 1
         running.cancel()
         list(waiting)
+
+
+# ---------------------------------------------------------------------- the scheduler
+
+
+def test_chunked_prefill_equals_whole_prefill(model, engine):
+    params = GREEDY.replace(logprobs=2, prompt_logprobs=2)
+    whole = engine.generate(PROMPTS, params)
+    chunked = Engine(model, prefill_tokens=3).generate(PROMPTS, params)  # every prompt over several steps
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-4)
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        assert_same_entries(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding(model, engine):
+    long_prompt = [(7 * i) % 500 for i in range(200)]
+    expected = engine.generate([long_prompt], GREEDY)[0].token_ids
+    chunked = Engine(model, prefill_tokens=8)
+    running = chunked.stream(PROMPTS[0], GREEDY)
+    first = [next(running)]
+    waiting = chunked.submit(long_prompt, GREEDY)
+    for _ in range(10):  # each next() is one step: one token for the stream, 8 prompt tokens for the other
+        first.append(next(running))
+    assert waiting.token_ids == [] and waiting.first_token_at is None
+    first += list(running)
+    assert first == engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    while not waiting.done:
+        chunked.step()
+    assert waiting.token_ids == expected
+
+
+def test_new_prompts_are_prefilled_together(model):
+    engine = Engine(model, max_batch_size=4)
+    calls = []
+    prefill = engine.runner.prefill
+    engine.runner.prefill = lambda chunks: calls.append(len(chunks)) or prefill(chunks)
+    engine.generate(PROMPTS, GREEDY.replace(max_new_tokens=3))
+    assert calls == [len(PROMPTS)]
+
+
+def test_more_prompts_than_rows_queue_and_equal_single_rows(model, engine):
+    mixed = [GREEDY, GREEDY.replace(repetition_penalty=1.4), SamplingParams(top_k=8, seed=4, max_new_tokens=24),
+             GREEDY.replace(max_new_tokens=7)] * 2  # fmt: skip
+    prompts = PROMPTS * 2
+    small = Engine(model, max_batch_size=3)
+    together = small.generate(prompts, mixed)
+    for prompt, params, result in zip(prompts, mixed, together, strict=True):
+        assert result.token_ids == engine.generate([prompt], params)[0].token_ids
+    assert small.scheduler.active_count == 0 and small.scheduler.pending_count == 0
+
+
+def test_closed_stream_frees_its_row_at_once(model):
+    engine = Engine(model, max_batch_size=1)
+    stream = engine.stream(PROMPTS[0], GREEDY)
+    next(stream)
+    assert engine.scheduler.active_count == 1
+    stream.close()
+    assert engine.scheduler.active_count == 0 and stream.finish_reason == "cancelled"
+    assert list(stream) == []
+    abandoned = engine.stream(PROMPTS[1], GREEDY)
+    next(abandoned)
+    del abandoned  # dropped unread: its row goes back at the next step, no more tokens computed for it
+    assert engine.generate([PROMPTS[2]], GREEDY)[0].token_ids
+    assert engine.scheduler.active_count == 0
+
+
+def test_finished_or_cancelled_batched_row_is_free_when_the_request_ends(model):
+    long = SamplingParams(temperature=0, max_new_tokens=200)
+    with BatchedEngine(model, max_batch_size=2) as batched:
+        done = batched.submit(PROMPTS[0], GREEDY)
+        list(done)
+        assert batched.active_count == 0  # the row is freed before the end of the stream is delivered
+        running = batched.submit(PROMPTS[1], long)
+        next(iter(running))
+        running.cancel()
+        assert running.wait(5) and running.finish_reason == "cancelled"
+        assert batched.active_count == 0
+        assert running.completion_tokens < long.max_new_tokens
+
+
+def fail_next_decode(runner):
+    decode = runner.decode
+
+    def fail_once(*args):
+        runner.decode = decode
+        raise RuntimeError("boom")
+
+    runner.decode = fail_once
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, engine):
+    expected = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    broken = Engine(model)
+    fail_next_decode(broken.runner)
+    with pytest.raises(RuntimeError, match="boom"):
+        broken.generate([PROMPTS[0], PROMPTS[1]], GREEDY)
+    assert broken.scheduler.active_count == 0
+    assert broken.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected
+
+    with BatchedEngine(model, max_batch_size=2) as batched:
+        fail_next_decode(batched.runner)
+        failing = batched.submit(PROMPTS[0], GREEDY)
+        with pytest.raises(RuntimeError, match="boom"):
+            list(failing)
+        assert failing.finish_reason == "error"
+        assert list(batched.submit(PROMPTS[0], GREEDY)) == expected
+
+
+def test_the_engine_never_moves_the_model(model):
+    with pytest.raises(Gpt2ChatError, match="bfloat16"):
+        Engine(model, dtype=torch.bfloat16)
+    model.train()
+    try:
+        with pytest.raises(Gpt2ChatError, match="eval"):
+            BatchedEngine(model)
+    finally:
+        model.eval()
