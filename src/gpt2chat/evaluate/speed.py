@@ -42,7 +42,7 @@ def measure_speed(model, *, prompt_tokens: int = 128, new_tokens: int = 64, repe
     """Batch-1 prefill and decode tokens/s of `model` (a `gpt2chat.model.GPT`) on its own device/dtype."""
     import torch
 
-    from gpt2chat.model import KVCache
+    from gpt2chat.model import AttentionPlan, KVCache
 
     config = model.config
     parameter = next(model.parameters())
@@ -57,15 +57,17 @@ def measure_speed(model, *, prompt_tokens: int = 128, new_tokens: int = 64, repe
         return KVCache(config, 1, prompt_tokens + new_tokens, device, dtype)
 
     def prefill(cache=None):
-        return model(prompt, kv_cache=cache if cache is not None else new_cache(), logits_to_keep=1)
+        plan = AttentionPlan.for_cache(config, cache if cache is not None else new_cache(), [0], prompt_tokens)
+        return model(prompt, plan, logits_to_keep=1)
 
     def decode_only():
         cache = new_cache()
         token = prefill(cache)[:, -1].argmax(-1, keepdim=True)
         synchronize(device)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = model(token, kv_cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        for step in range(new_tokens):
+            plan = AttentionPlan.for_cache(config, cache, [prompt_tokens + step], 1)
+            token = model(token, plan, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
         synchronize(device)
         return time.perf_counter() - start
 
