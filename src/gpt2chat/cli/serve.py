@@ -16,7 +16,10 @@ API_KEY_ENV = "GPT2CHAT_API_KEY"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    from gpt2chat.cli.model import add_model_args
+
+    add_model_args(parser, model=model)
     parser.add_argument("--template", default=None,
                         help="chat template name (default: the one saved with the checkpoint)")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
@@ -24,7 +27,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a batch slot before new ones get 429 (default 64)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024,
                         help="most tokens one request may generate (default 1024)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over an OpenAI-compatible HTTP API with a web chat page",
         description="Serve a chat model: /v1/chat/completions, /v1/completions, /v1/models, /health and a "
                     "web chat page at /. Listens on 127.0.0.1 unless --host says otherwise.")
-    serve.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None,
@@ -57,29 +58,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     telegram.add_argument("--top-p", type=float, default=0.95)
     telegram.add_argument("--bot-api-url", default=None,
                           help="Bot API base URL (default Telegram's; for a local Bot API server)")
-    _add_model_options(telegram)
+    _add_model_options(telegram, model=False)
     telegram.set_defaults(handler=run_telegram_command)
 
 
-def _check_limits(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "max_tokens_limit"):
-        if getattr(args, name) < 1:
-            raise Gpt2ChatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_queue < 0:
-        raise Gpt2ChatError(f"--max-queue must be 0 or more, got {args.max_queue}")
+def _limits(args: argparse.Namespace):
+    from gpt2chat.serve.limits import ServerLimits
+
+    return ServerLimits(max_batch_size=args.max_batch, max_queue=args.max_queue,
+                        max_tokens_limit=args.max_tokens_limit,
+                        max_body_bytes=getattr(args, "max_body_bytes", ServerLimits.max_body_bytes))
 
 
 def _build_service(args: argparse.Namespace, model_name: str | None = None):
-    from gpt2chat.checkpoint import load_model
+    from gpt2chat.cli.model import load_inference_model
     from gpt2chat.serve.service import ChatService
 
-    _check_limits(args)
-    model, tokenizer = load_model(args.model, device=args.device)
-    model.eval()
+    limits = _limits(args)  # check the options before loading anything
+    _, model, tokenizer, device, dtype = load_inference_model(args)
     name = model_name or Path(str(args.model).rstrip("/")).name or "gpt2chat"
-    return ChatService(model, tokenizer, template=args.template, model_name=name,
-                       max_batch_size=args.max_batch, max_queue=args.max_queue,
-                       max_tokens_limit=args.max_tokens_limit)
+    return ChatService(model, tokenizer, template=args.template, model_name=name, limits=limits, device=device,
+                       dtype=dtype)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -89,15 +88,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise Gpt2ChatError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_body_bytes < 1024:
-        raise Gpt2ChatError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.host not in LOOPBACK_HOSTS and not api_key:
         logging.getLogger("gpt2chat.serve").warning(
             "listening on %s without an API key: anyone who can reach this address can use the model", args.host)
     service = _build_service(args, args.model_name)
-    app = create_app(service, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(service, api_key=api_key)
     print(f"serving {service.model_name} on http://{args.host}:{args.port}/ (OpenAI API under /v1)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
