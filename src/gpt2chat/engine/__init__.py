@@ -17,13 +17,12 @@ import torch
 
 from gpt2chat.engine.batched import BatchedEngine
 from gpt2chat.engine.request import GenerationResult, QueueFullError, Request, TokenLogprob
-from gpt2chat.engine.runner import use_decode_layout
 from gpt2chat.engine.sync import Engine, TokenStream
 from gpt2chat.errors import Gpt2ChatError
 
 __all__ = [
     "Engine", "BatchedEngine", "GenerationResult", "Request", "QueueFullError", "TokenStream", "TokenLogprob",
-    "default_device_dtype", "use_decode_layout",
+    "default_device_dtype",
 ]  # fmt: skip
 
 

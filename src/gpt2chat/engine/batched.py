@@ -27,13 +27,13 @@ class BatchedEngine:
     """Continuous batching over `max_batch_size` cache rows, served by a background thread.
 
     `max_len` bounds each row (default: the model's context); `max_queue` bounds the requests waiting for
-    a row (`submit` raises `QueueFullError` beyond it); `prefill_tokens` is the most prompt tokens one step
+    a row once every row is taken (`submit` raises `QueueFullError` beyond it); `prefill_tokens` is the most prompt tokens one step
     prefills. `device` / `dtype` are checked against the model's, never applied.
     """
 
     def __init__(self, model: GPT, max_batch_size: int = 16, max_queue: int = 64, device=None, dtype=None,
                  max_len: int | None = None, prefill_tokens: int = 512,
-                 decode_layout: bool = True):  # fmt: skip
+                 compile: bool = False):  # fmt: skip
         if max_batch_size < 1 or max_queue < 0:
             raise Gpt2ChatError("max_batch_size must be >= 1 and max_queue >= 0")
         self.device, self.dtype = model_device_dtype(model, device, dtype)
@@ -41,7 +41,7 @@ class BatchedEngine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.context = min(self.config.n_positions, max_len or self.config.n_positions)
-        self.runner = ModelRunner(model, max_batch_size, self.context, decode_layout)
+        self.runner = ModelRunner(model, max_batch_size, self.context, compile)
         self.scheduler = Scheduler(self.runner, max_batch_size, self.context, prefill_tokens)
         self._inbox: list[Request] = []  # submitted, not yet handed to the scheduler (its thread owns it)
         self._cond = threading.Condition()
@@ -58,7 +58,8 @@ class BatchedEngine:
         with self._cond:
             if self._closed:
                 raise Gpt2ChatError("the engine is closed")
-            if self.pending_count >= self.max_queue:
+            free_rows = self.max_batch_size - self.scheduler.active_count
+            if self.pending_count >= self.max_queue + free_rows:  # a free row takes it even if max_queue is 0
                 raise QueueFullError(
                     f"the request queue is full ({self.max_queue} requests waiting); try again later"
                 )

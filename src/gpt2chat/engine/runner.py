@@ -9,14 +9,16 @@ This module knows nothing about requests, sampling or stop tokens.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from gpt2chat.model import GPT, KVCache
+from gpt2chat.model import GPT, AttentionPlan, KVCache
 
-__all__ = ["ModelRunner", "PrefillChunk", "use_decode_layout"]
+__all__ = ["ModelRunner", "PrefillChunk"]
 
+_log = logging.getLogger(__name__)
 _MIN_CACHE_LEN = 64
 
 
@@ -30,38 +32,26 @@ class PrefillChunk:
     all_logits: bool = False  # logits of every position (prompt log-probabilities), not only the last
 
 
-def use_decode_layout(model: GPT, device: torch.device, dtype: torch.dtype) -> bool:
-    """On CPU in fp32, store every Linear weight column-major (values and shapes unchanged).
-
-    A decode step multiplies one row by each weight. With the weight `[out, in]` stored column-major,
-    `F.linear` reads it as a contiguous `[in, out]` matrix: the "NN" GEMV, which MKL streams from memory
-    about 1.4x faster than the "NT" one on the 2-core AMD EPYC we measure on (benchmarks/decode.py).
-    Only CPU fp32 is changed. Saving a checkpoint afterwards is unaffected (`hf_state_dict` makes tensors
-    contiguous). Kept until `gpt2chat.quantize.load_for_inference` chooses the layout at load time.
-    """
-    if device.type != "cpu" or dtype != torch.float32:
-        return False
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
-    return True
-
-
 class ModelRunner:
     """Forwards of `model` (in eval mode, on its own device and dtype) over a growing KV cache."""
 
-    def __init__(self, model: GPT, max_rows: int, max_len: int, decode_layout: bool = True):
+    def __init__(self, model: GPT, max_rows: int, max_len: int, compile: bool = False):
         self.model = model
         self.config = model.config
-        weight = model.transformer.wte.weight
+        # wpe is a plain fp32 (compute dtype) tensor in every inference layout; wte may be a view of the head
+        weight = model.transformer.wpe.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.vocab_size = self.config.vocab_size
         self.max_rows = max_rows
         self.max_len = max_len
         self.cache: KVCache | None = None
-        if decode_layout:
-            use_decode_layout(model, self.device, self.dtype)
+        self._compiled = None
+        self._graphs = compile and self.device.type == "cuda"
+        if compile:
+            # static shapes: one graph per (row count, key length) bucket; on CUDA the graph is captured
+            # (CUDA graphs), which needs the cache tensors at fixed addresses
+            mode = "reduce-overhead" if self._graphs else None
+            self._compiled = torch.compile(self._static_step, dynamic=False, mode=mode)
 
     def reserve(self, rows: int, length: int) -> None:
         """Make the cache hold at least `rows` rows of `length` positions (grown by doubling, copied)."""
@@ -71,7 +61,12 @@ class ModelRunner:
             return
         new_rows = min(self.max_rows, max(rows, 2 * have_rows))
         new_len = min(self.max_len, max(length, 2 * have_len, _MIN_CACHE_LEN))
+        if self._graphs:  # captured graphs hold the cache's addresses: allocate it once, full size
+            new_rows, new_len = self.max_rows, self.max_len
         grown = KVCache(self.config, new_rows, new_len, self.device, self.dtype)
+        if self._graphs:
+            for tensor in grown.k + grown.v:
+                torch._dynamo.mark_static_address(tensor)
         if self.cache is not None:
             for old, new in zip(self.cache.k + self.cache.v, grown.k + grown.v, strict=True):
                 new[:have_rows, :, :have_len] = old
@@ -79,40 +74,55 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> list[torch.Tensor]:
-        """Cache every chunk's tokens; per chunk the logits [1, V] of its last position ([T, V] of every
-        position with `all_logits`). Chunks of one length run as one forward."""
-        cache = self.cache
-        outputs: list[torch.Tensor | None] = [None] * len(chunks)
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, chunk in enumerate(chunks):
-            groups.setdefault((len(chunk.token_ids), chunk.all_logits), []).append(i)
-        for (_, all_logits), members in groups.items():
-            ids = torch.tensor([chunks[i].token_ids for i in members], device=self.device)
-            rows = torch.tensor([chunks[i].row for i in members], device=self.device)
-            cache.lengths[rows] = torch.tensor([chunks[i].start for i in members], device=self.device)
-            logits = self.model(ids, kv_cache=cache, rows=rows, logits_to_keep=0 if all_logits else 1)
-            for j, i in enumerate(members):
-                outputs[i] = logits[j]
-        return outputs
+        """Cache every chunk's tokens in one forward; per chunk the logits [1, V] of its last position
+        ([T, V] of every position with `all_logits`).
+
+        Chunks of one length run as a batch of rows; chunks of different lengths are packed into one row
+        (`AttentionPlan.for_ragged_cache`), so no padding is computed either way."""
+        lengths = [len(chunk.token_ids) for chunk in chunks]
+        rows, starts = [c.row for c in chunks], [c.start for c in chunks]
+        if len(set(lengths)) == 1:
+            ids = torch.tensor([c.token_ids for c in chunks], device=self.device)
+            plan = AttentionPlan.for_cache(self.config, self.cache, starts, lengths[0], rows=rows)
+            logits = self.model(ids, plan, logits_to_keep=0 if any(c.all_logits for c in chunks) else 1)
+            return [logits[i] if c.all_logits else logits[i, -1:] for i, c in enumerate(chunks)]
+        ids = torch.tensor([[token for c in chunks for token in c.token_ids]], device=self.device)
+        plan = AttentionPlan.for_ragged_cache(self.config, self.cache, rows, starts, lengths)
+        select, sizes, end = [], [], 0
+        for chunk, length in zip(chunks, lengths, strict=True):
+            end += length
+            wanted = range(end - length, end) if chunk.all_logits else range(end - 1, end)
+            select.extend(wanted)
+            sizes.append(len(wanted))
+        logits = self.model(ids, plan, select=torch.tensor(select, device=self.device))
+        return list(logits.split(sizes))
+
+    def decode_width(self, rows: int) -> int:
+        """How many cache rows a decode step over rows 0 .. rows - 1 computes (a compiled step rounds up to
+        a few fixed widths, so it is compiled a few times, not once per width)."""
+        if self._compiled is None:
+            return rows
+        return min(self.cache.batch_size, _next_power_of_two(rows))
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Feed `tokens[r]` at `positions[r]` of cache rows 0 .. len(tokens) - 1 -> logits [rows, V]."""
-        width = len(tokens)
-        cache = _first_rows(self.cache, width)
-        cache.lengths.copy_(torch.tensor(positions, device=self.device))
-        step = torch.tensor(tokens, device=self.device).unsqueeze(1)
-        return self.model(step, kv_cache=cache)[:, -1]
+        step = torch.tensor(tokens, device=self.device)
+        if self._compiled is not None:
+            key_len = min(self.cache.max_len, max(_MIN_CACHE_LEN, _next_power_of_two(max(positions) + 1)))
+            try:
+                return self._compiled(step, torch.tensor(positions, device=self.device), key_len)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: the eager step gives the same tokens
+                _log.warning("gpt2chat: the compiled decode step failed (%s); decoding eagerly from now on", error)
+                self._compiled = None
+        plan = AttentionPlan.for_cache(self.config, self.cache, positions, 1)
+        return self.model(step.unsqueeze(1), plan)[:, -1]
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:
+        """The decode step with static shapes (`AttentionPlan.for_decode`): what gets compiled."""
+        plan = AttentionPlan.for_decode(self.config, self.cache, positions, key_len)
+        return self.model(tokens.unsqueeze(1), plan)[:, -1]
 
 
-def _first_rows(cache: KVCache, rows: int) -> KVCache:
-    """A KVCache over the first `rows` rows of `cache`: views, no copies."""
-    if rows == cache.batch_size:
-        return cache
-    view = object.__new__(KVCache)
-    view.k = [k[:rows] for k in cache.k]
-    view.v = [v[:rows] for v in cache.v]
-    view.lengths = cache.lengths[:rows]
-    view.batch_size = rows
-    view.max_len = cache.max_len
-    return view
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

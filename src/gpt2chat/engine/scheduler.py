@@ -198,8 +198,10 @@ class Scheduler:
             row.request._finish(reason, error)
 
     def _decode(self, decoding: list[int]) -> torch.Tensor:
-        """One decode step over rows 0 .. the last decoding row -> logits [len(decoding), V]."""
-        width = decoding[-1] + 1
+        """One decode step over rows 0 .. the last decoding row (or a few more, see `decode_width`) ->
+        logits [len(decoding), V]. Rows in that range that are not decoding get a dummy token at their own
+        next position, which their next prefill chunk or admission overwrites."""
+        width = self.runner.decode_width(decoding[-1] + 1)
         tokens, positions = [0] * width, [0] * width
         for index in range(width):
             row = self.rows[index]
@@ -211,7 +213,7 @@ class Scheduler:
         logits = self.runner.decode(tokens, positions)
         for index in decoding:
             self.rows[index].cached += 1
-        if len(decoding) < width:
+        if decoding != list(range(width)):
             logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
         return logits
 

@@ -27,7 +27,7 @@ __all__ = ["Engine", "TokenStream", "model_device_dtype"]
 def model_device_dtype(model: GPT, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of `model`'s weights; a `device` / `dtype` given must match them (the engine
     never moves or casts the model it is given: load it where it should run)."""
-    weight = model.transformer.wte.weight
+    weight = model.transformer.wpe.weight  # plain fp32 in every inference layout
     have_device, have_dtype = weight.device, weight.dtype
     if device is not None and torch.device(device).type != have_device.type:
         raise Gpt2ChatError(f"the model is on {have_device} but the engine was asked for {device}: load it there")
@@ -46,13 +46,13 @@ class Engine:
     """
 
     def __init__(self, model: GPT, device=None, dtype=None, *, max_batch_size: int = 8, prefill_tokens: int = 512,
-                 max_len: int | None = None, decode_layout: bool = True):  # fmt: skip
+                 max_len: int | None = None, compile: bool = False):  # fmt: skip
         self.device, self.dtype = model_device_dtype(model, device, dtype)
         self.model = model
         self.config = model.config
         self.context = min(self.config.n_positions, max_len or self.config.n_positions)
         self.max_batch_size = max_batch_size
-        self.runner = ModelRunner(model, max_batch_size, self.context, decode_layout)
+        self.runner = ModelRunner(model, max_batch_size, self.context, compile)
         self.scheduler = Scheduler(self.runner, max_batch_size, self.context, prefill_tokens)
         self._stepping = False
 
