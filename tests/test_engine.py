@@ -209,32 +209,44 @@ def test_submit_refuses_bad_prompt(model):
             batched.submit([11] * 400, GREEDY)
 
 
-def test_async_iteration_does_not_block_the_loop(model, engine):
+def test_async_iteration_gives_the_same_tokens(model, engine):
     expected = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
 
     async def main(batched):
-        ticks = 0
-        stop = asyncio.Event()
-
-        async def ticker():
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0)
-
         async def collect(prompt):
             return [token async for token in batched.submit(prompt, GREEDY)]
 
-        tick_task = asyncio.create_task(ticker())
-        outputs = await asyncio.gather(*(collect(p) for p in PROMPTS))
-        stop.set()
-        await tick_task
-        return outputs, ticks
+        return await asyncio.gather(*(collect(p) for p in PROMPTS))
 
     with BatchedEngine(model, max_batch_size=2) as batched:
-        outputs, ticks = asyncio.run(main(batched))
-    assert outputs == expected
-    assert ticks > 0
+        assert asyncio.run(main(batched)) == expected
+
+
+def test_async_iteration_does_not_block_the_loop(model):
+    """While one coroutine waits for tokens, others run: here one cancels the stream mid-way. If waiting
+    blocked the event loop, the consumer would run to the end (240 tokens) before the canceller ran."""
+    long = SamplingParams(temperature=0, max_new_tokens=240)
+
+    async def main(batched):
+        request = batched.submit([11], long)
+        got: list[int] = []
+
+        async def consume():
+            async for token in request:
+                got.append(token)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 3 and not task.done():
+            await asyncio.sleep(0.001)
+        seen_while_running = len(got)
+        request.cancel()
+        await task
+        return seen_while_running, got, request.finish_reason
+
+    with BatchedEngine(model, max_batch_size=1) as batched:
+        seen, got, reason = asyncio.run(main(batched))
+    assert 3 <= seen < long.max_new_tokens
+    assert reason == "cancelled" and len(got) < long.max_new_tokens
 
 
 def test_close_cancels_unfinished(model):
@@ -267,3 +279,104 @@ def test_decode_layout_keeps_values_and_saving_works(tmp_path, tiny_checkpoint):
     reloaded, _ = load_model(tmp_path / "again", device="cpu")
     for name, p in reloaded.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+# ---------------------------------------------------------------------- logprobs and timing
+
+
+def reference_logprobs(model, prompt, tokens):
+    """log_softmax of the model's logits over prompt + reply in one plain forward (no cache)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def assert_entry(entry, logp_row, token, k):
+    assert entry.token_id == token
+    assert entry.logprob == pytest.approx(float(logp_row[token]), abs=1e-4)
+    assert len(entry.top) == k
+    values, ids = logp_row.topk(k)
+    assert [t for t, _ in entry.top] == ids.tolist()
+    assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("params", [
+    GREEDY.replace(logprobs=3, prompt_logprobs=2),
+    # sampled with a penalty: the logprobs are still those of the raw distribution
+    SamplingParams(temperature=1.3, top_k=5, repetition_penalty=1.5, seed=3, max_new_tokens=12,
+                   logprobs=0, prompt_logprobs=0),
+], ids=["greedy", "sampled"])  # fmt: skip
+def test_logprobs_equal_log_softmax_of_the_models_logits(model, engine, params):
+    prompt = PROMPTS[2]
+    (result,) = engine.generate([prompt], params)
+    logp = reference_logprobs(model, prompt, result.token_ids)
+    assert len(result.logprobs) == len(result.token_ids) == params.max_new_tokens
+    for i, (entry, token) in enumerate(zip(result.logprobs, result.token_ids, strict=True)):
+        assert_entry(entry, logp[len(prompt) - 1 + i], token, params.logprobs)
+    assert len(result.prompt_logprobs) == len(prompt) and result.prompt_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        assert_entry(result.prompt_logprobs[i], logp[i - 1], prompt[i], params.prompt_logprobs)
+    stream = engine.stream(prompt, params)
+    assert list(stream) == result.token_ids
+    assert [e.logprob for e in stream.logprobs] == pytest.approx(
+        [e.logprob for e in result.logprobs], abs=1e-5
+    )
+    assert len(stream.prompt_logprobs) == len(prompt)
+
+
+def test_logprobs_off_by_default_and_stop_token_has_no_entry(engine):
+    assert engine.generate([PROMPTS[0]], GREEDY)[0].logprobs == []
+    full = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    params = GREEDY.replace(stop_token_ids=(full[4],), logprobs=1)
+    (result,) = engine.generate([PROMPTS[0]], params)
+    assert result.finish_reason == "stop"
+    assert [e.token_id for e in result.logprobs] == result.token_ids == full[: full.index(full[4])]
+    assert result.prompt_logprobs == []
+
+
+def test_batched_logprobs_arrive_before_their_token(model, engine):
+    params = GREEDY.replace(logprobs=2, prompt_logprobs=1, max_new_tokens=10)
+    expected = engine.generate([PROMPTS[0]], params)[0]
+    with BatchedEngine(model, max_batch_size=2) as batched:
+        other = batched.submit(PROMPTS[1], GREEDY)  # shares the decode steps, asks for nothing
+        request = batched.submit(PROMPTS[0], params)
+        tokens = []
+        for token in request:
+            assert len(request.prompt_logprobs) == len(PROMPTS[0])
+            assert len(request.logprobs) > len(tokens) and request.logprobs[len(tokens)].token_id == token
+            tokens.append(token)
+        list(other)
+    assert tokens == expected.token_ids
+    assert [e.logprob for e in request.logprobs] == pytest.approx(
+        [e.logprob for e in expected.logprobs], abs=1e-4
+    )
+    assert [e.top for e in request.prompt_logprobs[1:]] == [e.top for e in expected.prompt_logprobs[1:]]
+    assert other.logprobs == [] and other.prompt_logprobs == []
+
+
+def test_timing_counts_from_submit_including_the_wait_for_a_row(model):
+    with BatchedEngine(model, max_batch_size=1) as batched:
+        first = batched.submit(PROMPTS[0], GREEDY.replace(max_new_tokens=40))
+        second = batched.submit(PROMPTS[1], GREEDY)
+        list(first), list(second)
+    for request in (first, second):
+        assert request.ttft_s > 0 and request.decode_s > 0
+    # the second request got its row only after the first one's last token
+    first_last = first.submitted_at + first.ttft_s + first.decode_s
+    assert second.submitted_at + second.ttft_s >= first_last
+    start = time.perf_counter()
+    (result,) = Engine(model).generate([PROMPTS[0]], GREEDY)
+    wall = time.perf_counter() - start
+    assert 0 < result.ttft_s < wall and 0 < result.decode_s < wall
+
+
+def test_counters(model):
+    long = SamplingParams(temperature=0, max_new_tokens=200)
+    with BatchedEngine(model, max_batch_size=1, max_queue=4) as batched:
+        assert (batched.active_count, batched.pending_count, batched.max_batch_size) == (0, 0, 1)
+        running = batched.submit([11], long)
+        next(iter(running))
+        waiting = batched.submit([12], GREEDY)
+        assert batched.active_count == 1 and batched.pending_count == 1
+        running.cancel()
+        list(waiting)

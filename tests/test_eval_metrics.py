@@ -17,7 +17,7 @@ from gpt2chat.evaluate.metrics import (
     reward_words,
     words,
 )
-from gpt2chat.evaluate.scoring import score_sequences, token_logprobs
+from gpt2chat.evaluate.scoring import score_sequences
 
 # Every position predicts the same next-token distribution: p = (1/2, 1/4, 1/8, 1/8).
 PROBS = torch.tensor([0.5, 0.25, 0.125, 0.125])
@@ -30,9 +30,10 @@ class FixedDistributionModel(torch.nn.Module):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, **kwargs):
+    def forward(self, input_ids, plan=None, select=None):
         batch, time = input_ids.shape
-        return (PROBS.log() + self.dummy).expand(batch, time, len(PROBS)).clone()
+        logits = (PROBS.log() + self.dummy).expand(batch, time, len(PROBS)).clone()
+        return logits if select is None else logits.flatten(0, 1)[select]
 
 
 def test_perplexity_of_known_logprobs():
@@ -43,12 +44,8 @@ def test_perplexity_of_known_logprobs():
         perplexity(-1.0, 0)
 
 
-def test_token_logprobs_shift_and_score_sequences_mask():
+def test_score_sequences_shift_and_mask():
     model = FixedDistributionModel()
-    ids = torch.tensor([[3, 1, 2, 0]])
-    expected = torch.tensor([[math.log(0.25), math.log(0.125), math.log(0.5)]])
-    assert torch.allclose(token_logprobs(model(ids), ids), expected)
-
     # Second sequence is shorter (padding must not count) and scores only its last token.
     sequences = [[3, 1, 2, 0], [0, 3]]
     masks = [[1, 1, 1, 1], [0, 1]]  # mask[0] is ignored: nothing predicts the first token

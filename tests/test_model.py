@@ -1,5 +1,5 @@
 """Our GPT-2 / GPT-Neo against transformers' on the same weights, the KV cache against full forwards,
-packing against separate forwards, and the model's input checks."""
+packing and shared prefixes against separate forwards, and the attention plans' checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from gpt2chat.config import PRESETS, ConfigError, ModelConfig, get_preset
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.model import GPT, ContextLengthError, KVCache
+from gpt2chat.model import GPT, AttentionPlan, ContextLengthError, KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,28 +82,44 @@ def test_logits_to_keep():
     assert torch.allclose(full[:, -3:], last, atol=1e-6)
 
 
-def test_return_hidden_gives_what_the_head_projects():
+def test_hidden_states_and_selected_positions_are_what_the_full_logits_hold():
     model = make_model()
     ids = torch.randint(0, VOCAB, (2, 12))
+    select = torch.tensor([3, 0, 23, 13])  # flat row * T + t, in any order
     with torch.no_grad():
-        hidden = model(ids, return_hidden=True)
+        full = model(ids)
+        hidden = model.hidden_states(ids)
         assert hidden.shape == (2, 12, model.config.n_embd)
-        assert torch.allclose(model.lm_head(hidden), model(ids), atol=1e-6)
+        assert torch.allclose(model.lm_head(hidden), full, atol=1e-6)
+        selected = model(ids, select=select)
+    assert selected.shape == (4, VOCAB)
+    assert torch.allclose(selected, full.flatten(0, 1)[select], atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, logits_to_keep=1, select=select)
 
 
 # ---------------------------------------------------------------- KV cache
+def cached(model, ids, cache, lengths, rows=None, **kwargs):
+    """One forward appending `ids` to the cache rows at `lengths` (updated in place, as a caller does)."""
+    plan = AttentionPlan.for_cache(model.config, cache, lengths, ids.shape[1], rows)
+    out = model(ids, plan, **kwargs)
+    for i in range(len(lengths)):
+        lengths[i] += ids.shape[1]
+    return out
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-neo"])
 def test_incremental_decode_matches_full_forward(preset):
     model = make_model(preset)
     ids = torch.randint(0, VOCAB, (2, 45))
+    lengths = [0, 0]
     with torch.no_grad():
         full = model(ids)
         cache = model.new_kv_cache(batch_size=2, max_len=64)
-        steps = [model(ids[:, :5], kv_cache=cache)]  # prefill
-        steps.append(model(ids[:, 5:9], kv_cache=cache))  # chunked prefill on a non-empty cache
+        steps = [cached(model, ids[:, :5], cache, lengths)]  # prefill
+        steps.append(cached(model, ids[:, 5:9], cache, lengths))  # chunked prefill on a non-empty cache
         for t in range(9, 45):  # single tokens, well past the Neo window of 16
-            steps.append(model(ids[:, t : t + 1], kv_cache=cache))
-    assert cache.lengths.tolist() == [45, 45]
+            steps.append(cached(model, ids[:, t : t + 1], cache, lengths))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
@@ -116,67 +132,88 @@ def test_cache_rows_with_different_lengths(preset):
         cache = model.new_kv_cache(batch_size=3, max_len=40)
         prompt_lens = [7, 20, 3]
         for row, n in enumerate(prompt_lens):  # one prefill per row, through rows=
-            out = model(seqs[row][:, :n], kv_cache=cache, rows=torch.tensor([row]), logits_to_keep=1)
+            out = cached(model, seqs[row][:, :n], cache, [0], rows=[row], logits_to_keep=1)
             assert torch.allclose(out[0, -1], full[row][0, n - 1], atol=1e-4)
         pos = list(prompt_lens)
         for _ in range(3):  # all rows at once, each at its own length
             step = torch.stack([seqs[r][0, pos[r]] for r in range(3)]).unsqueeze(1)
-            out = model(step, kv_cache=cache)
+            before = list(pos)
+            out = cached(model, step, cache, pos)
             for r in range(3):
-                assert torch.allclose(out[r, 0], full[r][0, pos[r]], atol=1e-4), (r, pos[r])
-                pos[r] += 1
-        rows = torch.tensor([2, 0])  # a subset, out of order, two tokens each
-        step = torch.stack([seqs[r][0, pos[r] : pos[r] + 2] for r in rows.tolist()])
-        out = model(step, kv_cache=cache, rows=rows)
-        for i, r in enumerate(rows.tolist()):
+                assert torch.allclose(out[r, 0], full[r][0, before[r]], atol=1e-4), (r, before[r])
+        rows = [2, 0]  # a subset, out of order, two tokens each
+        step = torch.stack([seqs[r][0, pos[r] : pos[r] + 2] for r in rows])
+        out = cached(model, step, cache, [pos[r] for r in rows], rows=rows)
+        for i, r in enumerate(rows):
             assert torch.allclose(out[i], full[r][0, pos[r] : pos[r] + 2], atol=1e-4)
-            pos[r] += 2
-    assert cache.lengths.tolist() == pos
+        # the first rows of a larger cache, without rows=: the decode step of a batch that does not fill it
+        step = torch.stack([seqs[r][0, pos[r] + 2 * (r != 1)] for r in range(2)]).unsqueeze(1)
+        out = cached(model, step, cache, [pos[0] + 2, pos[1]])
+        assert torch.allclose(out[0, 0], full[0][0, pos[0] + 2], atol=1e-4)
+        assert torch.allclose(out[1, 0], full[1][0, pos[1]], atol=1e-4)
 
 
-def test_right_padded_prefill_then_lengths_fixup():
-    """Documented use: prefill a right-padded batch, then lower lengths to the real prompt lengths."""
+def test_right_padded_prefill_then_lower_lengths():
+    """A right-padded batch prefilled at once, then each row continued from its real prompt length."""
     model = make_model()
     a, b = torch.randint(0, VOCAB, (1, 10)), torch.randint(0, VOCAB, (1, 6))
     padded = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], dim=1)])
     nxt = torch.randint(0, VOCAB, (2, 1))
     with torch.no_grad():
         cache = model.new_kv_cache(batch_size=2, max_len=32)
-        model(padded, kv_cache=cache)
-        cache.lengths[:] = torch.tensor([10, 6])
-        out = model(nxt, kv_cache=cache)
+        cached(model, padded, cache, [0, 0])
+        out = cached(model, nxt, cache, [10, 6])
         want_a = model(torch.cat([a, nxt[:1]], dim=1))[0, -1]
         want_b = model(torch.cat([b, nxt[1:]], dim=1))[0, -1]
     assert torch.allclose(out[0, 0], want_a, atol=1e-4)
     assert torch.allclose(out[1, 0], want_b, atol=1e-4)
 
 
-def test_cache_reset_rows():
+def test_a_row_restarted_at_length_zero_forgets_its_old_entries():
     model = make_model()
     cache = model.new_kv_cache(batch_size=2, max_len=16)
     ids = torch.randint(0, VOCAB, (2, 5))
     with torch.no_grad():
-        model(ids, kv_cache=cache)
-        cache.reset([1])
-        assert cache.lengths.tolist() == [5, 0]
-        out = model(ids[1:, :3], kv_cache=cache, rows=torch.tensor([1]))
+        cached(model, ids, cache, [0, 0])
+        out = cached(model, ids[1:, :3], cache, [0], rows=[1])
         assert torch.allclose(out, model(ids[1:, :3]), atol=1e-4)
 
 
 def test_cache_full_and_context_limit_raise_clear_errors():
     model = make_model()
     cache = KVCache(model.config, batch_size=1, max_len=8)
+    with pytest.raises(ContextLengthError, match="KV cache is full"):
+        AttentionPlan.for_cache(model.config, cache, [6], 3)
+    with pytest.raises(ContextLengthError, match="context is 256 tokens"):
+        AttentionPlan.for_cache(model.config, model.new_kv_cache(1, 300), [250], 7)
+    with pytest.raises(Gpt2ChatError, match="context is 256 tokens"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+    with pytest.raises(ValueError, match="KV cache has 1"):
+        AttentionPlan.for_cache(model.config, cache, [0, 0], 1)
+
+
+def test_a_plan_for_another_window_is_refused():
+    neo = make_model("tiny-neo")
+    plan = AttentionPlan.causal(make_model().config, 20)
+    with pytest.raises(ValueError, match="local window None"):
+        neo(torch.zeros(1, 20, dtype=torch.long), plan)
+
+
+def test_a_decode_step_reads_nothing_back_from_the_device(monkeypatch):
+    """The forward never turns a tensor into a Python value (on CUDA each would wait for the GPU)."""
+    model = make_model("tiny-neo")
+    cache = model.new_kv_cache(batch_size=2, max_len=64)
     with torch.no_grad():
-        model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
-        with pytest.raises(ContextLengthError, match="KV cache is full"):
-            model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
-        assert cache.lengths.tolist() == [6]  # the failed call changed nothing
-        with pytest.raises(Gpt2ChatError, match="context is 256 tokens"):
-            model(torch.zeros(1, 257, dtype=torch.long))
-        with pytest.raises(Gpt2ChatError, match="context is 256 tokens"):
-            model(torch.zeros(1, 2, dtype=torch.long), position_ids=torch.tensor([[255, 256]]))
-        with pytest.raises(Gpt2ChatError, match="outside the model's vocabulary"):
-            model(torch.tensor([[1, VOCAB]]))
+        cached(model, torch.randint(0, VOCAB, (2, 30)), cache, [0, 0])
+        plans = [AttentionPlan.for_cache(model.config, cache, lengths, 1) for lengths in ([30, 30], [30, 21])]
+
+        def host_read(*args, **kwargs):
+            raise AssertionError("the forward read a tensor back to the host")
+
+        for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+        for plan in plans:
+            assert model(torch.zeros(2, 1, dtype=torch.long), plan).shape == (2, 1, VOCAB)
 
 
 # ---------------------------------------------------------------- packing
@@ -190,8 +227,8 @@ def test_packing_matches_separate_forwards(preset):
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     with torch.no_grad():
         separate = torch.cat([model(s) for s in seqs], dim=1)
-        explicit = model(packed, position_ids=position_ids, segment_ids=segment_ids)
-        implicit = model(packed, segment_ids=segment_ids)  # positions restart by themselves
+        explicit = model(packed, AttentionPlan.packed(model.config, segment_ids, position_ids))
+        implicit = model(packed, AttentionPlan.packed(model.config, segment_ids))  # positions restart
         unpacked = model(packed)
     assert (explicit - separate).abs().max().item() <= 1e-4
     assert (implicit - separate).abs().max().item() <= 1e-4
@@ -204,6 +241,7 @@ def test_shared_prefix_branches_match_separate_forwards(preset):
     prompt alone; reply B's positions restart at the prompt's end. The prompt and reply A exceed tiny-neo's
     window, so its local layers must count positions, not row indices."""
     model = make_model(preset)
+    config = model.config
     prompt, reply_a, reply_b = (torch.randint(0, VOCAB, (1, n)) for n in (12, 14, 9))
     row = torch.cat([prompt, reply_a, reply_b], dim=1)
     branch_ids = torch.tensor([[0] * 12 + [1] * 14 + [2] * 9])
@@ -211,19 +249,17 @@ def test_shared_prefix_branches_match_separate_forwards(preset):
     with torch.no_grad():
         a = model(torch.cat([prompt, reply_a], dim=1))
         b = model(torch.cat([prompt, reply_b], dim=1))
-        shared = model(row, position_ids=position_ids, branch_ids=branch_ids)
+        shared = model(row, AttentionPlan.shared_prefix(config, branch_ids, position_ids))
         # two pairs in a batch, the second one shorter and padded (a segment of its own)
         batch = torch.cat([row, torch.cat([row[:, :20], torch.zeros(1, 15, dtype=torch.long)], dim=1)])
-        batched = model(batch, position_ids=position_ids.expand(2, -1), branch_ids=branch_ids.expand(2, -1),
-                        segment_ids=torch.tensor([[1] * 35, [1] * 20 + [0] * 15]))
+        batched = model(batch, AttentionPlan.shared_prefix(
+            config, branch_ids.expand(2, -1), position_ids.expand(2, -1),
+            segment_ids=torch.tensor([[1] * 35, [1] * 20 + [0] * 15])))
+        shorter = model(row[:, :20], AttentionPlan.shared_prefix(config, branch_ids[:, :20], position_ids[:, :20]))
     assert (shared[:, :26] - a).abs().max().item() <= 1e-4
     assert (shared[:, 26:] - b[:, 12:]).abs().max().item() <= 1e-4
     assert (batched[:1] - shared).abs().max().item() <= 1e-4
-    with torch.no_grad():
-        shorter = model(row[:, :20], position_ids=position_ids[:, :20], branch_ids=branch_ids[:, :20])
     assert (batched[1:, :20] - shorter).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match="needs explicit position_ids"):
-        model(row, branch_ids=branch_ids)
 
 
 # ---------------------------------------------------------------- weights, training switches

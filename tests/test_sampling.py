@@ -33,6 +33,10 @@ VOCAB = 1000
         ("max_new_tokens", True),
         ("seed", "abc"),
         ("stop_token_ids", [-3]),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("prompt_logprobs", True),
+        ("prompt_logprobs", 1.5),
     ],
 )
 def test_bad_values_name_the_field(field, value):

@@ -6,6 +6,7 @@ These tests drive `Trainer` directly (no tokenizer, no dataset files), so they p
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import pytest
 import torch
 
 from gpt2chat.config import get_preset
+from gpt2chat.losses import sequence_logps, sft_loss
 from gpt2chat.model import GPT
 from gpt2chat.train import checkpointing as ckpt
 from gpt2chat.train.batching import BatchPlan, collate_preferences, collate_sft, epoch_order, pack_rows
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.distributed import DistState
 from gpt2chat.train.metrics import read_metrics
-from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
+from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective, attention_plan, sequence_sums
 from gpt2chat.train.trainer import Trainer, TrainingDivergedError, lr_factor
 
 VOCAB = 96
@@ -246,30 +248,36 @@ def test_schedule_warmup_then_cosine():
     assert lr_factor(50, 100, 3, "constant", 0.0) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "orpo", "dpo-shared", "orpo-shared"])
-def test_scored_positions_projection_matches_the_full_logits_path(kind):
-    """The fast path (vocabulary projection on scored positions only) gives the losses.py numbers."""
+@pytest.mark.parametrize("kind", ["sft-padded", "sft-packed", "preference"])
+def test_scored_positions_give_the_numbers_of_the_full_logits(kind):
+    """Projecting only the scored positions (`select=`) gives the log-probs `losses.sequence_logps` reads off
+    the full logits, gradients included, and the SFT objective is `sft_loss` of the full logits."""
     model = tiny_model()
-    if kind == "sft":
-        examples = sft_examples(6)
-        batch = collate_sft(examples, [[0, 1], [2, 3, 4], [5]], PAD, 64, pack=True)
-        totals = {"targets": batch.n_targets, "pairs": 0}
-        make = SFTObjective
+    if kind == "preference":
+        batch = collate_preferences(pref_examples(4), [0, 1, 2, 3], PAD)
     else:
-        pairs = pref_examples(4)
-        batch = collate_preferences(pairs, [0, 1, 2, 3], PAD, share_prompt=kind.endswith("shared"))
-        kind = kind.removesuffix("-shared")
-        totals = {"targets": batch.n_chosen_targets, "pairs": 4}
-        make = (lambda fast_head: DPOObjective(0.1, fast_head=fast_head)) if kind == "dpo" else (
-            lambda fast_head: ORPOObjective(0.1, fast_head=fast_head))
-    results = []
-    for fast in (True, False):
-        objective = make(fast_head=fast)
-        if kind == "dpo":
-            objective.ref_logps["train"] = torch.tensor([[-50.0, -60.0]] * 4)
-            batch.example_index = torch.arange(4)
-        results.append(loss_metrics_grads(model, objective, batch, totals))
-    assert_same_step(*results)
+        rows = [[0, 1], [2, 3, 4], [5]] if kind == "sft-packed" else [[i] for i in range(6)]
+        batch = collate_sft(sft_examples(6), rows, PAD, 64, pack=kind == "sft-packed")
+    plan = attention_plan(model, batch)
+
+    def with_grads(compute):
+        model.zero_grad()
+        values = compute()
+        values[0].sum().backward()
+        return values, [p.grad.clone() for p in model.parameters()]
+
+    (sums, counts), grads = with_grads(lambda: sequence_sums(model, batch, nullcontext))
+    (full_sums, full_counts), full_grads = with_grads(
+        lambda: sequence_logps(model(batch.input_ids, plan), batch.input_ids, batch.loss_mask))
+    assert counts.tolist() == full_counts.tolist()
+    torch.testing.assert_close(sums, full_sums, atol=1e-5, rtol=1e-5)
+    for a, b in zip(full_grads, grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    if kind != "preference":
+        totals = {"targets": batch.n_targets + 7, "pairs": 0}  # a step larger than this micro-batch
+        loss, _ = SFTObjective().micro_loss(model, batch, totals)
+        full, _ = sft_loss(model(batch.input_ids, plan), batch.input_ids, batch.loss_mask, num_items=totals["targets"])
+        assert loss.item() == pytest.approx(full.item(), abs=1e-6)
 
 
 def loss_metrics_grads(model, objective, batch, totals) -> tuple[float, dict, list[torch.Tensor]]:

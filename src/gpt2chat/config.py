@@ -103,6 +103,13 @@ class ModelConfig:
     def layer_is_local(self, layer: int) -> bool:
         return self.is_neo and self.attention_layers is not None and self.attention_layers[layer] == "local"
 
+    @property
+    def local_window(self) -> int | None:
+        """GPT-Neo's attention window when some layer is local; None when every layer sees all keys."""
+        if self.is_neo and "local" in (self.attention_layers or []):
+            return self.window_size
+        return None
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,14 +24,55 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.model import GPT, KVCache
+from gpt2chat.model import GPT, AttentionPlan, KVCache
 from gpt2chat.sampling import SamplingParams, make_generator, sample_next
 
-__all__ = ["Engine", "BatchedEngine", "GenerationResult", "Request", "QueueFullError", "TokenStream"]
+__all__ = [
+    "Engine", "BatchedEngine", "GenerationResult", "Request", "QueueFullError", "TokenStream", "TokenLogprob",
+]  # fmt: skip
 
 
 class QueueFullError(Gpt2ChatError):
     """The batched engine already holds `max_queue` requests waiting for a free row."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's raw distribution (log_softmax of the logits, fp32,
+    before repetition penalty, temperature and top-k / top-p), and the `top` most likely tokens there as
+    (token_id, logprob) pairs, most likely first (empty unless asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token_ids, tops: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """Per row of `logits` [N, V]: the log-probability of `token_ids[row]` plus the `tops[row]` most likely
+    tokens, or None where `tops[row]` is None. One log_softmax and one host transfer for all rows."""
+    wanted = [row for row, k in enumerate(tops) if k is not None]
+    entries: list[TokenLogprob | None] = [None] * len(tops)
+    if not wanted:
+        return entries
+    index = torch.tensor(wanted, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen_ids = torch.as_tensor(token_ids, device=logits.device).reshape(-1).index_select(0, index)
+    chosen = logp.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    k_max = max(tops[row] for row in wanted)
+    top_values, top_ids = logp.topk(k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for i, row in enumerate(wanted):
+        k = tops[row]
+        top = tuple(zip(top_ids[i][:k], top_values[i][:k], strict=True))
+        entries[row] = TokenLogprob(int(chosen_ids[i]), chosen[i], top)
+    return entries
+
+
+def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob | None]:
+    """`logits` [T, V] of every prompt position -> entry per prompt token (None for the first one)."""
+    if len(prompt) < 2:
+        return [None] * len(prompt)
+    return [None, *token_logprobs(logits[:-1], prompt[1:], [top] * (len(prompt) - 1))]
 
 
 @dataclass
@@ -38,6 +80,10 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of token_ids (if asked)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per prompt token
+    ttft_s: float | None = None  # call -> first token sampled
+    decode_s: float | None = None  # first -> last token sampled
 
     @property
     def completion_tokens(self) -> int:
@@ -80,25 +126,15 @@ def use_decode_layout(model: GPT, device: torch.device, dtype: torch.dtype) -> b
     return True
 
 
-def _cache_prefix(cache: KVCache, rows: int) -> KVCache:
-    """A KVCache over the first `rows` rows of `cache`: views, no copies (lengths updates reach `cache`)."""
-    if rows == cache.batch_size:
-        return cache
-    view = object.__new__(KVCache)
-    view.k = [k[:rows] for k in cache.k]
-    view.v = [v[:rows] for v in cache.v]
-    view.lengths = cache.lengths[:rows]
-    view.batch_size = rows
-    view.max_len = cache.max_len
-    return view
-
-
 class _Sequence:
-    """Book-keeping of one row: its prompt, its tokens so far, its sampler state."""
+    """Book-keeping of one row: its prompt, its tokens so far, its sampler state, its timing."""
 
-    __slots__ = ("prompt", "params", "generator", "tokens", "finish_reason", "limit")
+    __slots__ = ("prompt", "params", "generator", "tokens", "finish_reason", "limit", "logprobs",
+                 "prompt_logprobs", "submitted_at", "first_at", "last_at")  # fmt: skip
 
-    def __init__(self, prompt: list[int], params: SamplingParams, generator, context: int):
+    def __init__(self, prompt: list[int], params: SamplingParams, generator, context: int,
+                 submitted_at: float | None = None, logprobs: list | None = None,
+                 prompt_logprobs: list | None = None):  # fmt: skip
         self.prompt = prompt
         self.params = params
         self.generator = generator
@@ -106,16 +142,38 @@ class _Sequence:
         self.finish_reason: str | None = None
         # total length (prompt + reply) never exceeds the context
         self.limit = min(params.max_new_tokens, context - len(prompt))
+        self.logprobs: list[TokenLogprob] = [] if logprobs is None else logprobs
+        self.prompt_logprobs: list[TokenLogprob | None] = [] if prompt_logprobs is None else prompt_logprobs
+        self.submitted_at = time.perf_counter() if submitted_at is None else submitted_at
+        self.first_at: float | None = None
+        self.last_at: float | None = None
 
-    def add(self, token: int) -> bool:
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_at is None else self.first_at - self.submitted_at
+
+    @property
+    def decode_s(self) -> float | None:
+        return None if self.first_at is None else self.last_at - self.first_at
+
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record a sampled token; return True if it is output (not a stop token)."""
+        self.last_at = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = self.last_at
         if token in self.params.stop_token_ids:
             self.finish_reason = "stop"
             return False
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.tokens.append(token)
         if len(self.tokens) >= self.limit:
             self.finish_reason = "length"
         return True
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.tokens, self.finish_reason, len(self.prompt), self.logprobs,
+                                self.prompt_logprobs, self.ttft_s, self.decode_s)  # fmt: skip
 
 
 class Engine:
@@ -170,7 +228,7 @@ class Engine:
         sequences = self._start(prompts, params)
         for _ in self._run(sequences):
             pass
-        return [GenerationResult(s.tokens, s.finish_reason, len(s.prompt)) for s in sequences]
+        return [s.result() for s in sequences]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> TokenStream:
         """Yield the reply's token ids one by one; `.finish_reason` is set once the iterator is exhausted."""
@@ -201,7 +259,6 @@ class Engine:
         cache = self._cache
         if cache is None or cache.batch_size != batch or cache.max_len < max_len:
             cache = self._cache = KVCache(self.config, batch, max_len, self.device, self.dtype)
-        cache.reset()
         self._cache_busy = True
         return cache
 
@@ -233,8 +290,8 @@ class Engine:
         penalise = any(s.params.repetition_penalty != 1.0 for s in sequences)
         seen = self._seen_mask(sequences) if penalise else None
         logits = self._prefill(sequences, cache)
+        lengths = [len(s.prompt) for s in sequences]  # filled cache positions of each row
         step_input = torch.empty(batch, 1, dtype=torch.long, device=self.device)
-        frozen = torch.zeros(batch, dtype=torch.long, device=self.device)  # 1 = finished row
         live = list(range(batch))
         while True:
             with torch.inference_mode():
@@ -243,23 +300,25 @@ class Engine:
                 if seen is not None:
                     seen.scatter_(1, step_input, True)
             tokens = next_ids.tolist()
+            tops = [sequences[row].params.logprobs if row in live else None for row in range(batch)]
+            entries = token_logprobs(logits, next_ids, tops)
             emitted = []
             for row in live:
-                if sequences[row].add(tokens[row]):
+                if sequences[row].add(tokens[row], entries[row]):
                     emitted.append((row, tokens[row]))
             newly_done = [row for row in live if sequences[row].finish_reason is not None]
             if newly_done:
                 live = [row for row in live if sequences[row].finish_reason is None]
                 if live:  # finished rows keep riding along, rewriting their last cache slot
-                    frozen[newly_done] = 1
-                    cache.lengths[newly_done] -= 1
+                    for row in newly_done:
+                        lengths[row] -= 1
             yield emitted
             if not live:
                 return
             with torch.inference_mode():
-                logits = self.model(step_input, kv_cache=cache)[:, -1]
-                if newly_done or len(live) < batch:
-                    cache.lengths -= frozen
+                logits = self.model(step_input, AttentionPlan.for_cache(self.config, cache, lengths, 1))[:, -1]
+            for row in live:
+                lengths[row] += 1
 
     def _prefill(self, sequences: list[_Sequence], cache: KVCache) -> torch.Tensor:
         """Run every prompt through the model into its cache row; logits [B, V] of each last position."""
@@ -268,14 +327,23 @@ class Engine:
         for row, s in enumerate(sequences):
             by_length.setdefault(len(s.prompt), []).append(row)
         with torch.inference_mode():
-            if len(by_length) == 1:
-                ids = torch.tensor([s.prompt for s in sequences], device=self.device)
-                return self.model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]
             logits = torch.empty(batch, self.config.vocab_size, device=self.device, dtype=self.dtype)
             for rows in by_length.values():
                 ids = torch.tensor([sequences[r].prompt for r in rows], device=self.device)
-                index = torch.tensor(rows, device=self.device)
-                logits[index] = self.model(ids, kv_cache=cache, rows=index, logits_to_keep=1)[:, -1]
+                every_row = len(rows) == batch
+                plan = AttentionPlan.for_cache(self.config, cache, [0] * len(rows), ids.shape[1],
+                                               rows=None if every_row else rows)
+                scored = any(sequences[r].params.prompt_logprobs is not None for r in rows)
+                out = self.model(ids, plan, logits_to_keep=0 if scored else 1)
+                for i, r in enumerate(rows):
+                    if sequences[r].params.prompt_logprobs is not None:
+                        s = sequences[r]
+                        s.prompt_logprobs[:] = prompt_token_logprobs(
+                            out[i], s.prompt, s.params.prompt_logprobs
+                        )
+                if every_row:
+                    return out[:, -1]
+                logits[torch.tensor(rows, device=self.device)] = out[:, -1]
             return logits
 
     def _seen_mask(self, sequences: list[_Sequence]) -> torch.Tensor:
@@ -309,6 +377,22 @@ class TokenStream:
     def token_ids(self) -> list[int]:
         return list(self._sequence.tokens)
 
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        return self._sequence.logprobs
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob | None]:
+        return self._sequence.prompt_logprobs
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self._sequence.ttft_s
+
+    @property
+    def decode_s(self) -> float | None:
+        return self._sequence.decode_s
+
     def __iter__(self) -> TokenStream:
         return self
 
@@ -341,6 +425,11 @@ class Request:
     params: SamplingParams
     finish_reason: str | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # entry i is there before token i arrives
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # set before the first token
+    ttft_s: float | None = None  # submit -> first token sampled
+    decode_s: float | None = None  # first -> last token sampled
+    submitted_at: float = field(default_factory=time.perf_counter, repr=False)
     _tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _async: tuple | None = field(default=None, repr=False)  # (loop, asyncio.Queue) once iterated async
@@ -473,6 +562,7 @@ class BatchedEngine:
         self.max_queue = max_queue
         self.context = min(self.config.n_positions, max_len or self.config.n_positions)
         self.cache = KVCache(self.config, max_batch_size, self.context, self.device, self.dtype)
+        self._lengths = [0] * max_batch_size  # filled cache positions of each row
         self._slots: list[_Slot | None] = [None] * max_batch_size
         self._pending: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -560,7 +650,7 @@ class BatchedEngine:
     def _free(self, row: int, reason: str, error: BaseException | None = None) -> None:
         slot = self._slots[row]
         self._slots[row] = None
-        self.cache.lengths[row] = 0
+        self._lengths[row] = 0
         if slot is not None:
             slot.request._finish(reason, error)
 
@@ -588,21 +678,28 @@ class BatchedEngine:
                 continue
             sequence = _Sequence(
                 request.prompt_ids, request.params, make_generator(request.params.seed, self.device),
-                self.context,
+                self.context, request.submitted_at, request.logprobs, request.prompt_logprobs,
             )  # fmt: skip
             slot = self._slots[free] = _Slot(request, sequence)
-            self.cache.lengths[free] = 0
+            top = request.params.prompt_logprobs
             with torch.inference_mode():
                 ids = torch.tensor([request.prompt_ids], device=self.device)
-                rows = torch.tensor([free], device=self.device)
-                logits = self.model(ids, kv_cache=self.cache, rows=rows, logits_to_keep=1)[:, -1]
+                plan = AttentionPlan.for_cache(self.config, self.cache, [0], ids.shape[1], rows=[free])
+                out = self.model(ids, plan, logits_to_keep=0 if top is not None else 1)
+                self._lengths[free] = ids.shape[1]
+                if top is not None:
+                    request.prompt_logprobs[:] = prompt_token_logprobs(out[0], request.prompt_ids, top)
+                logits = out[:, -1]
                 seen = ids if request.params.repetition_penalty != 1.0 else None
-                token = int(sample_next(logits, seen, request.params, sequence.generator)[0])
-            self._emit(free, slot, token)
+                next_ids = sample_next(logits, seen, request.params, sequence.generator)
+                entry = token_logprobs(logits, next_ids, [request.params.logprobs])[0]
+            self._emit(free, slot, int(next_ids[0]), entry)
 
-    def _emit(self, row: int, slot: _Slot, token: int) -> None:
+    def _emit(self, row: int, slot: _Slot, token: int, logprob: TokenLogprob | None) -> None:
         sequence, request = slot.sequence, slot.request
-        if sequence.add(token):
+        output = sequence.add(token, logprob)
+        request.ttft_s, request.decode_s = sequence.ttft_s, sequence.decode_s
+        if output:
             request.completion_tokens = len(sequence.tokens)
             request._push(token)
         slot.last_token = token
@@ -613,16 +710,15 @@ class BatchedEngine:
         """One forward over rows 0 .. last active row; idle rows in between ride along unchanged."""
         active = [row for row, slot in enumerate(self._slots) if slot is not None]
         width = active[-1] + 1
-        cache = _cache_prefix(self.cache, width)
         ids = [0] * width
         for row in active:
             ids[row] = self._slots[row].last_token
-        idle = [row for row in range(width) if self._slots[row] is None]
         with torch.inference_mode():
             step_input = torch.tensor(ids, device=self.device).unsqueeze(1)
-            logits = self.model(step_input, kv_cache=cache)[:, -1]
-            if idle:
-                self.cache.lengths[idle] = 0
+            plan = AttentionPlan.for_cache(self.config, self.cache, self._lengths[:width], 1)  # rows 0 .. width - 1
+            logits = self.model(step_input, plan)[:, -1]
+            for row in active:
+                self._lengths[row] += 1
             if len(active) < width:
                 logits = logits[active]
             slots = [self._slots[row] for row in active]
@@ -631,9 +727,11 @@ class BatchedEngine:
             seen = None
             if any(p.repetition_penalty != 1.0 for p in params):
                 seen = [slot.sequence.prompt + slot.sequence.tokens for slot in slots]
-            tokens = sample_next(logits, seen, params, generators).tolist()
-        for row, slot, token in zip(active, slots, tokens, strict=True):
+            next_ids = sample_next(logits, seen, params, generators)
+            entries = token_logprobs(logits, next_ids, [p.logprobs for p in params])
+            tokens = next_ids.tolist()
+        for row, slot, token, entry in zip(active, slots, tokens, entries, strict=True):
             if slot.request.cancelled:
                 self._free(row, "cancelled")
             else:
-                self._emit(row, slot, token)
+                self._emit(row, slot, token, entry)

@@ -6,13 +6,16 @@ detached 0-dim tensors (no host sync is forced; call ``float()`` when logging). 
 so that logs compare directly.
 
 The causal shift (logits at position t predict the token at t + 1) happens in exactly one place:
-:func:`sequence_logps`. Every mask passed to this module is aligned with the **tokens** (``labels`` /
+:func:`scored_tokens`, and log-probabilities of scored tokens come from one primitive: :func:`token_logps`,
+used by the objectives here, by the trainer and by evaluation. Every mask passed to this module is aligned with the **tokens** (``labels`` /
 ``input_ids``), not with the predictions: ``mask[b, t] == 1`` means "token t of row b is scored", the
 same convention as the ``assistant_mask`` produced by the chat templates and TRL's ``completion_mask``.
 Position 0 has no prediction and is never scored.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +40,62 @@ def _check_same_shape(name: str, **tensors: torch.Tensor) -> None:
         raise Gpt2ChatError(f"{name}: inputs must have the same shape, got {shapes}")
 
 
+@dataclass(frozen=True, eq=False)
+class ScoredTokens:
+    """The tokens a loss scores in a batch of rows `[B, T]`, one entry per scored token.
+
+    ``index[i]`` is the flat position ``row * T + t`` whose output predicts ``targets[i]``, and
+    ``sequence[i]`` the sequence it belongs to (the row, unless several sequences share a row). The model
+    projects only these positions through its vocabulary (``model(ids, plan, select=index)``).
+    """
+
+    index: torch.Tensor  # [N] long
+    targets: torch.Tensor  # [N] long
+    sequence: torch.Tensor  # [N] long
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ScoredTokens:
+        moved = (t.to(device, non_blocking=non_blocking) for t in (self.index, self.targets, self.sequence))
+        return ScoredTokens(*moved)
+
+
+def scored_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> ScoredTokens:
+    """The one place of the causal shift: token t + 1 of a row is predicted from position t.
+
+    ``mask`` is aligned with the tokens (``mask[b, t] == 1``: token t of row b is scored); token 0 has no
+    prediction and is never scored. Reads the mask on the host (call it where batches are built).
+    """
+    if input_ids.dim() != 2 or mask.shape != input_ids.shape:
+        raise Gpt2ChatError(
+            f"scored_tokens: expected input_ids and mask [B, T], got {tuple(input_ids.shape)}, {tuple(mask.shape)}"
+        )
+    width = input_ids.shape[1]
+    rows, t = mask[:, 1:].bool().nonzero(as_tuple=True)  # target (row, t + 1) <- predictor (row, t)
+    return ScoredTokens(rows * width + t, input_ids[rows, t + 1], rows)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under each row of ``logits`` ([N, V] -> [N], float32): the one log-probability primitive.
+
+    Half-precision logits are scored in float32 (a bf16 ``logsumexp`` of ~11 is rounded to steps of 1/16 nat).
+    """
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def sum_per_sequence(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of per-token ``values`` and how many tokens each sequence has ([S], [S])."""
+    sums = torch.zeros(n_sequences, device=values.device, dtype=values.dtype).index_add(0, sequence, values)
+    counts = torch.zeros(n_sequences, device=sequence.device, dtype=torch.long)
+    return sums, counts.index_add(0, sequence, torch.ones_like(sequence))
+
+
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(labels[t] | tokens < t) over the masked tokens of each row, and how many there are.
 
-    The one place of the causal shift: ``logits[:, t]`` scores ``labels[:, t + 1]``, weighted by
-    ``mask[:, t + 1]`` (``mask`` is aligned with ``labels``, see the module docstring). Labels under a zero
-    mask may hold anything (e.g. -100 or padding); they are never read.
-
-    Memory: ``log_softmax`` would materialise (and keep for backward) a second ``[B, T, V]`` tensor.
-    Instead ``log p = logit[label] - logsumexp(logits)``: the label logit is gathered and the
-    ``logsumexp`` taken one row at a time, so float32 logits cost only a ``[T, V]`` temporary beyond
-    themselves. Half-precision logits are scored in float32 (a bf16 ``logsumexp`` of ~11 is rounded to
-    steps of 1/16 nat); their float32 rows are kept for the backward pass.
+    ``logits[:, t]`` scores ``labels[:, t + 1]``, weighted by ``mask[:, t + 1]`` (``mask`` is aligned with
+    ``labels``, see the module docstring); labels under a zero mask may hold anything (e.g. -100 or padding).
+    Only the scored positions' logits are normalised (:func:`scored_tokens`, :func:`token_logps`).
 
     Args:
         logits: ``[B, T, V]`` unnormalised next-token scores.
@@ -65,21 +110,15 @@ def sequence_logps(
             "sequence_logps: expected logits [B, T, V] with labels and mask [B, T], got "
             f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, mask {tuple(mask.shape)}"
         )
-    pred_logits = logits[:, :-1, :]  # [B, T-1, V]: position t predicts token t + 1
-    target = labels[:, 1:]
-    target_mask = mask[:, 1:].bool()
-    safe_target = torch.where(target_mask, target, torch.zeros_like(target))
-
-    label_logits = pred_logits.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1).float()
-    normalisers = torch.stack([row.float().logsumexp(dim=-1) for row in pred_logits])
-    token_logps = (label_logits - normalisers) * target_mask
-    return token_logps.sum(dim=-1), target_mask.sum(dim=-1)
+    scored = scored_tokens(labels, mask)
+    logps = token_logps(logits.flatten(0, 1).index_select(0, scored.index), scored.targets)
+    return sum_per_sequence(logps, scored.sequence, logits.shape[0])
 
 
 def sft_loss(
     logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    assistant_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None = None,
     num_items: int | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Supervised fine-tuning: mean cross-entropy over the assistant tokens of the whole batch.
@@ -89,10 +128,12 @@ def sft_loss(
     averaged per token over the batch like TRL's ``SFTTrainer`` with ``assistant_only_loss`` /
     ``completion_only_loss`` (long replies weigh more than short ones, padding weighs nothing).
 
+    Two ways to call it, as ``F.cross_entropy`` takes either layout:
+        ``sft_loss(logits [B, T, V], input_ids [B, T], assistant_mask [B, T])``: the model's output on
+        whole rows (shifted here); or ``sft_loss(logits [N, V], targets [N])``: the logits of the N
+        positions that predict the scored tokens, already selected (``ScoredTokens``), no mask.
+
     Args:
-        logits: ``[B, T, V]`` model output on ``input_ids``.
-        input_ids: ``[B, T]`` the tokens; also the labels.
-        assistant_mask: ``[B, T]`` 1 on tokens to train on (aligned with ``input_ids``).
         num_items: divide by this many tokens instead of the batch's own count: the total over all
             gradient-accumulation micro-batches (and ranks), so that accumulated gradients equal those of
             one big batch. A micro-batch without assistant tokens then simply contributes 0.
@@ -102,18 +143,29 @@ def sft_loss(
     """
     if num_items is not None and num_items <= 0:
         raise Gpt2ChatError(f"sft_loss: num_items must be > 0, got {num_items}")
-    sum_logps, counts = sequence_logps(logits, input_ids, assistant_mask)
-    n_tokens = counts.sum()
-    n_tokens_int = int(n_tokens)
-    if n_tokens_int == 0 and num_items is None:
+    if mask is not None:
+        if logits.dim() != 3 or tokens.shape != logits.shape[:2] or mask.shape != tokens.shape:
+            raise Gpt2ChatError(
+                "sft_loss: expected logits [B, T, V] with input_ids and mask [B, T], got "
+                f"{tuple(logits.shape)}, {tuple(tokens.shape)}, {tuple(mask.shape)}"
+            )
+        scored = scored_tokens(tokens, mask)
+        logits, tokens = logits.flatten(0, 1).index_select(0, scored.index), scored.targets
+    elif logits.dim() != 2 or tokens.shape != logits.shape[:1]:
+        raise Gpt2ChatError(
+            f"sft_loss: without a mask, expected logits [N, V] and targets [N], got "
+            f"{tuple(logits.shape)}, {tuple(tokens.shape)}"
+        )
+    n_tokens = tokens.numel()
+    if n_tokens == 0 and num_items is None:
         raise Gpt2ChatError(
             "sft_loss: the assistant mask selects no token in this batch (nothing to train on); "
             "check the template's assistant_mask or the truncation length"
         )
-    total = -sum_logps.sum()
-    loss = total / (n_tokens_int if num_items is None else num_items)
-    token_nll = (total / max(n_tokens_int, 1)).detach()
-    metrics = {"loss": token_nll, "n_tokens": n_tokens.detach(), "ppl": token_nll.exp()}
+    total = -token_logps(logits, tokens).sum()
+    loss = total / (n_tokens if num_items is None else num_items)
+    token_nll = (total / max(n_tokens, 1)).detach()
+    metrics = {"loss": token_nll, "n_tokens": torch.tensor(n_tokens), "ppl": token_nll.exp()}
     return loss, metrics
 
 

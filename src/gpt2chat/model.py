@@ -1,11 +1,15 @@
-"""Our GPT-2 / GPT-Neo in plain PyTorch, with a preallocated per-row KV cache.
+"""Our GPT-2 / GPT-Neo in plain PyTorch: attention, MLP, block, the model, its weights; then the attention
+plans that say how the tokens of one forward attend, and the KV cache they read and write.
 
 Module names mirror Hugging Face's, so `state_dict()` keys equal theirs (`transformer.h.0.attn.c_attn.weight`,
 `transformer.h.0.attn.attention.q_proj.weight` for Neo); every projection is an `nn.Linear`, so HF GPT-2's
 Conv1D weights ([in, out]) must be transposed when loading / saving (checkpoint.py does that).
-Attention is `scaled_dot_product_attention`: causal fast path for training, a block-diagonal mask for packed
-rows (`segment_ids`), a shared-prefix mask for rows that hold one prompt and several replies (`branch_ids`),
-and cache-aware masks when decoding.
+
+`model(input_ids, plan)` returns logits. The plan (`AttentionPlan`) is built by the caller, outside the
+forward, from what it already knows: plain causal (the default), packed segments, shared-prompt branches, or
+rows of a KV cache whose lengths the caller tracks on the host. The forward therefore never reads a device
+tensor back to the host, and checks nothing about the ids: token ids and lengths are checked once, where they
+enter (the trainer's batch builder, the engine's prompt admission).
 
 This module knows nothing about files, tokenizers or sampling.
 """
@@ -13,6 +17,7 @@ This module knows nothing about files, tokenizers or sampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,68 +28,14 @@ from torch.utils.checkpoint import checkpoint
 from gpt2chat.config import ModelConfig
 from gpt2chat.errors import Gpt2ChatError
 
+__all__ = ["GPT", "AttentionPlan", "KVCache", "ContextLengthError"]
+
 
 class ContextLengthError(Gpt2ChatError):
     """Positions past the model's context (n_positions) or past the KV cache's capacity."""
 
 
-class KVCache:
-    """Preallocated keys / values for every layer: `k[layer]`, `v[layer]` are `[B, H, max_len, D]`.
-
-    `lengths[b]` is how many positions of row b are filled. A forward with `kv_cache=` writes its T new
-    keys of row b at `lengths[b] .. lengths[b] + T - 1`, attends over `0 .. lengths[b] + t`, then adds T to
-    `lengths[b]`. Entries past `lengths[b]` are never read, so callers may roll a row back (or fix up a
-    right-padded prefill) by lowering `lengths[b]`.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        max_len = config.n_positions if max_len is None else int(max_len)
-        if max_len <= 0 or batch_size <= 0:
-            raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
-        dtype = dtype or torch.float32
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.batch_size = batch_size
-        self.max_len = max_len
-
-    @property
-    def device(self) -> torch.device:
-        return self.lengths.device
-
-    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
-        """Empty all rows, or only the given ones (their old entries are simply never read again)."""
-        if rows is None:
-            self.lengths.zero_()
-        else:
-            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = 0
-
-
-@dataclass
-class _AttnPlan:
-    """How every layer of one forward attends: computed once per forward, shared by the layers."""
-
-    cache: KVCache | None = None
-    rows: torch.Tensor | None = None  # cache rows of this batch (None = all, in order)
-    start: int = 0  # uniform prefix length (when uniform)
-    uniform: bool = True  # all rows of the batch have the same cached length
-    write_pos: torch.Tensor | None = None  # [B, T] cache positions to write (non-uniform)
-    key_len: int = 0  # number of cache positions to attend over
-    mask_global: torch.Tensor | None = None  # bool, True = may attend
-    mask_local: torch.Tensor | None = None
-    causal_global: bool = True  # use is_causal=True (no mask) when the mask is None
-    causal_local: bool = True
-    local_key_start: int = 0  # uniform single-token decode on a local layer: first key to read
-
-
+# ---------------------------------------------------------------------- the model
 class Attention(nn.Module):
     """Multi-head self-attention; GPT-2 layout (fused c_attn) or GPT-Neo layout (q/k/v/out_proj)."""
 
@@ -111,55 +62,29 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
 
-    def forward(self, x: torch.Tensor, plan: _AttnPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         b, t, c = x.shape
         if self.is_neo:
             q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         else:
             q, k, v = (self._heads(part) for part in self.c_attn(x).split(self.n_embd, dim=2))
-
-        mask = plan.mask_local if self.is_local else plan.mask_global
-        is_causal = mask is None and (plan.causal_local if self.is_local else plan.causal_global)
         if plan.cache is not None:
-            k, v = self._update_cache(plan, k, v)
-            if self.is_local and plan.local_key_start:
-                k, v = k[:, :, plan.local_key_start :], v[:, :, plan.local_key_start :]
-
+            k, v = plan.cache.update(self.layer_idx, k, v)
+        how = plan.local_layers if self.is_local else plan.global_layers
+        if how.first_key:
+            k, v = k[:, :, how.first_key :], v[:, :, how.first_key :]
         dropout_p = self.dropout_p if self.training else 0.0
         if self.is_neo:  # GPT-Neo: unscaled scores, computed in fp32 like HF
-            dtype = q.dtype
             y = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
-                is_causal=is_causal, scale=1.0,
-            ).to(dtype)  # fmt: skip
+                q.float(), k.float(), v.float(), attn_mask=how.mask, dropout_p=dropout_p,
+                is_causal=how.is_causal, scale=1.0,
+            ).to(q.dtype)  # fmt: skip
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=how.mask, dropout_p=dropout_p, is_causal=how.is_causal
+            )
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.resid_dropout(self.out_proj(y) if self.is_neo else self.c_proj(y))
-
-    def _update_cache(
-        self, plan: _AttnPlan, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys / values into the cache; return the used prefix to attend over."""
-        cache_k, cache_v = plan.cache.k[self.layer_idx], plan.cache.v[self.layer_idx]
-        t = k.shape[2]
-        rows = plan.rows
-        if plan.uniform:
-            span = slice(plan.start, plan.start + t)
-            if rows is None:
-                cache_k[:, :, span] = k
-                cache_v[:, :, span] = v
-            else:
-                cache_k[rows, :, span] = k
-                cache_v[rows, :, span] = v
-        else:
-            row_idx = (torch.arange(k.shape[0], device=k.device) if rows is None else rows)[:, None]
-            cache_k[row_idx, :, plan.write_pos] = k.transpose(1, 2)  # indexed view is [B, T, H, D]
-            cache_v[row_idx, :, plan.write_pos] = v.transpose(1, 2)
-        keys, values = cache_k[:, :, : plan.key_len], cache_v[:, :, : plan.key_len]
-        if rows is not None:
-            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
-        return keys, values
 
 
 class MLP(nn.Module):
@@ -190,7 +115,7 @@ class _NeoAttentionWrapper(nn.Module):
         super().__init__()
         self.attention = Attention(config, layer_idx)
 
-    def forward(self, x: torch.Tensor, plan: _AttnPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         return self.attention(x, plan)
 
 
@@ -202,7 +127,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, plan: _AttnPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), plan)
         return x + self.mlp(self.ln_2(x))
 
@@ -218,7 +143,7 @@ class Transformer(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 / GPT-Neo language model; `forward` returns logits `[B, T or logits_to_keep, vocab]`."""
+    """GPT-2 / GPT-Neo language model: `model(input_ids, plan)` -> logits."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -228,6 +153,46 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.gradient_checkpointing = False
         self.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        plan: AttentionPlan | None = None,
+        *,
+        logits_to_keep: int = 0,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of `input_ids` ([B, T]) attending as `plan` says (default: plain causal).
+
+        Which positions get logits: all of them (`[B, T, vocab]`); the last `logits_to_keep` of each row
+        (`[B, N, vocab]`, e.g. 1 for a prefill); or `select`, a LongTensor of flat indices `row * T + t`
+        (`[N, vocab]`), so that a loss that scores a few positions projects only those through the
+        vocabulary, inside the forward, where DDP, FSDP's gathered weights and `torch.compile` see it.
+        """
+        if select is not None and logits_to_keep:
+            raise ValueError("give logits_to_keep or select, not both")
+        hidden = self.hidden_states(input_ids, plan)
+        if select is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, select)
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    def hidden_states(self, input_ids: torch.Tensor, plan: AttentionPlan | None = None) -> torch.Tensor:
+        """The final (layer-normed) hidden states `[B, T, n_embd]`: what `lm_head` projects."""
+        if plan is None:
+            plan = AttentionPlan.causal(self.config, input_ids.shape[-1], input_ids.device)
+        elif plan.window != self.config.local_window:
+            raise ValueError(
+                f"the attention plan was built for local window {plan.window}, this model has "
+                f"{self.config.local_window}: build it from this model's config"
+            )
+        tr = self.transformer
+        x = tr.drop(tr.wte(input_ids) + tr.wpe(plan.position_ids))
+        use_checkpointing = self.gradient_checkpointing and self.training and plan.cache is None
+        for block in tr.h:
+            x = checkpoint(block, x, plan, use_reentrant=False) if use_checkpointing else block(x, plan)
+        return tr.ln_f(x)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -279,194 +244,147 @@ class GPT(nn.Module):
         weight = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
 
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
+
+# ---------------------------------------------------------------------- attention plans
+@dataclass(frozen=True, eq=False)
+class LayerAttention:
+    """How one kind of layer attends: a boolean mask (True = may attend), or none at all."""
+
+    mask: torch.Tensor | None = None  # [T, L] or [B, 1, T, L]
+    is_causal: bool = False  # without a mask: causal over T == L keys, or (False) every key
+    first_key: int = 0  # keys before this one are outside the window (single-token decode, local layers)
+
+
+_CAUSAL = LayerAttention(is_causal=True)
+_EVERY_KEY = LayerAttention()
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionPlan:
+    """How every layer of one forward attends; built once, outside the forward, shared by the layers.
+
+    `global_layers` is for GPT-2's layers and GPT-Neo's global ones, `local_layers` for GPT-Neo's windowed
+    layers; `window` is the window `local_layers` was built for (None: the model has no local layers), which the forward checks.
+    `cache` says where this step's keys / values go in a KV cache and which ones to attend over.
+    Build one with `causal`, `packed`, `shared_prefix` or `for_cache`.
+    """
+
+    position_ids: torch.Tensor  # [B or 1, T]
+    global_layers: LayerAttention
+    local_layers: LayerAttention
+    window: int | None = None
+    cache: CacheSlots | None = None
+
+    @classmethod
+    def causal(cls, config: ModelConfig, length: int, device: torch.device | str | None = None) -> AttentionPlan:
+        """Plain causal attention over `length` tokens at positions 0 .. length - 1."""
+        if length > config.n_positions:
+            raise _too_long(config, length - 1)
+        position_ids = torch.arange(length, device=device).unsqueeze(0)
+        return cls(position_ids, _CAUSAL, _causal_local(config, length, device), config.local_window)
+
+    @classmethod
+    def packed(
+        cls, config: ModelConfig, segment_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> AttentionPlan:
+        """Several examples in one row ([B, T] `segment_ids`): a token sees only earlier tokens of its own
+        segment; positions restart at 0 with each segment unless given."""
+        if position_ids is None:
+            position_ids = _segment_positions(segment_ids)
+        return cls._masked(config, segment_ids, None, position_ids)
+
+    @classmethod
+    def shared_prefix(
+        cls,
+        config: ModelConfig,
+        branch_ids: torch.Tensor,
+        position_ids: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        rows: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-        return_hidden: bool = False,
-        branch_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits `[B, T or logits_to_keep, vocab]`; with `return_hidden`, the final (layer-normed) hidden
-        states `[B, T or logits_to_keep, n_embd]` instead, for callers that project only some positions
-        through `lm_head.weight` themselves (the trainer does, to skip unscored positions).
+    ) -> AttentionPlan:
+        """Sequences that share a prefix in one row: branch 0 is the prefix; a token of branch k >= 1 sees
+        the prefix and the earlier tokens of branch k only. A preference pair runs as `prompt, chosen,
+        rejected`, the rejected positions restarting where the prompt ends: the prompt is computed once.
+        `segment_ids` (optional) keep padding apart from the real tokens."""
+        return cls._masked(config, segment_ids, branch_ids, position_ids)
 
-        `branch_ids` ([B, T], with explicit `position_ids`) lays several sequences that share a prefix in
-        one row: branch 0 is the shared prefix, and a token of branch k >= 1 sees the prefix and the earlier
-        tokens of branch k only. A preference pair then runs as `prompt, chosen, rejected` in one row, the
-        rejected positions restarting where the prompt ends: the prompt is computed once, not twice."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
-        b, t = input_ids.shape
-        if t == 0:
-            raise ValueError("input_ids has no tokens")
-        if (segment_ids is not None or branch_ids is not None) and kv_cache is not None:
-            raise ValueError("segment_ids / branch_ids (training layouts) and kv_cache cannot be combined")
-        if branch_ids is not None:
-            if position_ids is None:
-                raise ValueError("branch_ids needs explicit position_ids (each branch continues the prefix)")
-            if tuple(branch_ids.shape) != (b, t):
-                raise ValueError(f"branch_ids must be [{b}, {t}] like input_ids, got {tuple(branch_ids.shape)}")
-        if rows is not None and kv_cache is None:
-            raise ValueError("rows= needs kv_cache=")
-        self._check_token_ids(input_ids)
-
-        if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
-            raise ValueError(f"segment_ids must be [{b}, {t}] like input_ids, got {tuple(segment_ids.shape)}")
-        check_positions = position_ids is not None
-        if kv_cache is not None:
-            plan, default_positions = self._cache_plan(kv_cache, rows, b, t, input_ids.device)
-            if position_ids is None:
-                position_ids = default_positions
-        else:
-            if position_ids is None:
-                if segment_ids is not None:
-                    position_ids = _segment_positions(segment_ids)
-                    check_positions = True
-                elif t > self.config.n_positions:
-                    raise self._too_long(t - 1)
-                else:
-                    position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0)
-            plan = self._plain_plan(t, segment_ids, input_ids.device, branch_ids, position_ids)
-        if check_positions:
-            if tuple(position_ids.shape[-1:]) != (t,):
-                raise ValueError(f"position_ids must be [batch, {t}], got {tuple(position_ids.shape)}")
-            self._check_positions(position_ids)
-
-        tr = self.transformer
-        x = tr.drop(tr.wte(input_ids) + tr.wpe(position_ids))
-        use_checkpointing = self.gradient_checkpointing and self.training and kv_cache is None
-        for block in tr.h:
-            if use_checkpointing:
-                x = checkpoint(block, x, plan, use_reentrant=False)
-            else:
-                x = block(x, plan)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        hidden = tr.ln_f(x)
-        logits = hidden if return_hidden else self.lm_head(hidden)
-
-        if kv_cache is not None:
-            if rows is None:
-                kv_cache.lengths += t
-            else:
-                kv_cache.lengths[rows] += t
-        return logits
-
-    # ------------------------------------------------------------------ input checks
-    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        low, high = torch.aminmax(input_ids)
-        low, high = int(low), int(high)
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise Gpt2ChatError(
-                f"token id {bad} is outside the model's vocabulary (0 .. {self.config.vocab_size - 1}); "
-                "the tokenizer and the model do not match"
-            )
-
-    def _too_long(self, last_position: int) -> ContextLengthError:
-        return ContextLengthError(
-            f"sequence needs position {last_position} but the model's context is "
-            f"{self.config.n_positions} tokens (positions 0 .. {self.config.n_positions - 1}); "
-            "shorten the input"
-        )
-
-    def _check_positions(self, position_ids: torch.Tensor) -> None:
-        low, high = torch.aminmax(position_ids)
-        if int(low) < 0:
-            raise ContextLengthError(f"position ids must be >= 0, got {int(low)}")
-        if int(high) >= self.config.n_positions:
-            raise self._too_long(int(high))
-
-    # ------------------------------------------------------------------ attention plans
-    def _local_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-        return causal & ((q_pos.unsqueeze(-1) - k_pos) < self.config.window_size)
-
-    def _plain_plan(
-        self,
-        t: int,
-        segment_ids: torch.Tensor | None,
-        device: torch.device,
-        branch_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> _AttnPlan:
-        """No cache: causal (fast path), plus block-diagonal for packed segments, plus shared-prefix branches,
-        plus Neo's local window."""
-        has_local = self.config.is_neo and "local" in (self.config.attention_layers or [])
-        window_matters = has_local and t > self.config.window_size
-        if segment_ids is None and branch_ids is None and not window_matters:
-            return _AttnPlan()
-        pos = torch.arange(t, device=device)
-        causal = pos.unsqueeze(-1) >= pos  # [T, T]
-        if segment_ids is None and branch_ids is None:
-            return _AttnPlan(mask_local=self._local_mask(pos, pos, causal))
-        allowed = causal.unsqueeze(0)  # [1 or B, T, T]
+    @classmethod
+    def _masked(cls, config, segment_ids, branch_ids, position_ids) -> AttentionPlan:
+        layout = branch_ids if branch_ids is not None else segment_ids
+        t = layout.shape[-1]
+        index = torch.arange(t, device=layout.device)
+        allowed = (index.unsqueeze(-1) >= index).unsqueeze(0)  # [1, T, T]
         if segment_ids is not None:
             allowed = allowed & (segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2))
         if branch_ids is not None:
             key_branch = branch_ids.unsqueeze(-2)
             allowed = allowed & ((key_branch == 0) | (key_branch == branch_ids.unsqueeze(-1)))
         mask = allowed.unsqueeze(1)  # [B, 1, T, T]
-        local = None
-        if has_local:
-            if branch_ids is None:  # within a segment, index distance is position distance
-                local = mask & self._local_mask(pos, pos, causal)
-            else:  # a branch's index runs past its siblings; the window counts positions
-                distance = position_ids.unsqueeze(-1) - position_ids.unsqueeze(-2)
-                local = mask & (distance < self.config.window_size).unsqueeze(1)
-        return _AttnPlan(mask_global=mask, mask_local=local)
+        local = _EVERY_KEY
+        if config.local_window is not None:  # a branch's index runs past its siblings: the window counts positions
+            distance = position_ids.unsqueeze(-1) - position_ids.unsqueeze(-2)
+            local = LayerAttention(mask & (distance < config.local_window).unsqueeze(1))
+        return cls(position_ids, LayerAttention(mask), local, config.local_window)
 
-    def _cache_plan(
-        self, cache: KVCache, rows: torch.Tensor | None, b: int, t: int, device: torch.device
-    ) -> tuple[_AttnPlan, torch.Tensor]:
-        if rows is not None:
-            rows = torch.as_tensor(rows, dtype=torch.long, device=cache.device)
-            if rows.dim() != 1 or rows.shape[0] != b:
-                raise ValueError(f"rows must be a 1-D tensor of {b} cache rows, got shape {tuple(rows.shape)}")
-            lengths = cache.lengths.index_select(0, rows)
-        else:
-            if b != cache.batch_size:
-                raise ValueError(f"batch of {b} rows but the KV cache has {cache.batch_size}; pass rows=")
-            lengths = cache.lengths
-        lens = lengths.tolist()
-        longest = max(lens) + t
-        if longest > self.config.n_positions:
-            raise self._too_long(longest - 1)
+    @classmethod
+    def for_cache(
+        cls,
+        config: ModelConfig,
+        cache: KVCache,
+        lengths: Sequence[int],
+        length: int,
+        rows: Sequence[int] | None = None,
+    ) -> AttentionPlan:
+        """`length` new tokens per row appended to a KV cache, each row at its own filled length.
+
+        `lengths[i]` is how many positions of the cache row of batch row i are filled (the caller's own
+        book-keeping, host ints: nothing is read from the device); `rows[i]` is that cache row (default:
+        rows 0 .. B-1). The new keys go to `lengths[i] .. lengths[i] + length - 1`; the caller then adds
+        `length` to its lengths. Entries past a row's length are never read, so a caller may roll a row
+        back, or fix up a right-padded prefill, by lowering its length.
+        """
+        b = len(lengths)
+        if rows is not None and len(rows) != b:
+            raise ValueError(f"{b} lengths but {len(rows)} cache rows")
+        if rows is None and b > cache.batch_size:
+            raise ValueError(f"batch of {b} rows but the KV cache has {cache.batch_size}")
+        longest = max(lengths) + length
+        if longest > config.n_positions:
+            raise _too_long(config, longest - 1)
         if longest > cache.max_len:
             raise ContextLengthError(f"KV cache is full: needs {longest} positions, holds {cache.max_len}")
-
-        uniform = min(lens) == max(lens)
-        start = lens[0]
-        window = self.config.window_size
-        plan = _AttnPlan(cache=cache, rows=rows, start=start, uniform=uniform, key_len=longest)
-        if uniform:
-            positions = torch.arange(start, start + t, device=device).unsqueeze(0).expand(b, t)
-            if t == 1:  # single-token decode: every cached key is visible, no mask at all
-                plan.causal_global = plan.causal_local = False
-                plan.local_key_start = max(0, longest - window)
-                return plan, positions
-            if start == 0:  # prefill from empty: plain causal, Neo's window as in the no-cache case
-                fresh = self._plain_plan(t, None, device)
-                plan.mask_local = fresh.mask_local
-                return plan, positions
-            q_pos = torch.arange(start, start + t, device=device)  # [T]
+        device = cache.device
+        row_index = None if rows is None else torch.tensor(list(rows), dtype=torch.long, device=device)
+        start = lengths[0]
+        window = config.local_window
+        if min(lengths) == max(lengths):  # every row at the same length: contiguous writes
+            slots = CacheSlots(cache, b, row_index, longest, start=start)
+            positions = torch.arange(start, longest, device=device).unsqueeze(0).expand(b, length)
+            if length == 1:  # single-token decode: every cached key is visible, no mask at all
+                local = LayerAttention(first_key=max(0, longest - window)) if window else _EVERY_KEY
+                return cls(positions, _EVERY_KEY, local, window, slots)
+            if start == 0:  # prefill from empty: plain causal
+                return cls(positions, _CAUSAL, _causal_local(config, length, device), window, slots)
+            query = torch.arange(start, longest, device=device)  # [T]
         else:
-            q_pos = lengths.to(device).unsqueeze(1) + torch.arange(t, device=device)  # [B, T]
-            plan.write_pos = q_pos.to(cache.device)
-            positions = q_pos
-        k_pos = torch.arange(longest, device=device)
-        causal = k_pos <= q_pos.unsqueeze(-1)  # [T, L] or [B, T, L]
-        local = self._local_mask(q_pos, k_pos, causal)
-        if not uniform:
+            query = torch.tensor(list(lengths), device=device).unsqueeze(1) + torch.arange(length, device=device)
+            slots = CacheSlots(cache, b, row_index, longest, write_positions=query)
+            positions = query  # [B, T]
+        key = torch.arange(longest, device=device)
+        causal = key <= query.unsqueeze(-1)  # [T, L] or [B, T, L]
+        local = causal & ((query.unsqueeze(-1) - key) < window) if window else causal
+        if query.dim() == 2:
             causal, local = causal.unsqueeze(1), local.unsqueeze(1)  # [B, 1, T, L]
-        plan.mask_global, plan.mask_local = causal, local
-        return plan, positions
+        return cls(positions, LayerAttention(causal), LayerAttention(local), window, slots)
+
+
+def _causal_local(config: ModelConfig, length: int, device) -> LayerAttention:
+    """Causal attention within GPT-Neo's window over positions 0 .. length - 1 (plain causal when it fits)."""
+    window = config.local_window
+    if window is None or length <= window:
+        return _CAUSAL
+    index = torch.arange(length, device=device)
+    distance = index.unsqueeze(-1) - index
+    return LayerAttention((distance >= 0) & (distance < window))
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -479,4 +397,73 @@ def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - segment_start
 
 
-__all__ = ["GPT", "KVCache", "ContextLengthError"]
+def _too_long(config: ModelConfig, last_position: int) -> ContextLengthError:
+    return ContextLengthError(
+        f"sequence needs position {last_position} but the model's context is {config.n_positions} tokens "
+        f"(positions 0 .. {config.n_positions - 1}); shorten the input"
+    )
+
+
+# ---------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys / values for every layer: `k[layer]`, `v[layer]` are `[B, H, max_len, D]`.
+
+    Storage only: how far each row is filled is the caller's book-keeping, passed to
+    `AttentionPlan.for_cache` at every step.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        max_len = config.n_positions if max_len is None else int(max_len)
+        if max_len <= 0 or batch_size <= 0:
+            raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
+        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        dtype = dtype or torch.float32
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+
+@dataclass(frozen=True, eq=False)
+class CacheSlots:
+    """Where one forward writes its keys / values in a KVCache, and how many keys it then attends over.
+
+    Rows: `rows` (cache row of each batch row), or the first `n_rows` rows. Positions: `start ..
+    start + T - 1` in every row, or `write_positions` ([B, T]) when the rows are at different lengths.
+    """
+
+    cache: KVCache
+    n_rows: int
+    rows: torch.Tensor | None
+    key_len: int
+    start: int = 0
+    write_positions: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys / values ([B, H, T, D]) of `layer`; return the keys / values to attend over."""
+        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
+        if self.rows is None:
+            cache_k, cache_v = cache_k[: self.n_rows], cache_v[: self.n_rows]
+        if self.write_positions is None:
+            span = slice(self.start, self.start + k.shape[2])
+            where = (slice(None), slice(None), span) if self.rows is None else (self.rows, slice(None), span)
+            cache_k[where], cache_v[where] = k, v
+        else:
+            row_index = (torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows)[:, None]
+            cache_k[row_index, :, self.write_positions] = k.transpose(1, 2)  # indexed view is [B, T, H, D]
+            cache_v[row_index, :, self.write_positions] = v.transpose(1, 2)
+        keys, values = cache_k[:, :, : self.key_len], cache_v[:, :, : self.key_len]
+        if self.rows is not None:
+            keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
+        return keys, values

@@ -26,7 +26,11 @@ __all__ = [
     "sample_next",
     "process_logits",
     "make_generator",
+    "MAX_LOGPROBS",
 ]
+
+
+MAX_LOGPROBS = 20  # most alternatives a logprobs entry lists (OpenAI's limit for top_logprobs)
 
 
 def _is_number(value) -> bool:
@@ -44,6 +48,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or reply
     stop_token_ids: tuple[int, ...] = field(default=())
     seed: int | None = None
+    # log-probabilities of the model's raw distribution (before penalty, temperature, top-k / top-p):
+    # None = off, 0 = the chosen token's only, k = also the k most likely tokens (k <= MAX_LOGPROBS)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt position after the first
 
     def __post_init__(self):
         def bad(name: str, rule: str):
@@ -65,6 +73,12 @@ class SamplingParams:
             bad("max_new_tokens", "an integer >= 1")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad("seed", "an integer or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS
+            ):
+                bad(name, f"None or an integer from 0 to {MAX_LOGPROBS}")
         try:
             stops = tuple(int(t) for t in self.stop_token_ids)
         except (TypeError, ValueError):

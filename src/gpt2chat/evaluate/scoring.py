@@ -1,8 +1,9 @@
 """Log-probabilities of token sequences under a model: the numbers perplexity and preference need.
 
-`token_logprobs` is the pure tensor step (logits -> log p of each next token). `score_sequences` runs a
-model over many sequences in length-sorted, token-budgeted batches and returns, per sequence, the summed
-log-prob and count of the target tokens its mask selects. The builders turn conversations and preference
+`score_sequences` runs a model over many sequences in length-sorted, token-budgeted batches and returns,
+per sequence, the summed log-prob and count of the target tokens its mask selects; the log-probabilities
+come from `gpt2chat.losses` (the same shift and primitive as training), and the model projects only the
+scored positions through its vocabulary. The builders turn conversations and preference
 pairs into (ids, mask) through a template: the trained tokens (`assistant_mask`) are the scored ones.
 Knows nothing about files, metrics' formulas or reports.
 """
@@ -13,22 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "token_logprobs",
     "score_sequences",
     "score_sequences_multi",
     "ScoringSet",
     "conversation_sets",
     "preference_sets",
 ]
-
-
-def token_logprobs(logits, input_ids):
-    """log p(input_ids[:, t + 1] | input_ids[:, : t + 1]) for t < T - 1: a float32 tensor [B, T - 1]."""
-    import torch
-
-    shifted = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return (shifted.gather(-1, targets) - torch.logsumexp(shifted, dim=-1, keepdim=True)).squeeze(-1)
 
 
 def score_sequences(model, sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *,
@@ -50,6 +41,8 @@ def score_sequences_multi(model, sequences: Sequence[Sequence[int]], mask_sets: 
     import torch
     from tqdm.auto import tqdm
 
+    from gpt2chat.losses import scored_tokens, sum_per_sequence, token_logps
+
     if any(len(masks) != len(sequences) for masks in mask_sets):
         raise ValueError("one mask per sequence is needed")
     device = next(model.parameters()).device
@@ -68,17 +61,17 @@ def score_sequences_multi(model, sequences: Sequence[Sequence[int]], mask_sets: 
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
                 width = len(sequences[batch[0]])
                 ids = torch.zeros(len(batch), width, dtype=torch.long)
+                selected = torch.zeros(len(mask_sets), len(batch), width, dtype=torch.bool)
                 for row, index in enumerate(batch):
                     ids[row, : len(sequences[index])] = torch.tensor(list(sequences[index]), dtype=torch.long)
-                ids = ids.to(device)
-                logprobs = token_logprobs(model(ids), ids).cpu()
-                for masks, out in zip(mask_sets, results, strict=True):
-                    selected = torch.zeros(len(batch), width, dtype=torch.bool)
-                    for row, index in enumerate(batch):
-                        selected[row, : len(masks[index])] = torch.tensor(list(masks[index]), dtype=torch.bool)
-                    selected = selected[:, 1:]
-                    sums = (logprobs * selected).sum(-1)
-                    counts = selected.sum(-1)
+                    for which, masks in enumerate(mask_sets):
+                        selected[which, row, : len(masks[index])] = torch.tensor(list(masks[index]), dtype=torch.bool)
+                scored = scored_tokens(ids, selected.any(0))  # every position any mask scores, once
+                logits = model(ids.to(device), select=scored.index.to(device))
+                logps = token_logps(logits, scored.targets.to(device)).cpu()
+                for which, out in enumerate(results):
+                    member = selected[which].flatten()[scored.index + 1]  # the scored token is the next one
+                    sums, counts = sum_per_sequence(logps[member], scored.sequence[member], len(batch))
                     for row, index in enumerate(batch):
                         out[index] = (float(sums[row]), int(counts[row]))
     finally:

@@ -12,10 +12,11 @@ Preference pairs share their prompt by default: one row `prompt, chosen, rejecte
 reply attending to the prompt but not to the chosen reply, its positions restarting where the prompt ends
 (`branch_ids`; Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). The
 prompt is then computed once instead of twice and the two replies need no padding to each other's length.
-Which hidden state scores which token is explicit (`score_index`), since the first rejected token is
-predicted from the last prompt token, not from the token before it in the row.
+Every batch lists the tokens it scores and the position that predicts each (`Batch.scored`), built here on
+the host once, so a training step reads nothing back from the device; for shared rows it is explicit, since
+the first rejected token is predicted from the last prompt token, not from the token before it in the row.
 
-This module knows token ids and masks only: no model, no loss, no files.
+This module knows token ids and masks only: no model, no loss formula, no files.
 """
 
 from __future__ import annotations
@@ -26,43 +27,40 @@ from typing import Any
 
 import torch
 
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.losses import ScoredTokens, scored_tokens
+
 
 @dataclass
 class Batch:
-    """One micro-batch. `loss_mask[b, t] = 1` where token t of row b is a training target."""
+    """One micro-batch. `loss_mask[b, t] = 1` where token t of row b is a training target; `scored` lists
+    those targets with the position that predicts each (see `gpt2chat.losses.ScoredTokens`)."""
 
     input_ids: torch.Tensor                  # [R, T]
     loss_mask: torch.Tensor                  # [R, T], aligned with input_ids (targets, not inputs)
     attention_mask: torch.Tensor             # [R, T] 1 = real token
+    scored: ScoredTokens
     position_ids: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
     example_index: torch.Tensor | None = None   # preference batches: dataset index of each pair
     n_pairs: int = 0                           # preference batches: 2 * n_pairs sequences (chosen, rejected)
-    # shared-prompt preference rows: branch 0 prompt, 1 chosen, 2 rejected; and per scored token, the flat
-    # index (row * T + t) of the hidden state that predicts it, the token, and its sequence (pair k's chosen
-    # reply is sequence k, its rejected reply n_pairs + k)
+    # shared-prompt preference rows: branch 0 prompt, 1 chosen, 2 rejected (pair k's chosen reply is
+    # sequence k of `scored`, its rejected reply sequence n_pairs + k)
     branch_ids: torch.Tensor | None = None
-    score_index: torch.Tensor | None = None
-    score_targets: torch.Tensor | None = None
-    score_rows: torch.Tensor | None = None
 
     @property
     def n_targets(self) -> int:
-        if self.score_rows is not None:
-            return int(self.score_rows.numel())
-        return int(self.loss_mask[:, 1:].sum())
+        return int(self.scored.targets.numel())
 
     @property
     def n_sequences(self) -> int:
-        """Sequences scored separately: rows, or 2 per pair when pairs share a row."""
-        return 2 * self.n_pairs if self.score_rows is not None else int(self.input_ids.shape[0])
+        """Sequences scored separately: rows, or 2 per pair (a pair's replies may share a row)."""
+        return 2 * self.n_pairs if self.n_pairs else int(self.input_ids.shape[0])
 
     @property
     def n_chosen_targets(self) -> int:
         """Scored tokens of the chosen replies (preference batches)."""
-        if self.score_rows is not None:
-            return int((self.score_rows < self.n_pairs).sum())
-        return int(self.loss_mask[: self.n_pairs, 1:].sum())
+        return int((self.scored.sequence < self.n_pairs).sum())
 
     @property
     def n_tokens(self) -> int:
@@ -71,7 +69,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         moved: dict[str, Any] = {}
         for name, value in vars(self).items():
-            moved[name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            moved[name] = value.to(device, non_blocking=True) if hasattr(value, "to") else value
         return Batch(**moved)
 
 
@@ -152,10 +150,11 @@ def collate_sft(examples: list, rows: list[list[int]], pad_id: int, max_length: 
         position_ids[b, :n] = torch.tensor(positions)
         position_ids[b, n:] = torch.arange(width - n)
         segment_ids[b, :n] = torch.tensor(segments)
+    scored = scored_tokens(input_ids, loss_mask)
     if not pack:
         # right padding under a causal mask: real tokens never see pads, plain positions suffice
-        return Batch(input_ids, loss_mask, attention_mask, position_ids=None, segment_ids=None)
-    return Batch(input_ids, loss_mask, attention_mask, position_ids=position_ids, segment_ids=segment_ids)
+        return Batch(input_ids, loss_mask, attention_mask, scored)
+    return Batch(input_ids, loss_mask, attention_mask, scored, position_ids=position_ids, segment_ids=segment_ids)
 
 
 def collate_preferences(examples: list, indices: list[int], pad_id: int, share_prompt: bool = False) -> Batch:
@@ -178,8 +177,8 @@ def collate_preferences(examples: list, indices: list[int], pad_id: int, share_p
         input_ids[b, : len(ids)] = torch.tensor(ids)
         loss_mask[b, : len(ids)] = torch.tensor(mask)
         attention_mask[b, : len(ids)] = 1
-    return Batch(input_ids, loss_mask, attention_mask, example_index=torch.tensor(indices),
-                 n_pairs=len(indices))
+    return Batch(input_ids, loss_mask, attention_mask, scored_tokens(input_ids, loss_mask),
+                 example_index=torch.tensor(indices), n_pairs=len(indices))
 
 
 def _collate_shared_prompt(examples: list, indices: list[int], pad_id: int) -> Batch:
@@ -217,24 +216,48 @@ def _collate_shared_prompt(examples: list, indices: list[int], pad_id: int) -> B
             score_index += [row + t for t in sources]
             score_targets += reply
             score_rows += [sequence] * len(reply)
-    return Batch(input_ids, loss_mask, attention_mask, position_ids=position_ids, segment_ids=segment_ids,
-                 example_index=torch.tensor(indices), n_pairs=n, branch_ids=branch_ids,
-                 score_index=torch.tensor(score_index, dtype=torch.long),
-                 score_targets=torch.tensor(score_targets, dtype=torch.long),
-                 score_rows=torch.tensor(score_rows, dtype=torch.long))
+    scored = ScoredTokens(*(torch.tensor(values, dtype=torch.long) for values in (score_index, score_targets,
+                                                                                  score_rows)))
+    return Batch(input_ids, loss_mask, attention_mask, scored, position_ids=position_ids, segment_ids=segment_ids,
+                 example_index=torch.tensor(indices), n_pairs=n, branch_ids=branch_ids)
+
+
+def check_examples_fit(examples: list, kind: str, max_length: int, pad_id: int, vocab_size: int | None,
+                       context: int | None) -> None:
+    """Gpt2ChatError when a token id (padding included) is outside the vocabulary or a row needs positions
+    past the model's context."""
+    if context is not None and max_length > context:
+        raise Gpt2ChatError(f"max_length {max_length} is longer than the model's context of {context} tokens")
+    if vocab_size is None:
+        return
+    fields = ("input_ids",) if kind == "sft" else ("prompt_ids", "chosen_ids", "rejected_ids")
+    for index, example in enumerate(examples):
+        for name in fields:
+            ids = getattr(example, name)
+            if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+                bad = min(ids) if min(ids) < 0 else max(ids)
+                raise Gpt2ChatError(
+                    f"{getattr(example, 'source', f'example {index}')}: token id {bad} in {name} is outside the "
+                    f"model's vocabulary (0 .. {vocab_size - 1}); the tokenizer and the model do not match")
+    if not 0 <= pad_id < vocab_size:
+        raise Gpt2ChatError(f"pad id {pad_id} is outside the model's vocabulary (0 .. {vocab_size - 1})")
 
 
 class BatchPlan:
     """The deterministic sequence of optimizer steps over a dataset, and each process's share of a step.
 
     `rows_for_epoch(epoch)` gives the rows (lists of example indices) of an epoch; a step is
-    `rows_per_step` consecutive rows; incomplete trailing steps are dropped.
+    `rows_per_step` consecutive rows; incomplete trailing steps are dropped. Given the model's
+    `vocab_size` and `context`, every example is checked against them here, once, so that no training
+    forward needs to check its input.
     """
 
     def __init__(self, examples: list, kind: str, *, batch_size: int, grad_accum: int, world_size: int,
-                 seed: int, max_length: int, pad_id: int, pack: bool = False, share_prompt: bool = True):
+                 seed: int, max_length: int, pad_id: int, pack: bool = False, share_prompt: bool = True,
+                 vocab_size: int | None = None, context: int | None = None):
         if not examples:
             raise ValueError("no training examples")
+        check_examples_fit(examples, kind, max_length, pad_id, vocab_size, context)
         self.examples = examples
         self.kind = kind
         self.batch_size = batch_size

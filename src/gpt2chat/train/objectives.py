@@ -16,22 +16,31 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-import torch.nn.functional as F
 
-from gpt2chat.losses import dpo_loss, orpo_loss, sequence_logps, sft_loss
+from gpt2chat.losses import dpo_loss, orpo_loss, sft_loss, sum_per_sequence, token_logps
+from gpt2chat.model import AttentionPlan
 from gpt2chat.train.batching import Batch
 
-Forward = Callable[[Batch], torch.Tensor]
 
-
-def forward_logits(model: torch.nn.Module, batch: Batch, return_hidden: bool = False) -> torch.Tensor:
-    """Logits (or final hidden states) for every position; packed and shared-prompt rows pass their layout."""
-    layout = {}
-    if batch.segment_ids is not None:
-        layout = {"position_ids": batch.position_ids, "segment_ids": batch.segment_ids}
+def attention_plan(model: torch.nn.Module, batch: Batch) -> AttentionPlan | None:
+    """The batch's layout as the model's attention plan (None: plain causal rows)."""
+    config = getattr(model, "module", model).config  # DDP keeps the model in .module
     if batch.branch_ids is not None:
-        layout["branch_ids"] = batch.branch_ids
-    return model(batch.input_ids, return_hidden=return_hidden, **layout)
+        return AttentionPlan.shared_prefix(config, batch.branch_ids, batch.position_ids, batch.segment_ids)
+    if batch.segment_ids is not None:
+        return AttentionPlan.packed(config, batch.segment_ids, batch.position_ids)
+    return None
+
+
+def scored_logits(model: torch.nn.Module, batch: Batch, autocast) -> torch.Tensor:
+    """Logits `[N, vocab]` of the positions that predict the batch's scored tokens, and of no others.
+
+    For chat data (prompts, padding, rejected prompts) that skips a large part of the `[tokens, vocab]`
+    matmul and its softmax, the biggest cost of a small GPT-2. The selection happens in the model's
+    forward, so it works the same under DDP, FSDP and `torch.compile`.
+    """
+    with autocast():
+        return model(batch.input_ids, attention_plan(model, batch), select=batch.scored.index)
 
 
 def chosen_targets(batch: Batch) -> int:
@@ -41,48 +50,10 @@ def chosen_targets(batch: Batch) -> int:
     return batch.n_targets
 
 
-def _scored(states: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The states ([R, T, ...]) that predict scored tokens, the tokens, and the sequence of each."""
-    if batch.score_index is not None:
-        return states.flatten(0, 1)[batch.score_index], batch.score_targets, batch.score_rows
-    target_mask = batch.loss_mask[:, 1:].bool()
-    rows = torch.arange(batch.input_ids.shape[0], device=states.device).unsqueeze(1).expand_as(target_mask)
-    return states[:, :-1][target_mask], batch.input_ids[:, 1:][target_mask], rows[target_mask]
-
-
-def scored_token_logps(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) for every scored token (mask 1, position > 0) and the row each belongs to.
-
-    The same numbers `gpt2chat.losses.sequence_logps` sums (shift: position t predicts token t + 1), but the
-    vocabulary projection runs on the scored positions only: for chat data (prompts, padding, rejected
-    prompts) that skips a large part of the `[tokens, vocab]` matmul and its softmax, the biggest cost of a
-    small GPT-2.
-    """
-    head_weight = getattr(model, "module", model).lm_head.weight  # tied to the embedding; DDP-wrapped or not
-    with autocast():
-        hidden = forward_logits(model, batch, return_hidden=True)
-    selected, targets, rows = _scored(hidden, batch)
-    with autocast():
-        logits = F.linear(selected, head_weight)
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
-    return token_logps, rows
-
-
-def sequence_sums(model, batch: Batch, autocast, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and scored-token counts per sequence ([S], [S]; S = rows, or 2 per shared pair)."""
-    if not fast:
-        with autocast():
-            logits = forward_logits(model, batch)
-        if batch.score_index is None:
-            return sequence_logps(logits, batch.input_ids, batch.loss_mask)
-        selected, targets, rows = _scored(logits, batch)
-        token_logps = -F.cross_entropy(selected.float(), targets, reduction="none")
-    else:
-        token_logps, rows = scored_token_logps(model, batch, autocast)
-    n_rows = batch.n_sequences
-    sums = torch.zeros(n_rows, device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
-    counts = torch.zeros(n_rows, device=rows.device, dtype=torch.long).index_add(0, rows, torch.ones_like(rows))
-    return sums, counts
+def sequence_sums(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and scored-token counts per sequence ([S], [S]; S = 2 per pair)."""
+    logps = token_logps(scored_logits(model, batch, autocast), batch.scored.targets)
+    return sum_per_sequence(logps, batch.scored.sequence, batch.n_sequences)
 
 
 class Objective:
@@ -91,9 +62,8 @@ class Objective:
     name = "base"
     per_pair = False
 
-    def __init__(self, autocast: Callable[[], AbstractContextManager] | None = None, fast_head: bool = True):
+    def __init__(self, autocast: Callable[[], AbstractContextManager] | None = None):
         self.autocast = autocast or nullcontext
-        self.fast_head = fast_head     # project only scored positions (off under FSDP / torch.compile)
 
     def prepare(self, model: torch.nn.Module, plans: dict, device: torch.device) -> None:
         """Work done once before training (DPO: reference log-probs)."""
@@ -127,18 +97,9 @@ class SFTObjective(Objective):
     name = "sft"
 
     def micro_loss(self, model, batch, totals, split="train"):
-        if not self.fast_head:
-            with self.autocast():
-                logits = forward_logits(model, batch)
-            loss, _ = sft_loss(logits, batch.input_ids, batch.loss_mask, num_items=totals["targets"])
-            return loss, {}
-        token_logps, _ = scored_token_logps(model, batch, self.autocast)
-        return -token_logps.sum() / totals["targets"], {}
-
-
-def split_logps(model, batch: Batch, autocast, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen and rejected rows -> (summed logps [2N], token counts [2N])."""
-    return sequence_sums(model, batch, autocast, fast)
+        loss, _ = sft_loss(scored_logits(model, batch, self.autocast), batch.scored.targets,
+                           num_items=totals["targets"])
+        return loss, {}
 
 
 class DPOObjective(Objective):
@@ -147,9 +108,8 @@ class DPOObjective(Objective):
     name = "dpo"
     per_pair = True
 
-    def __init__(self, beta: float, reference: torch.nn.Module | None = None, autocast=None,
-                 fast_head: bool = True):
-        super().__init__(autocast, fast_head)
+    def __init__(self, beta: float, reference: torch.nn.Module | None = None, autocast=None):
+        super().__init__(autocast)
         self.beta = beta
         self.reference = reference              # None: use the precomputed table
         self.ref_logps: dict[str, torch.Tensor] = {}   # split -> [n_examples, 2] (chosen, rejected)
@@ -165,7 +125,7 @@ class DPOObjective(Objective):
             with torch.no_grad():
                 for start in range(0, len(indices), plan.batch_size):
                     batch = plan.collate([[i] for i in indices[start : start + plan.batch_size]]).to(device)
-                    sums, _ = split_logps(model, batch, self.autocast, self.fast_head)
+                    sums, _ = sequence_sums(model, batch, self.autocast)
                     n = batch.n_pairs
                     table[batch.example_index.cpu(), 0] = sums[:n].float().cpu()
                     table[batch.example_index.cpu(), 1] = sums[n:].float().cpu()
@@ -184,14 +144,14 @@ class DPOObjective(Objective):
         n = batch.n_pairs
         if self.reference is not None:
             with torch.no_grad():
-                sums, _ = split_logps(self.reference, batch, self.autocast, self.fast_head)
+                sums, _ = sequence_sums(self.reference, batch, self.autocast)
             return sums[:n], sums[n:]
         table = self.ref_logps[split].to(batch.input_ids.device)
         rows = table[batch.example_index]
         return rows[:, 0], rows[:, 1]
 
     def micro_loss(self, model, batch, totals, split="train"):
-        sums, _ = split_logps(model, batch, self.autocast, self.fast_head)
+        sums, _ = sequence_sums(model, batch, self.autocast)
         n = batch.n_pairs
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
         loss, metrics = dpo_loss(sums[:n], sums[n:], ref_chosen, ref_rejected, beta=self.beta)
@@ -205,12 +165,12 @@ class ORPOObjective(Objective):
     name = "orpo"
     per_pair = True
 
-    def __init__(self, beta: float, autocast=None, fast_head: bool = True):
-        super().__init__(autocast, fast_head)
+    def __init__(self, beta: float, autocast=None):
+        super().__init__(autocast)
         self.beta = beta
 
     def micro_loss(self, model, batch, totals, split="train"):
-        sums, counts = split_logps(model, batch, self.autocast, self.fast_head)
+        sums, counts = sequence_sums(model, batch, self.autocast)
         n = batch.n_pairs
         counts = counts.clamp(min=1)
         chosen_nll_sum = -sums[:n].sum()

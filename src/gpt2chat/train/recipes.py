@@ -210,21 +210,19 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     if dist.active and dist.is_main:
         dist_utils.barrier(dist)
     kind = "sft" if cfg.objective == "sft" else "preference"
-    common = {"seed": cfg.seed, "max_length": cfg.max_length, "pad_id": tokenizer.pad_token_id}
+    common = {"seed": cfg.seed, "max_length": cfg.max_length, "pad_id": tokenizer.pad_token_id,
+              "vocab_size": model.config.vocab_size, "context": model.config.n_positions}
     train_plan = BatchPlan(train, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                            world_size=dist.world_size, pack=cfg.pack, share_prompt=cfg.share_prompt, **common)
     val_plan = (BatchPlan(val, kind, batch_size=cfg.batch_size, grad_accum=1, world_size=1,
                           pack=cfg.pack, share_prompt=cfg.share_prompt, **common) if val else None)
     autocast = autocast_for(cfg, device)
-    # The fast head multiplies by `lm_head.weight` outside the model's forward; under FSDP that is a shard
-    # (a DTensor: "got mixed torch.Tensor and DTensor"), so there the model projects every position itself.
-    fast = not cfg.compile and dist.mode != "fsdp"
     if cfg.objective == "sft":
-        objective = SFTObjective(autocast, fast_head=fast)
+        objective = SFTObjective(autocast)
     elif cfg.objective == "dpo":
-        objective = DPOObjective(cfg.beta, reference=reference, autocast=autocast, fast_head=fast)
+        objective = DPOObjective(cfg.beta, reference=reference, autocast=autocast)
     else:
-        objective = ORPOObjective(cfg.beta, autocast=autocast, fast_head=fast)
+        objective = ORPOObjective(cfg.beta, autocast=autocast)
     if cfg.compile:
         model = torch.compile(model)
     write_model, write_final = _model_writers(cfg, tokenizer, base)
