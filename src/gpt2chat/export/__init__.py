@@ -1,9 +1,10 @@
 """Export a checkpoint for other runners: one GGUF file (llama.cpp, Ollama, LM Studio) or a clean HF folder.
 
 ```python
-from gpt2chat.export import export_gguf, export_hf
+from gpt2chat.export import export_gguf, export_hf, write_gguf
 export_gguf("runs/orpo/final", "chat.gguf", quant="q8_0", adapter=None, force=False)
 export_hf("runs/sft/final", "merged/", adapter="runs/lora/final")
+write_gguf(model, tokenizer, "chat.gguf", quant="f32", template="llama3-context")   # a model in memory
 ```
 
 `source` loads the checkpoint (an adapter merged first) and guards the output path; `gguf_file` writes the
@@ -19,6 +20,7 @@ _LAZY = {
     "GGUF_TYPES": ("gpt2chat.export.gguf_file", "GGUF_TYPES"),
     "export_gguf": ("gpt2chat.export.gguf_file", "export_gguf"),
     "gguf_chat_template": ("gpt2chat.export.gguf_file", "gguf_chat_template"),
+    "write_gguf": ("gpt2chat.export.gguf_file", "write_gguf"),
     "export_hf": ("gpt2chat.export.hf", "export_hf"),
     "write_modelfile": ("gpt2chat.export.modelfile", "write_modelfile"),
 }

@@ -93,7 +93,7 @@ def export_gguf(
     _check_architecture(config, folder)
     chat = _chat_template(template)  # a bad name fails before the weights are read
     source, tokenizer = load_source(folder, adapter)
-    if chat is None and tokenizer.template_name is not None:
+    if chat is None:
         chat = _chat_template(tokenizer.template_name)
     if chat is None and modelfile_path is not None:
         raise ExportError(f"{folder} has no chat template saved with it; name one with --template for the Modelfile")
@@ -145,13 +145,19 @@ def write_gguf(
     template: str | ChatTemplate | None = None,
     name: str | None = None,
 ) -> Path:
-    """Write an in-memory model and its tokenizer to GGUF file `out` (replaced if present)."""
+    """Write an in-memory model and its tokenizer to GGUF file `out` (replaced if present).
+
+    `template` defaults to the tokenizer's own (as saved with its checkpoint); without one the file has
+    no chat template and no end-of-turn token.
+    """
     import gguf
 
     if quant not in GGUF_TYPES:
         raise ExportError(f"unknown GGUF type {quant!r}: choose one of {', '.join(GGUF_TYPES)}")
     _check_architecture(model.config, Path(name or "model"))
     path = Path(out).expanduser()
+    if template is None:
+        template = tokenizer.template_name
     chat = _chat_template(template) if isinstance(template, str) else template
     eot = _end_of_turn_id(chat, tokenizer) if chat is not None else None
     merges = _bpe_merges(tokenizer)
