@@ -541,7 +541,7 @@ def parts() -> list[tuple[str, float, Callable[[Check], list[dict]]]]:
         ("parity", 60, part_parity),
         ("losses", 75, part_losses),
         ("speed-sft", 150, gpu_speed.part_sft),
-        ("decode", 60, gpu_speed.part_decode),
+        ("decode", 120, gpu_speed.part_decode),
         ("training", 150, part_training),
         ("roundtrip", 30, part_roundtrip),
         ("generate", 45, part_generate),
