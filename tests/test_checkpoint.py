@@ -168,7 +168,7 @@ def test_dtype_and_device(saved_tiny):
     model, _ = load_model(str(saved_tiny), device="cpu", dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.transformer.wte.weight.device.type == "cpu"
-    with pytest.raises(CheckpointError, match="unsupported dtype 'int8'"):
+    with pytest.raises(Gpt2ChatError, match="unsupported dtype 'int8'"):
         load_model(saved_tiny, device="cpu", dtype="int8")
 
 

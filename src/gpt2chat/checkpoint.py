@@ -41,8 +41,6 @@ HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_TIMEOUT_S = 10.0
 MAKE_ONE = "point --model at a local folder, or make one with `gpt2chat init --arch gpt2 --out DIR`"
-DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
-          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
 
 
 class CheckpointError(Gpt2ChatError):
@@ -140,15 +138,16 @@ def _has_weights(folder: Path) -> bool:
 def load_model(
     name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype: Any = None
 ) -> tuple[GPT, Tokenizer]:
-    """Load (model, tokenizer) from a checkpoint folder or hub id; model in eval mode on device / dtype."""
+    """Load (model, tokenizer) from a checkpoint folder or hub id; model in eval mode on device / dtype
+    (default: `gpt2chat.device`'s policy, CUDA in bf16 when present, else CPU in fp32)."""
     import torch
 
+    from gpt2chat.device import device_and_dtype
     from gpt2chat.model import GPT
 
     folder = resolve_checkpoint(name_or_path)
     config = read_config(folder)
-    torch_dtype = _torch_dtype(dtype)
-    device = torch.device(device) if device is not None else _default_device()
+    device, torch_dtype = device_and_dtype(device, dtype)
     state = _read_weights(folder)
     with torch.device("meta"):
         model = GPT(config)
@@ -175,25 +174,6 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: {exc}") from exc
     except TypeError as exc:  # a field of the wrong JSON type
         raise CheckpointError(f"{path}: bad value ({exc})") from exc
-
-
-def _default_device() -> torch.device:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _torch_dtype(dtype: Any) -> torch.dtype:
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = DTYPES.get(str(dtype).removeprefix("torch.").lower())
-    if name is None:
-        raise CheckpointError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
-    return getattr(torch, name)
 
 
 def _read_weights(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt2chat.device import device_and_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.model import GPT, AttentionPlan, KVCache
 from gpt2chat.sampling import SamplingParams, make_generator, sample_next
@@ -88,22 +89,6 @@ class GenerationResult:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
-
-
-def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
-    """CUDA + bf16 when CUDA is present, CPU + fp32 otherwise; explicit arguments win."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-        if dtype not in names:
-            raise Gpt2ChatError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-        dtype = names[dtype]
-    return device, dtype
 
 
 def use_decode_layout(model: GPT, device: torch.device, dtype: torch.dtype) -> bool:
@@ -185,7 +170,7 @@ class Engine:
     """
 
     def __init__(self, model: GPT, device=None, dtype=None, decode_layout: bool = True):
-        self.device, self.dtype = default_device_dtype(device, dtype)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if decode_layout:
             use_decode_layout(self.model, self.device, self.dtype)

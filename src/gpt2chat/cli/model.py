@@ -94,10 +94,11 @@ def sampling_params(args: argparse.Namespace, stop_token_ids=()):
 
 def _load(args: argparse.Namespace):
     from gpt2chat.checkpoint import load_model, resolve_checkpoint
-    from gpt2chat.engine import Engine, default_device_dtype
+    from gpt2chat.device import device_and_dtype
+    from gpt2chat.engine import Engine
 
     folder = resolve_checkpoint(args.model)
-    device, dtype = default_device_dtype(args.device, args.dtype)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         model, tokenizer = load_model(folder, device=device, dtype=dtype)
     except RuntimeError as exc:  # e.g. a device that is not there

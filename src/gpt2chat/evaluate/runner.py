@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2chat.device import device_and_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import inputs
 
@@ -126,7 +127,7 @@ def evaluate_models(models, out_dir, *, config: EvalConfig | None = None, **over
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    device, dtype = inputs.device_and_dtype(config.device, config.dtype)
+    device, dtype = device_and_dtype(config.device, config.dtype)
     inputs.seed_everything(config.seed)
     env = _environment(device, dtype)
     skip = set(config.skip)

@@ -52,7 +52,7 @@ def load_base(source: str, cfg: TrainConfig, dist: dist_utils.DistState, quiet: 
     from gpt2chat.checkpoint import load_model
     from gpt2chat.templates import get_template
 
-    model, tokenizer = load_model(source, device="cpu")
+    model, tokenizer = load_model(source, device="cpu", dtype=torch.float32)  # fp32 master weights; see autocast_for
     template = get_template(cfg.template)
     vocab_before = model.config.vocab_size
     added = template.ensure_tokens(tokenizer)

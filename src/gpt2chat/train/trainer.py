@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from gpt2chat.device import resolve_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.train import checkpointing as ckpt
 from gpt2chat.train import distributed as dist_utils
@@ -352,9 +353,10 @@ def _progress_bar(cfg: TrainConfig, dist: dist_utils.DistState, total: int, init
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
-    """bf16 autocast on CUDA when supported (precision auto / bf16), else no autocast (fp32)."""
+    """bf16 autocast over the fp32 weights where the device policy runs bf16 (precision auto) and the GPU
+    supports it, or when asked (bf16); else no autocast (fp32)."""
     use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        cfg.precision == "auto" and resolve_dtype(None, device) == torch.bfloat16 and torch.cuda.is_bf16_supported())
     if not use_bf16:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
