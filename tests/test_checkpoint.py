@@ -172,6 +172,16 @@ def test_dtype_and_device(saved_tiny):
         load_model(saved_tiny, device="cpu", dtype="int8")
 
 
+def test_saved_files_are_readable_by_others_like_save_pretrained_writes_them(tokenizer, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_pretrained(our_model("tiny", len(tokenizer)), tokenizer, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ckpt").iterdir()}
+    assert len(modes) >= 7 and set(modes.values()) == {"0o644"}, modes
+
+
 def test_save_refuses_tokenizer_larger_than_embedding(tokenizer, tmp_path):
     with pytest.raises(CheckpointError, match="resize_token_embeddings"):
         save_pretrained(our_model("tiny", 1000), tokenizer, tmp_path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2chat.config import ConfigError, ModelConfig, get_preset
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.files import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -322,23 +322,6 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary name in the same folder, then rename over `path`."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
-
-
 def save_pretrained(
     model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, template: str | None = None
 ) -> Path:
@@ -364,7 +347,7 @@ def save_pretrained(
         chat_template, stop_ids = _template_parts(template, tokenizer)
 
     weights = hf_state_dict(model)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     if chat_template is not None:
         tokenizer.save(out, chat_template=chat_template, template_name=template)
     else:
@@ -376,8 +359,8 @@ def save_pretrained(
                  "dtype": dtype_name, "torch_dtype": dtype_name}  # fmt: skip
     eos_ids = [eos, *[i for i in stop_ids if i != eos]]
     generation = {"bos_token_id": eos, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos, "pad_token_id": pad}
-    _write_json(out / "generation_config.json", generation)
-    _write_json(out / "config.json", dict(sorted(hf_config.items())))  # last: marks the folder complete
+    write_json_atomic(out / "generation_config.json", generation)
+    write_json_atomic(out / "config.json", dict(sorted(hf_config.items())))  # last: marks the folder complete
     return out
 
 
