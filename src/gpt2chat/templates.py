@@ -124,12 +124,6 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
     return mask
 
 
-def _split_system(msgs: list[dict]) -> tuple[str | None, list[dict]]:
-    if msgs[0]["role"] == "system":
-        return msgs[0]["content"], msgs[1:]
-    return None, msgs
-
-
 def _trained_index(msgs: list[dict]) -> int:
     """Index of the message whose reply is trained: the last message when it is an assistant's, else -1."""
     return len(msgs) - 1 if msgs[-1]["role"] == "assistant" else -1

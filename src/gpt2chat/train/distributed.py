@@ -144,15 +144,6 @@ def all_reduce_sum(values: list[float], state: DistState, device: torch.device) 
     return tensor.tolist()
 
 
-def broadcast_flag(flag: bool, state: DistState, device: torch.device) -> bool:
-    """True on every process if it is True on any (used to stop all processes together)."""
-    if not state.active or state.mode == "none":
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
-
-
 def barrier(state: DistState) -> None:
     if state.active and state.mode != "none" and dist.is_initialized():
         dist.barrier()
