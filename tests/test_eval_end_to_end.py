@@ -12,8 +12,8 @@ import torch
 from gpt2chat.cli import main
 from gpt2chat.evaluate.runner import evaluate_models
 
-FAST = dict(speed_prompt_tokens=8, speed_new_tokens=4, speed_repeats=1, peak_matmul_size=64,
-            peak_copy_bytes=1 << 20, max_new_tokens=4, gen_rows=2, progress=False)
+FAST = dict(speed_prompt_tokens=8, speed_decode_steps=64, speed_repeats=3, peak_matmul_size=64,
+            peak_read_bytes=1 << 20, peak_repeats=1, max_new_tokens=4, gen_rows=2, heldout_prompts=0, progress=False)
 
 
 def _oasst_rows():
@@ -58,7 +58,8 @@ def test_cli_writes_the_report_card(setup, capsys):
     out = setup["root"] / "out"
     status = main(["eval", "--model", setup["sft"], "--model", setup["other"], "--data", setup["data"],
                    "--pref-data", setup["pairs"], "--max-rows", "3", "--gen-rows", "2", "--max-new-tokens", "4",
-                   "--speed-prompt-tokens", "8", "--speed-new-tokens", "4", "--speed-repeats", "1", "--out", str(out), "--seed", "3",
+                   "--speed-prompt-tokens", "8", "--speed-decode-steps", "64", "--speed-repeats", "3",
+                   "--out", str(out), "--seed", "3",
                    "--no-progress"])
     assert status == 0
     assert "report:" in capsys.readouterr().out
@@ -82,13 +83,23 @@ def test_cli_writes_the_report_card(setup, capsys):
     assert report["models"][0]["metrics_log"].endswith("run-sft/metrics.jsonl")
     assert "metrics_log" not in report["models"][1]
     items = report["side_by_side"]["items"]
-    assert [i["prompt"] for i in items] == ["What's the best way to learn Python?",
-                                            "How can I improve my English skills?",
-                                            "How can we maintain our well-being?"]
+    # seed 000's three prompts, then the first held-out conversations' (their reference reply beside)
+    assert [(i["prompt"], i["source"]) for i in items] == [
+        ("What's the best way to learn Python?", "seed 000"), ("How can I improve my English skills?", "seed 000"),
+        ("How can we maintain our well-being?", "seed 000"), ("What is the capital of France?", "held-out"),
+        ("Name a primary colour.", "held-out"), ("How many legs has a spider?", "held-out")]
+    assert items[3]["reference"] == "The capital of France is Paris."
     assert all(set(i["replies"]) == {"run-sft/final", "run-b/final"} for i in items)
+    assert report["side_by_side"]["decoding"] == "greedy (temperature 0)"
+    speed = report["models"][0]["speed"]
+    assert speed["decode_steps"] == 64 and speed["repeats"] == 3 and speed["round_robin_with"] == 2
+    low, high = speed["decode_tokens_per_s_range"]
+    assert low <= speed["decode_tokens_per_s"] <= high
     md = (out / "report.md").read_text()
     for heading in ("## Summary", "## Perplexity", "## Preference accuracy", "## Generated replies",
-                    "## Size, compute and speed", "## Side-by-side replies", "![loss curves](loss_curves.png)"):
+                    "## Size, compute and speed", "## Side-by-side replies", "![loss curves](loss_curves.png)",
+                    "greedy (temperature 0)", "cut at its template's end-of-turn token", "`<|eot_id|>, <|endoftext|>`",
+                    "(held-out reference)"):
         assert heading in md
 
 

@@ -17,7 +17,8 @@ def _report() -> dict:
            "plain": {"ppl": 30.2, "tokens": 90}, "measured_on": "oasst1:x.jsonl: 3 conversations; cpu, float32"}
     entry = {"label": "sft", "path": "/x/sft", "template": "llama3-context", "parameters": 124_439_808,
              "flops": {"forward_per_token": 284_812_800, "training_per_token": 854_438_400, "context": 1024},
-             "speed": {"prefill_tokens_per_s": 500.0, "decode_tokens_per_s": 90.2, "prefill_mfu": 0.2,
+             "speed": {"prefill_tokens_per_s": 500.0, "prefill_tokens_per_s_range": [480.0, 510.0],
+                       "decode_tokens_per_s": 90.2, "decode_tokens_per_s_range": [88.1, 91.0], "prefill_mfu": 0.2,
                        "decode_mbu": 0.5, "measured_on": "batch 1; cpu, float32, 2 threads"},
              "perplexity": ppl,
              "preference": {"mode": "reference-free", "accuracy": 0.5, "mean_margin": 0.1, "mean_chosen_reward": -1,
@@ -29,9 +30,13 @@ def _report() -> dict:
              "harness_average": 0.244}
     return {"gpt2chat_version": "0.1.0", "seed": 0,
             "environment": {"device": "cpu", "device_name": "x86", "dtype": "float32", "threads": 2, "torch": "2"},
-            "datasets": {"conversations": {"spec": "oasst1:x.jsonl", "summary": "oasst1:x.jsonl: 3 used"}},
-            "peaks": {"matmul_flops_per_s": 1e11, "copy_bytes_per_s": 1e10, "matmul_size": 1024,
-                      "copy_bytes": 2 << 27, "dtype": "float32", "device": "cpu", "threads": 2, "repeats": 3},
+            "datasets": {"conversations": {"spec": "oasst1:x.jsonl", "summary": "oasst1:x.jsonl: 3 used",
+                                           "overlap_statement": "checked by content hash: none of the 3"}},
+            "warnings": [],
+            "peaks": {"matmul_flops_per_s": 1e11, "read_bytes_per_s": 1e10, "matmul_size": 1024,
+                      "read_bytes": 1 << 30, "dtype": "float32", "device": "cpu", "threads": 2, "repeats": 3,
+                      "measurements": [{"matmul_flops_per_s": 9e10, "read_bytes_per_s": 1e10},
+                                       {"matmul_flops_per_s": 1e11, "read_bytes_per_s": 8e9}]},
             "models": [entry, {**entry, "label": "orpo | v2"}],
             "side_by_side": {"measured_on": "3 prompts, greedy", "items": [
                 {"prompt": "What's the best way to learn Python?", "replies": {"sft": "Practice.\nDaily.",
@@ -43,18 +48,33 @@ def test_write_report_files_tables_and_plots(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "eval_loss": 2.7}\nnot json\n'
                    '{"step": 3, "loss": 2.6, "split": "val"}\n')
-    report = write_report(_report(), tmp_path / "out", loss_logs={"sft": str(log)})
+    orpo_log = tmp_path / "orpo.jsonl"
+    orpo_log.write_text('{"step": 1, "loss": 1.0}\n')
+    report = write_report({**_report(), "loss_curves": {"sft": str(log), "sft+orpo": str(orpo_log)}},
+                          tmp_path / "out")
     out = tmp_path / "out"
-    assert report["plots"] == {"perplexity": "perplexity.png", "loss curves": "loss_curves.png"}
+    # labels read back from the figures: bars per model, curves per training stage
+    assert report["plots"] == {"perplexity": {"file": "perplexity.png", "series": ["sft", "orpo | v2"]},
+                               "loss curves": {"file": "loss_curves.png",
+                                               "series": ["sft train", "sft eval", "sft+orpo train"]}}
     for name in ("perplexity.png", "loss_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "report.json").read_text())["models"][0]["parameters"] == 124_439_808
     md = (out / "report.md").read_text()
-    assert "| sft | 124M | 285M | 90.2 | 15.700 |" in md  # seed 000's summary table
+    assert "| sft | 124M | 285M | 90.2 (88.1-91.0) | 15.700 |" in md  # seed 000's summary table, with the range
+    assert "checked by content hash: none of the 3" in md and "Warning" not in md
+    assert "start: 90GFLOP/s, 10GB/s, end: 100GFLOP/s, 8GB/s" in md and "read bandwidth 10GB/s" in md
     assert "orpo \\| v2" in md and "Practice.<br>Daily." in md  # cells escaped
     assert "oasst1:x.jsonl: 3 conversations; cpu, float32" in md  # measured-on lines
     assert "| sft | ARC (25-shot) | acc_norm | 21.30% |  |" in md and "| sft | average |  | 24.40% |  |" in md
     assert "Peaks measured on this machine" in md and "![perplexity](perplexity.png)" in md
+
+
+def test_overlap_warning_sits_in_the_summary():
+    report = {**_report(), "warnings": ["2 of 3 evaluation conversations (x) are training rows of sft"]}
+    md = render_markdown(report)
+    summary = md.split("## Perplexity")[0]
+    assert "> **Warning:** 2 of 3 evaluation conversations (x) are training rows of sft" in summary
 
 
 def test_read_loss_log_both_layouts(tmp_path):

@@ -20,8 +20,8 @@ USER = [{"role": "user", "content": "Hello there"}]
 
 @pytest.fixture(scope="module")
 def server():
-    service = standin_service()
-    with ServerThread(create_app(service, max_body_bytes=64 * 1024)) as srv:
+    service = standin_service(max_body_bytes=64 * 1024)
+    with ServerThread(create_app(service)) as srv:
         srv.service = service
         yield srv
     service.close()
@@ -76,6 +76,40 @@ def test_stop_string_ends_reply_with_finish_reason_stop(client):
                        json={"messages": USER, "max_tokens": 20, "stop": ["test", "zzz"]}).json()
     assert body["choices"][0]["message"]["content"] == "I am a "
     assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprob_entries_follow_their_tokens_through_hold_back_and_stop_strings(client):
+    """The stand-in's logprob of token i is -0.5 * (i + 1). A stop string ends the text mid-token; every
+    token the engine delivered keeps its entry, streamed (each with the chunk that shows its text, or the
+    next one while it is held back) and not."""
+    request = {"messages": USER, "max_tokens": 20, "stop": ["tes"], "logprobs": True, "top_logprobs": 2}
+    body = client.post("/v1/chat/completions", json=request).json()
+    choice = body["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("I am a ", "stop")
+    content = choice["logprobs"]["content"]
+    assert [(e["token"], e["logprob"]) for e in content] == [("I", -0.5), (" am", -1.0), (" a", -1.5), (" test", -2.0)]
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["I", " am"]
+    assert content[1]["bytes"] == list(b" am")
+
+    chunks = [e for e in sse_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+              if e != "[DONE]"]
+    streamed = [e for c in chunks for e in ((c["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == content
+    for c in chunks:  # a chunk carries entries only for tokens delivered so far
+        entries = (c["choices"][0]["logprobs"] or {}).get("content") or []
+        assert all(e["token"] in ("I", " am", " a", " test") for e in entries)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "I am a "
+
+    none = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).json()
+    assert none["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_of_the_stand_in_have_openais_columns(client):
+    body = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "logprobs": 1}).json()
+    columns = body["choices"][0]["logprobs"]
+    assert columns["tokens"] == ["I", " am", " a"] and columns["token_logprobs"] == [-0.5, -1.0, -1.5]
+    assert columns["text_offset"] == [0, 1, 4]
+    assert columns["top_logprobs"] == [{"I": -0.25}, {"I": -0.25, " am": -1.0}, {"I": -0.25, " a": -1.5}]
 
 
 def test_unknown_model_name_is_served_like_llama_cpp(client):
@@ -177,6 +211,76 @@ def test_malformed_chat_request_is_400(client, body):
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("body", BAD_CHAT_BODIES.values(), ids=BAD_CHAT_BODIES.keys())
+def test_every_rejected_body_gets_one_plain_sentence(client, body):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    error = assert_openai_error(client.post("/v1/chat/completions", content=content,
+                                            headers={"content-type": "application/json"}), 400)
+    message = error["message"]
+    for jargon in ("Input should", "problem", "list[", "str'", "literal_error", "loc", "body."):
+        assert jargon not in message, message
+    if error["param"]:
+        assert message.startswith(error["param"]) or error["param"] in message
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop",
+     "stop must be a string or a list of at most 4 strings; got a list of 5 items."),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type", 'messages[0].content[0].type must be "text" (this server reads text parts only); '
+     'got "image_url".'),
+    ({"messages": ["hi"]}, "messages[0]", 'messages[0] must be a message like {"role": "user", "content": "Hi"}; '
+     'got "hi".'),
+    ({"max_tokens": 3}, "messages", "messages is required: give a non-empty list of messages, each with a role "
+     "('system', 'developer', 'user' or 'assistant') and a string content."),
+    ({"messages": USER, "temperature": "x", "top_p": 5}, "temperature",
+     'temperature must be a number from 0 to 2; got "x". Also invalid: top_p.'),
+    ({"messages": USER, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage",
+     'stream_options.include_usage must be true or false; got "yes".'),
+])
+def test_validation_errors_name_the_field_and_what_it_accepts(client, body, param, message):
+    error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
+    assert (error["param"], error["message"]) == (param, message)
+
+
+UNSUPPORTED_CHAT = {
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "f"}],
+    "function_call": {"name": "f"},
+    "logit_bias": {"50256": -100},
+    "presence_penalty": 0.5,
+    "frequency_penalty": -1,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+}
+
+
+@pytest.mark.parametrize("field", UNSUPPORTED_CHAT)
+def test_a_field_that_would_change_the_answer_is_refused_by_name(client, field):
+    error = assert_openai_error(client.post("/v1/chat/completions", json={
+        "messages": USER, field: UNSUPPORTED_CHAT[field]}), 400)
+    assert error["param"] == field and field in error["message"] and error["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("field, value", [("suffix", "tail"), ("best_of", 3), ("logit_bias", {"1": 5})])
+def test_completion_fields_we_do_not_implement_are_refused(client, field, value):
+    error = assert_openai_error(client.post("/v1/completions", json={"prompt": "x", field: value}), 400)
+    assert error["param"] == field
+
+
+def test_fields_that_change_nothing_are_accepted_and_ignored(client):
+    plain = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4}).json()
+    extras = {"user": "u-1", "metadata": {"a": "b"}, "store": False, "service_tier": "auto",
+              "parallel_tool_calls": True, "reasoning_effort": "low", "response_format": {"type": "text"},
+              "tool_choice": "none", "tools": [], "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+              "modalities": ["text"], "prediction": {"type": "content", "content": "x"}, "some_future_field": 1}
+    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, **extras}).json()
+    assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "best_of": 1}).status_code == 200
+
+
 def test_error_names_the_field_and_the_context_limit(client):
     error = assert_openai_error(client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": -1}), 400)
     assert error["param"] == "max_tokens"
@@ -204,8 +308,10 @@ def test_truncate_drops_the_oldest_turns(client):
     body = client.post("/v1/chat/completions",
                        json={"messages": long_history, "max_tokens": 2, "truncate": True}).json()
     assert body["usage"]["prompt_tokens"] < 40  # system + last user turn only
-    text = client.post("/v1/completions", json={"prompt": "w " * 400, "max_tokens": 1, "truncate": True}).json()
-    assert text["usage"]["prompt_tokens"] == 255
+    # a raw text prompt has no turns to drop, and its front is never cut
+    error = assert_openai_error(client.post("/v1/completions", json={
+        "prompt": "w " * 400, "max_tokens": 1, "truncate": True}), 400)
+    assert error["param"] == "truncate"
 
 
 def test_body_size_limit_is_413_with_and_without_content_length(client, server):

@@ -1,6 +1,6 @@
 """Shared pieces of the serving tests (no tests here): a real uvicorn server in a thread on a free
-loopback port, and a small stand-in for `BatchedEngine` that follows its contract (used where a test
-needs a reply that never ends on its own, e.g. to watch a disconnect free the slot)."""
+loopback port, and a paced stand-in for `BatchedEngine` that follows its contract (used where a test
+needs slow tokens, e.g. to watch a disconnect free the row, or a browser watch a reply stream in)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ class StandInRequest:
         self.engine = engine
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
+        self.stop_tokens = 0
+        self.logprobs: list = []
+        self.prompt_logprobs: list = []
         self.params = params
         self.finish_reason: str | None = None
         self._tokens: list[object] = []
@@ -116,12 +119,16 @@ class StandInRequest:
 
 
 class StandInEngine:
-    """Follows `BatchedEngine`'s contract: a background thread emits one token per active request per
-    step (token `token_id`, or a cycle of plain ids), honouring max_new_tokens and stop tokens."""
+    """Follows `BatchedEngine`'s contract: a background thread emits one token per active request per step
+    (a cycle of plain ids, paced by `step_s`), honouring max_new_tokens; a stop token ends the request
+    with finish_reason "stop" and is never delivered; with `params.logprobs` set, each token's
+    `TokenLogprob` is appended before the token arrives (made-up numbers: -0.5 per position)."""
 
-    def __init__(self, step_s: float = 0.005, token_ids: tuple[int, ...] = (40, 716, 257, 1332, 13)):
+    def __init__(self, step_s: float = 0.005, token_ids: tuple[int, ...] = (40, 716, 257, 1332, 13),
+                 max_batch_size: int = 4):
         self.step_s = step_s
         self.token_ids = token_ids
+        self.max_batch_size = max_batch_size
         self.active: list[StandInRequest] = []
         self.submitted = 0
         self._lock = threading.Lock()
@@ -133,6 +140,10 @@ class StandInEngine:
     def active_count(self) -> int:
         with self._lock:
             return len(self.active)
+
+    @property
+    def pending_count(self) -> int:
+        return 0
 
     def submit(self, prompt_ids: list[int], params) -> StandInRequest:
         request = StandInRequest(self, prompt_ids, params)
@@ -147,17 +158,26 @@ class StandInEngine:
                 self.active.remove(request)
 
     def _loop(self) -> None:
+        from gpt2chat.engine import TokenLogprob
+
         while not self._stop.is_set():
             with self._lock:
                 batch = list(self.active)
             for request in batch:
-                token = self.token_ids[request.completion_tokens % len(self.token_ids)]
-                request.completion_tokens += 1
-                request._push(token)
+                position = request.completion_tokens + request.stop_tokens
+                token = self.token_ids[position % len(self.token_ids)]
                 if token in request.params.stop_token_ids:
+                    request.stop_tokens += 1
                     request.finish_reason = "stop"
-                elif request.completion_tokens >= request.params.max_new_tokens:
-                    request.finish_reason = "length"
+                else:
+                    top_k = request.params.logprobs
+                    if top_k is not None:
+                        top = tuple((t, -0.25 * (i + 1)) for i, t in enumerate(self.token_ids[:top_k]))
+                        request.logprobs.append(TokenLogprob(token, -0.5 * (position + 1), top))
+                    request.completion_tokens += 1
+                    request._push(token)
+                    if request.completion_tokens >= request.params.max_new_tokens:
+                        request.finish_reason = "length"
                 if request.finish_reason is not None:
                     self._drop(request)
                     request._push(StandInRequest._DONE)
@@ -168,37 +188,23 @@ class StandInEngine:
         self._thread.join(timeout=5)
 
 
-class StandInTemplate:
-    """A `ChatTemplate`-shaped plain-text template ("User: ...\\nAssistant:") for the stand-in service."""
-
-    name = "stand-in"
-    special_tokens: tuple[str, ...] = ()
-    stop_tokens = ("<|endoftext|>",)
-    stop_strings = ("\nUser:",)
-
-    def render(self, tokenizer, messages, add_generation_prompt=False):
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        if add_generation_prompt:
-            text += "Assistant:"
-        ids = tokenizer.encode(text)
-        return ids, [0] * len(ids)
-
-
 class StandInModel:
-    """Just what the service reads from a model: its context length."""
+    """Just what the service reads from a model: its context length and vocabulary size."""
 
     def __init__(self, n_positions: int = 256):
         from types import SimpleNamespace
 
-        self.config = SimpleNamespace(n_positions=n_positions)
+        self.config = SimpleNamespace(n_positions=n_positions, vocab_size=50257)
 
 
 def standin_service(engine: StandInEngine | None = None, **kwargs):
+    """A `ChatService` on the GPT-2 tokenizer and the real "plain" template (User: ... Assistant:) over
+    the stand-in engine; keyword arguments are `ServerLimits` fields (and `n_positions`)."""
+    from gpt2chat.serve.limits import ServerLimits
     from gpt2chat.serve.service import ChatService
     from gpt2chat.tokenizer import Tokenizer
 
-    kwargs.setdefault("max_batch_size", 4)
-    kwargs.setdefault("max_queue", 4)
-    kwargs.setdefault("max_tokens_limit", 64)
-    return ChatService(StandInModel(kwargs.pop("n_positions", 256)), Tokenizer.gpt2(), template=StandInTemplate(),
-                       model_name="stand-in", engine=engine or StandInEngine(), **kwargs)
+    n_positions = kwargs.pop("n_positions", 256)
+    limits = ServerLimits(**{"max_batch_size": 4, "max_queue": 4, "max_tokens_limit": 64, **kwargs})
+    return ChatService(StandInModel(n_positions), Tokenizer.gpt2(), template="plain", model_name="stand-in",
+                       limits=limits, engine=engine or StandInEngine())

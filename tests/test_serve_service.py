@@ -1,5 +1,5 @@
-"""ChatService pieces without HTTP: stop strings split across tokens, the template's reply prefix, context
-truncation from the oldest turns with the real llama3-context template, and queue admission."""
+"""ChatService pieces without HTTP: the template's reply prefix, stop tokens, context truncation from the
+oldest turns with the real llama3-context template, queue admission, and completions' own stop check."""
 
 from __future__ import annotations
 
@@ -7,52 +7,14 @@ import asyncio
 
 import pytest
 
-from gpt2chat.serve.service import (
-    GenerationSettings,
-    PromptTooLongError,
-    ServerBusyError,
-    StopStringMatcher,
-    TooManyTokensError,
-)
-from test_serve_helpers import StandInEngine, standin_service
-
-
-def run_matcher(stops, pieces):
-    matcher = StopStringMatcher(stops)
-    out, stopped = [], False
-    for piece in pieces:
-        text, stopped = matcher.push(piece)
-        out.append(text)
-        if stopped:
-            break
-    if not stopped:
-        out.append(matcher.flush())
-    return "".join(out), stopped, out
-
-
-def test_stop_string_split_over_pieces_is_caught_and_cut():
-    text, stopped, _ = run_matcher(["\nUser:"], ["Hello", " there\n", "Us", "er: more"])
-    assert (text, stopped) == ("Hello there", True)
-
-
-def test_text_that_only_looks_like_a_stop_start_is_released():
-    text, stopped, out = run_matcher(["STOP"], ["a S", "T", "x", " b"])
-    assert (text, stopped) == ("a STx b", False)
-    assert out[0] == "a "  # "S" held back until it could no longer start "STOP"
-
-
-def test_earliest_of_several_stop_strings_wins():
-    assert run_matcher(["bb", "a"], ["xxbba"])[:2] == ("xx", True)
-
-
-def test_no_stop_strings_passes_everything_through():
-    assert run_matcher([], ["a", "b"])[2] == ["a", "b", ""]
+from gpt2chat.serve.service import GenerationSettings, PromptTooLongError, ServerBusyError, TooManyTokensError
+from test_serve_helpers import StandInEngine, StandInModel, standin_service
 
 
 def collect(service, messages, max_tokens=8, stop=()):
     async def main():
         ids = service.render_messages(messages)
-        settings = service.settings(len(ids), max_tokens, None, None, list(stop), None)
+        settings = service.settings(len(ids), max_tokens, stop=list(stop))
         (generation,) = service.start(ids, settings)
         return await generation.text(), generation
 
@@ -61,7 +23,7 @@ def collect(service, messages, max_tokens=8, stop=()):
 
 def test_reply_prefix_of_the_template_is_stripped():
     service = standin_service(StandInEngine(token_ids=(18435, 995)))  # " Hello", " world"
-    service.template.reply_prefix = " "
+    assert service.template.reply_prefix == " "  # the plain template's "Assistant:" + " " + reply
     try:
         text, generation = collect(service, [{"role": "user", "content": "hi"}], max_tokens=3)
         assert text == "Hello world Hello" and generation.finish_reason == "length"
@@ -70,10 +32,13 @@ def test_reply_prefix_of_the_template_is_stripped():
 
 
 def test_stop_token_ends_the_reply_and_is_counted():
-    service = standin_service(StandInEngine(token_ids=(40, 716, 50256)))  # "I", " am", <|endoftext|>
+    engine = StandInEngine(token_ids=(40, 716, 50256))  # "I", " am", <|endoftext|>
+    service = standin_service(engine)
     try:
         text, generation = collect(service, [{"role": "user", "content": "hi"}], max_tokens=10)
+        # the engine stopped at the template's stop id (never delivered), counted as a generated token
         assert (text, generation.finish_reason, generation.completion_tokens) == ("I am", "stop", 3)
+        assert generation.token_ids == [40, 716]
         assert service.outstanding == 0
     finally:
         service.close()
@@ -83,9 +48,9 @@ def test_limits_on_tokens_and_queue():
     service = standin_service(max_batch_size=1, max_queue=1, max_tokens_limit=16)
     try:
         with pytest.raises(TooManyTokensError, match="max_tokens=17"):
-            service.settings(10, 17, None, None, [], None)
-        assert service.settings(250, None, None, None, [], None).max_new_tokens == 6  # the room left
-        assert service.settings(10, None, None, None, [], -5).seed >= 0
+            service.settings(10, 17)
+        assert service.settings(250, None).max_new_tokens == 6  # the room left
+        assert service.settings(10, None, seed=-5).seed >= 0
         settings = GenerationSettings(max_new_tokens=200)
         held = service.start([1, 2], settings, n=2)
         with pytest.raises(ServerBusyError):
@@ -109,6 +74,7 @@ def test_truncation_drops_oldest_turns_with_the_llama3_template(tiny_tokenizer):
     from gpt2chat.serve.service import ChatService
 
     service = ChatService(StandInModel(128), tiny_tokenizer, engine=StandInEngine())
+    assert service.template.name == "llama3-context"  # the checkpoint's own
     try:
         messages = [{"role": "system", "content": "Be brief."}]
         for turn in range(6):
@@ -117,9 +83,9 @@ def test_truncation_drops_oldest_turns_with_the_llama3_template(tiny_tokenizer):
         messages.append({"role": "user", "content": "last question"})
         with pytest.raises(PromptTooLongError, match="truncate"):
             service.render_messages(messages)
-        ids = service.render_messages(messages, truncate=True)
+        ids = service.render_messages(messages, truncate=True, max_tokens=8)
         text = tiny_tokenizer.decode(ids)
-        assert len(ids) < 128 and "Be brief." in text and "last question" in text
+        assert len(ids) <= 128 - 8 and "Be brief." in text and "last question" in text
         assert "question 0" not in text and "answer 5" in text  # oldest turns went first
         assert text.endswith("<|start_header_id|>assistant<|end_header_id|>")
         with pytest.raises(PromptTooLongError):  # a last message that alone cannot fit
@@ -127,9 +93,3 @@ def test_truncation_drops_oldest_turns_with_the_llama3_template(tiny_tokenizer):
     finally:
         service.close()
 
-
-class StandInModel:
-    def __init__(self, n_positions):
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(n_positions=n_positions, vocab_size=50264)

@@ -435,9 +435,6 @@ class IncrementalDecoder:
             return held + (self.tokenizer.id_to_token(tid) or "")
         return self._dec.decode(self.tokenizer.token_bytes(tid))
 
-    def push_many(self, token_ids: Iterable[int]) -> str:
-        return "".join(self.push(t) for t in token_ids)
-
     def flush(self) -> str:
         out = self._dec.decode(b"", final=True)
         self._dec.reset()

@@ -116,41 +116,22 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- generate
-def _generation_stop_ids(folder, tokenizer) -> list[int]:
-    """The checkpoint's generation_config eos ids (as transformers' generate uses them), else end-of-text."""
-    import json
-
-    path = folder / "generation_config.json"
-    try:
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        eos = None
-    if isinstance(eos, int):
-        return [eos]
-    if isinstance(eos, list) and all(isinstance(i, int) for i in eos):
-        return eos
-    return [tokenizer.eos_token_id]
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    from gpt2chat.sampling import SamplingParams
+    from gpt2chat.reply import ReplyDecoder, stop_token_ids, stream_reply
 
     sampling_params(args)  # check the flags before loading anything
-    folder, engine, tokenizer = _load(args)
-    from gpt2chat.tokenizer import IncrementalDecoder
-
-    stops = [] if args.ignore_eos else _generation_stop_ids(folder, tokenizer)
-    params: SamplingParams = sampling_params(args, stops)
+    _, engine, tokenizer = _load(args)
+    # the checkpoint's stop ids: what its generation_config.json lists, so transformers' generate agrees
+    params = sampling_params(args, [] if args.ignore_eos else stop_token_ids(tokenizer))
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise Gpt2ChatError("--prompt is empty: give some text to continue")
-    stream = engine.stream(prompt, params)
-    decoder = IncrementalDecoder(tokenizer)
     out = sys.stdout
-    for token in stream:
-        out.write(decoder.push(token))
+    # a raw continuation shows control tokens as text, as `tokenizer.decode` does
+    for piece in stream_reply(ReplyDecoder(tokenizer, skip_special_tokens=False), engine.stream(prompt, params)):
+        out.write(piece)
         out.flush()
-    out.write(decoder.flush() + "\n")
+    out.write("\n")
     out.flush()
     return 0
 

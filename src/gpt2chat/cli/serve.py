@@ -61,25 +61,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     telegram.set_defaults(handler=run_telegram_command)
 
 
-def _check_limits(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "max_tokens_limit"):
-        if getattr(args, name) < 1:
-            raise Gpt2ChatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_queue < 0:
-        raise Gpt2ChatError(f"--max-queue must be 0 or more, got {args.max_queue}")
+def _limits(args: argparse.Namespace):
+    from gpt2chat.serve.limits import ServerLimits
+
+    return ServerLimits(max_batch_size=args.max_batch, max_queue=args.max_queue,
+                        max_tokens_limit=args.max_tokens_limit,
+                        max_body_bytes=getattr(args, "max_body_bytes", ServerLimits.max_body_bytes))
 
 
 def _build_service(args: argparse.Namespace, model_name: str | None = None):
     from gpt2chat.checkpoint import load_model
     from gpt2chat.serve.service import ChatService
 
-    _check_limits(args)
+    limits = _limits(args)  # check the options before loading anything
     model, tokenizer = load_model(args.model, device=args.device)
     model.eval()
     name = model_name or Path(str(args.model).rstrip("/")).name or "gpt2chat"
-    return ChatService(model, tokenizer, template=args.template, model_name=name,
-                       max_batch_size=args.max_batch, max_queue=args.max_queue,
-                       max_tokens_limit=args.max_tokens_limit)
+    return ChatService(model, tokenizer, template=args.template, model_name=name, limits=limits)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -89,15 +87,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise Gpt2ChatError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_body_bytes < 1024:
-        raise Gpt2ChatError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.host not in LOOPBACK_HOSTS and not api_key:
         logging.getLogger("gpt2chat.serve").warning(
             "listening on %s without an API key: anyone who can reach this address can use the model", args.host)
     service = _build_service(args, args.model_name)
-    app = create_app(service, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(service, api_key=api_key)
     print(f"serving {service.model_name} on http://{args.host}:{args.port}/ (OpenAI API under /v1)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,9 +1,10 @@
 """One checkpoint through every measurement: the per-model half of `evaluate_models`.
 
-Loads the checkpoint, renders the held-out data through the checkpoint's own template
+`evaluate_one` loads the checkpoint, renders the held-out data through the checkpoint's own template
 (`tokenizer.template_name`), and returns one report entry: size and FLOPs, perplexity, preference
-accuracy (against a shared `Reference` when given), generated-reply metrics, speed with MFU / MBU, the
-side-by-side replies and the harness rows. Each figure carries a `measured_on` line.
+accuracy (against a shared `Reference` when given), generated-reply metrics, the side-by-side replies
+and the harness rows. Speed is a phase of its own over all checkpoints together (`speed_entries`,
+then `add_utilisation` against the run's peaks). Each figure carries a `measured_on` line.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import gc
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import metrics
 
-__all__ = ["Reference", "evaluate_one", "template_of"]
+__all__ = ["Reference", "evaluate_one", "template_of", "generation_rows", "speed_entries", "add_utilisation"]
 
 DEFAULT_TEMPLATE = "llama3-context"
 
@@ -140,7 +141,8 @@ def _preference(model, tokenizer, template, label, config, pairs, info, referenc
     }
 
 
-def _generation_rows(conversations, limit: int) -> tuple[list[list[dict]], list[str]]:
+def generation_rows(conversations, limit: int) -> tuple[list[list[dict]], list[str]]:
+    """(prompt messages ending in a user turn, the reference reply) of the first `limit` usable conversations."""
     prompts, references = [], []
     for conversation in conversations:
         messages = conversation.messages
@@ -169,7 +171,7 @@ def _generate(model, tokenizer, template, config, prompts, desc):
 
 
 def _generation(model, tokenizer, template, config, conversations, info, where) -> dict | None:
-    prompts, references = _generation_rows(conversations, config.gen_rows)
+    prompts, references = generation_rows(conversations, config.gen_rows)
     if not prompts:
         return None
     replies = _generate(model, tokenizer, template, config, prompts, "replies for BLEU")
@@ -182,43 +184,121 @@ def _generation(model, tokenizer, template, config, conversations, info, where) 
     return figures
 
 
-def _compute(model, config, peaks, env) -> tuple[int, dict, dict | None]:
+def _compute(model, config) -> tuple[int, dict]:
     from gpt2chat.evaluate import flops
 
     parameters = flops.count_parameters(model)
     forward = flops.forward_flops_per_token(model.config, config.flops_context)
-    flop_entry = {"forward_per_token": forward["total"], "weights": forward["weights"],
-                  "attention": forward["attention"], "context": forward["context"],
-                  "training_per_token": flops.training_flops_per_token(model.config, config.flops_context)}
-    if peaks is None:
-        return parameters, flop_entry, None
-    from gpt2chat.evaluate.speed import measure_speed
+    return parameters, {"forward_per_token": forward["total"], "weights": forward["weights"],
+                        "attention": forward["attention"], "context": forward["context"],
+                        "training_per_token": flops.training_flops_per_token(model.config, config.flops_context)}
 
-    speed = measure_speed(model, prompt_tokens=config.speed_prompt_tokens, new_tokens=config.speed_new_tokens,
-                          repeats=config.speed_repeats, seed=config.seed)
-    prompt, new = speed["prompt_tokens"], speed["new_tokens"]
-    element = next(model.parameters()).element_size()
-    # prefill: token t attends to t keys (mean (P+1)/2); decode: mean context P + N/2
-    prefill_flops = flops.forward_flops_per_token(model.config, max(1, (prompt + 1) // 2))["total"]
-    decode_context = prompt + max(1, new // 2)
-    decode_flops = flops.forward_flops_per_token(model.config, decode_context)["total"]
-    decode_bytes = flops.decode_bytes_per_token(model.config, parameters, element, decode_context)
-    mfu = flops.utilisation(flops_per_token=prefill_flops, bytes_per_token=decode_bytes,
-                            prefill_tokens_per_s=speed["prefill_tokens_per_s"], decode_tokens_per_s=None,
-                            peaks=peaks)
-    decode = flops.utilisation(flops_per_token=decode_flops, bytes_per_token=decode_bytes, prefill_tokens_per_s=None,
-                               decode_tokens_per_s=speed["decode_tokens_per_s"], peaks=peaks)
-    speed.update(prefill_mfu=mfu["prefill_mfu"], decode_mfu=decode["decode_mfu"], decode_mbu=decode["decode_mbu"],
-                 decode_bytes_per_token=decode_bytes)
-    speed["measured_on"] = (f"batch 1, {prompt}-token random prompt, {new} greedy KV-cache decode steps, median "
-                            f"of {speed['repeats']}; MFU = FLOP/s / measured matmul peak, MBU = (weights + KV "
-                            f"cache bytes per token) x tokens/s / measured copy bandwidth; {speed['device']}, "
-                            f"{speed['dtype']}, {speed['threads']} threads")
-    return parameters, flop_entry, speed
+
+def _inference_model(path: str, config, device, dtype):
+    """The model as `gpt2chat generate` would run it: through `load_for_inference` once it exists."""
+    try:
+        from gpt2chat.quantize import load_for_inference
+    except ImportError:
+        if config.quantize:
+            raise Gpt2ChatError("--quantize needs gpt2chat.quantize, which this install lacks") from None
+        return _load(path, device, dtype)[0]
+    return load_for_inference(path, quantize=config.quantize, device=device, dtype=dtype)[0]
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of every distinct parameter and buffer: what one batch-1 decode step reads (tied head once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _fits_together(paths: list[str], device) -> bool:
+    """Whether every model's weights fit in memory at once (round-robin timing holds them all)."""
+    import os
+
+    import torch
+
+    from gpt2chat.checkpoint import read_config
+    from gpt2chat.evaluate.flops import analytic_parameters
+
+    need = sum(4 * analytic_parameters(read_config(p)) for p in paths)  # fp32 upper bound
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < 0.6 * free
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return len(paths) == 1
+    return need < 0.4 * total
+
+
+def speed_entries(paths: list[str], config, *, device, dtype) -> list[tuple[dict, object]]:
+    """(speed row, model config) of every model: batch-1 prefill / decode measured round-robin by the
+    engine's own loop. The models are loaded as `gpt2chat generate` loads them; when they do not fit in
+    memory together, each is timed alone (the rows say so)."""
+    from gpt2chat.engine import Engine
+    from gpt2chat.evaluate.speed import measure_speeds
+
+    kwargs = dict(prompt_tokens=config.speed_prompt_tokens, decode_steps=config.speed_decode_steps,
+                  repeats=config.speed_repeats, seed=config.seed)
+    groups = [paths] if _fits_together(paths, device) else [[p] for p in paths]
+    rows = []
+    for group in groups:
+        models = [_inference_model(p, config, device, dtype) for p in group]
+        try:
+            speeds = measure_speeds([Engine(m, device=device, dtype=dtype) for m in models], **kwargs)
+            for model, speed in zip(models, speeds, strict=True):
+                speed["weight_bytes"] = _weight_bytes(model)
+                speed["quantize"] = config.quantize
+                rows.append((speed, model.config))
+        finally:
+            for model in models:
+                _free(model)
+    return rows
+
+
+def add_utilisation(speed: dict, model_config, peaks: dict) -> dict:
+    """MFU of prefill, MFU and MBU of decode against the run's best measured peaks (in place)."""
+    from gpt2chat.evaluate import flops
+
+    prompt, steps = speed["prompt_tokens"], speed["decode_steps"]
+    element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(speed["dtype"], 4)
+    # prefill: token t attends to t keys (mean (P+1)/2); decode: mean context P + steps/2
+    prefill_flops = flops.forward_flops_per_token(model_config, max(1, (prompt + 1) // 2))["total"]
+    decode_context = prompt + max(1, steps // 2)
+    decode_flops = flops.forward_flops_per_token(model_config, decode_context)["total"]
+    decode_bytes = flops.decode_bytes_per_token(model_config, 0, element, decode_context) + speed["weight_bytes"]
+    prefill = flops.utilisation(flops_per_token=prefill_flops, bytes_per_token=decode_bytes,
+                                prefill_tokens_per_s=speed["prefill_tokens_per_s"], decode_tokens_per_s=None,
+                                peaks=peaks)
+    decode = flops.utilisation(flops_per_token=decode_flops, bytes_per_token=decode_bytes,
+                               prefill_tokens_per_s=None, decode_tokens_per_s=speed["decode_tokens_per_s"],
+                               peaks=peaks)
+    speed.update(prefill_mfu=prefill["prefill_mfu"], decode_mfu=decode["decode_mfu"],
+                 decode_mbu=decode["decode_mbu"], decode_bytes_per_token=decode_bytes)
+    low, high = speed["decode_tokens_per_s_range"]
+    together = (f"round-robin with the other {speed['round_robin_with'] - 1} checkpoint(s)"
+                if speed["round_robin_with"] > 1 else "timed alone")
+    speed["measured_on"] = (
+        f"batch 1, {prompt}-token random prompt, {steps} greedy decode steps (no stop token), median of "
+        f"{speed['repeats']} repeats (decode range {low:.1f}-{high:.1f} tok/s), {together}; timed by the "
+        "engine's own loop (ttft_s, decode_s); MFU = FLOP/s / best measured matmul peak, MBU = (weights + KV "
+        f"cache bytes read per token) x tokens/s / best measured read bandwidth; {speed['device']}, "
+        f"{speed['dtype']}{', ' + speed['quantize'] if speed.get('quantize') else ''}, {speed['threads']} threads")
+    return speed
+
+
+def _end_of_turn(template: str) -> list[str]:
+    from gpt2chat.templates import get_template
+
+    return [str(token) for token in get_template(template).stop_tokens]
 
 
 def evaluate_one(path, label, config, *, device, dtype, env, conversations, conversation_info, pairs, pair_info,
-                 reference, peaks, prompts, harness_tasks) -> dict:
+                 reference, prompts, harness_tasks) -> dict:
     """The report entry of one checkpoint (see the module docstring)."""
     skip = set(config.skip)
     model, tokenizer = _load(path, device, dtype)
@@ -226,9 +306,9 @@ def evaluate_one(path, label, config, *, device, dtype, env, conversations, conv
     where = f"{env['device']}, {env['dtype']}, {env['threads']} threads"
     entry: dict = {"label": label, "path": str(path), "template": template, "template_source": template_source,
                    "model_type": getattr(model.config, "model_type", "gpt2"),
-                   "context": int(model.config.n_positions)}
+                   "context": int(model.config.n_positions), "end_of_turn": _end_of_turn(template)}
     try:
-        entry["parameters"], entry["flops"], entry["speed"] = _compute(model, config, peaks, env)
+        entry["parameters"], entry["flops"] = _compute(model, config)
         if "ppl" not in skip:
             entry["perplexity"] = _perplexity(model, tokenizer, template, config, conversations,
                                               conversation_info, where)
@@ -239,8 +319,7 @@ def evaluate_one(path, label, config, *, device, dtype, env, conversations, conv
             entry["generation"] = _generation(model, tokenizer, template, config, conversations,
                                               conversation_info, where)
         if prompts:
-            entry["side_by_side_replies"] = _generate(model, tokenizer, template, config,
-                                                      [[{"role": "user", "content": p}] for p in prompts],
+            entry["side_by_side_replies"] = _generate(model, tokenizer, template, config, prompts,
                                                       "side-by-side replies")
     finally:
         _free(model)

@@ -2,8 +2,9 @@
 
 Takes the plain dict `evaluate_models` builds and only formats it: no model, no data. Every table is
 followed by a "measured on" line (dataset, rows, template, device, dtype, threads) taken from the dict.
-Loss curves come from the trainer's `metrics.jsonl` (JSON lines with `step` and `loss` / `eval_loss`, or
-`loss` with `split` = train / val).
+Loss curves come from each training stage's `metrics.jsonl` (JSON lines with `step` and `loss` /
+`eval_loss`, or `loss` with `split` = train / val), labelled by the stage (`sft`, `sft+orpo`) they belong
+to. Evaluation rows found in a model's training data are a warning at the top of the summary.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def _pyplot():
     return plt
 
 
-def plot_perplexity(report: dict, path: Path) -> Path | None:
-    """Grouped bars: assistant-token and plain-text perplexity per checkpoint."""
+def plot_perplexity(report: dict, path: Path) -> list[str] | None:
+    """Grouped bars: assistant-token and plain-text perplexity per checkpoint (labelled by stage).
+
+    Returns the bar groups' labels as read back from the figure."""
     labels, groups = [], {"assistant tokens (template)": [], "plain text (replies)": []}
     for entry in report["models"]:
         ppl = entry.get("perplexity") or {}
@@ -111,12 +114,16 @@ def plot_perplexity(report: dict, path: Path) -> Path | None:
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     figure.tight_layout()
     figure.savefig(path)
+    drawn = [tick.get_text() for tick in axis.get_xticklabels()]
     plt.close(figure)
-    return path
+    return drawn
 
 
-def plot_loss_curves(logs: dict[str, str], path: Path) -> Path | None:
-    """Training (lines) and evaluation (markers) loss against step, one colour per training log."""
+def plot_loss_curves(logs: dict[str, str], path: Path) -> list[str] | None:
+    """Training (lines) and evaluation (markers) loss against step, one colour per training stage.
+
+    `logs` maps a stage label (`sft`, `sft+orpo`) to its metrics.jsonl. Returns the legend's labels as
+    read back from the figure."""
     curves = {label: read_loss_log(log) for label, log in logs.items()}
     curves = {label: c for label, c in curves.items() if c["train"] or c["eval"]}
     if not curves:
@@ -129,15 +136,16 @@ def plot_loss_curves(logs: dict[str, str], path: Path) -> Path | None:
             axis.plot(*zip(*curve["train"], strict=True), color=colour, linewidth=1.1, label=f"{label} train")
         if curve["eval"]:
             axis.plot(*zip(*curve["eval"], strict=True), "o--", color=colour, label=f"{label} eval")
-    axis.set_xlabel("step")
+    axis.set_xlabel("step (of each stage)")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    axis.set_title("loss curves from metrics.jsonl", fontsize=9)
+    axis.set_title("loss curves from each stage's metrics.jsonl", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
+    drawn = [text.get_text() for text in axis.get_legend().get_texts()]
     plt.close(figure)
-    return path
+    return drawn
 
 
 def _section_perplexity(report: dict) -> list[str]:
@@ -192,28 +200,44 @@ def _section_generation(report: dict) -> list[str]:
     return lines + [""]
 
 
+def _rate(speed: dict, key: str) -> str:
+    """'90.2 (88.1-91.0)': the median and the range of the repeats."""
+    value, spread = speed.get(key), speed.get(f"{key}_range")
+    if value is None:
+        return "—"
+    return f"{value:.1f} ({spread[0]:.1f}-{spread[1]:.1f})" if spread else f"{value:.1f}"
+
+
+def _peak_line(peaks: dict) -> str:
+    runs = peaks.get("measurements") or [peaks]
+    when = ["start", "end"] if len(runs) == 2 else [f"#{i}" for i in range(1, len(runs) + 1)]
+    each = ", ".join(f"{name}: {human(m['matmul_flops_per_s'])}FLOP/s, {human(m['read_bytes_per_s'])}B/s"
+                     for name, m in zip(when, runs, strict=True))
+    return (f"- Peaks measured on this machine, best of {peaks['repeats']} at the start and at the end of the run "
+            f"({each}); MFU / MBU divide by the best: matmul {human(peaks['matmul_flops_per_s'])}FLOP/s "
+            f"({peaks['matmul_size']}x{peaks['matmul_size']} {peaks['dtype']}), read bandwidth "
+            f"{human(peaks['read_bytes_per_s'])}B/s (float32 sum() over {human(peaks['read_bytes'])}B, read "
+            f"only); {peaks['device']}, {peaks['threads']} threads.")
+
+
 def _section_compute(report: dict) -> list[str]:
     rows = []
     for entry in report["models"]:
         flops, speed = entry.get("flops") or {}, entry.get("speed") or {}
         rows.append([entry["label"], human(entry.get("parameters")), human(flops.get("forward_per_token")),
-                     human(flops.get("training_per_token")), _num(speed.get("prefill_tokens_per_s"), ".1f"),
-                     _num(speed.get("decode_tokens_per_s"), ".1f"), _pct(speed.get("prefill_mfu")),
+                     human(flops.get("training_per_token")), _rate(speed, "prefill_tokens_per_s"),
+                     _rate(speed, "decode_tokens_per_s"), _pct(speed.get("prefill_mfu")),
                      _pct(speed.get("decode_mbu"))])
     lines = ["## Size, compute and speed", ""]
-    lines += _table(["model", "params", "FLOPs/token fwd", "FLOPs/token train (3x)", "prefill tok/s",
-                     "decode tok/s", "prefill MFU", "decode MBU"], rows)
+    lines += _table(["model", "params", "FLOPs/token fwd", "FLOPs/token train (3x)", "prefill tok/s (range)",
+                     "decode tok/s (range)", "prefill MFU", "decode MBU"], rows)
     context = next((e["flops"]["context"] for e in report["models"] if e.get("flops")), None)
     lines.append(f"- FLOPs: analytic matmul count at a context of {context} tokens (see `gpt2chat.evaluate.flops`).")
     for entry in report["models"]:
         if entry.get("speed"):
             lines.append(f"- {entry['label']}: {entry['speed']['measured_on']}")
-    peaks = report.get("peaks")
-    if peaks:
-        lines.append(f"- Peaks measured on this machine: matmul {human(peaks['matmul_flops_per_s'])}FLOP/s "
-                     f"({peaks['matmul_size']}x{peaks['matmul_size']} {peaks['dtype']}), copy "
-                     f"{human(peaks['copy_bytes_per_s'])}B/s (read+write of {human(peaks['copy_bytes'])}B), "
-                     f"{peaks['device']}, {peaks['threads']} threads; median of {peaks['repeats']}.")
+    if report.get("peaks"):
+        lines.append(_peak_line(report["peaks"]))
     return lines + [""]
 
 
@@ -235,9 +259,28 @@ def _section_side_by_side(report: dict) -> list[str]:
     if not side:
         return []
     lines = ["## Side-by-side replies", "", f"_{side['measured_on']}_", ""]
+    ends = {e["label"]: ", ".join(e.get("end_of_turn") or []) for e in report["models"]}
+    if any(ends.values()):
+        lines += ["End-of-turn tokens: " + "; ".join(f"{label} `{end}`" for label, end in ends.items()), ""]
     for item in side["items"]:
-        lines += [f"**Prompt:** {_cell(item['prompt'])}", ""]
-        lines += _table(["model", "reply"], [[label, reply] for label, reply in item["replies"].items()])
+        origin = item.get("source", "")
+        if item.get("earlier_messages"):
+            origin += f", after {item['earlier_messages']} earlier messages"
+        lines += [f"**Prompt** ({origin}): {_cell(item['prompt'])}", ""]
+        rows = [[label, reply] for label, reply in (item.get("replies") or {}).items()]
+        if item.get("reference") is not None:
+            rows.append(["(held-out reference)", item["reference"]])
+        lines += _table(["model", "reply"], rows)
+    return lines
+
+
+def _dataset_lines(report: dict) -> list[str]:
+    lines = []
+    for name, info in report["datasets"].items():
+        line = f"- {name}: {info['summary']}"
+        if info.get("overlap_statement"):
+            line += f"; {info['overlap_statement']}"
+        lines.append(line)
     return lines
 
 
@@ -248,37 +291,46 @@ def render_markdown(report: dict) -> str:
              f"({env.get('device_name') or 'unknown'}), dtype {env['dtype']}, {env['threads']} threads, "
              f"torch {env['torch']}.", ""]
     summary = [[e["label"], human(e.get("parameters")), human((e.get("flops") or {}).get("forward_per_token")),
-                _num((e.get("speed") or {}).get("decode_tokens_per_s"), ".1f"),
+                _rate(e.get("speed") or {}, "decode_tokens_per_s"),
                 _num(((e.get("perplexity") or {}).get("assistant") or {}).get("ppl"))] for e in report["models"]]
     lines += ["## Summary", ""]
-    lines += _table(["model", "params", "FLOPs/token", "tokens/s (decode)", "PPL ↓"], summary)
+    lines += _table(["model", "params", "FLOPs/token", "tokens/s (decode, range)", "PPL ↓"], summary)
+    for warning in report.get("warnings") or []:
+        lines.append(f"> **Warning:** {warning}")
+    if report.get("warnings"):
+        lines.append("")
     conversations = report["datasets"].get("conversations", {}).get("spec", "—")
     context = next((e["flops"]["context"] for e in report["models"] if e.get("flops")), "—")
     lines.append(f"- PPL = perplexity of the assistant tokens of {conversations}, each checkpoint through its own "
-                 f"template; tokens/s = batch-1 greedy decode; FLOPs/token = analytic forward at a context of "
-                 f"{context}; {env['device']}, {env['dtype']}, {env['threads']} threads.")
-    for name, info in report["datasets"].items():
-        lines.append(f"- {name}: {info['summary']}")
+                 f"template; tokens/s = batch-1 greedy decode, median and range of the repeats; FLOPs/token = "
+                 f"analytic forward at a context of {context}; {env['device']}, {env['dtype']}, "
+                 f"{env['threads']} threads.")
+    lines += _dataset_lines(report)
     lines.append("")
     for section in (_section_perplexity, _section_preference, _section_generation, _section_compute,
                     _section_harness, _section_side_by_side):
         lines += section(report)
     if report.get("plots"):
-        lines += ["## Plots", ""] + [f"![{name}]({file})" for name, file in report["plots"].items()] + [""]
+        lines += ["## Plots", ""] + [f"![{name}]({plot['file']})" for name, plot in report["plots"].items()] + [""]
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: str | Path, loss_logs: dict[str, str] | None = None) -> dict:
-    """Plots, report.md and report.json in `out_dir`; returns the report with `plots` filled in."""
+def write_report(report: dict, out_dir: str | Path) -> dict:
+    """Plots, report.md and report.json in `out_dir`; returns the report with `plots` filled in.
+
+    `report["loss_curves"]` maps stage labels to metrics.jsonl files; `plots` records each PNG with the
+    labels read back from its figure."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {}
-    if plot_perplexity(report, out_dir / "perplexity.png"):
-        plots["perplexity"] = "perplexity.png"
-    if loss_logs and plot_loss_curves(loss_logs, out_dir / "loss_curves.png"):
-        plots["loss curves"] = "loss_curves.png"
+    drawn = plot_perplexity(report, out_dir / "perplexity.png")
+    if drawn:
+        plots["perplexity"] = {"file": "perplexity.png", "series": drawn}
+    drawn = plot_loss_curves(report["loss_curves"], out_dir / "loss_curves.png") if report.get("loss_curves") else None
+    if drawn:
+        plots["loss curves"] = {"file": "loss_curves.png", "series": drawn}
     report["plots"] = plots
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n",
                                          encoding="utf-8")

@@ -1,93 +1,92 @@
-"""Prefill and decode tokens/s of a model on this machine, batch 1, medians of several repeats.
+"""Prefill and decode tokens/s at batch 1, timed by the engine's own loop.
 
-Prefill: one forward over a P-token prompt into a fresh KV cache (only the last position's logits).
-Decode: N greedy steps of one token each with the KV cache, after that prefill: the loop the engine runs,
-without sampling options or stop tokens, so every run decodes exactly N tokens and the figure is the
-model's, not the chat's. The prompt is random token ids from a seeded generator (speed does not depend
-on the text). Knows nothing about data or templates.
+There is no decode loop here: each repeat is one `Engine.generate` call, and the figures are the
+engine's own timings (`GenerationResult.ttft_s`: call -> first token sampled, which is the prompt's
+forward and one sample; `decode_s`: first -> last token, the remaining decode steps). The request is
+greedy with no stop token, so every repeat generates exactly `decode_steps + 1` tokens and the figure is
+the model's, not the chat's. The prompt is random token ids from a seeded generator (speed does not
+depend on the text).
+
+Several engines are measured round-robin: repeat r of every engine runs before repeat r + 1 of any, so
+a burst of load on a shared machine slows all of them alike, and two identical checkpoints report the
+same speed within their spread. Each row keeps its median and its range (fastest, slowest repeat).
+Knows nothing about data, templates or reports.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
 
-__all__ = ["median_seconds", "synchronize", "measure_speed"]
+from gpt2chat.errors import Gpt2ChatError
+
+__all__ = ["MIN_DECODE_STEPS", "MIN_REPEATS", "measure_speeds"]
+
+MIN_DECODE_STEPS = 64  # fewer steps time the loop's start-up more than the model
+MIN_REPEATS = 3  # a median needs at least three
 
 
-def synchronize(device) -> None:
+def _prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     import torch
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device, *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed runs (device synchronised)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure_speed(model, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3,
-                  seed: int = 0) -> dict:
-    """Batch-1 prefill and decode tokens/s of `model` (a `gpt2chat.model.GPT`) on its own device/dtype."""
-    import torch
-
-    from gpt2chat.model import AttentionPlan, KVCache
-
-    config = model.config
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    limit = int(config.n_positions)
-    prompt_tokens = max(1, min(prompt_tokens, limit - 1))
-    new_tokens = max(1, min(new_tokens, limit - prompt_tokens))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    prompt = torch.randint(0, int(config.vocab_size), (1, prompt_tokens), generator=generator).to(device)
+    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
 
-    def new_cache():
-        return KVCache(config, 1, prompt_tokens + new_tokens, device, dtype)
 
-    def prefill(cache=None):
-        plan = AttentionPlan.for_cache(config, cache if cache is not None else new_cache(), [0], prompt_tokens)
-        return model(prompt, plan, logits_to_keep=1)
+def _summary(values: list[float]) -> tuple[float, list[float]]:
+    return statistics.median(values), [min(values), max(values)]
 
-    def decode_only():
-        cache = new_cache()
-        token = prefill(cache)[:, -1].argmax(-1, keepdim=True)
-        synchronize(device)
-        start = time.perf_counter()
-        for step in range(new_tokens):
-            plan = AttentionPlan.for_cache(config, cache, [prompt_tokens + step], 1)
-            token = model(token, plan, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
-        synchronize(device)
-        return time.perf_counter() - start
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            prefill_s = median_seconds(prefill, device, repeats=repeats)
-            decode_only()  # warm-up
-            decode_s = statistics.median(decode_only() for _ in range(max(1, repeats)))
-    finally:
-        model.train(was_training)
-    return {
-        "prefill_tokens_per_s": prompt_tokens / prefill_s,
-        "decode_tokens_per_s": new_tokens / decode_s,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "batch_size": 1,
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
-    }
+def measure_speeds(engines: Sequence, *, prompt_tokens: int = 128, decode_steps: int = 128, repeats: int = 5,
+                   seed: int = 0, warmup: int = 1) -> list[dict]:
+    """One speed row per engine (`gpt2chat.engine.Engine`), measured round-robin (module docstring).
+
+    The prompt is cut so that prompt + `decode_steps` + 1 tokens fit the model's context; a context too
+    short for `MIN_DECODE_STEPS` steps is an error.
+    """
+    import torch
+
+    from gpt2chat.sampling import SamplingParams
+
+    if decode_steps < MIN_DECODE_STEPS or repeats < MIN_REPEATS:
+        raise Gpt2ChatError(f"speed rows need >= {MIN_DECODE_STEPS} decode steps and >= {MIN_REPEATS} repeats "
+                            f"(got {decode_steps} steps, {repeats} repeats)")
+    new_tokens = decode_steps + 1
+    plans = []
+    for engine in engines:
+        context = int(engine.config.n_positions)
+        length = min(prompt_tokens, context - new_tokens)
+        if length < 1:
+            raise Gpt2ChatError(f"the model's context ({context} tokens) is too short to time {decode_steps} "
+                                "decode steps after a prompt")
+        plans.append((engine, _prompt(int(engine.config.vocab_size), length, seed)))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+
+    def run(engine, prompt) -> tuple[float, float]:
+        result = engine.generate([prompt], params)[0]
+        if len(result.token_ids) != new_tokens or not result.ttft_s or not result.decode_s:
+            raise Gpt2ChatError(f"speed run: the engine returned {len(result.token_ids)} of {new_tokens} tokens "
+                                f"(ttft_s={result.ttft_s}, decode_s={result.decode_s})")
+        return result.ttft_s, result.decode_s
+
+    for engine, prompt in plans:
+        for _ in range(warmup):
+            run(engine, prompt)
+    timings: list[list[tuple[float, float]]] = [[] for _ in plans]
+    for _ in range(repeats):
+        for index, (engine, prompt) in enumerate(plans):
+            timings[index].append(run(engine, prompt))
+
+    rows = []
+    for (engine, prompt), runs in zip(plans, timings, strict=True):
+        prefill, prefill_range = _summary([len(prompt) / ttft for ttft, _ in runs])
+        decode, decode_range = _summary([decode_steps / decode_s for _, decode_s in runs])
+        rows.append({
+            "prefill_tokens_per_s": prefill, "prefill_tokens_per_s_range": prefill_range,
+            "decode_tokens_per_s": decode, "decode_tokens_per_s_range": decode_range,
+            "ttft_s": statistics.median(ttft for ttft, _ in runs),
+            "prompt_tokens": len(prompt), "decode_steps": decode_steps, "repeats": repeats,
+            "round_robin_with": len(plans), "batch_size": 1, "device": str(engine.device),
+            "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        })
+    return rows

@@ -1,8 +1,15 @@
 """Pydantic models of the OpenAI request and response bodies the server speaks.
 
 Requests are validated strictly where a wrong type would otherwise be coerced silently (a string for
-`max_tokens`, a bool for `n`): a malformed body is a 400, never a guess. Fields OpenAI defines that this
-server does not implement (`presence_penalty`, `logit_bias`, `user`, ...) are accepted and ignored, as
+`max_tokens`, a bool for `n`): a malformed body is a 400, never a guess. Each field's `description` says
+what it accepts; the error path (`serve/errors.py`) quotes it when a client sends something else.
+
+Fields OpenAI defines that this server does not implement fall in two groups. Those whose answer would
+differ if ignored are declared here and rejected by `unsupported()` with a 400 naming them
+(`response_format` other than text, `tools` / `tool_choice` / `functions` / `function_call`, `logit_bias`,
+non-zero `presence_penalty` / `frequency_penalty`, `audio`, non-text `modalities`, completions' `suffix`
+and `best_of` > `n`). The others (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`,
+`prediction`, `reasoning_effort`, ...) change nothing in the answer and are accepted and ignored, as
 llama.cpp's server does, so that stock clients (the `openai` package, LangChain) work unchanged.
 This module knows nothing about models, tokens or HTTP routing.
 """
@@ -15,12 +22,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from gpt2chat.sampling import MAX_LOGPROBS  # most alternatives per token: the engine's limit and OpenAI's
+
 MAX_CHOICES = 8  # upper bound on `n`; each choice is one engine slot
+MAX_STOP_STRINGS = 4
 
 Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=2.0)]
 TopP = Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)]
 PositiveTokens = Annotated[StrictInt, Field(ge=1)]
-StopField = StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None
+LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+StopField = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None
+
+ROLES = "'system', 'developer', 'user' or 'assistant'"
+
+
+def _allowed(text: str, item: str | None = None) -> Any:
+    """An optional field's default and what it accepts (`item`: what one element of a list may be)."""
+    return Field(default=None, description=text, json_schema_extra={"item": item} if item else None)
 
 
 class _Lenient(BaseModel):
@@ -30,14 +48,15 @@ class _Lenient(BaseModel):
 
 
 class TextPart(_Lenient):
-    type: Literal["text"]
-    text: StrictStr
+    type: Literal["text"] = Field(description="\"text\" (this server reads text parts only)")
+    text: StrictStr = Field(description="a string")
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    role: Literal["system", "developer", "user", "assistant"] = Field(description=f"one of {ROLES}")
+    content: StrictStr | list[TextPart] | None = _allowed("a string or a list of text parts",
+                                                          item='a text part like {"type": "text", "text": "..."}')
+    name: StrictStr | None = _allowed("a string")
 
     def text(self) -> str:
         """The message's text: content parts are joined, a missing content is empty."""
@@ -49,21 +68,31 @@ class ChatMessage(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: StrictBool = False
+    include_usage: StrictBool = Field(default=False, description="true or false")
+
+
+def _set(value: Any) -> bool:
+    """Whether an optional field asks for something (None, "", 0, [] and {} ask for nothing)."""
+    return value not in (None, "", 0, [], {})
 
 
 class _SamplingRequest(_Lenient):
-    model: StrictStr | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    max_tokens: PositiveTokens | None = None
-    stop: StopField = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
-    seed: StrictInt | None = None
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    # Our extension: drop the oldest turns (or prompt tokens) instead of answering 400 when too long.
-    truncate: StrictBool = False
+    model: StrictStr | None = _allowed("a string (any name is served by this server's model)")
+    temperature: Temperature | None = _allowed("a number from 0 to 2")
+    top_p: TopP | None = _allowed("a number above 0 and at most 1")
+    max_tokens: PositiveTokens | None = _allowed("a whole number of at least 1")
+    stop: StopField = _allowed(f"a string or a list of at most {MAX_STOP_STRINGS} strings", item="a string")
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = Field(
+        default=1, description=f"a whole number from 1 to {MAX_CHOICES}")
+    seed: StrictInt | None = _allowed("a whole number")
+    stream: StrictBool = Field(default=False, description="true or false")
+    stream_options: StreamOptions | None = _allowed('an object like {"include_usage": true}')
+    # Our extension: drop the oldest turns instead of answering 400 when a conversation is too long.
+    truncate: StrictBool = Field(default=False, description="true or false")
+    # OpenAI fields we do not implement and that would change the answer: declared so they can be refused.
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -74,20 +103,67 @@ class _SamplingRequest(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for the first field this server does not implement and must not ignore."""
+        if _set(self.logit_bias):
+            return "logit_bias", "logit_bias is not supported by this server: remove it"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if _set(getattr(self, name)):
+                return name, f"{name} is not supported by this server: remove it or send 0"
+        return None
+
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: PositiveTokens | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description=f"a non-empty list of messages, each with a role ({ROLES}) and a string content",
+        json_schema_extra={"item": 'a message like {"role": "user", "content": "Hi"}'})
+    max_completion_tokens: PositiveTokens | None = _allowed("a whole number of at least 1")
+    logprobs: StrictBool = Field(default=False, description="true or false")
+    top_logprobs: LogprobCount | None = _allowed(f"a whole number from 0 to {MAX_LOGPROBS}")
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def top_logprob_count(self) -> int | None:
+        """The engine's `logprobs` setting: None (off) or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        fmt = self.response_format
+        if _set(fmt) and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            return "response_format", ('response_format is not supported by this server except {"type": "text"}: '
+                                       "it cannot constrain replies to JSON")
+        for name in ("tools", "functions"):
+            if _set(getattr(self, name)):
+                return name, f"{name} is not supported by this server: it cannot call tools or functions"
+        for name in ("tool_choice", "function_call"):
+            if _set(getattr(self, name)) and getattr(self, name) != "none":
+                return name, f"{name} is not supported by this server: it cannot call tools or functions"
+        if _set(self.audio) or (_set(self.modalities) and self.modalities != ["text"]):
+            name = "audio" if _set(self.audio) else "modalities"
+            return name, f"{name}: this server answers with text only"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
         list[StrictInt], Field(min_length=1)
-    ] | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
-    echo: StrictBool = False
+    ] | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)] = Field(
+        description="a string, a list of strings, a list of token ids or a list of token-id lists",
+        json_schema_extra={"item": "a string, a token id (a whole number) or a non-empty list of token ids"})
+    echo: StrictBool = Field(default=False, description="true or false")
+    logprobs: LogprobCount | None = _allowed(f"a whole number from 0 to {MAX_LOGPROBS}")
+    suffix: Any = None
+    best_of: Any = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -100,6 +176,15 @@ class CompletionRequest(_SamplingRequest):
             return [list(self.prompt)]  # type: ignore[arg-type]
         return list(self.prompt)  # type: ignore[arg-type]
 
+    def unsupported(self) -> tuple[str, str] | None:
+        if _set(self.suffix):
+            return "suffix", "suffix is not supported by this server: it only continues a prompt"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of is not supported by this server: use n for several completions"
+        if self.truncate:
+            return "truncate", "truncate applies to chat messages only: shorten the prompt instead"
+        return super().unsupported()
+
 
 # ---- responses -------------------------------------------------------------------------------------
 
@@ -108,6 +193,28 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class AssistantMessage(BaseModel):
@@ -119,7 +226,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -141,7 +248,7 @@ class ChunkDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -158,7 +265,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

@@ -1,26 +1,33 @@
-"""The bridge between the HTTP front ends and the engine: text in, streamed text out.
+"""The bridge between the HTTP front ends and the engine: conversations in, streamed text out.
 
-`ChatService` renders OpenAI-style messages through the chat template, enforces the limits (context
-length, max tokens per request, how many requests may wait), submits token ids to the `BatchedEngine`
-(continuous batching: concurrent requests share decode steps) and turns the token stream back into text,
-stopping at the template's end-of-turn tokens and at the client's stop strings.
+`ChatService` fits OpenAI-style messages to the context (the one policy, `gpt2chat.reply.fit_messages`),
+enforces the request limits (`ServerLimits`: tokens per request, requests running and waiting), submits
+token ids to the `BatchedEngine` (continuous batching: concurrent requests share decode steps) and turns
+each token stream back into text with `gpt2chat.reply.ReplyDecoder`. A `Generation` also keeps the
+engine's logprobs (`TokenLogprob`s, per the engine's contract) for the token ids it delivered.
 
-It knows nothing about HTTP, JSON or Telegram: errors are `Gpt2ChatError` subclasses the front ends map
-to status codes, and everything it returns is plain Python.
+It knows nothing about HTTP, JSON or Telegram: errors are `Gpt2ChatError`s with a `status_code` (400
+unless said otherwise), `param` and `code` that the front ends map to their answers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.reply import PromptTooLongError, ReplyDecoder, chat_template, fit_messages, reply_reserve
+from gpt2chat.reply import stop_token_ids as template_stop_ids
+from gpt2chat.serve.limits import ServerLimits
 
 log = logging.getLogger("gpt2chat.serve")
 
 SEED_MODULUS = 2**63  # torch generators take seeds in [0, 2**64); OpenAI clients may send any integer
+
+__all__ = ["ChatService", "Generation", "GenerationSettings", "ServiceError", "TooManyTokensError",
+           "ServerBusyError", "PromptTooLongError"]
 
 
 class ServiceError(Gpt2ChatError):
@@ -38,18 +45,15 @@ class ServiceError(Gpt2ChatError):
             self.code = code
 
 
-class PromptTooLongError(ServiceError):
-    code = "context_length_exceeded"
-
-
 class TooManyTokensError(ServiceError):
-    pass
+    param = "max_tokens"
 
 
 class ServerBusyError(ServiceError):
     """The queue is full: the client should retry later (HTTP 429)."""
 
     status_code = 429
+    code = "queue_full"
 
 
 @dataclass(frozen=True)
@@ -61,93 +65,77 @@ class GenerationSettings:
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
-
-
-class StopStringMatcher:
-    """Cuts streamed text at the first stop string, holding back any tail that could start one."""
-
-    def __init__(self, stop_strings: Sequence[str]):
-        self.stop_strings = tuple(s for s in stop_strings if s)
-        self._pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit now, whether a stop string was hit)."""
-        self._pending += text
-        if not self.stop_strings:
-            out, self._pending = self._pending, ""
-            return out, False
-        hits = [i for i in (self._pending.find(s) for s in self.stop_strings) if i >= 0]
-        if hits:
-            out = self._pending[: min(hits)]
-            self._pending = ""
-            return out, True
-        keep = 0
-        for stop in self.stop_strings:
-            for length in range(min(len(stop) - 1, len(self._pending)), keep, -1):
-                if self._pending.endswith(stop[:length]):
-                    keep = length
-                    break
-        cut = len(self._pending) - keep
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
 
 
 class Generation:
-    """One running request: iterate (async) for text pieces; then read finish_reason and token counts."""
+    """One running request: iterate (async) for text pieces; then read finish_reason and token counts.
 
-    def __init__(self, service: ChatService, engine_request: Any, prompt_tokens: int,
-                 stop_token_ids: frozenset[int], stop_strings: Sequence[str], reply_prefix: str = ""):
-        from gpt2chat.tokenizer import IncrementalDecoder
+    `token_ids` are the tokens the engine delivered (never a stop token); `logprobs[i]` is token i's
+    `TokenLogprob` when logprobs were asked for, and `text_offsets[i]` where token i starts in the raw
+    decoded continuation."""
 
+    def __init__(self, service: ChatService, engine_request: Any, prompt_ids: list[int],
+                 decoder: ReplyDecoder, first_choice: bool = True, stop_ids: frozenset[int] = frozenset()):
         self._service = service
+        # stop ids the engine was not given (completions' logprobs report the stop token, as OpenAI does)
+        self._stop_ids = stop_ids
+        self._stop_token = False
+        self.first_choice = first_choice  # the n choices of one prompt share it: usage counts it once
         self._request = engine_request
-        self._decoder = IncrementalDecoder(service.tokenizer, skip_special_tokens=True)
-        self._stop_token_ids = stop_token_ids
-        self._matcher = StopStringMatcher(stop_strings)
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
+        self.decoder = decoder
+        self.prompt_ids = prompt_ids
+        self.token_ids: list[int] = []
+        self.text_offsets: list[int] = []
         self.finish_reason: str | None = None
         self._released = False
-        self._reply_prefix = reply_prefix  # e.g. the space after "Assistant:": not part of the reply
-        self._head = ""
 
-    def _strip_reply_prefix(self, text: str) -> str:
-        if not self._reply_prefix:
-            return text
-        self._head += text
-        if len(self._head) < len(self._reply_prefix) and self._reply_prefix.startswith(self._head):
-            return ""  # could still be the prefix: wait for more
-        head, prefix = self._head, self._reply_prefix
-        self._head = self._reply_prefix = ""
-        return head[len(prefix):] if head.startswith(prefix) else head
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens the model produced for this reply, the stop token that ended it included."""
+        return len(self.token_ids) + (getattr(self._request, "finish_reason", None) == "stop")
+
+    @property
+    def logprobs(self) -> list:
+        return list(getattr(self._request, "logprobs", None) or [])[: len(self.token_ids)]
+
+    @property
+    def prompt_logprobs(self) -> list:
+        return list(getattr(self._request, "prompt_logprobs", None) or [])
+
+    @property
+    def ttft_s(self) -> float | None:
+        return getattr(self._request, "ttft_s", None)
+
+    @property
+    def decode_s(self) -> float | None:
+        return getattr(self._request, "decode_s", None)
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
             async for token_id in self._request:
-                self.completion_tokens += 1
-                if token_id in self._stop_token_ids:
-                    self.finish_reason = "stop"
+                self.text_offsets.append(self.decoder.decoded_chars)
+                self.token_ids.append(token_id)
+                if token_id in self._stop_ids:
+                    self._stop_token = True
                     break
-                text, stopped = self._matcher.push(self._strip_reply_prefix(self._decoder.push(token_id)))
+                text = self.decoder.push(token_id)
                 if text:
                     yield text
-                if stopped:
-                    self.finish_reason = "stop"
+                if self.decoder.stopped:
                     break
-            if self.finish_reason is None:
-                reason = getattr(self._request, "finish_reason", None)
-                self.finish_reason = reason if reason in ("stop", "length") else "length"
-                flush = getattr(self._decoder, "flush", None)
-                text, stopped = self._matcher.push(self._strip_reply_prefix(flush() if flush else ""))
-                tail = text if stopped else text + self._matcher.flush()
-                if stopped:
-                    self.finish_reason = "stop"
+            if not self.decoder.stopped:
+                tail = self.decoder.finish()
                 if tail:
                     yield tail
+            reason = getattr(self._request, "finish_reason", None)
+            stopped = self.decoder.stopped or self._stop_token or reason == "stop"
+            self.finish_reason = "stop" if stopped else "length"
         finally:
             self.cancel()
 
@@ -155,79 +143,52 @@ class Generation:
         return "".join([piece async for piece in self])
 
     def cancel(self) -> None:
-        """Frees the engine slot now (idempotent); called on completion, stop string or disconnect."""
+        """Frees the engine row now (idempotent); called on completion, stop string or disconnect."""
         if self._released:
             return
         self._released = True
         if getattr(self._request, "finish_reason", None) is None:
             self._request.cancel()
-        self._service._release(1)
+        self._service._finished(self)
 
 
 class ChatService:
-    """Owns the engine and the tokenizer; turns requests into `Generation`s."""
+    """Owns the engine and the tokenizer; turns requests into `Generation`s.
+
+    `observers` are called with each `Generation` once it has ended (finished, stopped or cancelled): the
+    metrics hang there."""
 
     def __init__(self, model: Any, tokenizer: Any, *, template: Any = None, model_name: str = "gpt2chat",
-                 max_batch_size: int = 16, max_queue: int = 64, max_tokens_limit: int = 1024,
-                 engine: Any = None, device: Any = None):
+                 limits: ServerLimits | None = None, engine: Any = None, device: Any = None):
         self.model = model
         self.tokenizer = tokenizer
-        if template is None or isinstance(template, str):
-            from gpt2chat.templates import get_template
-
-            template = get_template(template or getattr(tokenizer, "template_name", None) or "llama3-context")
-        self.template = template
-        missing = [t for t in getattr(template, "special_tokens", ()) or () if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise Gpt2ChatError(f"chat template '{template.name}' needs the special tokens {missing}, which this "
-                                "checkpoint's tokenizer does not have: pick the template it was trained with")
+        self.template = chat_template(tokenizer, template)
         self.model_name = model_name
+        self.limits = limits or ServerLimits()
         self.context_length = int(model.config.n_positions)
-        self.max_tokens_limit = max_tokens_limit
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
         if engine is None:
             from gpt2chat.engine import BatchedEngine
 
-            engine = BatchedEngine(model, max_batch_size=max_batch_size, max_queue=max_queue, device=device)
+            engine = BatchedEngine(model, max_batch_size=self.limits.max_batch_size,
+                                   max_queue=self.limits.max_queue, device=device)
         self.engine = engine
         self.outstanding = 0  # requests submitted and not yet finished or cancelled
-        self.chat_stop_token_ids = frozenset(self._template_stop_ids() | {tokenizer.eos_token_id})
-        self.text_stop_token_ids = frozenset({tokenizer.eos_token_id})
+        self.stop_token_ids = template_stop_ids(tokenizer, self.template)
+        self.observers: list[Callable[[Generation], None]] = []
 
     # ---- prompts ---------------------------------------------------------------------------------
 
-    def _template_stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for token in getattr(self.template, "stop_tokens", ()) or ():
-            token_id = token if isinstance(token, int) else self.tokenizer.token_to_id(token)
-            if token_id is not None:
-                ids.add(int(token_id))
-        return ids
+    def render_messages(self, messages: list[dict[str, str]], truncate: bool = False,
+                        max_tokens: int | None = None) -> list[int]:
+        """Messages -> prompt ids ending with the assistant header; drops the oldest turns if `truncate`
+        (keeping room for `max_tokens`, at most a quarter of the context)."""
+        reserve = reply_reserve(self.context_length, max_tokens or self.limits.max_tokens_limit)
+        hint = "" if truncate else ' (or send "truncate": true to drop the oldest turns)'
+        return fit_messages(self.tokenizer, self.template, messages, context=self.context_length,
+                            reserve=reserve, truncate=truncate, hint=hint).ids
 
-    def render_messages(self, messages: list[dict[str, str]], truncate: bool = False) -> list[int]:
-        """Messages -> prompt ids ending with the assistant header; drops oldest turns if `truncate`."""
-        messages = list(messages)
-        while True:
-            ids, _ = self.template.render(self.tokenizer, messages, add_generation_prompt=True)
-            if len(ids) < self.context_length:
-                return list(ids)
-            turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
-            if not truncate or len(turns) <= 1:
-                hint = "" if truncate else ' (or send "truncate": true to drop the oldest turns)'
-                raise PromptTooLongError(
-                    f"the prompt is {len(ids)} tokens but this model's context is {self.context_length} tokens "
-                    f"and at least one must be left for the reply: shorten the messages{hint}",
-                    param="messages",
-                )
-            del messages[turns[0]]
-            # keep the history starting on a user turn: drop an assistant reply orphaned by the cut
-            turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
-            if len(turns) > 1 and messages[turns[0]]["role"] == "assistant":
-                del messages[turns[0]]
-
-    def encode_text_prompt(self, prompt: str | list[int], truncate: bool = False) -> list[int]:
-        """A plain completion prompt (no template) -> ids; keeps only the newest tokens if `truncate`."""
+    def encode_text_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A plain completion prompt (no template) -> ids, checked against the vocabulary and context."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
@@ -239,60 +200,66 @@ class ChatService:
             ids = list(prompt)
         if not ids:
             ids = [self.tokenizer.eos_token_id]  # OpenAI's models also start an empty prompt from <|endoftext|>
-        room = self.context_length - 1
-        if len(ids) > room:
-            if not truncate:
-                raise PromptTooLongError(
-                    f"the prompt is {len(ids)} tokens but this model's context is {self.context_length} tokens "
-                    f'and at least one must be left for the reply: shorten it (or send "truncate": true)',
-                    param="prompt",
-                )
-            ids = ids[-room:]
+        if len(ids) >= self.context_length:
+            error = PromptTooLongError(
+                f"the prompt is too long: {len(ids)} tokens, but the model's context is {self.context_length} "
+                "tokens and at least one must be left for the reply: shorten it")
+            error.param = "prompt"
+            raise error
         return ids
 
     # ---- limits ----------------------------------------------------------------------------------
 
-    def settings(self, prompt_len: int, max_tokens: int | None, temperature: float | None,
-                 top_p: float | None, stop: Sequence[str], seed: int | None, extra_stops: Sequence[str] = ()
-                 ) -> GenerationSettings:
+    def settings(self, prompt_len: int, max_tokens: int | None, temperature: float | None = None,
+                 top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
+                 logprobs: int | None = None, prompt_logprobs: int | None = None) -> GenerationSettings:
         """Checks the request's token budget; the reply is capped by the room left in the context."""
-        if max_tokens is not None and max_tokens > self.max_tokens_limit:
-            raise TooManyTokensError(
-                f"max_tokens={max_tokens} is more than this server allows per request ({self.max_tokens_limit})",
-                param="max_tokens",
-            )
-        room = self.context_length - prompt_len
-        budget = min(max_tokens or self.max_tokens_limit, self.max_tokens_limit, room)
+        limit = self.limits.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise TooManyTokensError(f"max_tokens={max_tokens} is more than this server allows per request ({limit})")
+        budget = min(max_tokens or limit, limit, self.context_length - prompt_len)
         return GenerationSettings(
             max_new_tokens=max(1, budget),
             temperature=1.0 if temperature is None else float(temperature),
             top_p=1.0 if top_p is None else float(top_p),
-            stop_strings=tuple(dict.fromkeys([*stop, *extra_stops])),
+            stop_strings=tuple(dict.fromkeys(stop)),
             seed=None if seed is None else seed % SEED_MODULUS,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _reserve(self, count: int) -> None:
-        capacity = self.max_batch_size + self.max_queue
+        capacity = self.limits.capacity
         if self.outstanding + count > capacity:
             raise ServerBusyError(
-                f"the server is busy ({self.outstanding} requests running or queued, limit {capacity}): "
-                "retry later", code="queue_full",
-            )
+                f"the server is busy ({self.outstanding} requests running or queued, limit {capacity}): retry later")
         self.outstanding += count
 
-    def _release(self, count: int) -> None:
-        self.outstanding = max(0, self.outstanding - count)
+    def _finished(self, generation: Generation) -> None:
+        self.outstanding = max(0, self.outstanding - 1)
+        for observer in self.observers:
+            try:
+                observer(generation)
+            except Exception:  # noqa: BLE001 - a metrics bug must not fail a reply
+                log.exception("generation observer failed")
 
     # ---- generation ------------------------------------------------------------------------------
 
     def start(self, prompt_ids: list[int], settings: GenerationSettings, n: int = 1,
               chat: bool = True) -> list[Generation]:
-        """Submits `n` sampled continuations of one prompt; all or none are admitted."""
+        """Submits `n` sampled continuations of one prompt; all or none are admitted. `chat` replies
+        lose the template's reply prefix and stop at its stop strings too; raw completions do not."""
         from gpt2chat.sampling import SamplingParams
 
         self._reserve(n)
-        stop_ids = self.chat_stop_token_ids if chat else self.text_stop_token_ids
         stop_strings = [*settings.stop_strings, *(self.template.stop_strings if chat else ())]
+        reply_prefix = self.template.reply_prefix if chat else ""
+        # A scored text completion reports its stop token with its logprob (OpenAI's and vLLM's shape, what
+        # lm-eval's echo scoring counts on): the engine is not told to stop there, the Generation stops.
+        scored = not chat and settings.logprobs is not None
+        engine_stops = () if scored else self.stop_token_ids
+        own_stops = frozenset(self.stop_token_ids) if scored else frozenset()
+        prompt = list(prompt_ids)  # one list shared by the n choices: usage counts the prompt once
         generations: list[Generation] = []
         try:
             for index in range(n):
@@ -300,19 +267,22 @@ class ChatService:
                     max_new_tokens=settings.max_new_tokens,
                     temperature=settings.temperature,
                     top_p=settings.top_p,
-                    stop_token_ids=tuple(sorted(stop_ids)),
+                    stop_token_ids=engine_stops,
                     seed=None if settings.seed is None else (settings.seed + index) % SEED_MODULUS,
+                    logprobs=settings.logprobs,
+                    prompt_logprobs=settings.prompt_logprobs,
                 )
-                request = self.engine.submit(list(prompt_ids), params)
+                request = self.engine.submit(prompt, params)
                 # each Generation owns one reserved slot and releases it when it ends or is cancelled
-                reply_prefix = getattr(self.template, "reply_prefix", "") if chat else ""
-                generations.append(Generation(self, request, len(prompt_ids), stop_ids, stop_strings, reply_prefix))
+                decoder = ReplyDecoder(self.tokenizer, stop_strings, reply_prefix, skip_special_tokens=True)
+                generations.append(Generation(self, request, prompt, decoder, first_choice=index == 0,
+                                              stop_ids=own_stops))
         except BaseException as exc:
-            self._release(n - len(generations))
+            self.outstanding = max(0, self.outstanding - (n - len(generations)))
             for generation in generations:
                 generation.cancel()
             if type(exc).__name__ == "QueueFullError":
-                raise ServerBusyError(str(exc), code="queue_full") from exc
+                raise ServerBusyError(str(exc)) from exc
             raise
         return generations
 

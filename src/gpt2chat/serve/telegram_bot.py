@@ -58,9 +58,9 @@ class LocalBackend:
 
     async def reply(self, messages: list[dict[str, str]]) -> str:
         service = self.service
-        prompt_ids = service.render_messages(messages, truncate=True)
-        settings = service.settings(len(prompt_ids), min(self.settings.max_tokens, service.max_tokens_limit),
-                                    self.settings.temperature, self.settings.top_p, [], None)
+        max_tokens = min(self.settings.max_tokens, service.limits.max_tokens_limit)
+        prompt_ids = service.render_messages(messages, truncate=True, max_tokens=max_tokens)
+        settings = service.settings(len(prompt_ids), max_tokens, self.settings.temperature, self.settings.top_p)
         (generation,) = service.start(prompt_ids, settings, n=1, chat=True)
         try:
             return await generation.text()

@@ -1,0 +1,245 @@
+"""The text side of generation, shared by every front end: prompts that fit, stop ids, replies as text.
+
+One copy of each rule, used by `ChatSession`, the HTTP server, the Telegram bot, the report card's replies
+and `gpt2chat generate`:
+
+* `stop_token_ids(tokenizer, template)`: the ids that end a reply (the template's end-of-turn tokens,
+  end-of-text among them); without a template, end-of-text alone.
+* `fit_messages(...)`: the one context-truncation policy. The conversation is rendered through the
+  template; while it leaves less than `reserve` tokens for the reply, the oldest turn (a user message and
+  the replies after it) is dropped. System messages and the last message are never dropped, and tokens are
+  never cut off the front of a rendered prompt (that would cut a control token or the system message).
+  When even the shortest conversation leaves no room, `PromptTooLongError`.
+* `ReplyDecoder`: the token ids of one reply in, the text to show out: UTF-8-safe incremental decoding
+  (a character split over tokens is held back until whole), the template's reply prefix removed, and stop
+  strings cut with hold-back (text that could still become a stop string is not shown until it cannot).
+* `token_text(tokenizer, id)`: how one token is spelled where a client sees single tokens (logprobs).
+
+It knows tokenizers and templates; it knows nothing about how tokens are computed, HTTP or terminals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.templates import ChatTemplate, get_template
+from gpt2chat.tokenizer import IncrementalDecoder, Tokenizer
+
+__all__ = [
+    "PromptTooLongError",
+    "FittedPrompt",
+    "ReplyDecoder",
+    "StopStrings",
+    "chat_template",
+    "decode_reply",
+    "fit_messages",
+    "reply_reserve",
+    "stop_token_ids",
+    "stream_reply",
+    "token_text",
+]
+
+
+class PromptTooLongError(Gpt2ChatError):
+    """The prompt leaves no room for a reply in the model's context (HTTP 400, OpenAI's code)."""
+
+    code = "context_length_exceeded"
+    param = "messages"
+
+
+def chat_template(tokenizer: Tokenizer, template: str | ChatTemplate | None = None) -> ChatTemplate:
+    """The template to chat with: the one named, else the checkpoint's, else llama3-context.
+
+    Raises when the tokenizer lacks the template's control tokens (the checkpoint was saved with another
+    template, or none), which would otherwise fail on the first message."""
+    chosen = get_template(template or tokenizer.template_name or "llama3-context")
+    missing = [t for t in chosen.special_tokens if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise Gpt2ChatError(
+            f"the tokenizer lacks the control tokens of chat template {chosen.name!r}: {missing}; "
+            "use the template the checkpoint was saved with"
+        )
+    return chosen
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: str | ChatTemplate | None = None) -> tuple[int, ...]:
+    """Ids that end a reply: the template's stop tokens (the checkpoint's template when None) and
+    end-of-text. They are the `eos_token_id` list a saved checkpoint's generation_config.json holds."""
+    name = template or tokenizer.template_name
+    ids = [tokenizer.eos_token_id]
+    if name:
+        ids += get_template(name).stop_token_ids(tokenizer)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def reply_reserve(context: int, max_new_tokens: int) -> int:
+    """Tokens of the context kept free for the reply when old turns must go: the reply's budget, but at
+    most a quarter of the context (a long budget must not push the whole history out)."""
+    return max(1, min(max_new_tokens, context // 4, context - 1))
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    ids: list[int]  # the rendered prompt, ending with the template's generation prompt
+    messages: list[dict]  # the messages it was rendered from (the input less the dropped turns)
+    dropped_turns: int  # how many turns (a user message and the replies after it) were dropped
+
+
+def fit_messages(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[dict], *, context: int,
+                 reserve: int = 1, truncate: bool = True, hint: str = "") -> FittedPrompt:
+    """Render `messages` with the generation prompt so that at least one token (`reserve` when it can
+    drop turns) is left for the reply; see the module docstring for the policy. `truncate=False` never
+    drops anything. `hint` is added to the error message (how the caller can ask for truncation)."""
+    kept = [dict(m) for m in messages]
+    dropped = 0
+    while True:
+        ids, _ = template.render(tokenizer, kept, add_generation_prompt=True)
+        if not truncate or len(ids) <= context - reserve:
+            break
+        turn = _oldest_turn(kept)
+        if turn is None:
+            break
+        del kept[turn]
+        dropped += 1
+    if len(ids) >= context:
+        cut = f" after dropping the {dropped} oldest turn{'s' if dropped != 1 else ''}" if dropped else ""
+        raise PromptTooLongError(
+            f"the prompt is too long: {len(ids)} tokens{cut}, but the model's context is {context} tokens "
+            f"and at least one must be left for the reply: shorten the messages{hint}"
+        )
+    return FittedPrompt(list(ids), kept, dropped)
+
+
+def _oldest_turn(messages: list[dict]) -> slice | None:
+    """The oldest droppable turn: the first non-system message up to the next user message, never
+    reaching the last message. None when there is nothing left to drop."""
+    start = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
+    if start is None:
+        return None
+    end = start + 1
+    while end < len(messages) - 1 and messages[end].get("role") != "user":
+        end += 1
+    return slice(start, end)
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """One token's text; a token that is not whole UTF-8 (part of a character) is spelled as its bytes,
+    `bytes:\\xe2\\x80`, so that distinct tokens never share a spelling (OpenAI's convention)."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back any tail that could still start one."""
+
+    def __init__(self, stop_strings: Iterable[str]):
+        self.stop_strings = tuple(dict.fromkeys(s for s in stop_strings if s))
+        self._pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to show now, whether a stop string was hit); after a hit the rest is dropped."""
+        self._pending += text
+        if not self.stop_strings:
+            out, self._pending = self._pending, ""
+            return out, False
+        hits = [i for i in (self._pending.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            out, self._pending = self._pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for stop in self.stop_strings:
+            for length in range(min(len(stop) - 1, len(self._pending)), keep, -1):
+                if self._pending.endswith(stop[:length]):
+                    keep = length
+                    break
+        cut = len(self._pending) - keep
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+class ReplyDecoder:
+    """Token ids of one reply in (`push`), the text to show out; `finish()` at the end of the stream.
+
+    `text` is everything shown so far; `stopped` is True once a stop string ended the reply (later pushes
+    are ignored). `decoded_chars` counts the characters decoded before the prefix and stop strings are
+    applied: the offset of the next token in the raw continuation (logprobs' `text_offset`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Iterable[str] = (), reply_prefix: str = "",
+                 skip_special_tokens: bool = True):
+        self._decoder = IncrementalDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._stops = StopStrings(stop_strings)
+        self._prefix = reply_prefix
+        self._head = ""  # decoded text that may still turn out to be the reply prefix
+        self.text = ""
+        self.stopped = False
+        self.decoded_chars = 0
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        decoded = self._decoder.push(token_id)
+        self.decoded_chars += len(decoded)
+        return self._show(self._without_prefix(decoded))
+
+    def finish(self) -> str:
+        """What is still held back once the stream has ended (a partial stop string is shown)."""
+        if self.stopped:
+            return ""
+        decoded = self._decoder.flush()
+        self.decoded_chars += len(decoded)
+        text = self._head + decoded if self._prefix else decoded
+        if self._prefix and text.startswith(self._prefix):
+            text = text[len(self._prefix):]
+        self._head = self._prefix = ""
+        out = self._show(text)
+        if not self.stopped:
+            tail = self._stops.flush()
+            self.text += tail
+            out += tail
+        return out
+
+    def _without_prefix(self, text: str) -> str:
+        if not self._prefix:
+            return text
+        self._head += text
+        if len(self._head) < len(self._prefix) and self._prefix.startswith(self._head):
+            return ""  # could still be the prefix: wait for more
+        head, prefix = self._head, self._prefix
+        self._head = self._prefix = ""
+        return head[len(prefix):] if head.startswith(prefix) else head
+
+    def _show(self, text: str) -> str:
+        out, self.stopped = self._stops.push(text)
+        self.text += out
+        return out
+
+
+def stream_reply(decoder: ReplyDecoder, token_ids: Iterable[int]) -> Iterator[str]:
+    """The pieces of text `decoder` shows for a stream of token ids, ending early at a stop string."""
+    for token_id in token_ids:
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
+        if decoder.stopped:
+            return
+    tail = decoder.finish()
+    if tail:
+        yield tail
+
+
+def decode_reply(tokenizer: Tokenizer, token_ids: Iterable[int], stop_strings: Iterable[str] = (),
+                 reply_prefix: str = "") -> tuple[str, bool]:
+    """A whole reply's text and whether a stop string ended it (what streaming would have shown)."""
+    decoder = ReplyDecoder(tokenizer, stop_strings, reply_prefix)
+    text = "".join(stream_reply(decoder, token_ids))
+    return text, decoder.stopped

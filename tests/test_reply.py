@@ -1,0 +1,224 @@
+"""reply.py, the one text side: stop strings with hold-back, the reply decoder (UTF-8, reply prefix),
+the one truncation policy, stop ids from the template, token spellings; and the report card's replies,
+which must go through the same policy (never cutting the front of a rendered prompt)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2chat.reply import (
+    PromptTooLongError,
+    ReplyDecoder,
+    StopStrings,
+    decode_reply,
+    fit_messages,
+    reply_reserve,
+    stop_token_ids,
+    stream_reply,
+    token_text,
+)
+from gpt2chat.templates import get_template, render_chat
+from gpt2chat.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer.gpt2()
+    for name in ("llama3-context", "user-assistant"):
+        get_template(name).ensure_tokens(tok)
+    return tok
+
+
+# ---- stop strings -------------------------------------------------------------------------------------
+
+
+def run_stops(stops, pieces):
+    matcher = StopStrings(stops)
+    out, stopped = [], False
+    for piece in pieces:
+        text, stopped = matcher.push(piece)
+        out.append(text)
+        if stopped:
+            break
+    if not stopped:
+        out.append(matcher.flush())
+    return "".join(out), stopped, out
+
+
+def test_stop_string_split_over_pieces_is_caught_and_cut():
+    assert run_stops(["\nUser:"], ["Hello", " there\n", "Us", "er: more"])[:2] == ("Hello there", True)
+
+
+def test_text_that_only_looks_like_a_stop_start_is_released():
+    text, stopped, out = run_stops(["STOP"], ["a S", "T", "x", " b"])
+    assert (text, stopped) == ("a STx b", False)
+    assert out[0] == "a "  # "S" held back until it could no longer start "STOP"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    assert run_stops(["bb", "a"], ["xxbba"])[:2] == ("xx", True)
+
+
+def test_no_stop_strings_passes_everything_through():
+    assert run_stops([], ["a", "b"])[2] == ["a", "b", ""]
+
+
+# ---- the reply decoder ----------------------------------------------------------------------------------
+
+
+def test_multibyte_characters_split_over_tokens_are_held_until_whole(tokenizer):
+    text = "Grüße 🎉 done"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the emoji really is split over tokens
+    decoder = ReplyDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
+    assert "".join(pieces) == text == decoder.text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert decoder.decoded_chars == len(text)
+
+
+def test_reply_prefix_is_removed_once_even_when_split_over_tokens(tokenizer):
+    space = tokenizer.encode(" ")
+    hello = tokenizer.encode("Hello  world")
+    assert decode_reply(tokenizer, space + hello, reply_prefix=" ") == ("Hello  world", False)
+    assert decode_reply(tokenizer, tokenizer.encode(" Hi"), reply_prefix=" ") == ("Hi", False)
+    # a reply that does not start with the prefix is shown as it is
+    assert decode_reply(tokenizer, tokenizer.encode("\nHi"), reply_prefix=" ") == ("\nHi", False)
+    assert decode_reply(tokenizer, tokenizer.encode(" Hi"), reply_prefix="") == (" Hi", False)
+
+
+def test_stop_string_ends_the_reply_and_later_tokens_are_ignored(tokenizer):
+    ids = tokenizer.encode(" Sure.\nUser: more text")
+    decoder = ReplyDecoder(tokenizer, ["\nUser:"], " ")
+    pieces = list(stream_reply(decoder, ids))
+    assert "".join(pieces) == "Sure." and decoder.stopped
+    assert all("\n" not in piece for piece in pieces)  # the start of the stop string was never shown
+    assert decoder.push(tokenizer.encode(" again")[0]) == "" and decoder.finish() == ""
+
+
+def test_partial_stop_string_at_the_end_is_shown(tokenizer):
+    assert decode_reply(tokenizer, tokenizer.encode("Done.\nUser"), ["\nUser:"]) == ("Done.\nUser", False)
+
+
+def test_control_tokens_are_hidden_unless_asked_for(tokenizer):
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    ids = [*tokenizer.encode("a"), eot, *tokenizer.encode("b")]
+    assert decode_reply(tokenizer, ids)[0] == "ab"
+    shown = "".join(stream_reply(ReplyDecoder(tokenizer, skip_special_tokens=False), ids))
+    assert shown == tokenizer.decode(ids) == "a<|eot_id|>b"
+
+
+def test_token_text_spells_partial_characters_as_bytes(tokenizer):
+    ids = tokenizer.encode("🎉")
+    spellings = [token_text(tokenizer, i) for i in ids]
+    assert all(s.startswith("bytes:\\x") for s in spellings) and len(set(spellings)) == len(ids)
+    assert token_text(tokenizer, tokenizer.encode(" Hello")[0]) == " Hello"
+    assert token_text(tokenizer, tokenizer.token_to_id("<|eot_id|>")) == "<|eot_id|>"
+
+
+# ---- stop ids -------------------------------------------------------------------------------------------
+
+
+def test_stop_ids_come_from_the_template_and_match_the_saved_generation_config(tiny_checkpoint):
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    ids = stop_token_ids(tok)  # the checkpoint's own template
+    saved = json.loads((tiny_checkpoint / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(ids) == sorted(saved if isinstance(saved, list) else [saved])
+    assert tok.token_to_id("<|eot_id|>") in ids and tok.eos_token_id in ids
+    assert stop_token_ids(Tokenizer.gpt2()) == (50256,)  # no template: end-of-text alone
+
+
+# ---- the truncation policy -----------------------------------------------------------------------------
+
+
+def conversation(turns: int, words: int = 12) -> list[dict]:
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn in range(turns):
+        messages += [{"role": "user", "content": f"question {turn} " + "word " * words},
+                     {"role": "assistant", "content": f"answer {turn} " + "word " * words}]
+    return messages + [{"role": "user", "content": "last question"}]
+
+
+@pytest.mark.parametrize("template", ["llama3-context", "user-assistant", "plain"])
+def test_oldest_turns_go_first_and_the_prompt_is_a_whole_rendering(tokenizer, template):
+    spec = get_template(template)
+    messages = conversation(6)
+    full = render_chat(tokenizer, messages, spec, add_generation_prompt=True)[0]
+    context = len(full) // 2
+    fitted = fit_messages(tokenizer, spec, messages, context=context, reserve=10)
+    assert len(fitted.ids) <= context - 10
+    assert fitted.messages[0]["role"] == "system" and fitted.messages[-1]["content"] == "last question"
+    assert fitted.messages[1]["role"] == "user"  # the kept history starts on a user turn
+    # whole turns went, oldest first: the kept ones are the newest, in order
+    kept_questions = [m["content"].split()[1] for m in fitted.messages if m["content"].startswith("question")]
+    assert kept_questions == [str(t) for t in range(6 - len(kept_questions), 6)]
+    assert fitted.dropped_turns == 6 - len(kept_questions) > 0
+    # exactly the template's rendering of the kept messages: nothing cut off the front
+    assert fitted.ids == render_chat(tokenizer, fitted.messages, spec, add_generation_prompt=True)[0]
+
+
+def test_nothing_is_dropped_when_it_fits_or_when_truncation_is_off(tokenizer):
+    spec = get_template("llama3-context")
+    messages = conversation(2)
+    fitted = fit_messages(tokenizer, spec, messages, context=1024, reserve=100)
+    assert fitted.dropped_turns == 0 and fitted.messages == messages
+    with pytest.raises(PromptTooLongError, match="send truncate"):
+        fit_messages(tokenizer, spec, conversation(6), context=100, truncate=False, hint=" (or send truncate)")
+
+
+def test_a_reply_without_its_question_at_the_front_is_a_turn_of_its_own(tokenizer):
+    spec = get_template("llama3-context")
+    messages = [{"role": "assistant", "content": "Welcome! " * 20}, *conversation(1)[1:]]
+    fitted = fit_messages(tokenizer, spec, messages, context=60, reserve=1)
+    assert [m["role"] for m in fitted.messages] == ["user", "assistant", "user"] and fitted.dropped_turns == 1
+    fitted = fit_messages(tokenizer, spec, messages, context=30, reserve=1)
+    assert [m["role"] for m in fitted.messages] == ["user"] and fitted.dropped_turns == 2
+
+
+def test_a_last_message_that_alone_does_not_fit_is_an_error(tokenizer):
+    spec = get_template("llama3-context")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 200}]
+    with pytest.raises(PromptTooLongError, match="context is 64 tokens"):
+        fit_messages(tokenizer, spec, messages, context=64)
+
+
+def test_the_reserve_is_the_reply_budget_capped_at_a_quarter_of_the_context():
+    assert reply_reserve(1024, 64) == 64
+    assert reply_reserve(1024, 1000) == 256
+    assert reply_reserve(2, 5) == 1
+
+
+# ---- the report card's replies ---------------------------------------------------------------------------
+
+
+def test_evaluation_replies_equal_the_chat_session_and_drop_turns_not_tokens(tiny_checkpoint, monkeypatch):
+    from gpt2chat.chat import ChatSession
+    from gpt2chat.checkpoint import load_model
+    from gpt2chat.engine import Engine
+    from gpt2chat.evaluate.replies import generate_replies
+    from gpt2chat.sampling import SamplingParams
+
+    model, tok = load_model(tiny_checkpoint, device="cpu")
+    session = ChatSession(Engine(model), tok, system="Be brief.",
+                          params=SamplingParams(temperature=0, max_new_tokens=8))
+    expected = "".join(session.send("Hello")).strip()
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+               conversation(8, words=20)]  # longer than the tiny model's 256 positions
+    seen: list[list[int]] = []
+    original = Engine.generate
+
+    def recording_generate(self, prompt_ids, params):
+        seen.extend(prompt_ids)
+        return original(self, prompt_ids, params)
+
+    monkeypatch.setattr(Engine, "generate", recording_generate)
+    replies = generate_replies(model, tok, "llama3-context", prompts, max_new_tokens=8, progress=False)
+    assert replies[0] == expected
+    long_prompt = tok.decode(seen[1])
+    assert long_prompt.startswith("<|begin_of_text|>") and "Be brief." in long_prompt  # the front survived
+    assert "last question" in long_prompt and "question 0" not in long_prompt
+    with pytest.raises(PromptTooLongError, match="prompt 2 of 2"):
+        generate_replies(model, tok, "llama3-context", [prompts[0], [{"role": "user", "content": "x " * 300}]],
+                         progress=False)
