@@ -8,6 +8,7 @@ Conv1D weights are [in, out]; ours are nn.Linear [out, in], so they are transpos
 
 Everything read from disk or the hub is checked; problems raise `CheckpointError` naming the file and the
 tensor. This module knows nothing about training, sampling or chat.
+Size: about 410 lines: loading, hub resolution, saving and init of the one folder format stay together.
 """
 
 from __future__ import annotations

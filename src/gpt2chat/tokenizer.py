@@ -18,6 +18,9 @@ only when offsets are asked for, and shared by every tokenizer of the process.
 
 `<|pad|>` is always present (an added special token, id 50257 on GPT-2): padding is never end-of-text or
 end-of-turn.
+
+Size: about 440 lines, over ~400 because `IncrementalDecoder` (UTF-8-safe streaming decode, used by the text
+side) lives beside the byte tables it reads.
 """
 
 from __future__ import annotations
