@@ -159,7 +159,7 @@ class ChatService:
     metrics hang there."""
 
     def __init__(self, model: Any, tokenizer: Any, *, template: Any = None, model_name: str = "gpt2chat",
-                 limits: ServerLimits | None = None, engine: Any = None, device: Any = None):
+                 limits: ServerLimits | None = None, engine: Any = None, device: Any = None, dtype: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = chat_template(tokenizer, template)
@@ -170,7 +170,7 @@ class ChatService:
             from gpt2chat.engine import BatchedEngine
 
             engine = BatchedEngine(model, max_batch_size=self.limits.max_batch_size,
-                                   max_queue=self.limits.max_queue, device=device)
+                                   max_queue=self.limits.max_queue, device=device, dtype=dtype)
         self.engine = engine
         self.outstanding = 0  # requests submitted and not yet finished or cancelled
         self.stop_token_ids = template_stop_ids(tokenizer, self.template)

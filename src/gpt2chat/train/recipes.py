@@ -131,14 +131,24 @@ def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState):
     builder = data.build_preference_examples if preference else data.build_sft_examples
     budgets = data.Budgets(max_prompt_length=cfg.max_prompt_length, max_response_length=cfg.max_response_length,
                            max_length=cfg.max_length)
-    train, val, _ = builder(_specs(cfg, preference), tokenizer, cfg.template, budgets, val_fraction=cfg.val_fraction,
-                            seed=cfg.seed)
+    train, val, stats = builder(_specs(cfg, preference), tokenizer, cfg.template, budgets,
+                                val_fraction=cfg.val_fraction, seed=cfg.seed)
     if cfg.max_examples:
         train = train[: cfg.max_examples]
     if not train:
         raise Gpt2ChatError(f"[{cfg.objective}] no training examples left from {', '.join(cfg.data)}")
     _say(dist, f"[{cfg.objective}] {len(train)} training / {len(val)} validation examples")
-    return list(train), list(val)
+    return list(train), list(val), stats
+
+
+def record_split(cfg: TrainConfig, base: str, stats: dict) -> None:
+    """OUT/heldout/: the validation rows and the training rows' content hashes, for `gpt2chat eval`."""
+    from gpt2chat.evaluate.heldout import write_split
+
+    split = stats["split"]
+    write_split(cfg.out, stage=cfg.objective, kind="conversations" if cfg.objective == "sft" else "pairs",
+                rows=split["heldout"], hashes=split["train_hashes"], base_model=base, data=cfg.data, seed=cfg.seed,
+                val_fraction=cfg.val_fraction)
 
 
 # ---------------------------------------------------------------------- one stage
@@ -184,7 +194,9 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     model.train()
     if dist.active and not dist.is_main:
         dist_utils.barrier(dist)              # rank 0 tokenizes (and fills the data cache) first
-    train, val = build_data(cfg, tokenizer, dist)
+    train, val, stats = build_data(cfg, tokenizer, dist)
+    if dist.is_main:
+        record_split(cfg, base, stats)
     if dist.active and dist.is_main:
         dist_utils.barrier(dist)
     kind = "sft" if cfg.objective == "sft" else "preference"

@@ -1,0 +1,92 @@
+"""y = x W^T + b for weights stored as fp32, fp16 or int8, as torch custom ops that torch.compile traces.
+
+The ops (namespace `gpt2chat`; W is always row-major [N, K] like `nn.Linear.weight`, x is [..., K]):
+
+    torch.ops.gpt2chat.linear_f32(x, weight, bias=None, small_m_max=-1)         weight float32
+    torch.ops.gpt2chat.linear_f16(x, weight, bias=None, small_m_max=-1)         weight int16 holding IEEE
+                                                                                half bit patterns
+    torch.ops.gpt2chat.linear_i8(x, weight, scale, bias=None, small_m_max=-1)   W = weight(int8) * scale[:, None]
+
+Every op has three kernels:
+- a fake (meta) kernel, so `torch.compile(fullgraph=True)` traces a model that calls it;
+- the native CPU kernel (csrc/linear.cpp: AVX2 + FMA + F16C, threaded over torch's own threads), compiled
+  by g++ on first use (`load()`, see build.py) and used for fp32 activations on the CPU;
+- the portable kernel (portable.py: plain torch), used on every other device and on the CPU when the native
+  one cannot be had: no compiler, a CPU without AVX2, or `GPT2CHAT_KERNELS=portable` (which also skips the
+  build). Then `load()` logs one warning line that says why, and everything still works, only slower.
+`small_m_max` (-1 = the built-in default) is for benchmarks: up to that many input rows the native kernel
+makes one pass over the weight, past it it widens tiles of the weight for sgemm.
+
+This package knows nothing about models; `gpt2chat.quantize` builds the modules that call these ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from gpt2chat.kernels import portable
+from gpt2chat.kernels.build import KernelBuildError, library_path, unsupported_reason
+
+__all__ = ["load", "backend", "KernelBuildError"]
+
+_log = logging.getLogger(__name__)
+_LIB = torch.library.Library("gpt2chat", "DEF")
+_SCHEMAS = {
+    "linear_f32": "linear_f32(Tensor x, Tensor weight, Tensor? bias=None, int small_m_max=-1) -> Tensor",
+    "linear_f16": "linear_f16(Tensor x, Tensor weight, Tensor? bias=None, int small_m_max=-1) -> Tensor",
+    "linear_i8": "linear_i8(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int small_m_max=-1) -> Tensor",
+}
+
+
+def _fake_linear(x: torch.Tensor, weight: torch.Tensor, *rest) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+for _name, _schema in _SCHEMAS.items():
+    _LIB.define(_schema)
+    _LIB.impl(_name, getattr(portable, _name), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"gpt2chat::{_name}", _fake_linear, lib=_LIB)
+
+_lock = threading.Lock()
+_backend: str | None = None
+
+
+def load() -> str:
+    """Make the native CPU kernels available if this machine can have them; return the CPU backend in use.
+
+    "native" (built or found in the cache, loaded) or "portable" (with one warning line saying why, unless
+    `GPT2CHAT_KERNELS=portable` asked for it). Safe to call often and from several threads: the work happens
+    once per process.
+    """
+    global _backend
+    with _lock:
+        if _backend is None:
+            _backend = _load_native()
+        return _backend
+
+
+def backend() -> str:
+    """The CPU backend of the ops: "native" or "portable" (loads first, see `load`)."""
+    return load()
+
+
+def _load_native() -> str:
+    if os.environ.get("GPT2CHAT_KERNELS", "").strip().lower() == "portable":
+        return "portable"
+    reason = unsupported_reason()
+    if reason is None:
+        try:
+            torch.ops.load_library(str(library_path()))
+            return "native"
+        except KernelBuildError as exc:
+            reason = str(exc)
+        except OSError as exc:  # a library that will not load (a foreign or damaged file)
+            reason = f"cannot load the built library ({exc})"
+    _log.warning("gpt2chat: native CPU kernels unavailable (%s); using the portable torch kernels (slower "
+                 "decode; set GPT2CHAT_KERNELS=portable to skip this check)", reason)  # fmt: skip
+    return "portable"
+

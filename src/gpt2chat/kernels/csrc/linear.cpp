@@ -1,0 +1,269 @@
+// y = x W^T + b on the CPU for weights stored as fp32, fp16 or int8 (+ one fp32 scale per output row).
+//
+// Built for x86-64 with AVX2 + FMA + F16C (gpt2chat/kernels/__init__.py compiles it on first use and
+// only loads it where the CPU has them). Registered as the CPU kernels of the `gpt2chat::linear_*` ops,
+// whose schemas, fake (meta) kernels and portable kernels for other devices live in Python.
+//
+// Layout: every weight is row-major [N, K] (nn.Linear's own layout), so the fp32 form is the original
+// tensor and the compact forms are elementwise conversions of it.
+//
+// Two paths, chosen by the number of input rows M:
+//  - few rows (decode; M <= small_m_max): one pass over the weight, which is read from memory once.
+//    Each block of output rows is dotted with every input row while it sits in L1/L2; the compact
+//    forms are widened to fp32 in registers (vpmovsxbd + vcvtdq2ps for int8, vcvtph2ps for fp16), so
+//    the rate is bound by reading the weight, not by the conversion.
+//  - many rows (prefill): matmul-bound. fp32 goes straight to MKL's sgemm (at::addmm); fp16 / int8
+//    weights are widened a tile of rows at a time (scale folded in) into an fp32 buffer that stays in
+//    cache and multiplied by sgemm into the output columns of that tile.
+// Threads: at::parallel_for over blocks of output rows (torch's own OpenMP pool and thread count).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace {
+
+constexpr int64_t kThreadWork = 1 << 15;  // weights per thread below which threading does not pay
+constexpr int64_t kTileBytes = 1 << 20;   // fp32 bytes of a widened weight tile (fits L2 / L3)
+
+// Default small_m_max per weight form: up to this many input rows, the one-pass kernel beats
+// sgemm (benchmarks/kernels.py measures the crossover).
+constexpr int64_t kSmallMaxF32 = 4;
+constexpr int64_t kSmallMaxCompact = 16;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// How each stored form becomes fp32: 8 at a time (vector) and one at a time (the K % 8 tail).
+struct F32 {
+  using T = float;
+  static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static float load1(const T* p) { return *p; }
+};
+struct F16 {
+  using T = uint16_t;  // IEEE half bit patterns
+  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float load1(const T* p) { return _cvtsh_ss(*p); }
+};
+struct I8 {
+  using T = int8_t;
+  static __m256 load8(const T* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static float load1(const T* p) { return static_cast<float>(*p); }
+};
+
+// out[i][r] = dot(w row r, x row i) for R weight rows and I input rows, over K.
+template <class W, int R, int I>
+inline void dot_block(const typename W::T* w, int64_t K, const float* x, float out[I][R]) {
+  __m256 acc[I][R];
+  for (int i = 0; i < I; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = W::load8(w + r * K + k);
+    for (int i = 0; i < I; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < I; ++i)
+    for (int r = 0; r < R; ++r) out[i][r] = hsum(acc[i][r]);
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r) {
+      const float wk = W::load1(w + r * K + k);
+      for (int i = 0; i < I; ++i) out[i][r] += wk * x[i * K + k];
+    }
+}
+
+template <class W, int R, int I>
+inline void block_rows(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t m,
+                       const float* scale, const float* bias, float* y) {
+  float out[I][R];
+  dot_block<W, R, I>(w + n * K, K, x + m * K, out);
+  for (int i = 0; i < I; ++i)
+    for (int r = 0; r < R; ++r) {
+      float v = out[i][r];
+      if (scale) v *= scale[n + r];
+      if (bias) v += bias[n + r];
+      y[(m + i) * N + n + r] = v;
+    }
+}
+
+// The last `left` (< I) input rows, starting at m, against R weight rows.
+template <class W, int R, int I>
+inline void inputs_tail(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t m,
+                        int64_t left, const float* scale, const float* bias, float* y) {
+  if constexpr (I > 0) {
+    if (left == I) {
+      block_rows<W, R, I>(w, n, K, N, x, m, scale, bias, y);
+    } else {
+      inputs_tail<W, R, I - 1>(w, n, K, N, x, m, left, scale, bias, y);
+    }
+  }
+}
+
+// R weight rows starting at n against every input row, I input rows per pass.
+template <class W, int R, int I>
+inline void block_all_inputs(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t M,
+                             const float* scale, const float* bias, float* y) {
+  int64_t m = 0;
+  for (; m + I <= M; m += I) block_rows<W, R, I>(w, n, K, N, x, m, scale, bias, y);
+  inputs_tail<W, R, I - 1>(w, n, K, N, x, m, M - m, scale, bias, y);
+}
+
+// The weight rows [n, n + rows) (rows <= R) against every input row.
+template <class W, int R, int I>
+inline void rows_all_inputs(int64_t rows, const typename W::T* w, int64_t n, int64_t K, int64_t N,
+                            const float* x, int64_t M, const float* scale, const float* bias, float* y) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      block_all_inputs<W, R, I>(w, n, K, N, x, M, scale, bias, y);
+    } else {
+      rows_all_inputs<W, R - 1, I>(rows, w, n, K, N, x, M, scale, bias, y);
+    }
+  }
+}
+
+// One pass over the weight for M input rows. Block shapes (accumulators = R * I <= 12 of the 16 ymm
+// registers): a decode row (M = 1) dots 4 weight rows at once, four independent FMA chains that hide the
+// FMA latency; several rows take 2 weight rows x 6 input rows, so each widened weight vector feeds 6 FMAs.
+template <class W, int R, int I>
+void few_rows_blocked(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N,
+                      const float* scale, const float* bias, float* y) {
+  const int64_t blocks = (N + R - 1) / R;
+  const int64_t grain = std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, R * K * M));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * R;
+      rows_all_inputs<W, R, I>(std::min<int64_t>(R, N - n), w, n, K, N, x, M, scale, bias, y);
+    }
+  });
+}
+
+template <class W>
+void few_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* scale,
+              const float* bias, float* y) {
+  if (M == 1) {
+    few_rows_blocked<W, 4, 1>(x, M, K, w, N, scale, bias, y);
+  } else {
+    few_rows_blocked<W, 2, 6>(x, M, K, w, N, scale, bias, y);
+  }
+}
+
+// rows [n0, n1) of the weight as fp32 (times scale) into dst [n1 - n0, K].
+template <class W>
+void widen_rows(const typename W::T* w, int64_t n0, int64_t n1, int64_t K, const float* scale, float* dst) {
+  at::parallel_for(n0, n1, std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, K)), [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      const typename W::T* src = w + n * K;
+      float* out = dst + (n - n0) * K;
+      const __m256 s = _mm256_set1_ps(scale ? scale[n] : 1.0f);
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, _mm256_mul_ps(W::load8(src + k), s));
+      for (; k < K; ++k) out[k] = W::load1(src + k) * (scale ? scale[n] : 1.0f);
+    }
+  });
+}
+
+template <class W>
+void many_rows(const at::Tensor& x2d, const typename W::T* w, int64_t N, int64_t K, const float* scale,
+               const std::optional<at::Tensor>& bias, at::Tensor& y2d) {
+  const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(N, kTileBytes / (4 * K)));
+  at::Tensor buffer = at::empty({tile, K}, x2d.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    widen_rows<W>(w, n0, n1, K, scale, buffer.data_ptr<float>());
+    at::Tensor wt = buffer.narrow(0, 0, n1 - n0).t();
+    at::Tensor out = y2d.narrow(1, n0, n1 - n0);
+    if (bias.has_value()) {
+      at::addmm_out(out, bias->narrow(0, n0, n1 - n0), x2d, wt);
+    } else {
+      at::mm_out(out, x2d, wt);
+    }
+  }
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                at::ScalarType stored, const char* stored_name, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": CPU kernel called with a non-CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 on the CPU, got ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), op, ": weight must be a contiguous [N, K] matrix");
+  TORCH_CHECK(weight.scalar_type() == stored, op, ": weight must be ", stored_name, ", got ", weight.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x has ", x.size(-1),
+              " features but the weight has ", weight.size(1), " columns");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                    bias->is_contiguous() && bias->device().is_cpu(),
+                op, ": bias must be a contiguous float32 vector of ", weight.size(0));
+  }
+}
+
+template <class W>
+at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const float* scale,
+                       const std::optional<at::Tensor>& bias, int64_t small_m_max, int64_t default_small) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2d.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y2d = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y2d.view(out_shape);
+  if (K == 0) {
+    if (bias.has_value()) y2d.copy_(bias->expand({M, N})); else y2d.zero_();
+    return y2d.view(out_shape);
+  }
+  const auto* w = reinterpret_cast<const typename W::T*>(weight.data_ptr());
+  const int64_t limit = small_m_max < 0 ? default_small : small_m_max;
+  if (M <= limit) {
+    few_rows<W>(x2d.data_ptr<float>(), M, K, w, N, scale, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                y2d.data_ptr<float>());
+  } else if (std::is_same<W, F32>::value) {
+    if (bias.has_value()) at::addmm_out(y2d, *bias, x2d, weight.t()); else at::mm_out(y2d, x2d, weight.t());
+  } else {
+    many_rows<W>(x2d, w, N, K, scale, bias, y2d);
+  }
+  return y2d.view(out_shape);
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      int64_t small_m_max) {
+  check_args(x, weight, bias, at::kFloat, "float32", "gpt2chat::linear_f32");
+  return linear_impl<F32>(x, weight, nullptr, bias, small_m_max, kSmallMaxF32);
+}
+
+at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      int64_t small_m_max) {
+  check_args(x, weight, bias, at::kShort, "int16 (IEEE half bit patterns)", "gpt2chat::linear_f16");
+  return linear_impl<F16>(x, weight, nullptr, bias, small_m_max, kSmallMaxCompact);
+}
+
+at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& bias, int64_t small_m_max) {
+  check_args(x, weight, bias, at::kChar, "int8", "gpt2chat::linear_i8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == weight.size(0) &&
+                  scale.is_contiguous() && scale.device().is_cpu(),
+              "gpt2chat::linear_i8: scale must be a contiguous float32 vector of ", weight.size(0));
+  return linear_impl<I8>(x, weight, scale.data_ptr<float>(), bias, small_m_max, kSmallMaxCompact);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt2chat, CPU, m) {
+  m.impl("linear_f32", &linear_f32);
+  m.impl("linear_f16", &linear_f16);
+  m.impl("linear_i8", &linear_i8);
+}

@@ -1,0 +1,343 @@
+"""Weight layouts for inference, chosen once at load time: the fast fp32 layout, fp16 storage, int8 weights.
+
+    model, tokenizer = load_for_inference("runs/sft/final", quantize=None | "fp16" | "int8")
+    fast = convert_for_inference(model, quantize)      # a new model; `model` is left exactly as it was
+
+What each mode makes of a model, by device (dtype is the compute dtype of the activations):
+
+| device | quantize=None | "fp16" | "int8" |
+|---|---|---|---|
+| cpu, float32 (default) | fp32 weights through the native kernels (`InferenceLinear`) | fp16 weights, fp32 compute (`Fp16Linear`) | int8 weights + one fp32 scale per output row, fp32 compute (`Int8Linear`) |
+| cpu, bfloat16 / float16 | the plain model in that dtype | error | error |
+| cuda and others | the plain model (bfloat16 on CUDA by default) | the plain model in float16 | error: int8 is CPU-only |
+
+Every projection of the blocks and the tied head becomes a module that calls `gpt2chat.kernels`' ops; the
+head's matmul reads the compact form, and in the fp16 / int8 modes the token embedding reads its rows from
+the head's compact weight too (`TiedEmbedding`), so the model holds one copy of that matrix. int8 is
+per-output-channel symmetric: row n keeps `round(W[n] / s[n])` in [-127, 127] with `s[n] = max|W[n]| / 127`.
+
+Saving: the fp32 layout keeps `nn.Linear`'s tensor names and values, so `save_pretrained` writes the same
+checkpoint as the model before conversion. fp16 and int8 models refuse `state_dict()` with a
+`Gpt2ChatError` (their weights are not the checkpoint's any more), so a corrupt checkpoint is never written.
+A converted model is for inference: no gradients, eval mode, and it is not converted twice.
+
+This module knows nothing about sampling, tokenizers or text; it reads checkpoints only through
+`gpt2chat.checkpoint.load_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpt2chat.errors import Gpt2ChatError
+
+__all__ = [
+    "QUANTIZE_MODES", "load_for_inference", "convert_for_inference", "weight_format", "decode_read_bytes",
+    "InferenceLinear", "Fp16Linear", "Int8Linear", "TiedEmbedding", "quantize_int8",
+]  # fmt: skip
+
+QUANTIZE_MODES = ("fp16", "int8")
+_ROWS_PER_STEP = 4096  # rows quantized at a time: bounds the fp32 temporaries of a 50k-row head
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class InferenceLinear(nn.Module):
+    """An fp32 projection through `gpt2chat::linear_f32`: same `weight` / `bias` tensors and names as nn.Linear."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.gpt2chat.linear_f32(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _CompactLinear(nn.Module):
+    """A projection whose weight is stored in a compact form: never saved (see the module docstring)."""
+
+    format = ""
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        raise Gpt2ChatError(
+            f"this model was converted for inference with {self.format} weights ({prefix.rstrip('.')}), which "
+            "are not the checkpoint's weights: saving it would write a corrupt checkpoint. Save the model "
+            "before conversion (gpt2chat.checkpoint.load_model loads it unconverted)"
+        )
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight as float32 (the embedding lookup of a tied head)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Fp16Linear(_CompactLinear):
+    """fp16 weights (IEEE half bit patterns kept in an int16 buffer, so `model.to(dtype)` cannot widen them),
+    fp32 compute through `gpt2chat::linear_f16`."""
+
+    format = "fp16"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], bias)
+        half = weight.detach().to(torch.float16, memory_format=torch.contiguous_format, copy=True)
+        self.register_buffer("weight", half.view(torch.int16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.gpt2chat.linear_f16(x, self.weight, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].view(torch.float16).float()
+
+
+class Int8Linear(_CompactLinear):
+    """int8 weights with one fp32 scale per output row (W ~ weight * scale[:, None]), fp32 compute through
+    `gpt2chat::linear_i8`."""
+
+    format = "int8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], bias)
+        quantized, scale = quantize_int8(weight)
+        self.register_buffer("weight", quantized)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.gpt2chat.linear_i8(x, self.weight, self.scale, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
+
+
+class TiedEmbedding(nn.Module):
+    """The token embedding of a model whose tied head is compact: it reads the head's rows, owns no tensor."""
+
+    def __init__(self, head: _CompactLinear) -> None:
+        super().__init__()
+        self.__dict__["head"] = head  # a reference, not a submodule: the head's tensors are registered once
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied {self.head.format} head"
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row symmetric int8: (q int8 [N, K], scale float32 [N]) with weight ~ q * scale[:, None]."""
+    weight = weight.detach()
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _ROWS_PER_STEP):
+        block = weight[start : start + _ROWS_PER_STEP].float()
+        step = block.abs().amax(dim=1) / 127.0
+        step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero row stays zero
+        quantized[start : start + _ROWS_PER_STEP] = torch.round(block / step[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[start : start + _ROWS_PER_STEP] = step
+    return quantized, scale
+
+
+# ---------------------------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class _Plan:
+    layout: str  # "fp32" (native kernels), "fp16", "int8", or "plain" (the model as it is, in `dtype`)
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    from gpt2chat.device import resolve_dtype
+
+    return resolve_dtype(dtype, "cpu")
+
+
+def _plan(quantize: str | None, device, dtype) -> _Plan:
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise Gpt2ChatError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} (or none)")
+    from gpt2chat.device import resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(device), _resolve_dtype(dtype)
+    if device.type == "cpu":
+        dtype = dtype or torch.float32
+        if quantize is None:
+            return _Plan("fp32" if dtype == torch.float32 else "plain", device, dtype)
+        if dtype != torch.float32:
+            raise Gpt2ChatError(
+                f"quantize={quantize} stores the weights compactly and computes in float32 on the CPU; "
+                f"it cannot compute in {str(dtype).removeprefix('torch.')} (leave the dtype unset)"
+            )
+        return _Plan(quantize, device, dtype)
+    if quantize == "int8":
+        raise Gpt2ChatError(
+            f"quantize=int8 is implemented for the CPU only (AVX2 kernels); on {device.type} use "
+            "quantize=fp16 or no quantization"
+        )
+    if quantize == "fp16":
+        if dtype not in (None, torch.float16):
+            raise Gpt2ChatError(f"quantize=fp16 on {device.type} computes in float16; it cannot compute in {dtype}")
+        return _Plan("plain", device, torch.float16)
+    return _Plan("plain", device, dtype or resolve_dtype(None, device))
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def load_for_inference(name_or_path: str | os.PathLike, quantize: str | None = None, device=None, dtype=None):
+    """(model, tokenizer) from a checkpoint folder or hub id, in the inference layout of `quantize`.
+
+    The one way front ends load a model to generate with; see the module docstring for what each mode
+    does on each device. A mode the device cannot do raises `Gpt2ChatError` before any weight is read.
+    """
+    from gpt2chat.checkpoint import load_model
+
+    plan = _plan(quantize, device, dtype)
+    load_dtype = plan.dtype if plan.layout == "plain" else torch.float32
+    model, tokenizer = load_model(name_or_path, device=plan.device, dtype=load_dtype)
+    return _convert(model, plan, owned=True), tokenizer
+
+
+def convert_for_inference(model: nn.Module, quantize: str | None = None, device=None, dtype=None) -> nn.Module:
+    """A new model in the inference layout of `quantize` (the caller's model and its tensors are untouched).
+
+    `device` defaults to the model's own device; see the module docstring for the modes.
+    """
+    if weight_format(model) != "plain":
+        raise Gpt2ChatError(f"this model is already converted for inference ({weight_format(model)}); "
+                            "convert the original model instead")  # fmt: skip
+    if device is None:
+        device = next(model.parameters()).device
+    return _convert(model, _plan(quantize, device, dtype), owned=False)
+
+
+def _convert(model: nn.Module, plan: _Plan, owned: bool) -> nn.Module:
+    """Replace the projections of `model` (a copy of it unless `owned`) by the modules of `plan`."""
+    source = model
+    if not owned:  # copy the module tree; tensors stay shared until replaced or unshared below
+        memo = {id(t): t for t in (*source.parameters(), *source.buffers())}
+        model = copy.deepcopy(source, memo)
+    if plan.layout != "plain":
+        _replace_projections(model, plan, fresh=not owned)
+    if not owned:
+        _unshare(model, source)  # before .to(), which would otherwise convert the caller's tensors in place
+    model.to(device=plan.device, dtype=plan.dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _projections(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, projection) for every nn.Linear, or LoRA-wrapped one, under `module`."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) or _is_lora(child):
+            yield module, name, child
+        else:
+            yield from _projections(child)
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "delta_weight")
+
+
+def _effective_weight(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) the projection applies; a LoRA-wrapped one has its adapter merged in (a new tensor)."""
+    if _is_lora(projection):
+        base = projection.base_layer
+        return base.weight.float() + projection.delta_weight().to(base.weight.device), base.bias
+    return projection.weight, projection.bias
+
+
+def _replace_projections(model: nn.Module, plan: _Plan, fresh: bool) -> None:
+    from gpt2chat.kernels import load
+
+    load()  # the native kernels, or one warning line and the portable ones
+    embedding = getattr(getattr(model, "transformer", None), "wte", None)
+    tied_weight = embedding.weight if isinstance(embedding, nn.Embedding) else None
+    new_head = None
+    converted: dict[int, nn.Parameter] = {}  # fp32: one new Parameter per original tensor (keeps ties)
+    for parent, name, projection in list(_projections(model)):
+        weight, bias = _effective_weight(projection)
+        weight = weight.to(plan.device)
+        bias = None if bias is None else bias.to(device=plan.device, dtype=torch.float32)
+        if plan.layout == "fp32":
+            module = InferenceLinear(_fp32_parameter(weight, converted, fresh), _fp32_parameter(bias, converted, fresh))
+        elif plan.layout == "fp16":
+            module = Fp16Linear(weight, bias)
+        else:
+            module = Int8Linear(weight, bias)
+        if tied_weight is not None and projection.weight is tied_weight:
+            new_head = module
+        setattr(parent, name, module)
+    if new_head is None:
+        return
+    if isinstance(new_head, InferenceLinear):
+        model.transformer.wte.weight = new_head.weight
+    else:
+        model.transformer.wte = TiedEmbedding(new_head)
+
+
+def _fp32_parameter(tensor: torch.Tensor | None, converted: dict[int, nn.Parameter], fresh: bool):
+    """The float32, contiguous Parameter for `tensor` (the same one for a tensor seen before)."""
+    if tensor is None:
+        return None
+    if id(tensor) not in converted:
+        value = tensor.detach().to(torch.float32).contiguous()
+        if fresh and value.data_ptr() == tensor.data_ptr():
+            value = value.clone()
+        converted[id(tensor)] = nn.Parameter(value, requires_grad=False)
+    return converted[id(tensor)]
+
+
+def _unshare(model: nn.Module, source: nn.Module) -> None:
+    """Give `model` its own copy of every tensor it still shares with `source` (ties kept)."""
+    originals = {id(t) for t in (*source.parameters(), *source.buffers())}
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or id(tensor) not in originals:
+                    continue
+                if id(tensor) not in copies:
+                    clone = tensor.detach().clone()
+                    copies[id(tensor)] = nn.Parameter(clone, requires_grad=False) if isinstance(tensor, nn.Parameter) else clone
+                table[name] = copies[id(tensor)]
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def weight_format(model: nn.Module) -> str:
+    """"int8", "fp16", "fp32" (the native fp32 layout) or "plain" (not converted) for a model."""
+    for module in model.modules():
+        if isinstance(module, _CompactLinear):
+            return module.format
+        if isinstance(module, InferenceLinear):
+            return "fp32"
+    return "plain"
+
+
+def decode_read_bytes(model: nn.Module) -> int:
+    """Bytes of projection weights (and scales) one decode step reads: what bounds batch-1 decode speed."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear | InferenceLinear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, Int8Linear):
+            total += module.weight.numel() + module.scale.numel() * 4
+        elif isinstance(module, Fp16Linear):
+            total += module.weight.numel() * 2
+    return total

@@ -1,0 +1,170 @@
+"""gpt2chat.kernels: every linear op equals a float64 reference on both CPU paths, the portable kernels too;
+torch.compile traces the ops; the build falls back with one warning line when it cannot happen."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2chat import kernels
+from gpt2chat.kernels import portable
+from gpt2chat.kernels.build import unsupported_reason
+
+# (N, K): rows / columns that are not multiples of the 4-row block or the 8-wide vector, and 124M shapes
+SHAPES = [(1, 5), (3, 8), (37, 67), (131, 769), (768, 768), (2304, 768)]
+ROWS = [1, 3, 16, 64, 512]
+FORMATS = ["f32", "f16", "i8"]
+# fp32 accumulation in any order: |error| <= K * 2^-24 * sum|x||w| in the worst case, ~sqrt(K) * 2^-24 typical
+TOLERANCE = 2e-5
+
+
+def _weights(fmt: str, n: int, k: int, generator: torch.Generator):
+    """(args for the op after x, the float64 weight they stand for)."""
+    dense = torch.randn(n, k, generator=generator)
+    if fmt == "f32":
+        return (dense,), dense.double()
+    if fmt == "f16":
+        half = dense.half()
+        return (half.view(torch.int16),), half.double()
+    quantized = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scale = torch.rand(n, generator=generator) + 0.01
+    return (quantized, scale), quantized.double() * scale.double()[:, None]
+
+
+def _op(fmt: str):
+    return getattr(torch.ops.gpt2chat, f"linear_{fmt}")
+
+
+def _portable(fmt: str):
+    return {"f32": portable.linear_f32, "f16": portable.linear_f16, "i8": portable.linear_i8}[fmt]
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> None:
+    x64 = x.double().reshape(-1, x.shape[-1])
+    ref = x64 @ dense.T + (0 if bias is None else bias.double())
+    bound = x64.abs() @ dense.abs().T + (0 if bias is None else bias.double().abs())
+    err = (y.double().reshape(ref.shape) - ref).abs()
+    worst = (err - TOLERANCE * bound).max().item()
+    assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], dense.shape[0])
+    assert worst <= 1e-6, f"max error {err.max().item():.3g} over tolerance"
+
+
+@pytest.fixture(scope="module")
+def native() -> bool:
+    """True when the native CPU kernels are loaded (they must be wherever this machine can build them)."""
+    backend = kernels.load()
+    if unsupported_reason() is None and os.environ.get("GPT2CHAT_KERNELS", "") != "portable":
+        assert backend == "native", "this CPU can run the native kernels, but they did not load"
+    return backend == "native"
+
+
+def test_native_kernels_are_the_cpu_implementation(native):
+    if not native:
+        pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
+    for fmt in FORMATS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt2chat::linear_{fmt}", "CPU")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", ["default", "one-pass", "widened-tiles"])
+def test_native_matches_float64(native, fmt, path):
+    """Every M of decode, batched decode and prefill, odd shapes, with and without bias; `small_m_max`
+    forces the one-pass kernel (every M) or the tiled sgemm path (every M), besides the built-in choice."""
+    if not native:
+        pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
+    small_m_max = {"default": -1, "one-pass": 1 << 20, "widened-tiles": 0}[path]
+    generator = torch.Generator().manual_seed(0)
+    for n, k in SHAPES:
+        weights, dense = _weights(fmt, n, k, generator)
+        for m in ROWS:
+            if n * k * m > 2304 * 768 * 64:
+                continue  # the largest shapes at M=512 add nothing but time
+            x = torch.randn(m, k, generator=generator)
+            for bias in (None, torch.randn(n, generator=generator)):
+                y = _op(fmt)(x, *weights, bias, small_m_max)
+                _check(y, x, dense, bias)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_portable_matches_float64(fmt, monkeypatch):
+    """The fallback kernels (CUDA, no compiler, no AVX2), including the chunking of a tall weight."""
+    monkeypatch.setattr(portable, "CHUNK_ELEMENTS", 1000)  # forces several chunks below
+    generator = torch.Generator().manual_seed(1)
+    for n, k in [(1, 5), (37, 67), (131, 769)]:
+        weights, dense = _weights(fmt, n, k, generator)
+        for m in ROWS:
+            x = torch.randn(m, k, generator=generator)
+            for bias in (None, torch.randn(n, generator=generator)):
+                _check(_portable(fmt)(x, *weights, bias), x, dense, bias)
+
+
+def test_leading_dimensions_and_strided_input(native):
+    generator = torch.Generator().manual_seed(2)
+    for fmt in FORMATS:
+        weights, dense = _weights(fmt, 45, 70, generator)
+        x = torch.randn(2, 3, 70, generator=generator)
+        _check(_op(fmt)(x, *weights, None), x, dense, None)
+        strided = torch.randn(70, 5, generator=generator).t()  # not contiguous
+        _check(_op(fmt)(strided, *weights, None), strided, dense, None)
+
+
+def test_bad_arguments_are_refused(native):
+    x = torch.randn(2, 10)
+    with pytest.raises(RuntimeError, match="features|shape|size"):
+        torch.ops.gpt2chat.linear_f32(x, torch.randn(4, 11), None)
+    if native:
+        with pytest.raises(RuntimeError, match="int8"):
+            torch.ops.gpt2chat.linear_i8(x, torch.randn(4, 10), torch.ones(4), None)
+        with pytest.raises(RuntimeError, match="scale"):
+            torch.ops.gpt2chat.linear_i8(x, torch.zeros(4, 10, dtype=torch.int8), torch.ones(3), None)
+
+
+def test_ops_trace_under_torch_compile(native):
+    """fullgraph=True fails on any graph break: the fake kernels let dynamo / AOT trace through the ops."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (33, 40), generator=generator, dtype=torch.int8)
+    scale = torch.rand(33, generator=generator)
+    half = torch.randn(40, 33, generator=generator).half().view(torch.int16)
+    dense = torch.randn(33, 40, generator=generator)
+
+    def step(x):
+        h = torch.ops.gpt2chat.linear_i8(x, q, scale, None)
+        h = torch.ops.gpt2chat.linear_f16(torch.relu(h), half, None)
+        return torch.ops.gpt2chat.linear_f32(h, dense, None)
+
+    x = torch.randn(2, 1, 40, generator=generator)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), step(x))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+PROBE = (
+    "import torch\nfrom gpt2chat import kernels\nprint(kernels.load())\n"
+    "x, w = torch.randn(3, 9), torch.randn(5, 9)\n"
+    "assert torch.allclose(torch.ops.gpt2chat.linear_f32(x, w, None), x @ w.T, atol=1e-5)\n"
+)
+
+
+def test_forced_portable_skips_the_build(tmp_path):
+    result = _run_python(PROBE, GPT2CHAT_KERNELS="portable", GPT2CHAT_KERNEL_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["portable"]
+    assert "unavailable" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def test_missing_compiler_falls_back_with_one_warning_line(tmp_path):
+    result = _run_python(PROBE, CXX="no-such-compiler-gpt2chat", GPT2CHAT_KERNEL_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["portable"]
+    warnings = [line for line in result.stderr.splitlines() if "native CPU kernels unavailable" in line]
+    assert len(warnings) == 1
+    reason = unsupported_reason() or "no C++ compiler found"
+    assert reason in warnings[0]

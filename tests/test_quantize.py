@@ -1,0 +1,237 @@
+"""gpt2chat.quantize: layouts keep greedy tokens (fp32) or bound the logit error (fp16, int8), the caller's model
+is untouched, unsupported modes and saving a compact model are clear errors, tied heads stay one matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gpt2chat.config import get_preset
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.model import GPT
+from gpt2chat.quantize import (
+    Fp16Linear,
+    InferenceLinear,
+    Int8Linear,
+    TiedEmbedding,
+    convert_for_inference,
+    decode_read_bytes,
+    load_for_inference,
+    quantize_int8,
+    weight_format,
+)
+
+# int8 on the 124M shape with random weights: a randomly initialised GPT-2 amplifies weight noise about 3x
+# (Gaussian noise of int8's rounding size in every projection moves the logits by 2.0%, measured), so
+# per-channel int8 lands at ~2.4% relative logit error; 3% is the bound a broken scale or kernel would
+# blow through. Each projection alone stays under 1% (test_int8_projection_error_is_rounding_only).
+INT8_LOGIT_ERROR_124M = 0.03
+FP16_LOGIT_ERROR = 2e-3  # measured: 6e-4 on the 124M shape, 3e-4 on the tiny one
+
+
+def _greedy(model: nn.Module, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy tokens through the engine's KV-cache decode: one row per step, the kernels' decode path."""
+    from gpt2chat.engine import Engine
+    from gpt2chat.sampling import SamplingParams
+
+    results = Engine(model).generate(prompts, SamplingParams(temperature=0, max_new_tokens=steps))
+    return [r.token_ids for r in results]
+
+
+def _relative_error(model: nn.Module, reference: torch.Tensor, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        out = model(ids).double()
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(get_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> GPT:
+    torch.manual_seed(0)
+    return GPT(get_preset("gpt2")).eval()
+
+
+@pytest.mark.parametrize("mode", [None, "fp16", "int8"])
+def test_conversion_leaves_the_callers_model_untouched(tiny, mode):
+    before = _state(tiny)
+    modules = {name: type(m) for name, m in tiny.named_modules()}
+    converted = convert_for_inference(tiny, mode)
+    assert {name: type(m) for name, m in tiny.named_modules()} == modules
+    assert tiny.lm_head.weight is tiny.transformer.wte.weight
+    assert all(p.requires_grad for p in tiny.parameters())
+    ours = {id(t) for t in (*tiny.parameters(), *tiny.buffers())}
+    shared = [name for name, t in (*converted.named_parameters(), *converted.named_buffers()) if id(t) in ours]
+    assert not shared, f"tensors shared with the caller's model: {shared}"
+    with torch.no_grad():  # writing into the converted model never reaches the caller's
+        for t in (*converted.parameters(), *converted.buffers()):
+            t.zero_() if t.is_floating_point() else t.fill_(1)
+    for name, t in tiny.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_fp32_layout_keeps_greedy_tokens_tiny(tiny_checkpoint):
+    from gpt2chat.checkpoint import load_model
+
+    plain, _ = load_model(tiny_checkpoint, device="cpu")
+    converted, _ = load_for_inference(tiny_checkpoint)
+    assert weight_format(converted) == "fp32"
+    assert isinstance(converted.transformer.h[0].mlp.c_fc, InferenceLinear)
+    assert converted.lm_head.weight is converted.transformer.wte.weight  # still one tied matrix
+    prompts = [[464, 2068, 7586, 21831], [40, 1101, 257], list(range(100, 140))]
+    assert _greedy(converted, prompts, 32) == _greedy(plain, prompts, 32)
+    fp16, _ = load_for_inference(tiny_checkpoint, quantize="fp16")
+    assert [len(tokens) for tokens in _greedy(fp16, prompts, 32)] == [32, 32, 32]
+
+
+def test_fp32_layout_keeps_greedy_tokens_124m(gpt2):
+    prompts = [[464, 2068, 7586, 21831]]
+    assert _greedy(convert_for_inference(gpt2), prompts, 24) == _greedy(gpt2, prompts, 24)
+
+
+def test_compact_layouts_bound_the_logit_error_124m(gpt2):
+    ids = torch.randint(0, gpt2.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = gpt2(ids).double()
+    assert _relative_error(convert_for_inference(gpt2, "fp16"), reference, ids) <= FP16_LOGIT_ERROR
+    int8 = convert_for_inference(gpt2, "int8")
+    assert 1e-3 < _relative_error(int8, reference, ids) <= INT8_LOGIT_ERROR_124M
+
+
+def test_int8_model_computes_exactly_its_dequantized_weights(tiny):
+    """All of int8's error is the rounding of the weights: the kernels add none (fp32 accumulation only)."""
+    int8 = convert_for_inference(tiny, "int8")
+    dequantized = convert_for_inference(tiny)  # a private copy we may overwrite
+    with torch.no_grad():
+        for module, target in zip(int8.modules(), dequantized.modules(), strict=True):
+            if isinstance(module, Int8Linear):
+                target.weight.copy_(module.weight.float() * module.scale[:, None])
+    ids = torch.randint(0, tiny.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(int8(ids), dequantized(ids), rtol=1e-4, atol=1e-5)
+        reference = tiny(ids).double()
+    assert _relative_error(convert_for_inference(tiny, "fp16"), reference, ids) <= FP16_LOGIT_ERROR
+
+
+def test_int8_projection_error_is_rounding_only():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 768, generator=generator) * 0.02
+    weight[7] = 0.0  # an all-zero row stays zero
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (300,)
+    dequantized = q.float() * scale[:, None]
+    assert torch.all((dequantized - weight).abs() <= scale[:, None] / 2 + 1e-9)
+    nonzero = torch.arange(300) != 7
+    assert torch.all(q[nonzero].abs().amax(dim=1) == 127) and torch.all(q[7] == 0)
+    x = torch.randn(16, 768, generator=generator)
+    layer = Int8Linear(weight, None)
+    exact = x @ weight.T
+    assert ((layer(x) - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_compact_head_is_the_embedding(tiny):
+    """The tied head is one compact matrix: the embedding reads its rows, no fp32 copy of it stays."""
+    vocab, width = tiny.config.vocab_size, tiny.config.n_embd
+    ids = torch.tensor([[0, 5, vocab - 1]])
+    for mode, cls in (("fp16", Fp16Linear), ("int8", Int8Linear)):
+        converted = convert_for_inference(tiny, mode)
+        assert isinstance(converted.lm_head, cls) and isinstance(converted.transformer.wte, TiedEmbedding)
+        assert converted.transformer.wte.head is converted.lm_head
+        tensors = [t for t in (*converted.parameters(), *converted.buffers()) if t.shape == (vocab, width)]
+        assert len(tensors) == 1 and not tensors[0].is_floating_point()
+        rows = converted.transformer.wte(ids)
+        step = tiny.transformer.wte.weight.abs().max().item() / 127  # int8's rounding step at most
+        torch.testing.assert_close(rows, tiny.transformer.wte(ids), atol=step, rtol=0)
+
+
+def test_read_bytes_follow_the_format(tiny):
+    plain = decode_read_bytes(tiny)
+    projections = sum(m.weight.numel() for m in tiny.modules() if isinstance(m, nn.Linear))
+    assert plain == 4 * projections
+    assert decode_read_bytes(convert_for_inference(tiny)) == plain
+    assert decode_read_bytes(convert_for_inference(tiny, "fp16")) == 2 * projections
+    rows = sum(m.weight.shape[0] for m in tiny.modules() if isinstance(m, nn.Linear))
+    assert decode_read_bytes(convert_for_inference(tiny, "int8")) == projections + 4 * rows
+
+
+def test_lora_adapters_are_merged_into_the_converted_weights(tiny):
+    from gpt2chat.lora import apply_lora
+
+    torch.manual_seed(3)
+    adapted = GPT(get_preset("tiny")).eval()
+    adapted.load_state_dict(tiny.state_dict())
+    apply_lora(adapted, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    converted = convert_for_inference(adapted)
+    assert not any("lora" in name for name, _ in converted.named_modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(ids), adapted(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_modes_a_device_cannot_do_are_clear_errors(tiny, tiny_checkpoint):
+    with pytest.raises(Gpt2ChatError, match="unknown quantize mode 'int4'"):
+        convert_for_inference(tiny, "int4")
+    with pytest.raises(Gpt2ChatError, match="int8 is implemented for the CPU only"):
+        load_for_inference(tiny_checkpoint, quantize="int8", device="cuda")  # raised before CUDA is touched
+    with pytest.raises(Gpt2ChatError, match="computes in float32 on the CPU"):
+        load_for_inference(tiny_checkpoint, quantize="fp16", dtype="bfloat16")
+    with pytest.raises(Gpt2ChatError, match="already converted"):
+        convert_for_inference(convert_for_inference(tiny, "int8"), "fp16")
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+def test_saving_a_compact_model_is_refused_and_writes_nothing(tiny_checkpoint, tmp_path, mode):
+    from gpt2chat.checkpoint import save_pretrained
+
+    model, tokenizer = load_for_inference(tiny_checkpoint, quantize=mode)
+    out = tmp_path / "saved"
+    with pytest.raises(Gpt2ChatError, match=f"converted for inference with {mode} weights"):
+        save_pretrained(model, tokenizer, out)
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+
+
+def test_saving_the_fp32_layout_writes_the_original_checkpoint(tiny_checkpoint, tmp_path):
+    from gpt2chat.checkpoint import load_model, save_pretrained
+
+    original, _ = load_model(tiny_checkpoint, device="cpu")
+    model, tokenizer = load_for_inference(tiny_checkpoint)
+    assert weight_format(model) == "fp32" and not any(p.requires_grad for p in model.parameters())
+    save_pretrained(model, tokenizer, tmp_path / "again")
+    reloaded, _ = load_model(tmp_path / "again", device="cpu")
+    for (name, a), (_, b) in zip(reloaded.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_load_for_inference_modes(tiny_checkpoint):
+    for mode, expected in ((None, "fp32"), ("fp16", "fp16"), ("int8", "int8")):
+        model, tokenizer = load_for_inference(tiny_checkpoint, quantize=mode)
+        assert weight_format(model) == expected and not model.training
+        assert len(tokenizer) <= model.config.vocab_size
+    plain, _ = load_for_inference(tiny_checkpoint, dtype="bfloat16")  # CPU bf16: the plain model
+    assert weight_format(plain) == "plain" and next(plain.parameters()).dtype == torch.bfloat16
+
+
+def test_converted_modules_trace_under_torch_compile(tiny):
+    x = torch.randn(2, 1, tiny.config.n_embd)
+    ids = torch.tensor([[1, 2, 3]])
+    for mode in (None, "fp16", "int8"):
+        converted = convert_for_inference(tiny, mode)
+        mlp = converted.transformer.h[0].mlp
+        compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), mlp(x))
+            embed = torch.compile(converted.transformer.wte, fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(embed(ids), converted.transformer.wte(ids))
