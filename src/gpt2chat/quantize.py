@@ -175,7 +175,9 @@ def _plan(quantize: str | None, device, dtype) -> _Plan:
         raise Gpt2ChatError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} (or none)")
     from gpt2chat.device import resolve_device, resolve_dtype
 
-    device, dtype = resolve_device(device), _resolve_dtype(dtype)
+    # an explicit device is taken as named, so that a mode it cannot do is the error, not its absence here
+    device = resolve_device() if device is None else torch.device(device)
+    dtype = _resolve_dtype(dtype)
     if device.type == "cpu":
         dtype = dtype or torch.float32
         if quantize is None:
