@@ -92,3 +92,19 @@ def test_truncation_drops_oldest_turns_with_the_llama3_template(tiny_checkpoint)
             service.render_messages([{"role": "user", "content": "word " * 300}], truncate=True)
     finally:
         service.close()
+
+
+def test_a_server_with_no_waiting_room_still_answers_one_request_per_row(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, max_batch_size=1, max_queue=0)
+    try:
+        async def one():
+            ids = service.render_messages([{"role": "user", "content": "Hi"}])
+            (generation,) = service.start(ids, service.settings(len(ids), 2))
+            with pytest.raises(ServerBusyError):  # the one row is taken, and nothing may wait
+                service.start(ids, service.settings(len(ids), 2))
+            return await generation.text(), generation
+
+        _, generation = asyncio.run(one())
+        assert generation.finish_reason in ("stop", "length") and service.outstanding == 0
+    finally:
+        service.close()

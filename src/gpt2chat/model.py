@@ -1,5 +1,5 @@
 """Our GPT-2 / GPT-Neo in plain PyTorch: attention, MLP, block, the model, its weights; then the attention
-plans that say how the tokens of one forward attend, and the KV cache they read and write.
+plans that say how the tokens of one forward attend (the KV cache they read and write is in kv_cache.py).
 
 Module names mirror Hugging Face's, so `state_dict()` keys equal theirs (`transformer.h.0.attn.c_attn.weight`,
 `transformer.h.0.attn.attention.q_proj.weight` for Neo); every projection is an `nn.Linear`, so HF GPT-2's
@@ -7,14 +7,14 @@ Conv1D weights ([in, out]) must be transposed when loading / saving (checkpoint.
 
 `model(input_ids, plan)` returns logits. The plan (`AttentionPlan`) is built by the caller, outside the
 forward, from what it already knows: plain causal (the default), packed segments, shared-prompt branches, or
-rows of a KV cache whose lengths the caller tracks on the host. The forward therefore never reads a device
-tensor back to the host, and checks nothing about the ids: token ids and lengths are checked once, where they
-enter (the trainer's batch builder, the engine's prompt admission).
+rows of a KV cache whose lengths the caller tracks on the host (`for_cache`; chunks of several lengths
+packed in one row, `for_ragged_cache`; or, for a compiled decode step, fixed shapes with the positions on the
+device, `for_decode`). The forward therefore never reads a device tensor back to the host, and checks nothing
+about the ids: token ids and lengths are checked once, where they enter (the trainer's batch builder, the
+engine's prompt admission). The module is over 400 lines because the model and every layout it can be asked
+to attend in are one contract, kept side by side.
 
 This module knows nothing about files, tokenizers or sampling.
-
-Size: about 470 lines, over the project's ~400, on purpose: like nanoGPT's `model.py`, the whole model is one
-file read top to bottom, and the attention plans and KV cache are part of it, being the forward's contract.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt2chat.config import ModelConfig
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.kv_cache import CacheSlots, DecodeSlots, KVCache, RaggedSlots
 
 __all__ = ["GPT", "AttentionPlan", "KVCache", "ContextLengthError"]
 
@@ -269,14 +270,14 @@ class AttentionPlan:
     `global_layers` is for GPT-2's layers and GPT-Neo's global ones, `local_layers` for GPT-Neo's windowed
     layers; `window` is the window `local_layers` was built for (None: the model has no local layers), which the forward checks.
     `cache` says where this step's keys / values go in a KV cache and which ones to attend over.
-    Build one with `causal`, `packed`, `shared_prefix` or `for_cache`.
+    Build one with `causal`, `packed`, `shared_prefix`, `for_cache`, `for_ragged_cache` or `for_decode`.
     """
 
     position_ids: torch.Tensor  # [B or 1, T]
     global_layers: LayerAttention
     local_layers: LayerAttention
     window: int | None = None
-    cache: CacheSlots | None = None
+    cache: CacheSlots | DecodeSlots | RaggedSlots | None = None
 
     @classmethod
     def causal(cls, config: ModelConfig, length: int, device: torch.device | str | None = None) -> AttentionPlan:
@@ -380,6 +381,60 @@ class AttentionPlan:
         return cls(positions, LayerAttention(causal), LayerAttention(local), window, slots)
 
 
+    @classmethod
+    def for_decode(cls, config: ModelConfig, cache: KVCache, positions: torch.Tensor, key_len: int) -> AttentionPlan:
+        """One new token for each of cache rows 0 .. R-1, at `positions` ([R] long, on the cache's device:
+        each row's filled length), attending over the first `key_len` cache positions.
+
+        Every shape depends on R and `key_len` alone, never on the rows' lengths, and nothing is read back
+        to the host: a compiled or graph-captured decode step built from this plan is reused step after
+        step. Keys past a row's position are masked (they may hold another request's leftovers). The caller
+        keeps every position below `key_len` and both within the cache and the context.
+        """
+        key = torch.arange(key_len, device=positions.device)
+        query = positions.unsqueeze(1)  # [R, 1]
+        visible = key <= query  # [R, L]
+        window = config.local_window
+        local = visible & (query - key < window) if window else visible
+        slots = DecodeSlots(cache, positions.shape[0], key_len, positions)
+        global_layers, local_layers = LayerAttention(visible[:, None, None]), LayerAttention(local[:, None, None])
+        return cls(query, global_layers, local_layers, window, slots)  # masks [R, 1, 1, L]
+
+
+    @classmethod
+    def for_ragged_cache(
+        cls, config: ModelConfig, cache: KVCache, rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int]
+    ) -> AttentionPlan:
+        """Chunks of different lengths for different cache rows, packed into one row of sum(lengths) tokens.
+
+        Chunk i is `lengths[i]` tokens for cache row `rows[i]`, whose first `starts[i]` positions are filled
+        (host ints); its tokens go to positions `starts[i] ..` of that row and attend to that row's earlier
+        positions and to each other causally, never to another chunk. The forward's input is `[1, sum]`.
+        """
+        for row, start, length in zip(rows, starts, lengths, strict=True):
+            if start + length > config.n_positions:
+                raise _too_long(config, start + length - 1)
+            if start + length > cache.max_len or row >= cache.batch_size:
+                raise ContextLengthError(f"KV cache row {row} cannot hold {start + length} positions")
+        device = cache.device
+
+        def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts).to(device)
+
+        query_pos = concat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        query_seg = concat([torch.full((n,), i) for i, n in enumerate(lengths)])
+        key_pos = concat([torch.arange(s + n) for s, n in zip(starts, lengths, strict=True)])
+        key_seg = concat([torch.full((s + n,), i) for i, (s, n) in enumerate(zip(starts, lengths, strict=True))])
+        slots = RaggedSlots(
+            cache, write_rows=concat([torch.full((n,), r) for r, n in zip(rows, lengths, strict=True)]),
+            write_positions=query_pos, key_rows=torch.tensor(list(rows), device=device)[key_seg], key_positions=key_pos,
+        )  # fmt: skip
+        allowed = (query_seg[:, None] == key_seg) & (key_pos <= query_pos[:, None])  # [T, K]
+        window = config.local_window
+        local = allowed & (query_pos[:, None] - key_pos < window) if window else allowed
+        return cls(query_pos.unsqueeze(0), LayerAttention(allowed), LayerAttention(local), window, slots)
+
+
 def _causal_local(config: ModelConfig, length: int, device) -> LayerAttention:
     """Causal attention within GPT-Neo's window over positions 0 .. length - 1 (plain causal when it fits)."""
     window = config.local_window
@@ -405,68 +460,3 @@ def _too_long(config: ModelConfig, last_position: int) -> ContextLengthError:
         f"sequence needs position {last_position} but the model's context is {config.n_positions} tokens "
         f"(positions 0 .. {config.n_positions - 1}); shorten the input"
     )
-
-
-# ---------------------------------------------------------------------- KV cache
-class KVCache:
-    """Preallocated keys / values for every layer: `k[layer]`, `v[layer]` are `[B, H, max_len, D]`.
-
-    Storage only: how far each row is filled is the caller's book-keeping, passed to
-    `AttentionPlan.for_cache` at every step.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        max_len = config.n_positions if max_len is None else int(max_len)
-        if max_len <= 0 or batch_size <= 0:
-            raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
-        dtype = dtype or torch.float32
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.batch_size = batch_size
-        self.max_len = max_len
-
-    @property
-    def device(self) -> torch.device:
-        return self.k[0].device
-
-
-@dataclass(frozen=True, eq=False)
-class CacheSlots:
-    """Where one forward writes its keys / values in a KVCache, and how many keys it then attends over.
-
-    Rows: `rows` (cache row of each batch row), or the first `n_rows` rows. Positions: `start ..
-    start + T - 1` in every row, or `write_positions` ([B, T]) when the rows are at different lengths.
-    """
-
-    cache: KVCache
-    n_rows: int
-    rows: torch.Tensor | None
-    key_len: int
-    start: int = 0
-    write_positions: torch.Tensor | None = None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys / values ([B, H, T, D]) of `layer`; return the keys / values to attend over."""
-        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
-        if self.rows is None:
-            cache_k, cache_v = cache_k[: self.n_rows], cache_v[: self.n_rows]
-        if self.write_positions is None:
-            span = slice(self.start, self.start + k.shape[2])
-            where = (slice(None), slice(None), span) if self.rows is None else (self.rows, slice(None), span)
-            cache_k[where], cache_v[where] = k, v
-        else:
-            row_index = (torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows)[:, None]
-            cache_k[row_index, :, self.write_positions] = k.transpose(1, 2)  # indexed view is [B, T, H, D]
-            cache_v[row_index, :, self.write_positions] = v.transpose(1, 2)
-        keys, values = cache_k[:, :, : self.key_len], cache_v[:, :, : self.key_len]
-        if self.rows is not None:
-            keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
-        return keys, values

@@ -169,8 +169,10 @@ class ChatService:
         if engine is None:
             from gpt2chat.engine import BatchedEngine
 
+            # the service admits at most `capacity` requests (running + waiting): the engine's own queue bound
+            # is set past that so that it never refuses one the limits allow (every request waits there first)
             engine = BatchedEngine(model, max_batch_size=self.limits.max_batch_size,
-                                   max_queue=self.limits.max_queue, device=device, dtype=dtype)
+                                   max_queue=self.limits.capacity, device=device, dtype=dtype)
         self.engine = engine
         self.outstanding = 0  # requests submitted and not yet finished or cancelled
         self.stop_token_ids = template_stop_ids(tokenizer, self.template)
