@@ -199,3 +199,15 @@ def test_padded_head_gives_the_same_logits_gradients_and_checkpoint(tmp_path, ti
     assert loaded.config.vocab_size == config.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids), model(input_ids))
+
+
+def test_compiled_blocks_keep_their_names_and_the_fsdp_skeleton_stays_plain():
+    from gpt2chat.train.distributed import meta_copy
+
+    model = GPT(get_preset("tiny"))
+    names = list(model.state_dict())
+    model.compile_blocks()                    # lazy: nothing compiles before a forward
+    assert list(model.state_dict()) == names  # unlike torch.compile(model), no _orig_mod. prefix to save
+    assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+    skeleton = meta_copy(model)               # FSDP rebuilds the saved model from this; it must not call the
+    assert all(m._compiled_call_impl is None for m in skeleton.modules())   # original blocks' compiled code

@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = option(0, "random seed")
     precision: str = option("auto", "auto | bf16 | fp32 (auto: bf16 autocast where gpt2chat.device runs bf16)")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: gpt2chat.device's, cuda when present)")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool | None = option(None, "torch.compile each block (default: on CUDA, where it pays; CPU eager)")
     distributed: str = option("auto", "auto | ddp | fsdp | none under torchrun (auto: DDP, FSDP for full "
                               "fine-tuning of >= 700M parameters)")
     # preference objectives
