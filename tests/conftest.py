@@ -38,3 +38,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-ckpt")
     return init_checkpoint("tiny", out, template="llama3-context", seed=0)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """GPT-2's tokenizer with the control tokens of the llama3-context and user-assistant templates."""
+    from gpt2chat.templates import get_template
+    from gpt2chat.tokenizer import Tokenizer
+
+    tok = Tokenizer.gpt2()
+    for name in ("llama3-context", "user-assistant"):
+        get_template(name).ensure_tokens(tok)
+    return tok

@@ -9,18 +9,10 @@ import pytest
 from gpt2chat.chat import ChatSession
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.sampling import SamplingParams
-from gpt2chat.templates import get_template, render_chat
+from gpt2chat.templates import render_chat
 from gpt2chat.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = Tokenizer.gpt2()
-    for name in ("llama3-context", "user-assistant"):
-        get_template(name).ensure_tokens(tok)
-    return tok
 
 
 class ScriptedStream:
@@ -57,17 +49,17 @@ class ScriptedEngine:
         return stream
 
 
-def test_stream_stops_on_end_of_turn_and_keeps_history(tokenizer):
-    eot = tokenizer.token_to_id("<|eot_id|>")
-    reply = tokenizer.encode("Hi! I am fine.")
-    engine = ScriptedEngine([reply + [eot] + tokenizer.encode(" junk"), tokenizer.encode("Second.")])
-    chat = ChatSession(engine, tokenizer, "llama3-context", system="Be brief.", params=GREEDY)
+def test_stream_stops_on_end_of_turn_and_keeps_history(chat_tokenizer):
+    eot = chat_tokenizer.token_to_id("<|eot_id|>")
+    reply = chat_tokenizer.encode("Hi! I am fine.")
+    engine = ScriptedEngine([reply + [eot] + chat_tokenizer.encode(" junk"), chat_tokenizer.encode("Second.")])
+    chat = ChatSession(engine, chat_tokenizer, "llama3-context", system="Be brief.", params=GREEDY)
     pieces = list(chat.send("How are you?"))
     assert len(pieces) > 1  # streamed, not one block
     assert "".join(pieces) == "Hi! I am fine."
     assert chat.last_finish_reason == "stop"
     expected = render_chat(
-        tokenizer,
+        chat_tokenizer,
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How are you?"}],
         "llama3-context",
         add_generation_prompt=True,
@@ -82,15 +74,15 @@ def test_stream_stops_on_end_of_turn_and_keeps_history(tokenizer):
         {"role": "assistant", "content": "Second."},
     ]
     # the second prompt carries the first turn as context
-    second = render_chat(tokenizer, chat.messages()[:-1], "llama3-context", add_generation_prompt=True)[0]
+    second = render_chat(chat_tokenizer, chat.messages()[:-1], "llama3-context", add_generation_prompt=True)[0]
     assert engine.prompts[1] == second
 
 
 @pytest.mark.parametrize("template, stop", [("plain", "\nUser:"), ("guanaco", "### Human:")])
-def test_stop_string_is_never_shown(tokenizer, template, stop):
+def test_stop_string_is_never_shown(chat_tokenizer, template, stop):
     text = f" Sure, here it is.{stop} something else"
-    engine = ScriptedEngine([tokenizer.encode(text)])
-    chat = ChatSession(engine, tokenizer, template, params=GREEDY)
+    engine = ScriptedEngine([chat_tokenizer.encode(text)])
+    chat = ChatSession(engine, chat_tokenizer, template, params=GREEDY)
     pieces = list(chat.send("Tell me"))
     shown = "".join(pieces)
     assert shown == "Sure, here it is."  # the template's leading space is stripped, the stop string hidden
@@ -100,26 +92,26 @@ def test_stop_string_is_never_shown(tokenizer, template, stop):
     assert chat.history[-1]["content"] == "Sure, here it is."
 
 
-def test_partial_stop_string_at_the_end_is_shown(tokenizer):
-    engine = ScriptedEngine([tokenizer.encode(" Done.\nUser")])
-    chat = ChatSession(engine, tokenizer, "plain", params=GREEDY)
+def test_partial_stop_string_at_the_end_is_shown(chat_tokenizer):
+    engine = ScriptedEngine([chat_tokenizer.encode(" Done.\nUser")])
+    chat = ChatSession(engine, chat_tokenizer, "plain", params=GREEDY)
     assert "".join(chat.send("x")) == "Done.\nUser"
     assert chat.last_finish_reason == "length"
 
 
-def test_multibyte_characters_split_over_tokens(tokenizer):
+def test_multibyte_characters_split_over_tokens(chat_tokenizer):
     text = "Grüße 🎉 done"
-    engine = ScriptedEngine([tokenizer.encode(text)])
-    chat = ChatSession(engine, tokenizer, "llama3-context", params=GREEDY)
+    engine = ScriptedEngine([chat_tokenizer.encode(text)])
+    chat = ChatSession(engine, chat_tokenizer, "llama3-context", params=GREEDY)
     pieces = list(chat.send("emoji please"))
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
 
 
-def test_oldest_turns_are_trimmed_to_fit(tokenizer):
-    long_reply = tokenizer.encode(" word" * 40)
+def test_oldest_turns_are_trimmed_to_fit(chat_tokenizer):
+    long_reply = chat_tokenizer.encode(" word" * 40)
     engine = ScriptedEngine([long_reply] * 6, n_positions=200)
-    chat = ChatSession(engine, tokenizer, "llama3-context", params=GREEDY, reply_reserve=20)
+    chat = ChatSession(engine, chat_tokenizer, "llama3-context", params=GREEDY, reply_reserve=20)
     for turn in range(6):
         "".join(chat.send(f"question {turn}"))
         assert len(engine.prompts[-1]) <= 200 - 20
@@ -128,24 +120,24 @@ def test_oldest_turns_are_trimmed_to_fit(tokenizer):
     assert all(m["content"] != "question 0" for m in chat.history)
 
 
-def test_message_too_long_for_context(tokenizer):
+def test_message_too_long_for_context(chat_tokenizer):
     engine = ScriptedEngine([], n_positions=64)
-    chat = ChatSession(engine, tokenizer, "llama3-context", params=GREEDY)
+    chat = ChatSession(engine, chat_tokenizer, "llama3-context", params=GREEDY)
     with pytest.raises(Gpt2ChatError, match="too long.*context is 64"):
         chat.send("word " * 100)
     assert chat.history == []
 
 
-def test_reset_and_system(tokenizer):
-    engine = ScriptedEngine([tokenizer.encode("a"), tokenizer.encode("b")])
-    chat = ChatSession(engine, tokenizer, "user-assistant", params=GREEDY)
+def test_reset_and_system(chat_tokenizer):
+    engine = ScriptedEngine([chat_tokenizer.encode("a"), chat_tokenizer.encode("b")])
+    chat = ChatSession(engine, chat_tokenizer, "user-assistant", params=GREEDY)
     list(chat.send("one"))
     chat.reset()
     assert chat.history == []
     chat.set_system("You are a pirate.")
     list(chat.send("two"))
     expected = render_chat(
-        tokenizer,
+        chat_tokenizer,
         [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "two"}],
         "user-assistant",
         add_generation_prompt=True,
@@ -158,13 +150,13 @@ def test_template_tokens_must_exist():
         ChatSession(ScriptedEngine([]), Tokenizer.gpt2(), "llama3-context")
 
 
-def test_stop_tokens_of_template_are_added(tokenizer):
+def test_stop_tokens_of_template_are_added(chat_tokenizer):
     chat = ChatSession(
-        ScriptedEngine([]), tokenizer, "user-assistant", params=GREEDY.replace(stop_token_ids=(5,))
+        ScriptedEngine([]), chat_tokenizer, "user-assistant", params=GREEDY.replace(stop_token_ids=(5,))
     )
     assert 5 in chat.params.stop_token_ids
-    assert tokenizer.token_to_id("<|End|>") in chat.params.stop_token_ids
-    assert tokenizer.eos_token_id in chat.params.stop_token_ids
+    assert chat_tokenizer.token_to_id("<|End|>") in chat.params.stop_token_ids
+    assert chat_tokenizer.eos_token_id in chat.params.stop_token_ids
 
 
 # ---------------------------------------------------------------------- with the real engine

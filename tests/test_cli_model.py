@@ -61,7 +61,7 @@ def test_generate_greedy_equals_transformers(tiny_checkpoint, capsys):
 
 def test_generate_seeded_sampling_repeats(tiny_checkpoint, capsys):
     args = ["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12",
-            "--preset", "seed004", "--seed", "11"]  # fmt: skip
+            "--preset", "chat", "--seed", "11"]  # fmt: skip
     outputs = []
     for _ in range(2):
         assert main(args) == 0
@@ -212,3 +212,35 @@ def test_chat_exit_command_in_process(tiny_checkpoint, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "system message cleared" in out
     assert "assistant>" not in out  # /exit stopped before the last line was sent
+
+
+# ---------------------------------------------------------------------- --quantize
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp16"])
+def test_generate_quantized_prints_what_the_quantized_engine_makes(tiny_checkpoint, capsys, mode):
+    from gpt2chat.engine import Engine
+    from gpt2chat.quantize import load_for_inference, weight_format
+    from gpt2chat.reply import stop_token_ids
+    from gpt2chat.sampling import SamplingParams
+
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12",
+                 "--temperature", "0", "--quantize", mode]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    model, tokenizer = load_for_inference(tiny_checkpoint, quantize=mode, device="cpu")
+    assert weight_format(model) == mode
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=stop_token_ids(tokenizer))
+    (result,) = Engine(model).generate([tokenizer.encode(PROMPT)], params)
+    assert printed == tokenizer.decode(result.token_ids) + "\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("extra, message", [
+    (["--quantize", "int8", "--device", "cuda"], "int8 is implemented for the CPU only"),
+    (["--quantize", "fp16", "--dtype", "bfloat16"], "cannot compute in bfloat16"),
+])
+def test_a_quantize_mode_the_device_cannot_do_is_one_clear_error(tiny_checkpoint, capsys, command, extra, message):
+    argv = [command, "--model", str(tiny_checkpoint), *extra] + (["--prompt", PROMPT] if command == "generate" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

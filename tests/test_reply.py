@@ -22,15 +22,6 @@ from gpt2chat.reply import (
 from gpt2chat.templates import get_template, render_chat
 from gpt2chat.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = Tokenizer.gpt2()
-    for name in ("llama3-context", "user-assistant"):
-        get_template(name).ensure_tokens(tok)
-    return tok
-
-
 # ---- stop strings -------------------------------------------------------------------------------------
 
 
@@ -68,54 +59,54 @@ def test_no_stop_strings_passes_everything_through():
 # ---- the reply decoder ----------------------------------------------------------------------------------
 
 
-def test_multibyte_characters_split_over_tokens_are_held_until_whole(tokenizer):
+def test_multibyte_characters_split_over_tokens_are_held_until_whole(chat_tokenizer):
     text = "Grüße 🎉 done"
-    ids = tokenizer.encode(text)
-    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the emoji really is split over tokens
-    decoder = ReplyDecoder(tokenizer)
+    ids = chat_tokenizer.encode(text)
+    assert any("\ufffd" in chat_tokenizer.decode([i]) for i in ids)  # the emoji really is split over tokens
+    decoder = ReplyDecoder(chat_tokenizer)
     pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
     assert "".join(pieces) == text == decoder.text
     assert all("\ufffd" not in piece for piece in pieces)
     assert decoder.decoded_chars == len(text)
 
 
-def test_reply_prefix_is_removed_once_even_when_split_over_tokens(tokenizer):
-    space = tokenizer.encode(" ")
-    hello = tokenizer.encode("Hello  world")
-    assert decode_reply(tokenizer, space + hello, reply_prefix=" ") == ("Hello  world", False)
-    assert decode_reply(tokenizer, tokenizer.encode(" Hi"), reply_prefix=" ") == ("Hi", False)
+def test_reply_prefix_is_removed_once_even_when_split_over_tokens(chat_tokenizer):
+    space = chat_tokenizer.encode(" ")
+    hello = chat_tokenizer.encode("Hello  world")
+    assert decode_reply(chat_tokenizer, space + hello, reply_prefix=" ") == ("Hello  world", False)
+    assert decode_reply(chat_tokenizer, chat_tokenizer.encode(" Hi"), reply_prefix=" ") == ("Hi", False)
     # a reply that does not start with the prefix is shown as it is
-    assert decode_reply(tokenizer, tokenizer.encode("\nHi"), reply_prefix=" ") == ("\nHi", False)
-    assert decode_reply(tokenizer, tokenizer.encode(" Hi"), reply_prefix="") == (" Hi", False)
+    assert decode_reply(chat_tokenizer, chat_tokenizer.encode("\nHi"), reply_prefix=" ") == ("\nHi", False)
+    assert decode_reply(chat_tokenizer, chat_tokenizer.encode(" Hi"), reply_prefix="") == (" Hi", False)
 
 
-def test_stop_string_ends_the_reply_and_later_tokens_are_ignored(tokenizer):
-    ids = tokenizer.encode(" Sure.\nUser: more text")
-    decoder = ReplyDecoder(tokenizer, ["\nUser:"], " ")
+def test_stop_string_ends_the_reply_and_later_tokens_are_ignored(chat_tokenizer):
+    ids = chat_tokenizer.encode(" Sure.\nUser: more text")
+    decoder = ReplyDecoder(chat_tokenizer, ["\nUser:"], " ")
     pieces = list(stream_reply(decoder, ids))
     assert "".join(pieces) == "Sure." and decoder.stopped
     assert all("\n" not in piece for piece in pieces)  # the start of the stop string was never shown
-    assert decoder.push(tokenizer.encode(" again")[0]) == "" and decoder.finish() == ""
+    assert decoder.push(chat_tokenizer.encode(" again")[0]) == "" and decoder.finish() == ""
 
 
-def test_partial_stop_string_at_the_end_is_shown(tokenizer):
-    assert decode_reply(tokenizer, tokenizer.encode("Done.\nUser"), ["\nUser:"]) == ("Done.\nUser", False)
+def test_partial_stop_string_at_the_end_is_shown(chat_tokenizer):
+    assert decode_reply(chat_tokenizer, chat_tokenizer.encode("Done.\nUser"), ["\nUser:"]) == ("Done.\nUser", False)
 
 
-def test_control_tokens_are_hidden_unless_asked_for(tokenizer):
-    eot = tokenizer.token_to_id("<|eot_id|>")
-    ids = [*tokenizer.encode("a"), eot, *tokenizer.encode("b")]
-    assert decode_reply(tokenizer, ids)[0] == "ab"
-    shown = "".join(stream_reply(ReplyDecoder(tokenizer, skip_special_tokens=False), ids))
-    assert shown == tokenizer.decode(ids) == "a<|eot_id|>b"
+def test_control_tokens_are_hidden_unless_asked_for(chat_tokenizer):
+    eot = chat_tokenizer.token_to_id("<|eot_id|>")
+    ids = [*chat_tokenizer.encode("a"), eot, *chat_tokenizer.encode("b")]
+    assert decode_reply(chat_tokenizer, ids)[0] == "ab"
+    shown = "".join(stream_reply(ReplyDecoder(chat_tokenizer, skip_special_tokens=False), ids))
+    assert shown == chat_tokenizer.decode(ids) == "a<|eot_id|>b"
 
 
-def test_token_text_spells_partial_characters_as_bytes(tokenizer):
-    ids = tokenizer.encode("🎉")
-    spellings = [token_text(tokenizer, i) for i in ids]
+def test_token_text_spells_partial_characters_as_bytes(chat_tokenizer):
+    ids = chat_tokenizer.encode("🎉")
+    spellings = [token_text(chat_tokenizer, i) for i in ids]
     assert all(s.startswith("bytes:\\x") for s in spellings) and len(set(spellings)) == len(ids)
-    assert token_text(tokenizer, tokenizer.encode(" Hello")[0]) == " Hello"
-    assert token_text(tokenizer, tokenizer.token_to_id("<|eot_id|>")) == "<|eot_id|>"
+    assert token_text(chat_tokenizer, chat_tokenizer.encode(" Hello")[0]) == " Hello"
+    assert token_text(chat_tokenizer, chat_tokenizer.token_to_id("<|eot_id|>")) == "<|eot_id|>"
 
 
 # ---- stop ids -------------------------------------------------------------------------------------------
@@ -142,12 +133,12 @@ def conversation(turns: int, words: int = 12) -> list[dict]:
 
 
 @pytest.mark.parametrize("template", ["llama3-context", "user-assistant", "plain"])
-def test_oldest_turns_go_first_and_the_prompt_is_a_whole_rendering(tokenizer, template):
+def test_oldest_turns_go_first_and_the_prompt_is_a_whole_rendering(chat_tokenizer, template):
     spec = get_template(template)
     messages = conversation(6)
-    full = render_chat(tokenizer, messages, spec, add_generation_prompt=True)[0]
+    full = render_chat(chat_tokenizer, messages, spec, add_generation_prompt=True)[0]
     context = len(full) // 2
-    fitted = fit_messages(tokenizer, spec, messages, context=context, reserve=10)
+    fitted = fit_messages(chat_tokenizer, spec, messages, context=context, reserve=10)
     assert len(fitted.ids) <= context - 10
     assert fitted.messages[0]["role"] == "system" and fitted.messages[-1]["content"] == "last question"
     assert fitted.messages[1]["role"] == "user"  # the kept history starts on a user turn
@@ -156,32 +147,32 @@ def test_oldest_turns_go_first_and_the_prompt_is_a_whole_rendering(tokenizer, te
     assert kept_questions == [str(t) for t in range(6 - len(kept_questions), 6)]
     assert fitted.dropped_turns == 6 - len(kept_questions) > 0
     # exactly the template's rendering of the kept messages: nothing cut off the front
-    assert fitted.ids == render_chat(tokenizer, fitted.messages, spec, add_generation_prompt=True)[0]
+    assert fitted.ids == render_chat(chat_tokenizer, fitted.messages, spec, add_generation_prompt=True)[0]
 
 
-def test_nothing_is_dropped_when_it_fits_or_when_truncation_is_off(tokenizer):
+def test_nothing_is_dropped_when_it_fits_or_when_truncation_is_off(chat_tokenizer):
     spec = get_template("llama3-context")
     messages = conversation(2)
-    fitted = fit_messages(tokenizer, spec, messages, context=1024, reserve=100)
+    fitted = fit_messages(chat_tokenizer, spec, messages, context=1024, reserve=100)
     assert fitted.dropped_turns == 0 and fitted.messages == messages
     with pytest.raises(PromptTooLongError, match="send truncate"):
-        fit_messages(tokenizer, spec, conversation(6), context=100, truncate=False, hint=" (or send truncate)")
+        fit_messages(chat_tokenizer, spec, conversation(6), context=100, truncate=False, hint=" (or send truncate)")
 
 
-def test_a_reply_without_its_question_at_the_front_is_a_turn_of_its_own(tokenizer):
+def test_a_reply_without_its_question_at_the_front_is_a_turn_of_its_own(chat_tokenizer):
     spec = get_template("llama3-context")
     messages = [{"role": "assistant", "content": "Welcome! " * 20}, *conversation(1)[1:]]
-    fitted = fit_messages(tokenizer, spec, messages, context=60, reserve=1)
+    fitted = fit_messages(chat_tokenizer, spec, messages, context=60, reserve=1)
     assert [m["role"] for m in fitted.messages] == ["user", "assistant", "user"] and fitted.dropped_turns == 1
-    fitted = fit_messages(tokenizer, spec, messages, context=30, reserve=1)
+    fitted = fit_messages(chat_tokenizer, spec, messages, context=30, reserve=1)
     assert [m["role"] for m in fitted.messages] == ["user"] and fitted.dropped_turns == 2
 
 
-def test_a_last_message_that_alone_does_not_fit_is_an_error(tokenizer):
+def test_a_last_message_that_alone_does_not_fit_is_an_error(chat_tokenizer):
     spec = get_template("llama3-context")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 200}]
     with pytest.raises(PromptTooLongError, match="context is 64 tokens"):
-        fit_messages(tokenizer, spec, messages, context=64)
+        fit_messages(chat_tokenizer, spec, messages, context=64)
 
 
 def test_the_reserve_is_the_reply_budget_capped_at_a_quarter_of_the_context():

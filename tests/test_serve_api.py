@@ -1,26 +1,26 @@
-"""The HTTP API's contract, over a real uvicorn server: OpenAI response and SSE shapes, every malformed
-request answered 4xx with an OpenAI-style body, limits (context, max tokens, body size, queue), API keys,
-and a disconnect freeing the engine slot. The engine is the stand-in (deterministic tokens, replies that
-last as long as a test needs); tests/test_serve_clients.py runs the real model behind the same server."""
+"""The HTTP API's contract, over a real uvicorn server and the real engine on the tiny model: OpenAI
+response and SSE shapes, replies equal to the engine's own greedy output, stop strings and logprobs through
+hold-back, every malformed request answered 4xx with one plain sentence in an OpenAI-style body, fields we
+do not implement refused by name, limits (context, max tokens, body size, queue) and API keys. The paced
+stand-in engine appears only where a test needs a reply slower than a test can watch (the queue)."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, StandInEngine, standin_service, wait_until
+from test_serve_helpers import ServerThread, StandInEngine, standin_service, tiny_service, wait_until
 
 USER = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    service = standin_service(max_body_bytes=64 * 1024)
+def server(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, max_body_bytes=64 * 1024)
     with ServerThread(create_app(service)) as srv:
         srv.service = service
         yield srv
@@ -29,8 +29,31 @@ def server():
 
 @pytest.fixture
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """`reference(messages or prompt, max_tokens, logprobs=None)` -> the engine's own greedy result
+    (an `Engine` on the same model, no server): token ids, finish reason, logprobs."""
+    from gpt2chat.engine import Engine
+    from gpt2chat.sampling import SamplingParams
+
+    service = server.service
+    engine = Engine(service.model, device="cpu")
+
+    def run(what, max_tokens: int, logprobs: int | None = None):
+        ids = service.render_messages(what) if isinstance(what, list) else service.tokenizer.encode(what)
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.stop_token_ids,
+                                logprobs=logprobs)
+        return engine.generate([ids], params)[0]
+
+    return run
+
+
+def text_of(server, token_ids) -> str:
+    return server.service.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -57,68 +80,85 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
 # ---- successful requests -------------------------------------------------------------------------------
 
 
-def test_chat_completion_has_openai_shape_and_usage(client):
-    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 6})
-    assert response.status_code == 200
-    body = response.json()
+def test_chat_completion_has_openai_shape_and_the_engines_reply(client, server, reference):
+    expected = reference(USER, 6)
+    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 6, "temperature": 0}).json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
-    assert choice["message"]["content"] == "I am a test.I"  # the stand-in's 6 tokens, decoded
-    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"] == text_of(server, expected.token_ids)
+    assert choice["finish_reason"] == expected.finish_reason and choice["logprobs"] is None
     usage = body["usage"]
-    assert usage["completion_tokens"] == 6
-    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + 6
+    generated = len(expected.token_ids) + (expected.finish_reason == "stop")  # the stop token counts
+    assert usage["completion_tokens"] == generated
+    assert usage["prompt_tokens"] == len(server.service.render_messages(USER))
+    assert usage["total_tokens"] == usage["prompt_tokens"] + generated
 
 
-def test_stop_string_ends_reply_with_finish_reason_stop(client):
-    body = client.post("/v1/chat/completions",
-                       json={"messages": USER, "max_tokens": 20, "stop": ["test", "zzz"]}).json()
-    assert body["choices"][0]["message"]["content"] == "I am a "
+def stop_inside(text: str) -> tuple[str, str]:
+    """A stop string taken from the middle of `text` and the text shown before it."""
+    assert len(text) >= 8, f"the tiny model's reply is too short to cut: {text!r}"
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    return stop, text[: text.find(stop)]
+
+
+def test_stop_string_ends_reply_with_finish_reason_stop(client, server, reference):
+    stop, shown = stop_inside(text_of(server, reference(USER, 20).token_ids))
+    body = client.post("/v1/chat/completions", json={
+        "messages": USER, "max_tokens": 20, "temperature": 0, "stop": [stop, "\u0000zzz"]}).json()
+    assert body["choices"][0]["message"]["content"] == shown
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
-def test_logprob_entries_follow_their_tokens_through_hold_back_and_stop_strings(client):
-    """The stand-in's logprob of token i is -0.5 * (i + 1). A stop string ends the text mid-token; every
-    token the engine delivered keeps its entry, streamed (each with the chunk that shows its text, or the
-    next one while it is held back) and not."""
-    request = {"messages": USER, "max_tokens": 20, "stop": ["tes"], "logprobs": True, "top_logprobs": 2}
-    body = client.post("/v1/chat/completions", json=request).json()
-    choice = body["choices"][0]
-    assert (choice["message"]["content"], choice["finish_reason"]) == ("I am a ", "stop")
+def test_logprob_entries_follow_their_tokens_through_hold_back_and_stop_strings(client, server, reference):
+    """A stop string ends the text mid-reply; every token delivered until it completed keeps its entry,
+    streamed (with the chunk that shows its text, or a later one while the text is held back) and not,
+    equal to the engine's own logprobs."""
+    expected = reference(USER, 20, logprobs=2)
+    stop, shown = stop_inside(text_of(server, expected.token_ids))
+    delivered = next(n for n in range(1, len(expected.token_ids) + 1)
+                     if stop in text_of(server, expected.token_ids[:n]))
+    request = {"messages": USER, "max_tokens": 20, "temperature": 0, "stop": [stop], "logprobs": True,
+               "top_logprobs": 2}
+    choice = client.post("/v1/chat/completions", json=request).json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (shown, "stop")
     content = choice["logprobs"]["content"]
-    assert [(e["token"], e["logprob"]) for e in content] == [("I", -0.5), (" am", -1.0), (" a", -1.5), (" test", -2.0)]
-    assert [t["token"] for t in content[0]["top_logprobs"]] == ["I", " am"]
-    assert content[1]["bytes"] == list(b" am")
+    from gpt2chat.reply import token_text
+
+    tok = server.service.tokenizer
+    assert [(e["token"], e["logprob"]) for e in content] == [
+        (token_text(tok, e.token_id), e.logprob) for e in expected.logprobs[:delivered]]
+    assert [[t["token"] for t in e["top_logprobs"]] for e in content] == [
+        [token_text(tok, t) for t, _ in e.top] for e in expected.logprobs[:delivered]]
+    assert all(e["bytes"] == list(tok.token_bytes(x.token_id)) for e, x in zip(content, expected.logprobs, strict=False))
 
     chunks = [e for e in sse_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
               if e != "[DONE]"]
     streamed = [e for c in chunks for e in ((c["choices"][0]["logprobs"] or {}).get("content") or [])]
     assert streamed == content
-    for c in chunks:  # a chunk carries entries only for tokens delivered so far
-        entries = (c["choices"][0]["logprobs"] or {}).get("content") or []
-        assert all(e["token"] in ("I", " am", " a", " test") for e in entries)
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "I am a "
-
-    none = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).json()
-    assert none["choices"][0]["logprobs"] is None
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == shown
 
 
-def test_completion_logprobs_of_the_stand_in_have_openais_columns(client):
-    body = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "logprobs": 1}).json()
-    columns = body["choices"][0]["logprobs"]
-    assert columns["tokens"] == ["I", " am", " a"] and columns["token_logprobs"] == [-0.5, -1.0, -1.5]
-    assert columns["text_offset"] == [0, 1, 4]
-    assert columns["top_logprobs"] == [{"I": -0.25}, {"I": -0.25, " am": -1.0}, {"I": -0.25, " a": -1.5}]
+def test_completion_logprobs_have_openais_columns(client, server, reference):
+    expected = reference("Hi", 3, logprobs=1)
+    columns = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "logprobs": 1,
+                                                    "temperature": 0}).json()["choices"][0]["logprobs"]
+    assert set(columns) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert columns["token_logprobs"] == [e.logprob for e in expected.logprobs]
+    assert columns["text_offset"] == [len("".join(columns["tokens"][:i])) for i in range(len(columns["tokens"]))]
+    for entry, top in zip(expected.logprobs, columns["top_logprobs"], strict=True):
+        assert len(top) in (1, 2) and max(top.values()) == entry.top[0][1]  # the most likely + the chosen
 
 
 def test_unknown_model_name_is_served_like_llama_cpp(client):
     body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "model": "gpt-4o"}).json()
-    assert body["model"] == "gpt-4o" and body["choices"][0]["message"]["content"]
+    assert body["model"] == "gpt-4o" and body["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_streaming_chat_follows_openai_chunks(client):
-    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "stream": True})
+def test_streaming_chat_follows_openai_chunks(client, server, reference):
+    expected = reference(USER, 4)
+    response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "stream": True,
+                                                          "temperature": 0})
     assert response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response)
     assert events[-1] == "[DONE]"
@@ -127,45 +167,52 @@ def test_streaming_chat_follows_openai_chunks(client):
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert text == "I am a test"
-    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert text == text_of(server, expected.token_ids)
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected.finish_reason
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
-def test_stream_options_include_usage_adds_a_usage_chunk(client):
+def test_stream_options_include_usage_adds_a_usage_chunk(client, reference):
+    expected = reference(USER, 3)
     events = sse_events(client.post("/v1/chat/completions", json={
-        "messages": USER, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}))
+        "messages": USER, "max_tokens": 3, "stream": True, "temperature": 0,
+        "stream_options": {"include_usage": True}}))
     *chunks, usage_chunk, done = events
     assert done == "[DONE]"
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 3
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == len(expected.token_ids) + (expected.finish_reason == "stop")
     assert all(c["usage"] is None for c in chunks)
 
 
 def test_n_choices_stream_and_non_stream(client):
-    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "n": 3}).json()
+    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "n": 3, "seed": 5}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    assert body["usage"]["completion_tokens"] == 6
+    assert 3 <= body["usage"]["completion_tokens"] <= 6
     events = sse_events(client.post("/v1/chat/completions",
                                     json={"messages": USER, "max_tokens": 2, "n": 2, "stream": True}))
     finished = [c["choices"][0]["index"] for c in events[:-1] if c["choices"][0]["finish_reason"]]
     assert sorted(finished) == [0, 1]
 
 
-def test_text_completions_accept_string_list_and_token_ids(client):
-    body = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3}).json()
-    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "I am a"
+def test_text_completions_accept_string_list_and_token_ids(client, server, reference):
+    expected = reference("Once", 3)
+    body = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3, "temperature": 0}).json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == text_of(server, expected.token_ids)
     body = client.post("/v1/completions", json={"prompt": ["A", "B"], "max_tokens": 1, "echo": True}).json()
-    assert [c["text"] for c in body["choices"]] == ["AI", "BI"]
+    assert [c["text"][:1] for c in body["choices"]] == ["A", "B"]
+    assert body["usage"]["prompt_tokens"] == 2
     body = client.post("/v1/completions", json={"prompt": [464, 3290], "max_tokens": 1}).json()
     assert body["usage"]["prompt_tokens"] == 2
-    events = sse_events(client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True}))
-    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "I am"
+    events = sse_events(client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3, "stream": True,
+                                                             "temperature": 0}))
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == expected.finish_reason
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text_of(server, expected.token_ids)
 
 
 def test_models_health_openapi_and_page(client):
-    assert client.get("/v1/models").json()["data"][0]["id"] == "stand-in"
-    assert client.get("/v1/models/stand-in").json()["object"] == "model"
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.get("/v1/models/tiny").json()["object"] == "model"
     assert_openai_error(client.get("/v1/models/gpt-4"), 404)
     assert client.get("/health").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
@@ -271,12 +318,13 @@ def test_completion_fields_we_do_not_implement_are_refused(client, field, value)
 
 
 def test_fields_that_change_nothing_are_accepted_and_ignored(client):
-    plain = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4}).json()
+    plain = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "temperature": 0}).json()
     extras = {"user": "u-1", "metadata": {"a": "b"}, "store": False, "service_tier": "auto",
               "parallel_tool_calls": True, "reasoning_effort": "low", "response_format": {"type": "text"},
               "tool_choice": "none", "tools": [], "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
               "modalities": ["text"], "prediction": {"type": "content", "content": "x"}, "some_future_field": 1}
-    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, **extras}).json()
+    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "temperature": 0,
+                                                      **extras}).json()
     assert body["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "best_of": 1}).status_code == 200
 
@@ -369,31 +417,11 @@ def test_non_streaming_client_that_gives_up_frees_the_slot():
     service.close()
 
 
-def test_concurrent_streams_are_in_the_engine_together(server):
-    engine = server.service.engine
-    peak = 0
-    results: list[int] = []
-
-    def one_stream():
-        with httpx.Client(base_url=server.url, timeout=30) as c:
-            events = sse_events(c.post("/v1/chat/completions",
-                                       json={"messages": USER, "max_tokens": 40, "stream": True}))
-            results.append(len(events))
-
-    threads = [threading.Thread(target=one_stream) for _ in range(4)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        peak = max(peak, engine.active_count)
-        time.sleep(0.002)
-    assert len(results) == 4 and peak >= 2
-
-
 # ---- API key ----------------------------------------------------------------------------------------------
 
 
-def test_api_key_protects_every_route_but_health():
-    service = standin_service()
+def test_api_key_protects_every_route_but_health(server):
+    service = server.service
     with ServerThread(create_app(service, api_key="sekrit")) as srv, httpx.Client(base_url=srv.url) as c:
         assert c.get("/health").status_code == 200
         for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
@@ -404,4 +432,4 @@ def test_api_key_protects_every_route_but_health():
         ok = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1},
                     headers={"Authorization": "Bearer sekrit"})
         assert ok.status_code == 200
-    service.close()
+        assert c.get("/metrics").status_code == 401

@@ -78,3 +78,27 @@ def test_bad_serve_options_are_one_line_errors(argv, message, tiny_checkpoint, c
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nothing-here")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_serve_options_build_a_quantized_service_that_answers(tiny_checkpoint):
+    import asyncio
+
+    from gpt2chat.cli import build_parser
+    from gpt2chat.cli.serve import _build_service
+    from gpt2chat.quantize import weight_format
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint), "--quantize", "int8",
+                                      "--max-batch", "2", "--device", "cpu"])
+    service = _build_service(args)
+    try:
+        assert weight_format(service.model) == "int8" and service.limits.max_batch_size == 2
+
+        async def reply():
+            ids = service.render_messages([{"role": "user", "content": "Hi"}])
+            (generation,) = service.start(ids, service.settings(len(ids), 4, temperature=0))
+            return await generation.text(), generation
+
+        text, generation = asyncio.run(reply())
+        assert 1 <= generation.completion_tokens <= 4 and generation.finish_reason in ("stop", "length")
+    finally:
+        service.close()

@@ -13,20 +13,14 @@ import openai
 import pytest
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, wait_until
+from test_serve_helpers import ServerThread, tiny_service, wait_until
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
-    from gpt2chat.checkpoint import load_model
-    from gpt2chat.serve.limits import ServerLimits
-    from gpt2chat.serve.service import ChatService
-
-    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
-    limits = ServerLimits(max_batch_size=8, max_queue=8, max_tokens_limit=200)
-    service = ChatService(model, tokenizer, model_name="tiny", limits=limits, device="cpu")
+    service = tiny_service(tiny_checkpoint, max_batch_size=8, max_queue=8, max_tokens_limit=200)
     yield service
     service.close()
 

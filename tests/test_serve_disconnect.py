@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, wait_until
+from test_serve_helpers import ServerThread, tiny_service, wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 
@@ -44,14 +44,8 @@ class PrefillGate:
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
-    from gpt2chat.checkpoint import load_model
-    from gpt2chat.serve.limits import ServerLimits
-    from gpt2chat.serve.service import ChatService
-
-    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
-    gate = PrefillGate(model)
-    service = ChatService(model, tokenizer, model_name="tiny", device="cpu",
-                          limits=ServerLimits(max_batch_size=2, max_queue=2, max_tokens_limit=200))
+    service = tiny_service(tiny_checkpoint, max_batch_size=2, max_queue=2, max_tokens_limit=200)
+    gate = PrefillGate(service.engine.model)
     submitted = []
     submit = service.engine.submit
 

@@ -208,3 +208,15 @@ def standin_service(engine: StandInEngine | None = None, **kwargs):
     limits = ServerLimits(**{"max_batch_size": 4, "max_queue": 4, "max_tokens_limit": 64, **kwargs})
     return ChatService(StandInModel(n_positions), Tokenizer.gpt2(), template="plain", model_name="stand-in",
                        limits=limits, engine=engine or StandInEngine())
+
+
+def tiny_service(checkpoint, **limits):
+    """A `ChatService` with the real batched engine on a checkpoint (the tiny model in the tests), on the
+    CPU; keyword arguments are `ServerLimits` fields."""
+    from gpt2chat.checkpoint import load_model
+    from gpt2chat.serve.limits import ServerLimits
+    from gpt2chat.serve.service import ChatService
+
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    limits = ServerLimits(**{"max_batch_size": 4, "max_queue": 4, "max_tokens_limit": 64, **limits})
+    return ChatService(model, tokenizer, model_name="tiny", limits=limits, device="cpu")

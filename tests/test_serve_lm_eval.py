@@ -16,7 +16,7 @@ import pytest
 
 from gpt2chat.serve.app import create_app
 from lm_eval_tasks import write_multiple_choice_task
-from test_serve_helpers import ServerThread
+from test_serve_helpers import ServerThread, tiny_service
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -40,18 +40,13 @@ def run(model: str, model_args: str, task_folder, task: str) -> dict:
 
 
 def test_lm_eval_through_the_server_equals_lm_eval_in_process(tiny_checkpoint, tmp_path, monkeypatch):
-    from gpt2chat.checkpoint import load_model
-    from gpt2chat.serve.limits import ServerLimits
-    from gpt2chat.serve.service import ChatService
-
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     task = "gpt2chat_mc"
     write_multiple_choice_task(tmp_path / "tasks", task)
 
-    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
-    service = ChatService(model, tokenizer, model_name="tiny", limits=ServerLimits(max_batch_size=4), device="cpu")
+    service = tiny_service(tiny_checkpoint)
     try:
         with ServerThread(create_app(service)) as server:
             served = run("local-completions",

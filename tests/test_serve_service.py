@@ -1,5 +1,6 @@
-"""ChatService pieces without HTTP: the template's reply prefix, stop tokens, context truncation from the
-oldest turns with the real llama3-context template, queue admission, and completions' own stop check."""
+"""ChatService pieces without HTTP, on the real engine: chat replies lose the template's reply prefix and
+stop strings (raw completions do not), context truncation from the oldest turns with the real
+llama3-context template; and queue admission, where the paced stand-in keeps requests running."""
 
 from __future__ import annotations
 
@@ -8,40 +9,47 @@ import asyncio
 import pytest
 
 from gpt2chat.serve.service import GenerationSettings, PromptTooLongError, ServerBusyError, TooManyTokensError
-from test_serve_helpers import StandInEngine, StandInModel, standin_service
+from test_serve_helpers import standin_service, tiny_service
 
 
-def collect(service, messages, max_tokens=8, stop=()):
-    async def main():
-        ids = service.render_messages(messages)
-        settings = service.settings(len(ids), max_tokens, stop=list(stop))
-        (generation,) = service.start(ids, settings)
-        return await generation.text(), generation
+@pytest.fixture(scope="module")
+def plain_service(tmp_path_factory):
+    """The real engine on a tiny checkpoint saved with the "plain" template (replies follow "Assistant:"
+    after a space, the template's reply prefix)."""
+    from gpt2chat.checkpoint import init_checkpoint
 
-    return asyncio.run(main())
-
-
-def test_reply_prefix_of_the_template_is_stripped():
-    service = standin_service(StandInEngine(token_ids=(18435, 995)))  # " Hello", " world"
-    assert service.template.reply_prefix == " "  # the plain template's "Assistant:" + " " + reply
-    try:
-        text, generation = collect(service, [{"role": "user", "content": "hi"}], max_tokens=3)
-        assert text == "Hello world Hello" and generation.finish_reason == "length"
-    finally:
-        service.close()
+    folder = init_checkpoint("tiny", tmp_path_factory.mktemp("plain"), template="plain", seed=1)
+    service = tiny_service(folder)
+    yield service
+    service.close()
 
 
-def test_stop_token_ends_the_reply_and_is_counted():
-    engine = StandInEngine(token_ids=(40, 716, 50256))  # "I", " am", <|endoftext|>
-    service = standin_service(engine)
-    try:
-        text, generation = collect(service, [{"role": "user", "content": "hi"}], max_tokens=10)
-        # the engine stopped at the template's stop id (never delivered), counted as a generated token
-        assert (text, generation.finish_reason, generation.completion_tokens) == ("I am", "stop", 3)
-        assert generation.token_ids == [40, 716]
-        assert service.outstanding == 0
-    finally:
-        service.close()
+def engine_reply(service, prompt_ids, max_tokens):
+    from gpt2chat.engine import Engine
+    from gpt2chat.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.stop_token_ids)
+    return Engine(service.model, device="cpu").generate([prompt_ids], params)[0]
+
+
+def test_chat_replies_lose_the_reply_prefix_and_stop_strings_raw_completions_keep_them(plain_service):
+    service = plain_service
+    assert (service.template.reply_prefix, service.template.stop_strings) == (" ", ("\nUser:",))
+    messages = [{"role": "user", "content": "hi"}]
+    ids = service.render_messages(messages)
+    expected = service.tokenizer.decode(engine_reply(service, ids, 12).token_ids, skip_special_tokens=True)
+
+    async def both():
+        settings = service.settings(len(ids), 12, temperature=0)
+        (chat,) = service.start(ids, settings, chat=True)
+        (raw,) = service.start(ids, settings, chat=False)
+        return await chat.text(), await raw.text()
+
+    chat_text, raw_text = asyncio.run(both())
+    assert raw_text == expected
+    shown = expected[1:] if expected.startswith(" ") else expected
+    assert chat_text == shown.split("\nUser:")[0]
+    assert service.outstanding == 0
 
 
 def test_limits_on_tokens_and_queue():
@@ -63,33 +71,40 @@ def test_limits_on_tokens_and_queue():
         service.close()
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_checkpoint):
-    from gpt2chat.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(tiny_checkpoint)
-
-
-def test_truncation_drops_oldest_turns_with_the_llama3_template(tiny_tokenizer):
-    from gpt2chat.serve.service import ChatService
-
-    service = ChatService(StandInModel(128), tiny_tokenizer, engine=StandInEngine())
+def test_truncation_drops_oldest_turns_with_the_llama3_template(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint)
+    tokenizer = service.tokenizer
     assert service.template.name == "llama3-context"  # the checkpoint's own
     try:
         messages = [{"role": "system", "content": "Be brief."}]
-        for turn in range(6):
+        for turn in range(10):
             messages += [{"role": "user", "content": f"question {turn} " + "word " * 12},
                          {"role": "assistant", "content": f"answer {turn} " + "word " * 12}]
         messages.append({"role": "user", "content": "last question"})
         with pytest.raises(PromptTooLongError, match="truncate"):
             service.render_messages(messages)
         ids = service.render_messages(messages, truncate=True, max_tokens=8)
-        text = tiny_tokenizer.decode(ids)
-        assert len(ids) <= 128 - 8 and "Be brief." in text and "last question" in text
-        assert "question 0" not in text and "answer 5" in text  # oldest turns went first
+        text = tokenizer.decode(ids)
+        assert len(ids) <= 256 - 8 and "Be brief." in text and "last question" in text
+        assert "question 0" not in text and "answer 9" in text  # oldest turns went first
         assert text.endswith("<|start_header_id|>assistant<|end_header_id|>")
         with pytest.raises(PromptTooLongError):  # a last message that alone cannot fit
-            service.render_messages([{"role": "user", "content": "word " * 200}], truncate=True)
+            service.render_messages([{"role": "user", "content": "word " * 300}], truncate=True)
     finally:
         service.close()
 
+
+def test_a_server_with_no_waiting_room_still_answers_one_request_per_row(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, max_batch_size=1, max_queue=0)
+    try:
+        async def one():
+            ids = service.render_messages([{"role": "user", "content": "Hi"}])
+            (generation,) = service.start(ids, service.settings(len(ids), 2))
+            with pytest.raises(ServerBusyError):  # the one row is taken, and nothing may wait
+                service.start(ids, service.settings(len(ids), 2))
+            return await generation.text(), generation
+
+        _, generation = asyncio.run(one())
+        assert generation.finish_reason in ("stop", "length") and service.outstanding == 0
+    finally:
+        service.close()

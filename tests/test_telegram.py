@@ -294,12 +294,9 @@ def test_cli_telegram_without_token_exits_2(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_service(tiny_checkpoint):
-    from gpt2chat.checkpoint import load_model
-    from gpt2chat.serve.limits import ServerLimits
-    from gpt2chat.serve.service import ChatService
+    from test_serve_helpers import tiny_service as build
 
-    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
-    service = ChatService(model, tokenizer, model_name="tiny", limits=ServerLimits(max_batch_size=4), device="cpu")
+    service = build(tiny_checkpoint, max_tokens_limit=1024)
     yield service
     service.close()
 

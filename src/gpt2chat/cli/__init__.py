@@ -1,6 +1,6 @@
 """Command-line front: `gpt2chat <command> ...`.
 
-Each area registers its subcommands from its own file (`model`, `data`, `train`, `eval`, `serve`).
+Each area registers its subcommands from its own file (`model`, `data`, `train`, `eval`, `serve`, `export`).
 Area files keep heavy imports inside their handlers, so `gpt2chat --help` stays fast.
 """
 
@@ -13,7 +13,7 @@ import sys
 from gpt2chat import __version__
 from gpt2chat.errors import Gpt2ChatError
 
-AREAS = ("model", "data", "train", "eval", "serve")
+AREAS = ("model", "data", "train", "eval", "serve", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue a text with a model (raw continuation, no chat template)",
         description="Print the model's continuation of --prompt, streamed. --temperature 0 is greedy.",
     )
-    _add_model_args(generate)
+    add_model_args(generate)
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     _add_sampling_args(generate, default_new_tokens=64)
@@ -45,26 +45,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="chat with a model in the terminal (streamed, multi-turn)",
         description=f"Multi-turn chat in the terminal; history is carried as context. {CHAT_HELP}.",
     )
-    _add_model_args(chat)
+    add_model_args(chat)
     chat.add_argument("--template", default=None, choices=TEMPLATES,
                       help="chat template (default: the one saved with the checkpoint)")  # fmt: skip
     chat.add_argument("--system", default=None, help="system message")
-    _add_sampling_args(chat, default_new_tokens=256, default_preset="seed004")
+    _add_sampling_args(chat, default_new_tokens=256, default_preset="chat")
     chat.set_defaults(handler=run_chat)
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help="checkpoint folder (or hub id when the hub is reachable)"
-    )
+def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    """The options that say which model to load and how: generate, chat, serve and telegram share them
+    (`model=False` when the caller declares --model itself)."""
+    if model:
+        parser.add_argument(
+            "--model", required=True, help="checkpoint folder (or hub id when the hub is reachable)"
+        )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument("--quantize", default=None, choices=("fp16", "int8"),
+                        help="store the weights compactly: fp16, or int8 per output channel (CPU; computes in "
+                             "float32). Default: the checkpoint's weights as they are")  # fmt: skip
+
+
+def load_inference_model(args: argparse.Namespace):
+    """(folder, model, tokenizer, device, dtype) for the model options of `add_model_args`: the one way
+    the front-end commands load a model to generate with (`gpt2chat.quantize.load_for_inference`, which
+    refuses a --quantize the device cannot do before reading any weight)."""
+    from gpt2chat.checkpoint import resolve_checkpoint
+    from gpt2chat.quantize import load_for_inference
+
+    folder = resolve_checkpoint(args.model)
+    try:
+        model, tokenizer = load_for_inference(folder, quantize=args.quantize, device=args.device, dtype=args.dtype)
+    except RuntimeError as exc:  # e.g. a device that is not there
+        raise Gpt2ChatError(f"cannot load {folder} on {args.device or 'the default device'}: {exc}") from exc
+    parameter = next(model.parameters())  # the compute device and dtype in every layout
+    return folder, model, tokenizer, parameter.device, parameter.dtype
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, default_new_tokens: int, default_preset=None) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--preset", default=default_preset, choices=("greedy", "seed004", "seed001"),
+    group.add_argument("--preset", default=default_preset, choices=("greedy", "chat", "focused"),
                        help=f"sampling preset; the flags below override it (default: {default_preset or 'none'})")  # fmt: skip
     group.add_argument("--max-new-tokens", type=int, default=default_new_tokens,
                        help=f"most tokens to generate (default {default_new_tokens})")  # fmt: skip
@@ -93,15 +115,9 @@ def sampling_params(args: argparse.Namespace, stop_token_ids=()):
 
 
 def _load(args: argparse.Namespace):
-    from gpt2chat.checkpoint import load_model, resolve_checkpoint
-    from gpt2chat.engine import Engine, default_device_dtype
+    from gpt2chat.engine import Engine
 
-    folder = resolve_checkpoint(args.model)
-    device, dtype = default_device_dtype(args.device, args.dtype)
-    try:
-        model, tokenizer = load_model(folder, device=device, dtype=dtype)
-    except RuntimeError as exc:  # e.g. a device that is not there
-        raise Gpt2ChatError(f"cannot load {folder} on {device}: {exc}") from exc
+    folder, model, tokenizer, device, dtype = load_inference_model(args)
     return folder, Engine(model, device=device, dtype=dtype), tokenizer
 
 

@@ -16,7 +16,10 @@ API_KEY_ENV = "GPT2CHAT_API_KEY"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    from gpt2chat.cli.model import add_model_args
+
+    add_model_args(parser, model=model)
     parser.add_argument("--template", default=None,
                         help="chat template name (default: the one saved with the checkpoint)")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
@@ -24,7 +27,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a batch slot before new ones get 429 (default 64)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024,
                         help="most tokens one request may generate (default 1024)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over an OpenAI-compatible HTTP API with a web chat page",
         description="Serve a chat model: /v1/chat/completions, /v1/completions, /v1/models, /health and a "
                     "web chat page at /. Listens on 127.0.0.1 unless --host says otherwise.")
-    serve.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None,
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     telegram.add_argument("--top-p", type=float, default=0.95)
     telegram.add_argument("--bot-api-url", default=None,
                           help="Bot API base URL (default Telegram's; for a local Bot API server)")
-    _add_model_options(telegram)
+    _add_model_options(telegram, model=False)
     telegram.set_defaults(handler=run_telegram_command)
 
 
@@ -70,14 +71,14 @@ def _limits(args: argparse.Namespace):
 
 
 def _build_service(args: argparse.Namespace, model_name: str | None = None):
-    from gpt2chat.checkpoint import load_model
+    from gpt2chat.cli.model import load_inference_model
     from gpt2chat.serve.service import ChatService
 
     limits = _limits(args)  # check the options before loading anything
-    model, tokenizer = load_model(args.model, device=args.device)
-    model.eval()
+    _, model, tokenizer, device, dtype = load_inference_model(args)
     name = model_name or Path(str(args.model).rstrip("/")).name or "gpt2chat"
-    return ChatService(model, tokenizer, template=args.template, model_name=name, limits=limits)
+    return ChatService(model, tokenizer, template=args.template, model_name=name, limits=limits, device=device,
+                       dtype=dtype)
 
 
 def run_serve(args: argparse.Namespace) -> int:

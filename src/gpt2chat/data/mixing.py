@@ -10,10 +10,14 @@ Order of work, each step seeded and counted in `stats`:
 5. weight the training part of each source: weight < 1 keeps a seeded sample, > 1 repeats (whole copies plus a
    seeded sample for the fraction); the validation part is never repeated. Shuffle train with the seed.
 The result is cached (`cache.py`) under a key of every input, so a second identical build does not tokenize.
+`stats["split"]` records the validation rows as rows (messages, or prompt / chosen / rejected) and the content
+hashes of the training rows (`content_hash`), so evaluation can score held-out rows only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 import time
@@ -54,6 +58,23 @@ def messages_key(messages: list[dict]) -> tuple:
     return tuple((m["role"], normalise(m["content"])) for m in messages)
 
 
+def content_hash(messages: list[dict]) -> str:
+    """64-bit hex hash of a conversation as `messages_key` sees it: the identity of a row across files."""
+    text = json.dumps(messages_key(messages), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def training_hashes(messages: list[dict]) -> list[str]:
+    """Hashes of every prefix of a training conversation that ends in an assistant reply (each one a target,
+    or context the model read)."""
+    return [content_hash(messages[: end + 1]) for end, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def pair_hashes(prompt: list[dict], chosen: str, rejected: str) -> list[str]:
+    """Hashes of a preference pair's two conversations: prompt + chosen, prompt + rejected."""
+    return [content_hash([*prompt, {"role": "assistant", "content": reply}]) for reply in (chosen, rejected)]
+
+
 def split_indices(n: int, val_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
     order = list(range(n))
     rng.shuffle(order)
@@ -92,7 +113,7 @@ def _key(kind, specs, tokenizer, template, budgets, settings) -> str:
         "sources": [[s.format, s.weight, location_fingerprint(s.location)] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(tokenizer, template),
-        "budgets": [budgets.max_prompt_tokens, budgets.max_response_tokens, budgets.max_length],
+        "budgets": [budgets.max_prompt_length, budgets.max_response_length, budgets.max_length],
         "settings": settings,
     })
 
@@ -159,12 +180,15 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     train: list[SFTExample] = []
     val: list[SFTExample] = []
     stats = {"kind": "sft", "template": _template_name(template), "sources": [], "dropped": Counter()}
+    heldout, trained = [], set()  # stats["split"]: what evaluation needs to score held-out rows only
     for spec in specs:
         conversations, report = load_conversations(spec, strict=strict, options=options)
         if dedup:
             conversations = _unique(conversations, lambda c: messages_key(c.messages), seen_conversations,
                                     report, "duplicate conversation")
         train_idx, val_idx = split_indices(len(conversations), val_fraction, rng)
+        heldout += [{"messages": conversations[i].messages, "source": conversations[i].source} for i in val_idx]
+        trained.update(h for i in train_idx for h in training_hashes(conversations[i].messages))
         split_targets = {}
         seen_targets: set[tuple] = set()
         for split, indices in (("train", train_idx), ("val", val_idx)):
@@ -192,6 +216,7 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     _no_empty_masks(train, val)
     stats.update(example_stats(train, val))
     stats["dropped"] = dict(stats["dropped"])
+    stats["split"] = {"heldout": heldout, "train_hashes": sorted(trained)}
     return _store("sft", directory, key, train, val, stats, started, use_cache)
 
 
@@ -217,12 +242,16 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
     val: list[PreferenceExample] = []
     stats = {"kind": "preference", "template": _template_name(template), "sources": [], "dropped": Counter(),
              "truncated": Counter()}
+    heldout, trained = [], set()
     for spec in specs:
         pairs, report = load_preferences(spec, strict=strict, options=options)
         if dedup:
             pairs = _unique(pairs, lambda p: (messages_key(p.prompt), normalise(p.chosen), normalise(p.rejected)),
                             seen, report, "duplicate pair")
         train_idx, val_idx = split_indices(len(pairs), val_fraction, rng)
+        heldout += [{"prompt": pairs[i].prompt, "chosen": pairs[i].chosen, "rejected": pairs[i].rejected,
+                     "source": pairs[i].source} for i in val_idx]
+        trained.update(h for i in train_idx for h in pair_hashes(pairs[i].prompt, pairs[i].chosen, pairs[i].rejected))
         drops: Counter = Counter()
         source_train = build_preferences(fast, [pairs[i] for i in train_idx], template, budgets, drops,
                                          stats["truncated"])
@@ -238,6 +267,7 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
     rng.shuffle(train)
     stats.update(preference_stats(train, val))
     stats["dropped"], stats["truncated"] = dict(stats["dropped"]), dict(stats["truncated"])
+    stats["split"] = {"heldout": heldout, "train_hashes": sorted(trained)}
     return _store("preference", directory, key, train, val, stats, started, use_cache)
 
 

@@ -7,10 +7,10 @@ rejected message lists). `gpt2chat eval` reads them back: the run's own held-out
 evaluation data, and every evaluation row is checked against the training rows of each model's whole
 lineage (a `sft+orpo` model trained on the rows of both stages) before anything is scored.
 
-A content hash is one conversation ending in an assistant reply, its messages normalised the way
-de-duplication does (`gpt2chat.data.mixing.messages_key`). A training conversation contributes every
-prefix that ends in an assistant reply (each was a target, or context the model read); a training pair
-contributes prompt + chosen and prompt + rejected. An evaluation conversation overlaps when its whole
+A content hash (`gpt2chat.data.mixing.content_hash`) is one conversation ending in an assistant reply,
+its messages normalised the way de-duplication does. The data builders record the hashes of the training
+rows: every prefix of a training conversation that ends in an assistant reply (each was a target, or
+context the model read), prompt + chosen and prompt + rejected of a training pair. An evaluation conversation overlaps when its whole
 text is among them; an evaluation pair when either of its two conversations is.
 
 Knows nothing about models, scoring or reports.
@@ -18,18 +18,18 @@ Knows nothing about models, scoring or reports.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2chat.data.mixing import content_hash, pair_hashes
 from gpt2chat.errors import Gpt2ChatError
 
 __all__ = [
-    "SPLIT_DIR", "SPLIT_FILE", "HELDOUT", "content_hash", "training_hashes", "pair_hashes", "write_split",
-    "read_split", "is_stage_input", "Lineage", "lineage_of", "overlapping", "heldout_spec",
+    "SPLIT_DIR", "SPLIT_FILE", "HELDOUT", "write_split", "read_split", "is_stage_input", "Lineage", "lineage_of",
+    "row_hashes", "overlapping", "heldout_spec",
 ]
 
 SPLIT_DIR = "heldout"
@@ -38,35 +38,17 @@ HELDOUT = "heldout"  # the `--data` / `--pref-data` value that names the run's o
 _ROW_FILES = {"conversations": ("conversations.jsonl", "messages"), "pairs": ("pairs.jsonl", "ultrafeedback")}
 
 
-def content_hash(messages: Sequence[dict]) -> str:
-    """64-bit hex hash of normalised messages (roles and text; whitespace runs and Unicode form ignored)."""
-    from gpt2chat.data.mixing import messages_key
-
-    text = json.dumps(messages_key(list(messages)), ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def training_hashes(messages: Sequence[dict]) -> list[str]:
-    """Hashes of every prefix of a training conversation that ends in an assistant reply."""
-    return [content_hash(messages[: end + 1]) for end, message in enumerate(messages)
-            if message.get("role") == "assistant"]
-
-
-def pair_hashes(prompt: Sequence[dict], chosen: str, rejected: str) -> list[str]:
-    """Hashes of prompt + chosen and prompt + rejected."""
-    return [content_hash([*prompt, {"role": "assistant", "content": reply}]) for reply in (chosen, rejected)]
-
-
 def _atomic_text(path: Path, text: str) -> None:
-    from gpt2chat.checkpoint import _atomic_write
+    from gpt2chat.files import write_text_atomic
 
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomic(path, text)
 
 
-def write_split(stage_dir: str | Path, *, stage: str, kind: str, rows: Iterable, hashes: Iterable[str],
+def write_split(stage_dir: str | Path, *, stage: str, kind: str, rows: Iterable[dict], hashes: Iterable[str],
                 base_model: str, data: Sequence[str], seed: int, val_fraction: float) -> Path:
-    """Write `stage_dir/heldout/`; `rows` are `Conversation`s (kind "conversations") or `PreferencePair`s
-    ("pairs"), `hashes` the training rows' content hashes. Returns the split folder."""
+    """Write `stage_dir/heldout/`. `rows` and `hashes` are a data builder's `stats["split"]`: validation rows
+    as dicts (`messages` for kind "conversations"; `prompt`, `chosen`, `rejected` for "pairs", each with its
+    `source`) and the training rows' content hashes. Returns the split folder."""
     if kind not in _ROW_FILES:
         raise ValueError(f"kind must be one of {sorted(_ROW_FILES)}")
     folder = Path(stage_dir) / SPLIT_DIR
@@ -75,11 +57,12 @@ def write_split(stage_dir: str | Path, *, stage: str, kind: str, rows: Iterable,
     lines = []
     for row in rows:
         if kind == "conversations":
-            record = {"messages": row.messages, "source": row.source}
+            record = {"messages": row["messages"], "source": row["source"]}
         else:
-            prompt = list(row.prompt)
-            record = {"chosen": [*prompt, {"role": "assistant", "content": row.chosen}],
-                      "rejected": [*prompt, {"role": "assistant", "content": row.rejected}], "source": row.source}
+            prompt = list(row["prompt"])
+            record = {"chosen": [*prompt, {"role": "assistant", "content": row["chosen"]}],
+                      "rejected": [*prompt, {"role": "assistant", "content": row["rejected"]}],
+                      "source": row["source"]}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     _atomic_text(folder / name, "".join(lines))
     base = Path(base_model).expanduser()
@@ -88,7 +71,7 @@ def write_split(stage_dir: str | Path, *, stage: str, kind: str, rows: Iterable,
         "data": list(data), "seed": seed, "val_fraction": val_fraction,
         "base_model": str(base_model),
         "base_model_resolved": str(base.resolve()) if base.exists() else None,
-        "hash": "sha256 of the normalised messages, first 64 bits (gpt2chat.evaluate.heldout.content_hash)",
+        "hash": "sha256 of the normalised messages, first 64 bits (gpt2chat.data.mixing.content_hash)",
         "training_hashes": sorted(set(hashes)),
     }
     _atomic_text(folder / SPLIT_FILE, json.dumps(manifest, ensure_ascii=False) + "\n")
@@ -200,12 +183,13 @@ def heldout_spec(manifest: dict) -> str:
     return f"{manifest['row_format']}:{manifest['rows_path']}"
 
 
+def row_hashes(row, kind: str) -> tuple[str, ...]:
+    """The content hashes of one evaluation row: a Conversation's, or a PreferencePair's two."""
+    if kind == "conversations":
+        return (content_hash(row.messages),)
+    return tuple(pair_hashes(row.prompt, row.chosen, row.rejected))
+
+
 def overlapping(rows: Sequence, kind: str, hashes: set[str]) -> list[int]:
     """Indices of evaluation rows (Conversations or PreferencePairs) whose content is in `hashes`."""
-    found = []
-    for index, row in enumerate(rows):
-        own = [content_hash(row.messages)] if kind == "conversations" else pair_hashes(row.prompt, row.chosen,
-                                                                                      row.rejected)
-        if any(h in hashes for h in own):
-            found.append(index)
-    return found
+    return [index for index, row in enumerate(rows) if any(h in hashes for h in row_hashes(row, kind))]

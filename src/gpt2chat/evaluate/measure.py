@@ -195,24 +195,17 @@ def _compute(model, config) -> tuple[int, dict]:
 
 
 def _inference_model(path: str, config, device, dtype):
-    """The model as `gpt2chat generate` would run it: through `load_for_inference` once it exists."""
-    try:
-        from gpt2chat.quantize import load_for_inference
-    except ImportError:
-        if config.quantize:
-            raise Gpt2ChatError("--quantize needs gpt2chat.quantize, which this install lacks") from None
-        return _load(path, device, dtype)[0]
-    return load_for_inference(path, quantize=config.quantize, device=device, dtype=dtype)[0]
+    """The model as `gpt2chat generate` runs it: `load_for_inference` picks the layout (fast fp32, fp16, int8).
+
+    With `quantize` and no explicit dtype, the mode picks its compute dtype (fp16 on CUDA computes in fp16)."""
+    from gpt2chat.quantize import load_for_inference
+
+    explicit = dtype if config.dtype is not None or config.quantize is None else None
+    return load_for_inference(path, quantize=config.quantize, device=device, dtype=explicit)[0]
 
 
-def _weight_bytes(model) -> int:
-    """Bytes of every distinct parameter and buffer: what one batch-1 decode step reads (tied head once)."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
+def _compute_dtype(model):
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
 
 def _fits_together(paths: list[str], device) -> bool:
@@ -221,10 +214,10 @@ def _fits_together(paths: list[str], device) -> bool:
 
     import torch
 
-    from gpt2chat.checkpoint import read_config
+    from gpt2chat.checkpoint import read_config, resolve_checkpoint
     from gpt2chat.evaluate.flops import analytic_parameters
 
-    need = sum(4 * analytic_parameters(read_config(p)) for p in paths)  # fp32 upper bound
+    need = sum(4 * analytic_parameters(read_config(resolve_checkpoint(p))) for p in paths)  # fp32 upper bound
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return need < 0.6 * free
@@ -241,6 +234,7 @@ def speed_entries(paths: list[str], config, *, device, dtype) -> list[tuple[dict
     memory together, each is timed alone (the rows say so)."""
     from gpt2chat.engine import Engine
     from gpt2chat.evaluate.speed import measure_speeds
+    from gpt2chat.quantize import decode_read_bytes, weight_format
 
     kwargs = dict(prompt_tokens=config.speed_prompt_tokens, decode_steps=config.speed_decode_steps,
                   repeats=config.speed_repeats, seed=config.seed)
@@ -249,10 +243,10 @@ def speed_entries(paths: list[str], config, *, device, dtype) -> list[tuple[dict
     for group in groups:
         models = [_inference_model(p, config, device, dtype) for p in group]
         try:
-            speeds = measure_speeds([Engine(m, device=device, dtype=dtype) for m in models], **kwargs)
-            for model, speed in zip(models, speeds, strict=True):
-                speed["weight_bytes"] = _weight_bytes(model)
-                speed["quantize"] = config.quantize
+            engines = [Engine(m, device=device, dtype=_compute_dtype(m)) for m in models]
+            for model, speed in zip(models, measure_speeds(engines, **kwargs), strict=True):
+                speed["weight_bytes"] = decode_read_bytes(model)
+                speed["weights"] = weight_format(model)
                 rows.append((speed, model.config))
         finally:
             for model in models:
@@ -285,9 +279,10 @@ def add_utilisation(speed: dict, model_config, peaks: dict) -> dict:
     speed["measured_on"] = (
         f"batch 1, {prompt}-token random prompt, {steps} greedy decode steps (no stop token), median of "
         f"{speed['repeats']} repeats (decode range {low:.1f}-{high:.1f} tok/s), {together}; timed by the "
-        "engine's own loop (ttft_s, decode_s); MFU = FLOP/s / best measured matmul peak, MBU = (weights + KV "
-        f"cache bytes read per token) x tokens/s / best measured read bandwidth; {speed['device']}, "
-        f"{speed['dtype']}{', ' + speed['quantize'] if speed.get('quantize') else ''}, {speed['threads']} threads")
+        "engine's own loop (ttft_s, decode_s), the model loaded as `gpt2chat generate` loads it; MFU = FLOP/s / "
+        "best measured matmul peak, MBU = (projection weights + KV cache bytes read per token) x tokens/s / best "
+        f"measured read bandwidth; {speed['device']}, "
+        f"{speed['dtype']} compute, {speed['weights']} weights, {speed['threads']} threads")
     return speed
 
 

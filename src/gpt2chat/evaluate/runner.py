@@ -19,13 +19,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2chat.device import device_and_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import heldout, inputs
 
 __all__ = ["EvalConfig", "evaluate_models", "SECTIONS"]
 
 SECTIONS = ("ppl", "pref", "gen", "speed", "side")
-QUANTIZE_MODES = ("fp16", "int8")
 
 
 @dataclass
@@ -89,6 +89,8 @@ class EvalConfig:
             raise Gpt2ChatError(f"beta={self.beta!r}: must be > 0")
         if self.temperature < 0:
             raise Gpt2ChatError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        from gpt2chat.quantize import QUANTIZE_MODES
+
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise Gpt2ChatError(f"quantize={self.quantize!r}: choose from {', '.join(QUANTIZE_MODES)}")
 
@@ -139,12 +141,6 @@ KINDS = {"conversations": ("--data", "conversations", inputs.held_out_conversati
          "pairs": ("--pref-data", "preference pairs", inputs.held_out_pairs)}
 
 
-def _row_hashes(row, kind: str) -> tuple[str, ...]:
-    if kind == "conversations":
-        return (heldout.content_hash(row.messages),)
-    return tuple(heldout.pair_hashes(row.prompt, row.chosen, row.rejected))
-
-
 def _from_run_splits(kind: str, splits: list[dict], max_rows: int | None, lineages, labels) -> tuple[list, dict]:
     """The rows the runs held out, minus any that a model's training data contains."""
     _, noun, loader = KINDS[kind]
@@ -153,7 +149,7 @@ def _from_run_splits(kind: str, splits: list[dict], max_rows: int | None, lineag
         items, info = loader(heldout.heldout_spec(split), None)
         read += info["rows_read"]
         for item in items:
-            key = _row_hashes(item, kind)
+            key = heldout.row_hashes(item, kind)
             if key not in seen:
                 seen.add(key)
                 rows.append(item)
@@ -203,23 +199,21 @@ def _evaluation_rows(kind: str, spec: str | None, max_rows: int | None, lineages
 def _overlap(kind: str, rows, info: dict, lineages, labels) -> list[str]:
     """Per-model overlap of the evaluation rows with its training rows, into `info`; the warnings."""
     _, noun, _ = KINDS[kind]
-    info["overlap"], warnings, clean, unknown = {}, [], [], []
+    info["overlap"], warnings, clean, found, unknown = {}, [], [], [], []
     for lineage, label in zip(lineages, labels, strict=True):
         hits = len(heldout.overlapping(rows, kind, lineage.hashes)) if lineage.known else None
         info["overlap"][label] = {"rows": hits, "of": len(rows), "trained_on": lineage.label}
         if hits:
             stages = "" if label == lineage.label else f" (stages {lineage.label})"
+            found.append(f"{hits} of {len(rows)} are training rows of {label}{stages}")
             warnings.append(f"{hits} of {len(rows)} evaluation {noun} ({info['spec']}) are training rows of "
                             f"{label}{stages}: its figures on them are not held-out")
         elif hits == 0:
             clean.append(label)
         else:
             unknown.append(label)
-    parts = []
-    if clean:
-        parts.append(f"none of the {len(rows)} {noun} is a training row of {', '.join(clean)}")
-    if warnings:
-        parts.append("; ".join(w.split(':')[0] for w in warnings))
+    parts = [f"none of the {len(rows)} {noun} is a training row of {', '.join(clean)}"] if clean else []
+    parts += found
     if unknown:
         parts.append(f"{', '.join(unknown)}: no record of training rows")
     info["overlap_statement"] = ("checked by content hash against each model's training rows: " + "; ".join(parts)
@@ -292,7 +286,7 @@ def _evaluate(models: list[str], out_dir, config: EvalConfig, harness_tasks) -> 
     from gpt2chat.evaluate import measure
     from gpt2chat.evaluate.report import write_report
 
-    device, dtype = inputs.device_and_dtype(config.device, config.dtype)
+    device, dtype = device_and_dtype(config.device, config.dtype)
     inputs.seed_everything(config.seed)
     env = _environment(device, dtype)
     skip = set(config.skip)

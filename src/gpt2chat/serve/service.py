@@ -159,7 +159,7 @@ class ChatService:
     metrics hang there."""
 
     def __init__(self, model: Any, tokenizer: Any, *, template: Any = None, model_name: str = "gpt2chat",
-                 limits: ServerLimits | None = None, engine: Any = None, device: Any = None):
+                 limits: ServerLimits | None = None, engine: Any = None, device: Any = None, dtype: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = chat_template(tokenizer, template)
@@ -169,8 +169,10 @@ class ChatService:
         if engine is None:
             from gpt2chat.engine import BatchedEngine
 
+            # the service admits at most `capacity` requests (running + waiting): the engine's own queue bound
+            # is set past that so that it never refuses one the limits allow (every request waits there first)
             engine = BatchedEngine(model, max_batch_size=self.limits.max_batch_size,
-                                   max_queue=self.limits.max_queue, device=device)
+                                   max_queue=self.limits.capacity, device=device, dtype=dtype)
         self.engine = engine
         self.outstanding = 0  # requests submitted and not yet finished or cancelled
         self.stop_token_ids = template_stop_ids(tokenizer, self.template)
