@@ -40,7 +40,13 @@ from gpt2chat.serve.streaming import (
 
 __all__ = ["create_app", "error_response", "ERROR_TYPES"]
 
-ERROR_RESPONSES = {status: {"model": schemas.ErrorBody} for status in (400, 401, 413, 429, 503)}
+# Every refusal has OpenAI's error body: 4XX (a bad request, a missing key, a full queue ...) and 503 (more
+# requests at once than --max-connections). Declaring the range also keeps FastAPI from announcing a 422
+# that this server never sends (validation errors are 400s, as OpenAI's).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": schemas.ErrorBody, "description": "the request was refused: the body says why"},
+    503: {"model": schemas.ErrorBody, "description": "the server is at --max-connections: retry later"},
+}
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
 
 
@@ -70,11 +76,11 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=schemas.ModelList)
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(service)]}
 
-    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard)
+    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_name:
             raise StarletteHTTPException(404, f"model '{model_id}' does not exist; this server has '{service.model_name}'")
