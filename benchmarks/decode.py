@@ -1,15 +1,22 @@
-"""Batch-1 greedy decode speed: our Engine vs transformers' `generate`, same weights, same process.
+"""Batch-1 decode and prefill speed: our engine against llama.cpp and transformers, same weights, one process.
 
-The 124M GPT-2 shape with random weights: we build our model, save it as a checkpoint folder, load the
-same folder with `AutoModelForCausalLM`, then time a 32-token prompt + 128 new tokens (greedy, no early
-stop) for ours and theirs, interleaved, several repeats, medians, `torch.set_num_threads(2)`, in fp32 and
-bf16. Also measures memory copy bandwidth and reports the bandwidth bound of decode (every weight read once
-per token) and the fraction of it each side reaches.
+We build a GPT-2 checkpoint folder (random weights, the 124M shape by default), convert that same folder to
+GGUF with llama.cpp's own `convert_hf_to_gguf.py` (f32 and q8_0), and load it three ways: our engine (fp32,
+fp32 with the compiled decode step, and fp16 / int8 weights when `gpt2chat.quantize` is there), llama.cpp
+through `llama-cpp-python`, and `transformers`' `generate`. Then, for `--repeats` rounds, every side runs
+in turn (the order rotates each round): a greedy decode of `--new-tokens` tokens after a 32-token prompt,
+and one prefill of a 32-token and of a 512-token prompt. A side's figure is the median over the rounds.
 
-    python benchmarks/decode.py                   # fp32 and bf16, 5 repeats
-    python benchmarks/decode.py --dtypes float32 --repeats 3 --arch tiny   # quick check
+The bound: batch-1 decode reads every weight once per token, so tokens/s <= read bandwidth / bytes of
+weights read per token. The read bandwidth is the best of several `tensor.sum()` passes over 1 GiB (a read
+only, not a copy), measured before and after the runs.
 
-Prints a markdown table, then one JSON line per dtype.
+    python benchmarks/decode.py                        # 124M, 5 rounds
+    python benchmarks/decode.py --arch tiny --repeats 2 --new-tokens 32 --skip-transformers   # quick check
+
+Prints one JSON line per side, then a markdown table. llama.cpp rows need `llama-cpp-python` and the
+converter (`--convert`, default: the copy unpacked under /work/llamacpp, or $GPT2CHAT_CONVERT_HF_TO_GGUF)
+with the `gguf` package; they are skipped with a note when either is missing.
 """
 
 from __future__ import annotations
@@ -17,143 +24,256 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py would shadow the standard library's tokenize module when run as a script
+# a sibling benchmark named like a standard module would shadow it when run as a script
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_CONVERTER = "/work/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
+PREFILL_LENGTHS = (32, 512)
 
 
-def copy_bandwidth(size_mb: int = 256, repeats: int = 7) -> float:
-    """Bytes moved per second (read + write) copying a large tensor; the median of several copies."""
-    src = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
+def read_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
+    """Bytes per second of the best of `repeats` read-only passes (`sum`) over a `size_bytes` fp32 tensor."""
+    data = torch.ones(size_bytes // 4)
+    data.sum()
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter once (tied head once), one wpe row."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    wpe = model.transformer.wpe.weight
-    return total - wpe.numel() * wpe.element_size() + wpe.shape[1] * wpe.element_size()
+def linear_weight_bytes(model) -> int:
+    """Bytes of projection weights one decode step reads (the tied head once), for a model of nn.Linear."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel() * module.weight.element_size()
+    return total
 
 
-def time_ours(engine, prompt, params) -> tuple[float, list[int]]:
-    start = time.perf_counter()
-    tokens = engine.generate([prompt], params)[0].token_ids
-    return time.perf_counter() - start, tokens
+# ---------------------------------------------------------------------- the sides
+class Ours:
+    def __init__(self, name: str, engine, read_bytes: int):
+        from gpt2chat.sampling import SamplingParams
+
+        self.name, self.engine, self.read_bytes = name, engine, read_bytes
+        self.params = SamplingParams(temperature=0)
+
+    def decode(self, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+        result = self.engine.generate([prompt], self.params.replace(max_new_tokens=new_tokens + 1))[0]
+        return (len(result.token_ids) - 1) / result.decode_s, result.token_ids
+
+    def prefill(self, prompt: list[int]) -> float:
+        result = self.engine.generate([prompt], self.params.replace(max_new_tokens=1))[0]
+        return len(prompt) / result.ttft_s
 
 
-def time_theirs(hf_model, prompt, new_tokens) -> tuple[float, list[int]]:
-    ids = torch.tensor([prompt])
-    mask = torch.ones_like(ids)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - start
-    return elapsed, out[0, len(prompt) :].tolist()
+class _FirstTokenClock:
+    """A `generate` streamer that notes when the first new token arrives (its first `put` is the prompt)."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
-def run(args) -> list[dict]:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+class Transformers:
+    def __init__(self, folder: Path, read_bytes: int):
+        from transformers import AutoModelForCausalLM
 
-    from gpt2chat.checkpoint import init_checkpoint, load_model
+        self.name, self.read_bytes = "transformers fp32", read_bytes
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None  # never stop early
+
+    def decode(self, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+        ids = torch.tensor([prompt])
+        clock = _FirstTokenClock()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1,
+                                      do_sample=False, pad_token_id=0, streamer=clock)  # fmt: skip
+        return new_tokens / (time.perf_counter() - clock.first), out[0, len(prompt) :].tolist()
+
+    def prefill(self, prompt: list[int]) -> float:
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model(ids, logits_to_keep=1)
+            return len(prompt) / (time.perf_counter() - start)
+
+
+class LlamaCpp:
+    def __init__(self, name: str, gguf: Path, threads: int, read_bytes: int):
+        from llama_cpp import Llama
+
+        self.name, self.read_bytes = name, read_bytes
+        self.llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)  # fmt: skip
+
+    def decode(self, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+        tokens, first = [], None
+        for token in self.llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, reset=True):
+            tokens.append(token)
+            if first is None:
+                first = time.perf_counter()  # after the prefill and the first token
+            if len(tokens) == new_tokens + 1:
+                break
+        return new_tokens / (time.perf_counter() - first), tokens
+
+    def prefill(self, prompt: list[int]) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(prompt)
+        return len(prompt) / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def convert_to_gguf(converter: Path, folder: Path, outtype: str, out: Path) -> Path:
+    subprocess.run([sys.executable, str(converter), str(folder), "--outfile", str(out), "--outtype", outtype],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return out
+
+
+def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
     from gpt2chat.engine import Engine
-    from gpt2chat.sampling import SamplingParams
+    from gpt2chat.quantize import decode_read_bytes, load_for_inference
 
-    hf_logging.set_verbosity_error()
+    notes: list[str] = []
+    sides: list = []
+    for mode in (None, "fp16", "int8"):
+        model, _ = load_for_inference(folder, quantize=mode, device="cpu")  # the layout the CLI and server use
+        name = f"ours {mode or 'fp32'}"
+        sides.append(Ours(name, Engine(model), decode_read_bytes(model)))
+        if mode is None and not args.skip_compiled:
+            sides.append(Ours(f"{name} compiled", Engine(model, compile=True), decode_read_bytes(model)))
+    fp32_bytes = sides[0].read_bytes
+    if not args.skip_transformers:
+        sides.append(Transformers(folder, fp32_bytes))
+    converter = Path(args.convert)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        notes.append("llama-cpp-python is not installed: no llama.cpp rows")
+        return sides, notes
+    if not converter.is_file():
+        notes.append(f"no convert_hf_to_gguf.py at {converter}: no llama.cpp rows")
+        return sides, notes
+    q8_bytes = fp32_bytes // 4 * 34 // 32  # q8_0: 32 int8 weights + one fp16 scale per block
+    for outtype, name, read_bytes in (("f32", "llama.cpp f32", fp32_bytes), ("q8_0", "llama.cpp q8_0", q8_bytes)):
+        gguf = convert_to_gguf(converter, folder, outtype, workdir / f"model-{outtype}.gguf")
+        sides.append(LlamaCpp(name, gguf, args.threads, read_bytes))
+    return sides, notes
+
+
+# ---------------------------------------------------------------------- the run
+def run(args) -> tuple[list[dict], list[str]]:
+    from gpt2chat.checkpoint import init_checkpoint
+
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.set_num_threads(args.threads)
-    bandwidth = copy_bandwidth()
+    bandwidth_before = read_bandwidth()
+    generator = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="gpt2chat-decode-") as tmp:
+        folder = init_checkpoint(args.arch, Path(tmp) / args.arch, seed=0)
+        vocab = 50257
+        prompt = torch.randint(0, vocab, (32,), generator=generator).tolist()
+        prefill_prompts = {n: torch.randint(0, vocab, (n,), generator=generator).tolist() for n in PREFILL_LENGTHS}
+        sides, notes = build_sides(args, folder, Path(tmp))
+        for side in sides:  # warm-up: first allocations, the compiled step's compilation, llama.cpp's buffers
+            side.decode(prompt, 8)
+            side.prefill(prefill_prompts[PREFILL_LENGTHS[0]])
+        decode = {side.name: [] for side in sides}
+        prefill = {(side.name, n): [] for side in sides for n in PREFILL_LENGTHS}
+        tokens = {}
+        for repeat in range(args.repeats):
+            shift = repeat % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                rate, tokens[side.name] = side.decode(prompt, args.new_tokens)
+                decode[side.name].append(rate)
+                for n in PREFILL_LENGTHS:
+                    prefill[(side.name, n)].append(side.prefill(prefill_prompts[n]))
+        for side in sides:
+            if hasattr(side, "close"):
+                side.close()
+    bandwidth = max(bandwidth_before, read_bandwidth())
+    reference = tokens.get("ours fp32", [])
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        init_checkpoint(args.arch, folder, seed=0)
-        generator = torch.Generator().manual_seed(0)
-        for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
-            model, tokenizer = load_model(folder, device="cpu", dtype=dtype)
-            engine = Engine(model, device="cpu", dtype=dtype)
-            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-            hf_model.generation_config.eos_token_id = None  # never stop early: exactly new_tokens each
-            hf_model.generation_config.pad_token_id = tokenizer.pad_token_id
-            prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=generator).tolist()
-            params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
-
-            time_ours(engine, prompt, params.replace(max_new_tokens=8))  # warm-up both
-            time_theirs(hf_model, prompt, 8)
-            ours_times, theirs_times = [], []
-            same = None
-            for repeat in range(args.repeats):
-                first, second = ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours")
-                for side in (first, second):
-                    if side == "ours":
-                        elapsed, ours_tokens = time_ours(engine, prompt, params)
-                        ours_times.append(elapsed)
-                    else:
-                        elapsed, theirs_tokens = time_theirs(hf_model, prompt, args.new_tokens)
-                        theirs_times.append(elapsed)
-                if same is None:
-                    agree = sum(a == b for a, b in zip(ours_tokens, theirs_tokens, strict=True))
-                    same = agree / args.new_tokens
-            ours_tps = args.new_tokens / statistics.median(ours_times)
-            theirs_tps = args.new_tokens / statistics.median(theirs_times)
-            per_token = weight_bytes_per_token(model)
-            bound = bandwidth / per_token
-            rows.append({
-                "benchmark": "decode", "arch": args.arch, "dtype": dtype_name, "threads": args.threads,
-                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "ours_tokens_per_s": round(ours_tps, 2), "theirs_tokens_per_s": round(theirs_tps, 2),
-                "ratio": round(ours_tps / theirs_tps, 3),
-                "greedy_tokens_agree": round(same, 3),
-                "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-                "weight_mb_per_token": round(per_token / 1e6, 1),
-                "bandwidth_bound_tokens_per_s": round(bound, 2),
-                "ours_fraction_of_bound": round(ours_tps / bound, 3),
-                "theirs_fraction_of_bound": round(theirs_tps / bound, 3),
-                "ours_runs_s": [round(t, 3) for t in ours_times],
-                "theirs_runs_s": [round(t, 3) for t in theirs_times],
-            })  # fmt: skip
-            del model, engine, hf_model
-    return rows
+    for side in sides:
+        rate = statistics.median(decode[side.name])
+        bound = bandwidth / side.read_bytes
+        same = sum(a == b for a, b in zip(tokens[side.name], reference, strict=False)) / max(1, len(reference))
+        rows.append({
+            "benchmark": "decode", "side": side.name, "arch": args.arch, "threads": args.threads,
+            "repeats": args.repeats, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+            "decode_tokens_per_s": round(rate, 2),
+            **{f"prefill{n}_tokens_per_s": round(statistics.median(prefill[(side.name, n)]), 1)
+               for n in PREFILL_LENGTHS},
+            "weight_mb_read_per_token": round(side.read_bytes / 1e6, 1),
+            "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+            "bound_tokens_per_s": round(bound, 2), "fraction_of_bound": round(rate / bound, 3),
+            "greedy_tokens_agree_with_ours_fp32": round(same, 3),
+            "decode_runs": [round(r, 2) for r in decode[side.name]],
+        })  # fmt: skip
+    by_name = {row["side"]: row for row in rows}
+    for row in rows:  # the ratios the targets are stated in
+        peer = {"ours fp32": "llama.cpp f32", "ours fp32 compiled": "llama.cpp f32", "ours fp16": "llama.cpp f32",
+                "ours int8": "llama.cpp q8_0"}.get(row["side"])  # fmt: skip
+        if peer in by_name:
+            row["vs_peer"] = peer
+            row["decode_ratio"] = round(row["decode_tokens_per_s"] / by_name[peer]["decode_tokens_per_s"], 3)
+            for n in PREFILL_LENGTHS:
+                key = f"prefill{n}_tokens_per_s"
+                row[f"prefill{n}_ratio"] = round(row[key] / by_name[peer][key], 3)
+    return rows, notes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="gpt2", help="model preset (default gpt2 = the 124M shape)")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--convert", default=os.environ.get("GPT2CHAT_CONVERT_HF_TO_GGUF", DEFAULT_CONVERTER),
+                        help="llama.cpp's convert_hf_to_gguf.py")  # fmt: skip
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-compiled", action="store_true", help="no row for the compiled decode step")
     args = parser.parse_args()
-    rows = run(args)
-    print(
-        "| dtype | ours tok/s | transformers tok/s | ratio | bound tok/s (copy GB/s) | ours % of bound | greedy agree |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    rows, notes = run(args)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    for note in notes:
+        print(f"note: {note}")
+    print("\n| side | decode tok/s | vs peer | prefill 32 tok/s | prefill 512 tok/s | vs peer (32 / 512) | "
+          "MB read/token | % of read bound | tokens = ours fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['ours_tokens_per_s']:.1f} | {r['theirs_tokens_per_s']:.1f} | "
-              f"{r['ratio']:.2f}x | {r['bandwidth_bound_tokens_per_s']:.1f} ({r['copy_bandwidth_gb_s']:.1f}) | "
-              f"{100 * r['ours_fraction_of_bound']:.0f}% | {100 * r['greedy_tokens_agree']:.0f}% |")  # fmt: skip
-    for r in rows:
-        print(json.dumps(r))
+        ratio = f"{r['decode_ratio']:.2f}x {r['vs_peer']}" if "decode_ratio" in r else ""
+        prefill_ratio = f"{r['prefill32_ratio']:.2f}x / {r['prefill512_ratio']:.2f}x" if "decode_ratio" in r else ""
+        print(f"| {r['side']} | {r['decode_tokens_per_s']:.1f} | {ratio} | {r['prefill32_tokens_per_s']:.0f} | "
+              f"{r['prefill512_tokens_per_s']:.0f} | {prefill_ratio} | {r['weight_mb_read_per_token']:.0f} | "
+              f"{100 * r['fraction_of_bound']:.0f}% | {100 * r['greedy_tokens_agree_with_ours_fp32']:.0f}% |")
+    print(f"\nread bandwidth (best 1 GiB sum): {rows[0]['read_bandwidth_gb_s']} GB/s" if rows else "")
 
 
 if __name__ == "__main__":

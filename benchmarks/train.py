@@ -59,7 +59,7 @@ def load_examples(kind: str, specs: list[str], tokenizer, n: int):
     if kind == "sft":
         train, _, _ = build_sft_examples(specs, tokenizer, "llama3-context", Budgets.sft(SEQ), val_fraction=0.0)
     else:
-        budgets = Budgets(max_prompt_tokens=256, max_response_tokens=256, max_length=SEQ)
+        budgets = Budgets(max_prompt_length=256, max_response_length=256, max_length=SEQ)
         train, _, _ = build_preference_examples(specs, tokenizer, "llama3-context", budgets, val_fraction=0.0)
     return train[:n]
 

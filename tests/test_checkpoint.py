@@ -168,8 +168,18 @@ def test_dtype_and_device(saved_tiny):
     model, _ = load_model(str(saved_tiny), device="cpu", dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.transformer.wte.weight.device.type == "cpu"
-    with pytest.raises(CheckpointError, match="unsupported dtype 'int8'"):
+    with pytest.raises(Gpt2ChatError, match="unsupported dtype 'int8'"):
         load_model(saved_tiny, device="cpu", dtype="int8")
+
+
+def test_saved_files_are_readable_by_others_like_save_pretrained_writes_them(tokenizer, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_pretrained(our_model("tiny", len(tokenizer)), tokenizer, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ckpt").iterdir()}
+    assert len(modes) >= 7 and set(modes.values()) == {"0o644"}, modes
 
 
 def test_save_refuses_tokenizer_larger_than_embedding(tokenizer, tmp_path):

@@ -61,7 +61,7 @@ def test_generate_greedy_equals_transformers(tiny_checkpoint, capsys):
 
 def test_generate_seeded_sampling_repeats(tiny_checkpoint, capsys):
     args = ["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12",
-            "--preset", "seed004", "--seed", "11"]  # fmt: skip
+            "--preset", "chat", "--seed", "11"]  # fmt: skip
     outputs = []
     for _ in range(2):
         assert main(args) == 0

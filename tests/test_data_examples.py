@@ -86,8 +86,8 @@ def test_reply_that_cannot_fit_is_dropped_and_counted(tok):
     assert build_sft(tok, [c], "llama3-context", Budgets(max_length=64), drops=drops) == []
     assert drops == {"reply over max_length": 1}
     drops = Counter()
-    assert build_sft(tok, [c], "plain", Budgets(max_response_tokens=10, max_length=512), drops=drops) == []
-    assert drops == {"reply over max_response_tokens": 1}
+    assert build_sft(tok, [c], "plain", Budgets(max_response_length=10, max_length=512), drops=drops) == []
+    assert drops == {"reply over max_response_length": 1}
 
 
 def test_long_last_user_turn_is_dropped_not_cut(tok):
@@ -138,4 +138,4 @@ def test_preference_budgets_like_seed_002(tok):
     assert truncations == {"chosen reply cut": 1}
     drops = Counter()
     assert build_preferences(tok, [pair(["too long " * 100])], "plain", Budgets.preference(), drops) == []
-    assert drops == {"last user turn over max_prompt_tokens": 1}
+    assert drops == {"last user turn over max_prompt_length": 1}

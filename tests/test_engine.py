@@ -190,6 +190,17 @@ def test_cancel_frees_the_slot(model):
         assert waiting.finish_reason == "length"
 
 
+def test_a_free_row_takes_a_request_even_with_no_queue(model):
+    with BatchedEngine(model, max_batch_size=1, max_queue=0) as batched:
+        first = batched.submit([11], SamplingParams(temperature=0, max_new_tokens=200))
+        next(iter(first))
+        with pytest.raises(QueueFullError):
+            batched.submit([12], GREEDY)
+        first.cancel()
+        first.wait(5)
+        assert len(list(batched.submit([12], GREEDY))) == GREEDY.max_new_tokens
+
+
 def test_queue_full_raises(model):
     long = SamplingParams(temperature=0, max_new_tokens=240)
     with BatchedEngine(model, max_batch_size=1, max_queue=1) as batched:
@@ -263,22 +274,18 @@ def test_close_cancels_unfinished(model):
         batched.submit(PROMPTS[0], GREEDY)
 
 
-def test_decode_layout_keeps_values_and_saving_works(tmp_path, tiny_checkpoint):
-    from gpt2chat.checkpoint import load_model, save_pretrained
+def test_building_and_using_an_engine_leaves_the_model_as_it_was(tiny_checkpoint):
+    from gpt2chat.checkpoint import load_model
 
-    model, tokenizer = load_model(tiny_checkpoint, device="cpu")
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    plain = Engine(load_model(tiny_checkpoint, device="cpu")[0], decode_layout=False)
-    engine = Engine(model)  # CPU fp32: Linear weights re-strided
-    assert not model.transformer.h[0].mlp.c_fc.weight.is_contiguous()
-    assert model.lm_head.weight is model.transformer.wte.weight
+    model, _ = load_model(tiny_checkpoint, device="cpu")
+    before = {name: (p.detach().clone(), p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    Engine(model).generate(PROMPTS, GREEDY)
+    with BatchedEngine(model, max_batch_size=2) as batched:
+        list(batched.submit(PROMPTS[0], GREEDY))
     for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), name
-    assert engine.generate(PROMPTS, GREEDY)[0].token_ids == plain.generate(PROMPTS, GREEDY)[0].token_ids
-    save_pretrained(model, tokenizer, tmp_path / "again")
-    reloaded, _ = load_model(tmp_path / "again", device="cpu")
-    for name, p in reloaded.named_parameters():
-        assert torch.equal(p, before[name]), name
+        value, pointer, stride = before[name]
+        assert torch.equal(p, value) and p.data_ptr() == pointer and p.stride() == stride, name
+    assert not model.training and model.lm_head.weight is model.transformer.wte.weight
 
 
 # ---------------------------------------------------------------------- logprobs and timing
@@ -289,6 +296,14 @@ def reference_logprobs(model, prompt, tokens):
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens]))[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def assert_same_entries(ours, theirs):
+    assert [(e.token_id, [t for t, _ in e.top]) for e in ours] == [
+        (e.token_id, [t for t, _ in e.top]) for e in theirs
+    ]
+    values = [[e.logprob, *(v for _, v in e.top)] for e in ours]
+    assert values == [pytest.approx([e.logprob, *(v for _, v in e.top)], abs=1e-4) for e in theirs]
 
 
 def assert_entry(entry, logp_row, token, k):
@@ -350,7 +365,7 @@ def test_batched_logprobs_arrive_before_their_token(model, engine):
     assert [e.logprob for e in request.logprobs] == pytest.approx(
         [e.logprob for e in expected.logprobs], abs=1e-4
     )
-    assert [e.top for e in request.prompt_logprobs[1:]] == [e.top for e in expected.prompt_logprobs[1:]]
+    assert_same_entries(request.prompt_logprobs[1:], expected.prompt_logprobs[1:])
     assert other.logprobs == [] and other.prompt_logprobs == []
 
 
@@ -380,3 +395,176 @@ def test_counters(model):
         assert batched.active_count == 1 and batched.pending_count == 1
         running.cancel()
         list(waiting)
+
+
+# ---------------------------------------------------------------------- the scheduler
+
+
+def test_chunked_prefill_equals_whole_prefill(model, engine):
+    params = GREEDY.replace(logprobs=2, prompt_logprobs=2)
+    whole = engine.generate(PROMPTS, params)
+    chunked = Engine(model, prefill_tokens=3).generate(PROMPTS, params)  # every prompt over several steps
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-4)
+        assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+        assert_same_entries(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding(model, engine):
+    long_prompt = [(7 * i) % 500 for i in range(200)]
+    expected = engine.generate([long_prompt], GREEDY)[0].token_ids
+    chunked = Engine(model, prefill_tokens=8)
+    running = chunked.stream(PROMPTS[0], GREEDY)
+    first = [next(running)]
+    waiting = chunked.submit(long_prompt, GREEDY)
+    for _ in range(10):  # each next() is one step: one token for the stream, 8 prompt tokens for the other
+        first.append(next(running))
+    assert waiting.token_ids == [] and waiting.first_token_at is None
+    first += list(running)
+    assert first == engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    while not waiting.done:
+        chunked.step()
+    assert waiting.token_ids == expected
+
+
+def test_new_prompts_of_different_lengths_are_prefilled_in_one_forward(model, engine):
+    prefills = []
+    hook = model.register_forward_hook(
+        lambda module, args, out: prefills.append(args[0].shape) if args[0].shape[-1] > 1 else None
+    )
+    try:
+        together = Engine(model, max_batch_size=4).generate(PROMPTS, GREEDY.replace(max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert prefills == [(1, sum(len(p) for p in PROMPTS))]  # one packed row, no padding
+    assert [r.token_ids for r in together] == [
+        r.token_ids for r in engine.generate(PROMPTS, GREEDY.replace(max_new_tokens=3))
+    ]
+
+
+def test_more_prompts_than_rows_queue_and_equal_single_rows(model, engine):
+    mixed = [GREEDY, GREEDY.replace(repetition_penalty=1.4), SamplingParams(top_k=8, seed=4, max_new_tokens=24),
+             GREEDY.replace(max_new_tokens=7)] * 2  # fmt: skip
+    prompts = PROMPTS * 2
+    small = Engine(model, max_batch_size=3)
+    together = small.generate(prompts, mixed)
+    for prompt, params, result in zip(prompts, mixed, together, strict=True):
+        assert result.token_ids == engine.generate([prompt], params)[0].token_ids
+    assert small.scheduler.active_count == 0 and small.scheduler.pending_count == 0
+
+
+def test_closed_stream_frees_its_row_at_once(model):
+    engine = Engine(model, max_batch_size=1)
+    stream = engine.stream(PROMPTS[0], GREEDY)
+    next(stream)
+    assert engine.scheduler.active_count == 1
+    stream.close()
+    assert engine.scheduler.active_count == 0 and stream.finish_reason == "cancelled"
+    assert list(stream) == []
+    abandoned = engine.stream(PROMPTS[1], GREEDY)
+    next(abandoned)
+    del abandoned  # dropped unread: its row goes back at the next step, no more tokens computed for it
+    assert engine.generate([PROMPTS[2]], GREEDY)[0].token_ids
+    assert engine.scheduler.active_count == 0
+
+
+def test_finished_or_cancelled_batched_row_is_free_when_the_request_ends(model):
+    long = SamplingParams(temperature=0, max_new_tokens=200)
+    with BatchedEngine(model, max_batch_size=2) as batched:
+        done = batched.submit(PROMPTS[0], GREEDY)
+        list(done)
+        assert batched.active_count == 0  # the row is freed before the end of the stream is delivered
+        running = batched.submit(PROMPTS[1], long)
+        next(iter(running))
+        running.cancel()
+        assert running.wait(5) and running.finish_reason == "cancelled"
+        assert batched.active_count == 0
+        assert running.completion_tokens < long.max_new_tokens
+
+
+def fail_next_decode(runner):
+    decode = runner.decode
+
+    def fail_once(*args):
+        runner.decode = decode
+        raise RuntimeError("boom")
+
+    runner.decode = fail_once
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, engine):
+    expected = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    broken = Engine(model)
+    fail_next_decode(broken.runner)
+    with pytest.raises(RuntimeError, match="boom"):
+        broken.generate([PROMPTS[0], PROMPTS[1]], GREEDY)
+    assert broken.scheduler.active_count == 0
+    assert broken.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected
+
+    with BatchedEngine(model, max_batch_size=2) as batched:
+        fail_next_decode(batched.runner)
+        failing = batched.submit(PROMPTS[0], GREEDY)
+        with pytest.raises(RuntimeError, match="boom"):
+            list(failing)
+        assert failing.finish_reason == "error"
+        assert list(batched.submit(PROMPTS[0], GREEDY)) == expected
+
+
+def test_the_engine_never_moves_the_model(model):
+    with pytest.raises(Gpt2ChatError, match="bfloat16"):
+        Engine(model, dtype=torch.bfloat16)
+    model.train()
+    try:
+        with pytest.raises(Gpt2ChatError, match="eval"):
+            BatchedEngine(model)
+    finally:
+        model.eval()
+
+
+# ---------------------------------------------------------------------- the static-shape decode step
+
+
+def static_engine(model, **kwargs) -> Engine:
+    """An engine whose decode step is the static-shape one (the graph torch.compile gets), run eagerly."""
+    engine = Engine(model, **kwargs)
+    engine.runner._compiled = engine.runner._static_step
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-neo"])
+def test_static_decode_step_equals_the_eager_one(tmp_path, arch):
+    from gpt2chat.checkpoint import init_checkpoint, load_model
+
+    model, _ = load_model(init_checkpoint(arch, tmp_path / arch, seed=1), device="cpu")
+    long_prompt = [(11 * i) % 300 for i in range(40)]  # longer than tiny-neo's local window (16)
+    prompts = [*PROMPTS, long_prompt]
+    params = GREEDY.replace(max_new_tokens=30, logprobs=1)
+    eager = Engine(model).generate(prompts, params)
+    static = static_engine(model, max_batch_size=3).generate(prompts, params)  # 5 prompts over 3 rows
+    for a, b in zip(eager, static, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-4)
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(model, engine, caplog):
+    expected = engine.generate(PROMPTS, GREEDY)
+    fallback = Engine(model)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    fallback.runner._compiled = broken
+    with caplog.at_level("WARNING"):
+        results = fallback.generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert "decoding eagerly" in caplog.text and fallback.runner._compiled is None
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(model, engine):
+    pytest.importorskip("torch._inductor")
+    expected = engine.generate(PROMPTS, GREEDY)
+    compiled = Engine(model, compile=True)
+    assert [r.token_ids for r in compiled.generate(PROMPTS, GREEDY)] == [r.token_ids for r in expected]
+    assert compiled.runner._compiled is not None  # it did not fall back

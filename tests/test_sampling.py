@@ -10,9 +10,9 @@ from gpt2chat.sampling import (
     SAMPLING_PRESETS,
     SamplingParams,
     get_preset,
-    make_generator,
     process_logits,
     sample_next,
+    seeded_uniforms,
 )
 
 VOCAB = 1000
@@ -55,10 +55,10 @@ def test_params_normalise_and_replace():
 
 def test_presets():
     assert SAMPLING_PRESETS["greedy"].greedy
-    seed004 = get_preset("seed004")
-    assert (seed004.temperature, seed004.top_k, seed004.top_p) == (0.9, 30, 0.95)
-    seed001 = get_preset("seed001")
-    assert (seed001.top_k, seed001.top_p) == (35, 0.80)
+    chat = get_preset("chat")  # seed 004's chatbot settings
+    assert (chat.temperature, chat.top_k, chat.top_p) == (0.9, 30, 0.95)
+    focused = get_preset("focused")  # seed 001's
+    assert (focused.temperature, focused.top_k, focused.top_p) == (1.0, 35, 0.80)
     with pytest.raises(Gpt2ChatError, match="unknown sampling preset"):
         get_preset("nope")
 
@@ -137,11 +137,9 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k():
     logits = torch.randn(3, VOCAB)
     params = SamplingParams(temperature=1.0, top_k=3, seed=123)
     allowed = torch.topk(logits, 3).indices
-    draws = []
-    for _ in range(2):
-        generator = make_generator(params.seed)
-        draws.append([sample_next(logits, None, params, generator).tolist() for _ in range(20)])
+    draws = [[sample_next(logits, None, params, [step] * 3).tolist() for step in range(20)] for _ in range(2)]
     assert draws[0] == draws[1]
+    assert len({tuple(step) for step in draws[0]}) > 1  # the draw number moves the uniform
     for step in draws[0]:
         for row, token in enumerate(step):
             assert token in allowed[row].tolist()
@@ -149,36 +147,61 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k():
 
 def test_sample_distribution_follows_softmax():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    generator = make_generator(0)
     counts = torch.zeros(3)
-    params = SamplingParams(temperature=1.0)
-    for _ in range(3000):
-        counts[sample_next(logits, None, params, generator)[0]] += 1
+    params = SamplingParams(temperature=1.0, seed=0)
+    for step in range(3000):
+        counts[sample_next(logits, None, params, [step])[0]] += 1
     assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
 
 
-def test_mixed_rows_and_per_row_generators():
+def test_seeded_uniforms_are_uniform_and_independent_per_seed():
+    draws = torch.arange(20000)
+    for seed in (0, 1, 2**40 + 7, -5):
+        u = seeded_uniforms(torch.full_like(draws, seed), draws)
+        assert 0 < u.min() and u.max() < 1
+        assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+        histogram = torch.histc(u.float(), bins=10, min=0, max=1) / len(u)
+        assert torch.allclose(histogram, torch.full((10,), 0.1), atol=0.01)
+    a = seeded_uniforms(torch.zeros_like(draws), draws)
+    b = seeded_uniforms(torch.ones_like(draws), draws)
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.03
+    lag = torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1]  # consecutive draws of one seed
+    assert abs(lag) < 0.03
+
+
+def test_mixed_rows_and_per_row_seeds():
     torch.manual_seed(0)
     logits = torch.randn(3, VOCAB)
     rows = [SamplingParams(temperature=0), SamplingParams(top_k=5, seed=1), SamplingParams(top_k=5, seed=2)]
-    first = sample_next(logits, None, rows, [None, make_generator(1), make_generator(2)])
-    second = sample_next(logits, None, rows, [None, make_generator(1), make_generator(2)])
-    assert torch.equal(first, second)
+    first = sample_next(logits, None, rows, [4, 4, 4])
+    assert torch.equal(first, sample_next(logits, None, rows, [4, 4, 4]))
     assert first[0] == logits[0].argmax()
-    # each row's draw depends only on its own generator
-    alone = sample_next(logits[1:2], None, rows[1], make_generator(1))
+    # each row's draw depends only on its own seed and draw number, not on the rows beside it
+    alone = sample_next(logits[1:2], None, rows[1], [4])
     assert alone[0] == first[1]
+    reordered = sample_next(logits[[2, 1]], None, [rows[2], rows[1]], [4, 4])
+    assert reordered.tolist() == [first[2], first[1]]
 
 
-def test_per_row_generators_sample_each_rows_distribution_and_never_a_masked_token():
-    """The batched engine's path (one generator per row) draws from each row's own distribution."""
+def test_unseeded_rows_use_the_global_generator_like_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(2, VOCAB)
+    params = SamplingParams(top_k=50)
+    scores = process_logits(logits, None, params)
+    torch.manual_seed(9)
+    theirs = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+    torch.manual_seed(9)
+    assert torch.equal(sample_next(logits, None, params), theirs)
+
+
+def test_per_row_seeds_sample_each_rows_distribution_and_never_a_masked_token():
+    """The batched engine's path (rows with their own seeds) draws from each row's own distribution."""
     probs = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0, 0.9]])
     logits = torch.log(probs.clamp_min(1e-38)).masked_fill(probs == 0, float("-inf"))
-    params = SamplingParams(temperature=1.0)
-    generators = [make_generator(11), make_generator(12)]
+    rows = [SamplingParams(temperature=1.0, seed=11), SamplingParams(temperature=1.0, seed=12)]
     counts = torch.zeros(2, 5)
-    for _ in range(800):
-        draw = sample_next(logits, None, [params, params], generators)
+    for step in range(800):
+        draw = sample_next(logits, None, rows, [step, step])
         counts[0, draw[0]] += 1
         counts[1, draw[1]] += 1
     assert counts[:, [3]].sum() == 0 and counts[0, 4] == 0 and counts[1, :2].sum() == 0

@@ -65,6 +65,30 @@ def test_flags_override_the_stage_table_which_overrides_shared_keys(tmp_path):
     assert (orpo.lr, orpo.beta) == (3e-3, 0.2)
 
 
+def test_every_config_field_is_a_flag_of_the_training_commands():
+    """The flags come from the TrainConfig fields: each one (but the objective) parses into the config."""
+    import dataclasses
+
+    from gpt2chat.cli import build_parser
+    from gpt2chat.cli.train import _overrides
+    from gpt2chat.train.config import TrainConfig
+
+    samples = {"int": "3", "float": "0.5", "str": "x"}
+    parser = build_parser()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "objective":
+            continue
+        assert f.metadata["help"], f.name
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split(" | ")[0]
+        argv = [flag] if kind == "bool" else [flag, "a", "b"] if f.name == "lora_targets" else [flag, samples.get(kind, "v")]
+        args = parser.parse_args(["dpo", *argv])
+        expected = {"bool": True, "int": 3, "float": 0.5}.get(kind, ["a", "b"] if f.name == "lora_targets" else
+                                                          ["v"] if f.name == "data" else samples.get(kind, "v"))
+        assert _overrides(args)[f.name] == expected, f.name
+    args = parser.parse_args(["sft", "--no-pack", "--resume"])
+    assert (_overrides(args)["pack"], _overrides(args)["resume"], _overrides(args)["lr"]) == (False, "last", None)
+
+
 def test_objective_mismatch_and_both_preference_stages(tmp_path):
     with pytest.raises(ConfigError, match="objective = 'dpo' but the command is 'sft'"):
         build_config("sft", read_recipe(write(tmp_path, 'objective = "dpo"\ndata = ["a:b"]\n')))
@@ -78,7 +102,7 @@ def test_fingerprint_ignores_bookkeeping_but_not_training_keys():
     assert base.fingerprint() != build_config("sft", {"data": ["a:b"]}, {"lr": 1e-3}).fingerprint()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "gpt2chat", "dpo-seed002", "lora-sft-seed003", "neo-lora-seed004"])
+@pytest.mark.parametrize("name", ["quickstart", "gpt2chat", "dpo-ultrafeedback", "lora-sft-oasst1", "neo-lora-guanaco"])
 def test_shipped_recipes_are_valid(name):
     recipe = read_recipe(CONFIGS / f"{name}.toml")
     for stage in recipe_stages(recipe):
@@ -86,16 +110,16 @@ def test_shipped_recipes_are_valid(name):
         assert cfg.data and cfg.out
 
 
-def test_seed002_recipe_has_the_seed_hyperparameters():
-    cfg = build_config("dpo", read_recipe(CONFIGS / "dpo-seed002.toml"))
+def test_dpo_ultrafeedback_recipe_has_seed_002s_hyperparameters():
+    cfg = build_config("dpo", read_recipe(CONFIGS / "dpo-ultrafeedback.toml"))
     assert (cfg.beta, cfg.max_prompt_length, cfg.max_response_length, cfg.max_length) == (0.1, 96, 64, 160)
     assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.max_grad_norm, cfg.epochs, cfg.seed) == (
         4, 4, 1e-5, 1.0, 1.0, 13)
     assert cfg.template == "plain" and cfg.precompute_ref
 
 
-def test_seed004_recipe_has_the_seed_hyperparameters():
-    cfg = build_config("sft", read_recipe(CONFIGS / "neo-lora-seed004.toml"))
+def test_neo_lora_guanaco_recipe_has_seed_004s_hyperparameters():
+    cfg = build_config("sft", read_recipe(CONFIGS / "neo-lora-guanaco.toml"))
     assert (cfg.lr, cfg.max_steps, cfg.warmup_ratio, cfg.schedule, cfg.max_length) == (2e-4, 500, 0.03, "constant", 512)
     assert (cfg.batch_size, cfg.grad_accum) == (4, 4) and cfg.lora_r > 0
 

@@ -16,7 +16,7 @@ import torch
 from gpt2chat.config import get_preset
 from gpt2chat.losses import sequence_logps, sft_loss
 from gpt2chat.model import GPT
-from gpt2chat.train import checkpointing as ckpt
+from gpt2chat.train import training_state
 from gpt2chat.train.batching import BatchPlan, collate_preferences, collate_sft, epoch_order, pack_rows
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.distributed import DistState
@@ -77,10 +77,6 @@ def write_model(model, folder: Path) -> None:
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "weights.pt")
 
 
-def load_weights(model, folder: Path) -> None:
-    model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-
-
 def make_trainer(tmp: Path, examples, kind="sft", objective=None, model=None, name=None, **overrides) -> Trainer:
     values = dict(objective=name or ("sft" if kind == "sft" else "orpo"), data=["synthetic"], out=str(tmp), lr=3e-3,
                   batch_size=4, grad_accum=1, max_steps=12, schedule="constant", max_length=64,
@@ -106,7 +102,7 @@ def test_sft_loss_goes_down(tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 21))
     assert (tmp_path / "loss.png").stat().st_size > 1000
-    assert ckpt.list_checkpoints(tmp_path)[-1].name == "step-0000020"
+    assert training_state.list_checkpoints(tmp_path)[-1].name == "step-0000020"
 
 
 def test_orpo_and_dpo_learn_the_preference(tmp_path):
@@ -183,31 +179,12 @@ def test_pad_is_never_a_target_and_is_not_eos():
     assert bool((batch.attention_mask.sum(1) == torch.tensor([len(e.input_ids) for e in examples])).all())
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    examples = sft_examples(64)
-    common = dict(max_steps=8, save_every=2, schedule="cosine", warmup_steps=2, dropout=0.1)
-    full = make_trainer(tmp_path / "full", examples, model=tiny_model(), **common).fit()
-
-    interrupted = make_trainer(tmp_path / "part", examples, model=tiny_model(), stop_after_steps=4, **common).fit()
-    assert interrupted.stopped_early and len(interrupted.history) == 4
-    last = ckpt.list_checkpoints(tmp_path / "part")[-1]
-    assert last.name == "step-0000004"
-    model = tiny_model(seed=123)               # different init: the weights must come from the checkpoint
-    load_weights(model, last)
-    resumed = make_trainer(tmp_path / "part", examples, model=model, **common).fit(resume_from=last)
-    assert [r["step"] for r in resumed.history] == [5, 6, 7, 8]
-    records = [r for r in read_metrics(tmp_path / "part" / "metrics.jsonl") if r["split"] == "train"]
-    assert [r["step"] for r in records] == list(range(1, 9))
-    for a, b in zip(losses_of(full), [r["loss"] for r in records], strict=True):
-        assert a == pytest.approx(b, abs=1e-6)
-
-
 def test_resume_from_another_run_is_refused(tmp_path):
     examples = sft_examples(32)
     make_trainer(tmp_path, examples, max_steps=2).fit()
-    last = ckpt.list_checkpoints(tmp_path)[-1]
+    last = training_state.list_checkpoints(tmp_path)[-1]
     other = make_trainer(tmp_path, examples, max_steps=2, lr=1e-2)
-    with pytest.raises(ckpt.ResumeError, match="another run.*lr"):
+    with pytest.raises(training_state.ResumeError, match="another run.*lr"):
         other.fit(resume_from=last)
 
 
@@ -225,9 +202,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = make_trainer(tmp_path, sft_examples(64), objective=Poisoned(), max_steps=10, save_every=2)
     with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*step-0000004"):
         trainer.fit()
-    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    names = [p.name for p in training_state.list_checkpoints(tmp_path)]
     assert names[-1] == "step-0000004"
-    state, _ = ckpt.read_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])
+    state, _ = training_state.read_checkpoint(training_state.list_checkpoints(tmp_path)[-1])
     assert state["step"] == 4
 
 
@@ -235,7 +212,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     make_trainer(tmp_path, sft_examples(64), max_steps=10, save_every=2, keep_last=2).fit()
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-0000008", "step-0000010"]
-    state, tensors = ckpt.read_checkpoint(root / "step-0000010")
+    state, tensors = training_state.read_checkpoint(root / "step-0000010")
     assert state["step"] == 10 and "optimizer" in tensors and "rng" in tensors
 
 
@@ -292,7 +269,7 @@ def assert_same_step(expected: tuple, actual: tuple) -> None:
     (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = expected, actual
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
     for key in metrics_a:
-        assert metrics_b[key] == pytest.approx(metrics_a[key], abs=1e-4)
+        assert float(metrics_b[key]) == pytest.approx(float(metrics_a[key]), abs=1e-4)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 

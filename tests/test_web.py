@@ -30,8 +30,10 @@ import pytest
 
 from gpt2chat.serve import schemas
 
-sync_api = pytest.importorskip("playwright.sync_api")
-expect, sync_playwright = sync_api.expect, sync_api.sync_playwright
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the browser tests skip (see `browser`); the node unit tests still run
+    expect = sync_playwright = None
 
 CHROMIUM = os.environ.get("GPT2CHAT_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -121,6 +123,8 @@ def build_endless_checkpoint(out: Path) -> Path:
 def browser():
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
         pytest.skip(f"no chromium at {CHROMIUM}")
+    if sync_playwright is None:
+        pytest.skip("playwright is not installed")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
         yield browser
@@ -130,11 +134,11 @@ def browser():
 @pytest.fixture(scope="module")
 def servers(browser, tiny_checkpoint, tmp_path_factory):
     """Both servers start at once (each imports torch): `main` on the tiny model (context 256), `busy` on
-    the endless model with one row and a queue of one (--max-batch 1 --max-queue 1)."""
+    the endless model with one row and no queue (--max-batch 1 --max-queue 0)."""
     logs = tmp_path_factory.mktemp("serve-logs")
     main = ServeProcess(tiny_checkpoint, logs / "main.log", "--max-batch", "4", "--model-name", "tiny-random")
     endless = build_endless_checkpoint(tmp_path_factory.mktemp("endless"))
-    busy = ServeProcess(endless, logs / "busy.log", "--max-batch", "1", "--max-queue", "1",
+    busy = ServeProcess(endless, logs / "busy.log", "--max-batch", "1", "--max-queue", "0",
                         "--max-tokens-limit", str(ENDLESS_CONTEXT))
     try:
         yield {"main": main, "busy": busy}
@@ -481,13 +485,11 @@ def wait_for_outstanding(site: ServeProcess, count: int, timeout: float = 30) ->
 
 def test_a_full_server_a_stopped_reply_and_a_server_gone(busy_server, open_page):
     long = {"maxTokens": ENDLESS_CONTEXT - 100}
-    streaming, waiting, refused = (open_page(busy_server, settings=long) for _ in range(3))
+    streaming, refused = (open_page(busy_server, settings=long) for _ in range(2))
     send(streaming, "Tell me a long story")
     wait_until_streaming(streaming)
-    send(waiting, "Me next")  # queued for the only row
-    wait_for_outstanding(busy_server, 2)
 
-    send(refused, "Are you there?")  # one running and one waiting is all this server takes: a real 429
+    send(refused, "Are you there?")  # the only row is taken and nothing may wait: a real 429
     notice = refused.wait_for_selector(".notice")
     assert "busy" in notice.text_content()
     assert refused.input_value("#input") == "Are you there?"
@@ -496,20 +498,22 @@ def test_a_full_server_a_stopped_reply_and_a_server_gone(busy_server, open_page)
     streaming.click("#stop")
     wait_for_replies(streaming, 1)
     assert streaming.locator(".message.assistant .stats").text_content().endswith("· stopped")
-    wait_until_streaming(waiting)  # Stop freed the row at once and the waiting request got it
-    wait_for_outstanding(busy_server, 1)
+    wait_for_outstanding(busy_server, 0)  # Stop freed the row at once
 
+    refused.press("#input", "Enter")  # the kept text, sent as it is
+    wait_until_streaming(refused)
+    assert refused.locator(".notice").count() == 0
     busy_server.kill()
-    notice = waiting.wait_for_selector(".notice")
+    notice = refused.wait_for_selector(".notice")
     assert "connection to the server was lost" in notice.text_content()
-    wait_for_replies(waiting, 1)
-    assert len(waiting.locator(".message.assistant .content").text_content()) > 20  # what came is kept
-    assert waiting.locator(".message.assistant .stats").text_content().endswith("· cut off")
+    wait_for_replies(refused, 1)
+    assert len(refused.locator(".message.assistant .content").text_content()) > 20  # what came is kept
+    assert refused.locator(".message.assistant .stats").text_content().endswith("· cut off")
 
-    refused.press("#input", "Enter")
+    send(refused, "Still there?")
     expect(refused.locator(".notice")).to_contain_text("Cannot reach the server")
-    assert refused.input_value("#input") == "Are you there?"
-    assert refused.locator(".message").count() == 0
+    assert refused.input_value("#input") == "Still there?"
+    assert texts(refused, ".message.user .content") == ["Are you there?"]
 
 
 # ---- scripted replies: what a random model cannot be asked to write ----------------------------------

@@ -21,7 +21,7 @@ from gpt2chat.tokenizer import Tokenizer
 
 __all__ = ["ChatSession", "DEFAULT_CHAT_PARAMS"]
 
-DEFAULT_CHAT_PARAMS = SAMPLING_PRESETS["seed004"]
+DEFAULT_CHAT_PARAMS = SAMPLING_PRESETS["chat"]
 
 
 class ChatSession:

@@ -8,6 +8,7 @@ Conv1D weights are [in, out]; ours are nn.Linear [out, in], so they are transpos
 
 Everything read from disk or the hub is checked; problems raise `CheckpointError` naming the file and the
 tensor. This module knows nothing about training, sampling or chat.
+Size: about 410 lines: loading, hub resolution, saving and init of the one folder format stay together.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2chat.config import ConfigError, ModelConfig, get_preset
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.files import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -41,8 +42,6 @@ HUB_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_TIMEOUT_S = 10.0
 MAKE_ONE = "point --model at a local folder, or make one with `gpt2chat init --arch gpt2 --out DIR`"
-DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
-          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
 
 
 class CheckpointError(Gpt2ChatError):
@@ -140,15 +139,16 @@ def _has_weights(folder: Path) -> bool:
 def load_model(
     name_or_path: str | os.PathLike, device: str | torch.device | None = None, dtype: Any = None
 ) -> tuple[GPT, Tokenizer]:
-    """Load (model, tokenizer) from a checkpoint folder or hub id; model in eval mode on device / dtype."""
+    """Load (model, tokenizer) from a checkpoint folder or hub id; model in eval mode on device / dtype
+    (default: `gpt2chat.device`'s policy, CUDA in bf16 when present, else CPU in fp32)."""
     import torch
 
+    from gpt2chat.device import device_and_dtype
     from gpt2chat.model import GPT
 
     folder = resolve_checkpoint(name_or_path)
     config = read_config(folder)
-    torch_dtype = _torch_dtype(dtype)
-    device = torch.device(device) if device is not None else _default_device()
+    device, torch_dtype = device_and_dtype(device, dtype)
     state = _read_weights(folder)
     with torch.device("meta"):
         model = GPT(config)
@@ -175,25 +175,6 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: {exc}") from exc
     except TypeError as exc:  # a field of the wrong JSON type
         raise CheckpointError(f"{path}: bad value ({exc})") from exc
-
-
-def _default_device() -> torch.device:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _torch_dtype(dtype: Any) -> torch.dtype:
-    import torch
-
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = DTYPES.get(str(dtype).removeprefix("torch.").lower())
-    if name is None:
-        raise CheckpointError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
-    return getattr(torch, name)
 
 
 def _read_weights(folder: Path) -> dict[str, tuple[torch.Tensor, Path]]:
@@ -342,23 +323,6 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) into a temporary name in the same folder, then rename over `path`."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
-
-
 def save_pretrained(
     model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, template: str | None = None
 ) -> Path:
@@ -384,7 +348,7 @@ def save_pretrained(
         chat_template, stop_ids = _template_parts(template, tokenizer)
 
     weights = hf_state_dict(model)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     if chat_template is not None:
         tokenizer.save(out, chat_template=chat_template, template_name=template)
     else:
@@ -396,8 +360,8 @@ def save_pretrained(
                  "dtype": dtype_name, "torch_dtype": dtype_name}  # fmt: skip
     eos_ids = [eos, *[i for i in stop_ids if i != eos]]
     generation = {"bos_token_id": eos, "eos_token_id": eos_ids if len(eos_ids) > 1 else eos, "pad_token_id": pad}
-    _write_json(out / "generation_config.json", generation)
-    _write_json(out / "config.json", dict(sorted(hf_config.items())))  # last: marks the folder complete
+    write_json_atomic(out / "generation_config.json", generation)
+    write_json_atomic(out / "config.json", dict(sorted(hf_config.items())))  # last: marks the folder complete
     return out
 
 

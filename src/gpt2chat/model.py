@@ -1,5 +1,5 @@
 """Our GPT-2 / GPT-Neo in plain PyTorch: attention, MLP, block, the model, its weights; then the attention
-plans that say how the tokens of one forward attend, and the KV cache they read and write.
+plans that say how the tokens of one forward attend (the KV cache they read and write is in kv_cache.py).
 
 Module names mirror Hugging Face's, so `state_dict()` keys equal theirs (`transformer.h.0.attn.c_attn.weight`,
 `transformer.h.0.attn.attention.q_proj.weight` for Neo); every projection is an `nn.Linear`, so HF GPT-2's
@@ -7,9 +7,12 @@ Conv1D weights ([in, out]) must be transposed when loading / saving (checkpoint.
 
 `model(input_ids, plan)` returns logits. The plan (`AttentionPlan`) is built by the caller, outside the
 forward, from what it already knows: plain causal (the default), packed segments, shared-prompt branches, or
-rows of a KV cache whose lengths the caller tracks on the host. The forward therefore never reads a device
-tensor back to the host, and checks nothing about the ids: token ids and lengths are checked once, where they
-enter (the trainer's batch builder, the engine's prompt admission).
+rows of a KV cache whose lengths the caller tracks on the host (`for_cache`; chunks of several lengths
+packed in one row, `for_ragged_cache`; or, for a compiled decode step, fixed shapes with the positions on the
+device, `for_decode`). The forward therefore never reads a device tensor back to the host, and checks nothing
+about the ids: token ids and lengths are checked once, where they enter (the trainer's batch builder, the
+engine's prompt admission). The module is over 400 lines because the model and every layout it can be asked
+to attend in are one contract, kept side by side.
 
 This module knows nothing about files, tokenizers or sampling.
 """
@@ -17,18 +20,22 @@ This module knows nothing about files, tokenizers or sampling.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gpt2chat.block_masks import flex_available
 from gpt2chat.config import ModelConfig
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.kv_cache import CacheSlots, DecodeSlots, KVCache, RaggedSlots
 
-__all__ = ["GPT", "AttentionPlan", "KVCache", "ContextLengthError"]
+__all__ = ["GPT", "AttentionPlan", "KVCache", "ContextLengthError", "attention_kernel"]
 
 
 class ContextLengthError(Gpt2ChatError):
@@ -74,7 +81,9 @@ class Attention(nn.Module):
         if how.first_key:
             k, v = k[:, :, how.first_key :], v[:, :, how.first_key :]
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.is_neo:  # GPT-Neo: unscaled scores, computed in fp32 like HF
+        if how.block_mask is not None:
+            y = self._flex(q, k, v, how.block_mask, dropout_p)
+        elif self.is_neo:  # GPT-Neo: unscaled scores, computed in fp32 like HF
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=how.mask, dropout_p=dropout_p,
                 is_causal=how.is_causal, scale=1.0,
@@ -85,6 +94,18 @@ class Attention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.resid_dropout(self.out_proj(y) if self.is_neo else self.c_proj(y))
+
+    def _flex(self, q, k, v, block_mask, dropout_p: float) -> torch.Tensor:
+        from gpt2chat.block_masks import attend
+
+        if dropout_p:
+            raise ValueError(
+                "FlexAttention has no attention dropout: build the plan with kernel='dense' to train with "
+                "attention dropout (attention_kernel(model, device) chooses)"
+            )
+        if self.is_neo:
+            return attend(q.float(), k.float(), v.float(), block_mask, scale=1.0).to(q.dtype)
+        return attend(q, k, v, block_mask)
 
 
 class MLP(nn.Module):
@@ -152,6 +173,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.gradient_checkpointing = False
+        self.vocab_multiple: int | None = None  # the LM head's matmul width while training (see _project)
         self.reset_parameters()
 
     def forward(
@@ -176,7 +198,24 @@ class GPT(nn.Module):
             hidden = hidden.flatten(0, 1).index_select(0, select)
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        return self._project(hidden)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head. With gradients on, it multiplies by the tied weight padded with zero rows to a multiple
+        of `vocab_multiple` (GPT-2's 50257 + added tokens is odd, a slow shape for tensor-core matmuls) and
+        slices the logits back: the same logits, and nothing stored padded. `vocab_multiple` None means 64 on
+        CUDA and off elsewhere; 0 is off. Inference keeps the plain head: padding copies the weight every call,
+        which a memory-bound decode step cannot afford."""
+        multiple = self.vocab_multiple
+        if multiple is None:
+            multiple = 64 if hidden.is_cuda else 0
+        pad = -self.config.vocab_size % multiple if multiple else 0
+        if not (pad and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear):
+            return self.lm_head(hidden)
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        return F.linear(hidden, F.pad(weight, (0, 0, 0, pad)))[..., : self.config.vocab_size]
 
     def hidden_states(self, input_ids: torch.Tensor, plan: AttentionPlan | None = None) -> torch.Tensor:
         """The final (layer-normed) hidden states `[B, T, n_embd]`: what `lm_head` projects."""
@@ -239,6 +278,13 @@ class GPT(nn.Module):
         self.tie_weights()
         self.config = self.config.replace(vocab_size=n)
 
+    def compile_blocks(self, dynamic: bool | None = True, **options) -> None:
+        """`torch.compile` each block in place (`Module.compile`): parameter names, state_dict, saving, LoRA
+        and FSDP see the same modules; the LM head and the losses, whose shapes change every batch, stay eager.
+        Dynamic shapes by default: batch widths vary, and a compile that first specialises recompiles."""
+        for block in self.transformer.h:
+            block.compile(dynamic=dynamic, **options)
+
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """A KVCache on this model's device and dtype (max_len defaults to n_positions)."""
         weight = self.transformer.wte.weight
@@ -248,9 +294,10 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------------- attention plans
 @dataclass(frozen=True, eq=False)
 class LayerAttention:
-    """How one kind of layer attends: a boolean mask (True = may attend), or none at all."""
+    """How one kind of layer attends: a boolean mask (True = may attend), a FlexAttention block mask, or none."""
 
     mask: torch.Tensor | None = None  # [T, L] or [B, 1, T, L]
+    block_mask: Any = None  # torch.nn.attention.flex_attention.BlockMask (gpt2chat.block_masks)
     is_causal: bool = False  # without a mask: causal over T == L keys, or (False) every key
     first_key: int = 0  # keys before this one are outside the window (single-token decode, local layers)
 
@@ -266,14 +313,14 @@ class AttentionPlan:
     `global_layers` is for GPT-2's layers and GPT-Neo's global ones, `local_layers` for GPT-Neo's windowed
     layers; `window` is the window `local_layers` was built for (None: the model has no local layers), which the forward checks.
     `cache` says where this step's keys / values go in a KV cache and which ones to attend over.
-    Build one with `causal`, `packed`, `shared_prefix` or `for_cache`.
+    Build one with `causal`, `packed`, `shared_prefix`, `for_cache`, `for_ragged_cache` or `for_decode`.
     """
 
     position_ids: torch.Tensor  # [B or 1, T]
     global_layers: LayerAttention
     local_layers: LayerAttention
     window: int | None = None
-    cache: CacheSlots | None = None
+    cache: CacheSlots | DecodeSlots | RaggedSlots | None = None
 
     @classmethod
     def causal(cls, config: ModelConfig, length: int, device: torch.device | str | None = None) -> AttentionPlan:
@@ -285,13 +332,22 @@ class AttentionPlan:
 
     @classmethod
     def packed(
-        cls, config: ModelConfig, segment_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+        cls,
+        config: ModelConfig,
+        segment_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        kernel: str = "auto",
     ) -> AttentionPlan:
-        """Several examples in one row ([B, T] `segment_ids`): a token sees only earlier tokens of its own
-        segment; positions restart at 0 with each segment unless given."""
+        """Several examples in one row ([B, T] `segment_ids`, each segment a contiguous run): a token sees only
+        earlier tokens of its own segment; positions restart at 0 with each segment unless given.
+
+        `kernel`: "dense" gives SDPA a `[B, 1, T, T]` mask; "flex" gives FlexAttention block masks built from
+        the segment boundaries (no `[T, T]` tensor; no attention dropout); "auto" is "flex" on CUDA.
+        """
         if position_ids is None:
             position_ids = _segment_positions(segment_ids)
-        return cls._masked(config, segment_ids, None, position_ids)
+        return cls._masked(config, segment_ids, None, position_ids, kernel)
 
     @classmethod
     def shared_prefix(
@@ -300,16 +356,26 @@ class AttentionPlan:
         branch_ids: torch.Tensor,
         position_ids: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
+        *,
+        kernel: str = "auto",
     ) -> AttentionPlan:
         """Sequences that share a prefix in one row: branch 0 is the prefix; a token of branch k >= 1 sees
         the prefix and the earlier tokens of branch k only. A preference pair runs as `prompt, chosen,
         rejected`, the rejected positions restarting where the prompt ends: the prompt is computed once.
-        `segment_ids` (optional) keep padding apart from the real tokens."""
-        return cls._masked(config, segment_ids, branch_ids, position_ids)
+        `segment_ids` (optional) keep padding apart from the real tokens. `kernel` as for `packed`."""
+        return cls._masked(config, segment_ids, branch_ids, position_ids, kernel)
 
     @classmethod
-    def _masked(cls, config, segment_ids, branch_ids, position_ids) -> AttentionPlan:
+    def _masked(cls, config, segment_ids, branch_ids, position_ids, kernel: str) -> AttentionPlan:
         layout = branch_ids if branch_ids is not None else segment_ids
+        if kernel not in ("auto", "dense", "flex"):
+            raise ValueError(f"kernel must be 'auto', 'dense' or 'flex', got {kernel!r}")
+        if kernel == "flex" or (kernel == "auto" and layout.is_cuda and flex_available()):
+            from gpt2chat.block_masks import row_masks
+
+            global_mask, local_mask = row_masks(segment_ids, branch_ids, position_ids, config.local_window)
+            local = LayerAttention(block_mask=local_mask) if local_mask is not None else _EVERY_KEY
+            return cls(position_ids, LayerAttention(block_mask=global_mask), local, config.local_window)
         t = layout.shape[-1]
         index = torch.arange(t, device=layout.device)
         allowed = (index.unsqueeze(-1) >= index).unsqueeze(0)  # [1, T, T]
@@ -377,6 +443,79 @@ class AttentionPlan:
         return cls(positions, LayerAttention(causal), LayerAttention(local), window, slots)
 
 
+    @classmethod
+    def for_decode(cls, config: ModelConfig, cache: KVCache, positions: torch.Tensor, key_len: int) -> AttentionPlan:
+        """One new token for each of cache rows 0 .. R-1, at `positions` ([R] long, on the cache's device:
+        each row's filled length), attending over the first `key_len` cache positions.
+
+        Every shape depends on R and `key_len` alone, never on the rows' lengths, and nothing is read back
+        to the host: a compiled or graph-captured decode step built from this plan is reused step after
+        step. Keys past a row's position are masked (they may hold another request's leftovers). The caller
+        keeps every position below `key_len` and both within the cache and the context.
+        """
+        key = torch.arange(key_len, device=positions.device)
+        query = positions.unsqueeze(1)  # [R, 1]
+        visible = key <= query  # [R, L]
+        window = config.local_window
+        local = visible & (query - key < window) if window else visible
+        slots = DecodeSlots(cache, positions.shape[0], key_len, positions)
+        global_layers, local_layers = LayerAttention(visible[:, None, None]), LayerAttention(local[:, None, None])
+        return cls(query, global_layers, local_layers, window, slots)  # masks [R, 1, 1, L]
+
+
+    @classmethod
+    def for_ragged_cache(
+        cls, config: ModelConfig, cache: KVCache, rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int]
+    ) -> AttentionPlan:
+        """Chunks of different lengths for different cache rows, packed into one row of sum(lengths) tokens.
+
+        Chunk i is `lengths[i]` tokens for cache row `rows[i]`, whose first `starts[i]` positions are filled
+        (host ints); its tokens go to positions `starts[i] ..` of that row and attend to that row's earlier
+        positions and to each other causally, never to another chunk. The forward's input is `[1, sum]`.
+        """
+        for row, start, length in zip(rows, starts, lengths, strict=True):
+            if start + length > config.n_positions:
+                raise _too_long(config, start + length - 1)
+            if start + length > cache.max_len or row >= cache.batch_size:
+                raise ContextLengthError(f"KV cache row {row} cannot hold {start + length} positions")
+        device = cache.device
+
+        def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts).to(device)
+
+        query_pos = concat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        query_seg = concat([torch.full((n,), i) for i, n in enumerate(lengths)])
+        key_pos = concat([torch.arange(s + n) for s, n in zip(starts, lengths, strict=True)])
+        key_seg = concat([torch.full((s + n,), i) for i, (s, n) in enumerate(zip(starts, lengths, strict=True))])
+        slots = RaggedSlots(
+            cache, write_rows=concat([torch.full((n,), r) for r, n in zip(rows, lengths, strict=True)]),
+            write_positions=query_pos, key_rows=torch.tensor(list(rows), device=device)[key_seg], key_positions=key_pos,
+        )  # fmt: skip
+        allowed = (query_seg[:, None] == key_seg) & (key_pos <= query_pos[:, None])  # [T, K]
+        window = config.local_window
+        local = allowed & (query_pos[:, None] - key_pos < window) if window else allowed
+        return cls(query_pos.unsqueeze(0), LayerAttention(allowed), LayerAttention(local), window, slots)
+
+
+def attention_kernel(model: nn.Module, device: torch.device | str) -> str:
+    """The kernel for a packed / shared-prompt plan of `model` on `device`: "flex" on CUDA (no [T, T] mask,
+    flash-style tiles), unless the model is training with attention dropout, which FlexAttention cannot apply:
+    then "dense" (SDPA with the mask, which can), with a warning once. "dense" off CUDA."""
+    if torch.device(device).type != "cuda" or not flex_available():
+        return "dense"
+    dropout = model.training and any(
+        getattr(module, "dropout_p", 0.0) > 0 for module in model.modules() if isinstance(module, Attention)
+    )
+    if dropout:
+        warnings.warn(
+            "attention dropout is on: packed / shared-prompt rows use SDPA with a dense [T, T] mask, since "
+            "FlexAttention has no dropout; train with dropout = 0 for the FlexAttention kernel",
+            stacklevel=2,
+        )
+        return "dense"
+    return "flex"
+
+
 def _causal_local(config: ModelConfig, length: int, device) -> LayerAttention:
     """Causal attention within GPT-Neo's window over positions 0 .. length - 1 (plain causal when it fits)."""
     window = config.local_window
@@ -402,68 +541,3 @@ def _too_long(config: ModelConfig, last_position: int) -> ContextLengthError:
         f"sequence needs position {last_position} but the model's context is {config.n_positions} tokens "
         f"(positions 0 .. {config.n_positions - 1}); shorten the input"
     )
-
-
-# ---------------------------------------------------------------------- KV cache
-class KVCache:
-    """Preallocated keys / values for every layer: `k[layer]`, `v[layer]` are `[B, H, max_len, D]`.
-
-    Storage only: how far each row is filled is the caller's book-keeping, passed to
-    `AttentionPlan.for_cache` at every step.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        max_len = config.n_positions if max_len is None else int(max_len)
-        if max_len <= 0 or batch_size <= 0:
-            raise ValueError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
-        dtype = dtype or torch.float32
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.batch_size = batch_size
-        self.max_len = max_len
-
-    @property
-    def device(self) -> torch.device:
-        return self.k[0].device
-
-
-@dataclass(frozen=True, eq=False)
-class CacheSlots:
-    """Where one forward writes its keys / values in a KVCache, and how many keys it then attends over.
-
-    Rows: `rows` (cache row of each batch row), or the first `n_rows` rows. Positions: `start ..
-    start + T - 1` in every row, or `write_positions` ([B, T]) when the rows are at different lengths.
-    """
-
-    cache: KVCache
-    n_rows: int
-    rows: torch.Tensor | None
-    key_len: int
-    start: int = 0
-    write_positions: torch.Tensor | None = None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys / values ([B, H, T, D]) of `layer`; return the keys / values to attend over."""
-        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
-        if self.rows is None:
-            cache_k, cache_v = cache_k[: self.n_rows], cache_v[: self.n_rows]
-        if self.write_positions is None:
-            span = slice(self.start, self.start + k.shape[2])
-            where = (slice(None), slice(None), span) if self.rows is None else (self.rows, slice(None), span)
-            cache_k[where], cache_v[where] = k, v
-        else:
-            row_index = (torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows)[:, None]
-            cache_k[row_index, :, self.write_positions] = k.transpose(1, 2)  # indexed view is [B, T, H, D]
-            cache_v[row_index, :, self.write_positions] = v.transpose(1, 2)
-        keys, values = cache_k[:, :, : self.key_len], cache_v[:, :, : self.key_len]
-        if self.rows is not None:
-            keys, values = keys.index_select(0, self.rows), values.index_select(0, self.rows)
-        return keys, values

@@ -165,17 +165,19 @@ class _Plan:
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    from gpt2chat.engine import default_device_dtype
+    from gpt2chat.device import resolve_dtype
 
-    return default_device_dtype("cpu", dtype)[1]
+    return resolve_dtype(dtype, "cpu")
 
 
 def _plan(quantize: str | None, device, dtype) -> _Plan:
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise Gpt2ChatError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)} (or none)")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device, dtype = torch.device(device), _resolve_dtype(dtype)
+    from gpt2chat.device import resolve_device, resolve_dtype
+
+    # an explicit device is taken as named, so that a mode it cannot do is the error, not its absence here
+    device = resolve_device() if device is None else torch.device(device)
+    dtype = _resolve_dtype(dtype)
     if device.type == "cpu":
         dtype = dtype or torch.float32
         if quantize is None:
@@ -195,7 +197,7 @@ def _plan(quantize: str | None, device, dtype) -> _Plan:
         if dtype not in (None, torch.float16):
             raise Gpt2ChatError(f"quantize=fp16 on {device.type} computes in float16; it cannot compute in {dtype}")
         return _Plan("plain", device, torch.float16)
-    return _Plan("plain", device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    return _Plan("plain", device, dtype or resolve_dtype(None, device))
 
 
 # ---------------------------------------------------------------------------------------------- convert

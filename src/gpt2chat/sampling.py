@@ -2,10 +2,16 @@
 
 Pure tensor functions with the semantics of `transformers`' logits processors, applied in the order
 `generate` applies them: repetition penalty (over prompt + generated tokens), temperature, top-k, top-p,
-then a multinomial draw. Temperature 0 means greedy: argmax of the (penalised) logits.
+then a draw. Temperature 0 means greedy: argmax of the (penalised) logits.
 
-Several rows may be sampled at once, each with its own `SamplingParams` and its own generator, which is
-what the batched engine needs when requests with different settings share one decode step.
+Several rows are sampled at once, each with its own `SamplingParams`, which is what the engine needs when
+requests with different settings share one decode step. A seeded row draws its uniform from a counter-based
+hash of (seed, draw number), computed on the logits' device for every row at once: a row's tokens depend
+on its seed alone, whichever rows it shares a step with, with no per-row generator, no per-row Python
+loop and no host synchronisation. Unseeded rows use torch's global generator (with every row unseeded,
+the same `torch.multinomial` draw `transformers` makes under the same `torch.manual_seed`).
+
+This module knows nothing about models, caches or requests.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ __all__ = [
     "get_preset",
     "sample_next",
     "process_logits",
-    "make_generator",
+    "seeded_uniforms",
     "MAX_LOGPROBS",
 ]
 
@@ -103,10 +109,10 @@ class SamplingParams:
 
 SAMPLING_PRESETS: dict[str, SamplingParams] = {
     "greedy": SamplingParams(temperature=0.0),
-    # seed 004's final choice for its chatbot: do_sample=True, temperature=0.9, top_k=30, top_p=0.95
-    "seed004": SamplingParams(temperature=0.9, top_k=30, top_p=0.95),
-    # seed 001: do_sample=True, top_k=35, top_p=0.80
-    "seed001": SamplingParams(temperature=1.0, top_k=35, top_p=0.80),
+    # the chat default; seed 004's final choice for its GPT-Neo chatbot (temperature .9, top_k 30, top_p .95)
+    "chat": SamplingParams(temperature=0.9, top_k=30, top_p=0.95),
+    # a narrower nucleus; seed 001's settings (top_k 35, top_p .80 at temperature 1)
+    "focused": SamplingParams(temperature=1.0, top_k=35, top_p=0.80),
 }
 
 
@@ -117,17 +123,6 @@ def get_preset(name: str) -> SamplingParams:
         raise Gpt2ChatError(
             f"unknown sampling preset {name!r}; choose one of {', '.join(sorted(SAMPLING_PRESETS))}"
         ) from None
-
-
-def make_generator(seed: int | None, device="cpu") -> torch.Generator | None:
-    """A generator seeded with `seed` on `device`, or None (the global RNG) when seed is None."""
-    import torch
-
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
 
 
 def _seen_mask(seen, batch: int, vocab: int, device) -> torch.Tensor | None:
@@ -178,12 +173,16 @@ def _top_k_top_p(scores, top_k: int, top_p: float) -> torch.Tensor:
 
     vocab = scores.size(-1)
     if top_k > 0 and top_k < vocab:
-        # Same rule as HF (keep every score >= the k-th largest), but the top-p step then only looks at
-        # the survivors: the removed ones are -inf, carry zero probability and cannot change the result.
+        # Same rule as HF (keep every score >= the k-th largest).
         kth = torch.topk(scores, top_k)[0][..., -1, None]
         scores = scores.masked_fill(scores < kth, -math.inf)
         if top_p < 1.0:
-            n_keep = int((scores > -math.inf).sum(-1).max())  # ties at the k-th value may keep a few more
+            if scores.device.type != "cpu":  # a full sort on the device beats reading a count back
+                return _top_p_filter(scores, top_p)
+            # On a CPU, sorting the k survivors instead of the vocabulary is the fast way; ties at the k-th
+            # value may keep a few more, so count them (a free read on a CPU). The removed scores are -inf,
+            # carry zero probability and cannot change the result.
+            n_keep = int((scores > -math.inf).sum(-1).max())
             cand_vals, cand_idx = torch.topk(scores, n_keep)
             cand_vals = _top_p_filter(cand_vals, top_p)
             scores = torch.full_like(scores, -math.inf).scatter_(1, cand_idx, cand_vals)
@@ -222,7 +221,7 @@ def process_logits(logits, seen, params) -> torch.Tensor:
         scores = _apply_repetition_penalty(
             scores, mask, penalties[0] if len(set(penalties)) == 1 else penalties
         )
-    # rows sharing (temperature, top_k, top_p) are processed together
+    # rows sharing (temperature, top_k, top_p) are processed together: a loop over settings, not rows
     groups: dict[tuple, list[int]] = {}
     for row, p in enumerate(rows):
         if not p.greedy:
@@ -237,6 +236,35 @@ def process_logits(logits, seen, params) -> torch.Tensor:
         index = torch.tensor(members, device=scores.device)
         scores[index] = _top_k_top_p(scores[index] / temperature, top_k, top_p)
     return scores
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanching 32-bit integer hash on int64 tensors holding values in [0, 2**32).
+
+    The multiplier is below 2**27, so no product leaves int64: the same bits on every device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def seeded_uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per row (float64) from the row's seed and its draw number (int64 tensors).
+
+    Counter-based: the value depends on (seed, draw) alone, so a seeded row gives the same tokens whichever
+    rows share its steps, and nothing is carried between steps but the draw count."""
+    seeds = seeds.long()
+    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
+    bits = _mix32(low ^ _mix32(high ^ _mix32(draws.long() & _MASK32)))
+    return (bits.double() + 0.5) / 2.0**32
+
+
+def _seed_value(seed: int) -> int:
+    """A Python int seed as the signed 64-bit value `seeded_uniforms` takes (any int is accepted)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def _inverse_cdf_draw(probs, uniforms) -> torch.Tensor:
@@ -254,44 +282,41 @@ def _inverse_cdf_draw(probs, uniforms) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
-def sample_next(logits, generated_ids, params, generator=None) -> torch.Tensor:
-    """Pick the next token of each row: LongTensor [B].
+def sample_next(logits, seen, params, draws=None) -> torch.Tensor:
+    """Pick the next token of each row: LongTensor [B] on the logits' device.
 
-    logits: [B, V] for the last position. generated_ids: what the repetition penalty sees (prompt +
-    generated tokens; see `process_logits`). params: one `SamplingParams` or one per row. generator: one
-    `torch.Generator`, one per row (None entries use the global RNG), or None.
+    logits: [B, V] for the last position. seen: what the repetition penalty looks at (see
+    `process_logits`), or None. params: one `SamplingParams` or one per row. draws: the number of tokens
+    each row has drawn before this one (an int64 tensor [B] or a list; default 0): with the row's seed it
+    picks the row's uniform, so a seeded row is reproducible. No host synchronisation on a GPU.
     """
     import torch
 
     batch = logits.size(0)
     rows = _rows(params, batch)
-    needs_penalty = generated_ids is not None and any(p.repetition_penalty != 1.0 for p in rows)
+    needs_penalty = seen is not None and any(p.repetition_penalty != 1.0 for p in rows)
     if all(p.greedy for p in rows) and not needs_penalty:
         return logits.argmax(dim=-1)
-    scores = process_logits(logits, generated_ids if needs_penalty else None, rows)
-    greedy_rows = [i for i, p in enumerate(rows) if p.greedy]
-    if len(greedy_rows) == batch:
+    scores = process_logits(logits, seen if needs_penalty else None, rows)
+    if all(p.greedy for p in rows):
         return scores.argmax(dim=-1)
+    device = logits.device
     probs = torch.softmax(scores, dim=-1)
-    if generator is None:
-        # the global RNG: the same draw transformers makes under the same torch.manual_seed
+    seeded = [p.seed is not None for p in rows]
+    if not any(seeded):
+        # the global RNG, as transformers draws it (greedy rows' draws are replaced below)
         next_ids = torch.multinomial(probs, 1).squeeze(1)
-    elif isinstance(generator, torch.Generator):
-        uniforms = 1.0 - torch.rand(batch, generator=generator, device=generator.device)
-        next_ids = _inverse_cdf_draw(probs, uniforms.to(probs.device))
     else:
-        generators = list(generator)
-        if len(generators) != batch:
-            raise ValueError(f"got {len(generators)} generators for {batch} rows")
-        # one uniform per sampling row from that row's own generator (None: the global RNG), so a row's
-        # draws depend on its seed alone, whichever batch it shares
-        uniforms = torch.ones(batch, dtype=torch.float64)
-        for row in range(batch):
-            if not rows[row].greedy:
-                gen = generators[row]
-                uniforms[row] = 1.0 - float(torch.rand(1, generator=gen, device=gen.device if gen else "cpu"))
-        next_ids = _inverse_cdf_draw(probs, uniforms.to(probs.device))
-    if greedy_rows:
-        index = torch.tensor(greedy_rows, device=logits.device)
-        next_ids[index] = scores[index].argmax(dim=-1)
+        if draws is None:
+            draws = torch.zeros(batch, dtype=torch.long, device=device)
+        draws = torch.as_tensor(draws, dtype=torch.long, device=device)
+        seeds = torch.tensor([_seed_value(p.seed) if p.seed is not None else 0 for p in rows], device=device)
+        uniforms = seeded_uniforms(seeds, draws)
+        if not all(seeded):
+            has_seed = torch.tensor(seeded, device=device)
+            uniforms = torch.where(has_seed, uniforms, 1.0 - torch.rand(batch, dtype=torch.float64, device=device))
+        next_ids = _inverse_cdf_draw(probs, uniforms)
+    greedy = [p.greedy for p in rows]
+    if any(greedy):
+        next_ids = torch.where(torch.tensor(greedy, device=device), scores.argmax(dim=-1), next_ids)
     return next_ids

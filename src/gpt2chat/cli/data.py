@@ -46,8 +46,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="SFT examples or preference pairs (auto: pairs when every source has them)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row")
     parser.add_argument("--max-length", type=int, default=None, help="total tokens (SFT 512, preference 160)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="(preference default 96)")
-    parser.add_argument("--max-response-tokens", type=int, default=None, help="(preference default 64)")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="(preference default 96)")
+    parser.add_argument("--max-response-length", type=int, default=None, help="(preference default 64)")
     parser.add_argument("--last-turn-only", action="store_true",
                         help="one example per conversation (its last reply) instead of one per assistant turn")
     parser.add_argument("--all-paths", action="store_true", help="oasst: every tree path, not the best-ranked")
@@ -69,9 +69,9 @@ def _setup(args):
         kind = "preference" if all(is_preference_source(spec) for spec in specs) else "sft"
     base = Budgets.preference() if kind == "preference" else Budgets.sft()
     budgets = Budgets(
-        max_prompt_tokens=args.max_prompt_tokens if args.max_prompt_tokens is not None else base.max_prompt_tokens,
-        max_response_tokens=(args.max_response_tokens if args.max_response_tokens is not None
-                             else base.max_response_tokens),
+        max_prompt_length=args.max_prompt_length if args.max_prompt_length is not None else base.max_prompt_length,
+        max_response_length=(args.max_response_length if args.max_response_length is not None
+                             else base.max_response_length),
         max_length=args.max_length if args.max_length is not None else base.max_length,
     )
     options = FormatOptions(lang=None if args.lang == "all" else args.lang, all_paths=args.all_paths)

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--template", default=None, choices=TEMPLATES,
                       help="chat template (default: the one saved with the checkpoint)")  # fmt: skip
     chat.add_argument("--system", default=None, help="system message")
-    _add_sampling_args(chat, default_new_tokens=256, default_preset="seed004")
+    _add_sampling_args(chat, default_new_tokens=256, default_preset="chat")
     chat.set_defaults(handler=run_chat)
 
 
@@ -86,7 +86,7 @@ def load_inference_model(args: argparse.Namespace):
 
 def _add_sampling_args(parser: argparse.ArgumentParser, default_new_tokens: int, default_preset=None) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--preset", default=default_preset, choices=("greedy", "seed004", "seed001"),
+    group.add_argument("--preset", default=default_preset, choices=("greedy", "chat", "focused"),
                        help=f"sampling preset; the flags below override it (default: {default_preset or 'none'})")  # fmt: skip
     group.add_argument("--max-new-tokens", type=int, default=default_new_tokens,
                        help=f"most tokens to generate (default {default_new_tokens})")  # fmt: skip

@@ -1,7 +1,8 @@
 """`gpt2chat sft | dpo | orpo | pipeline`: flags and `--config FILE.toml` (flags override the file).
 
-Every flag maps to a `TrainConfig` key of the same name (`--lora-r` -> `lora_r`); `--set KEY=VALUE`
-reaches any key without a flag of its own. Heavy modules load inside the handlers.
+The flags are generated from the `TrainConfig` fields (`lora_r` -> `--lora-r`, with the field's type and
+help text), so a new field is a flag at once; `--set KEY=VALUE` takes a TOML value for any key. Heavy
+modules load inside the handlers.
 """
 
 from __future__ import annotations
@@ -12,50 +13,17 @@ from typing import Any
 
 from gpt2chat.errors import Gpt2ChatError
 
-# flag -> (type, help); dest is the flag with dashes turned into underscores
-_VALUE_FLAGS: dict[str, tuple[Any, str]] = {
-    "--model": (str, "base model: hub id, local checkpoint folder, or init:PRESET for random weights"),
-    "--template": (str, "chat template (llama3-context, user-assistant, plain, guanaco)"),
-    "--out": (str, "output folder (checkpoints/, final/, metrics.jsonl, loss.png)"),
-    "--lr": (float, "peak learning rate"),
-    "--batch-size": (int, "examples (or packed rows) per micro-batch, per process"),
-    "--grad-accum": (int, "micro-batches per optimizer step"),
-    "--max-steps": (int, "optimizer steps (overrides --epochs)"),
-    "--epochs": (float, "passes over the training data"),
-    "--warmup-steps": (int, "linear warmup steps"),
-    "--warmup-ratio": (float, "warmup as a fraction of all steps"),
-    "--schedule": (str, "constant | cosine | linear (after warmup)"),
-    "--weight-decay": (float, "AdamW weight decay (matrices only)"),
-    "--max-grad-norm": (float, "gradient clipping norm"),
-    "--max-length": (int, "tokens per example (SFT) or prompt + reply (DPO / ORPO)"),
-    "--max-prompt-length": (int, "DPO / ORPO: prompt budget in tokens"),
-    "--max-response-length": (int, "DPO / ORPO: reply budget in tokens"),
-    "--max-examples": (int, "use at most this many training examples"),
-    "--val-fraction": (float, "fraction of examples held out for validation"),
-    "--lora-r": (int, "LoRA rank (0 = full fine-tuning)"),
-    "--lora-alpha": (float, "LoRA alpha"),
-    "--lora-dropout": (float, "LoRA dropout"),
-    "--beta": (float, "DPO / ORPO beta"),
-    "--dropout": (float, "dropout of the model while training"),
-    "--seed": (int, "random seed"),
-    "--eval-every": (int, "validate every N steps (0 = at the end)"),
-    "--eval-batches": (int, "validation batches per evaluation"),
-    "--save-every": (int, "checkpoint every N steps (0 = at the end)"),
-    "--keep-last": (int, "checkpoints to keep"),
-    "--precision": (str, "auto | bf16 | fp32"),
-    "--device": (str, "cpu, cuda, cuda:1 ... (default: cuda when present)"),
-    "--distributed": (str, "auto | ddp | fsdp | none (under torchrun)"),
-    "--stop-after-steps": (int, "stop (as if interrupted) after this many steps; resume later"),
-}
-_BOOL_FLAGS = {
-    "--pack": "SFT: pack several short examples per row (--no-pack: one per row, padded)",
-    "--share-prompt": "DPO / ORPO: prompt, chosen and rejected in one row, the prompt computed once "
-                      "(--no-share-prompt: two rows per pair)",
-    "--precompute-ref": "DPO: reference log-probs once before training (--no-precompute-ref: frozen model)",
-    "--merge-lora": "LoRA: also write a merged model at the end",
-    "--progress": "show the progress bar",
-    "--compile": "torch.compile the model",
-}
+# fields the command itself decides, not a flag
+_NOT_FLAGS = ("objective",)
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _config_fields() -> list:
+    import dataclasses
+
+    from gpt2chat.train.config import TrainConfig
+
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in _NOT_FLAGS]
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -73,22 +41,22 @@ def _parse_set(items: list[str] | None) -> dict[str, Any]:
 
 
 def _add_stage_flags(parser: argparse.ArgumentParser) -> None:
+    """`--config`, `--set`, and one flag per `TrainConfig` field (its type, its help text)."""
     parser.add_argument("--config", metavar="FILE.toml", help="recipe file; flags override it")
-    parser.add_argument("--data", action="append", metavar="SPEC",
-                        help="dataset spec FORMAT:LOCATION[@WEIGHT] (repeatable; 'sample' = packaged sample)")
-    parser.add_argument("--lora-targets", nargs="+", metavar="NAME", help="LoRA target module names")
-    parser.add_argument("--resume", nargs="?", const="last", metavar="CHECKPOINT",
-                        help="continue from the last checkpoint under --out (or the one given)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
-    for flag, (kind, text) in _VALUE_FLAGS.items():
-        parser.add_argument(flag, type=kind, help=text)
-    for flag, text in _BOOL_FLAGS.items():
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    for f in _config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).split(" | ")[0]
+        settings = dict(f.metadata["cli"])
+        if kind == "bool":
+            settings["action"] = argparse.BooleanOptionalAction
+        elif kind in _TYPES and "action" not in settings:
+            settings["type"] = _TYPES[kind]
+        parser.add_argument(flag, default=None, help=f.metadata["help"], **settings)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = [f.lstrip("-").replace("-", "_") for f in (*_VALUE_FLAGS, *_BOOL_FLAGS)]
-    values = {key: getattr(args, key) for key in (*keys, "data", "lora_targets", "resume")}
+    values = {f.name: getattr(args, f.name) for f in _config_fields()}
     values.update(_parse_set(args.set))
     return values
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gpt2chat.data.types import PreferenceExample, SFTExample
+from gpt2chat.files import atomic_folder
 
 CACHE_VERSION = 2  # 2: stats carry the split record (mixing.py)
 PROBE_TEXT = "Hello, world! 2 + 2 = 4. Ünïcödé <|endoftext|> 😊"
@@ -76,10 +75,8 @@ CLASSES = {"sft": SFTExample, "preference": PreferenceExample}
 
 
 def save_entry(directory: Path, key: str, kind: str, splits: dict[str, list], stats: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / key
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=directory))
-    try:
+    with atomic_folder(final) as staging:
         meta = {"version": CACHE_VERSION, "kind": kind, "stats": stats, "sources": {}}
         for split, examples in splits.items():
             for name in FIELDS[kind]:
@@ -88,12 +85,6 @@ def save_entry(directory: Path, key: str, kind: str, splits: dict[str, list], st
                 np.save(staging / f"{split}.{name}.offsets.npy", offsets, allow_pickle=False)
             meta["sources"][split] = [e.source for e in examples]
         (staging / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

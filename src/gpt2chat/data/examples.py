@@ -6,8 +6,8 @@ reply and its end-of-turn token). This module decides *what* to render and what 
 - SFT: one example per assistant turn (with its history) or only the last one. When an example is over budget
   the context is cut from the oldest turn first (then the system message); the last user turn and the reply
   are kept whole. An example whose reply (or last user turn) cannot fit is dropped and counted.
-- Preferences: the prompt is cut the same way to `max_prompt_tokens` (never the last user turn: a pair whose
-  last user turn alone is too long is dropped); replies are cut to `max_response_tokens` and to what
+- Preferences: the prompt is cut the same way to `max_prompt_length` (never the last user turn: a pair whose
+  last user turn alone is too long is dropped); replies are cut to `max_response_length` and to what
   `max_length` leaves (as seed 002 and TRL do). A reply that was not cut ends with the end-of-turn token.
 - Never an example with an empty loss mask.
 
@@ -160,11 +160,11 @@ def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets,
             reply_tokens = sum(mask)
             if reply_tokens == 0:
                 return None, "empty loss mask"
-            if budgets.max_response_tokens is not None and reply_tokens > budgets.max_response_tokens:
-                return None, "reply over max_response_tokens"
+            if budgets.max_response_length is not None and reply_tokens > budgets.max_response_length:
+                return None, "reply over max_response_length"
         prompt_tokens = mask.index(1)
-        if len(ids) <= budgets.max_length and (budgets.max_prompt_tokens is None
-                                               or prompt_tokens <= budgets.max_prompt_tokens):
+        if len(ids) <= budgets.max_length and (budgets.max_prompt_length is None
+                                               or prompt_tokens <= budgets.max_prompt_length):
             if sum(mask) == 0:
                 return None, "empty loss mask"
             return SFTExample(input_ids=ids, assistant_mask=mask, source=source), None
@@ -198,14 +198,14 @@ def preference_example(tokenizer, pair: PreferencePair, template, budgets: Budge
     prompt_ids = prompt = None
     for candidate in context_candidates(pair.prompt):
         ids, _ = _render(tokenizer, candidate, template, True)
-        if budgets.max_prompt_tokens is None or len(ids) <= budgets.max_prompt_tokens:
+        if budgets.max_prompt_length is None or len(ids) <= budgets.max_prompt_length:
             prompt_ids, prompt = ids, candidate
             break
     if prompt_ids is None:
-        return None, "last user turn over max_prompt_tokens"
+        return None, "last user turn over max_prompt_length"
     room = budgets.max_length - len(prompt_ids)
-    if budgets.max_response_tokens is not None:
-        room = min(room, budgets.max_response_tokens)
+    if budgets.max_response_length is not None:
+        room = min(room, budgets.max_response_length)
     if room < 1:
         return None, "no room for the reply"
     replies = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gpt2chat.data.types import Conversation, PreferencePair
+from gpt2chat.data.types import PreferencePair
 
 DEFAULT_MAX_CHARS = 200_000  # ~50k tokens: far past any GPT-2 context; a 10 MB string is a broken row
 
@@ -303,7 +303,3 @@ PREFERENCE_PARSERS = {
 }
 TABLE_FORMATS = ("oasst1", "oasst2")  # whole-table formats (message trees)
 FORMATS = (*TABLE_FORMATS, *CONVERSATION_PARSERS)
-
-
-def to_conversation(messages: list[dict], source: str) -> Conversation:
-    return Conversation(messages=messages, source=source)

@@ -113,7 +113,7 @@ def _key(kind, specs, tokenizer, template, budgets, settings) -> str:
         "sources": [[s.format, s.weight, location_fingerprint(s.location)] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(tokenizer, template),
-        "budgets": [budgets.max_prompt_tokens, budgets.max_response_tokens, budgets.max_length],
+        "budgets": [budgets.max_prompt_length, budgets.max_response_length, budgets.max_length],
         "settings": settings,
     })
 

@@ -121,7 +121,9 @@ def preference_pairs(n: int = 200, seed: int = SEED + 1) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    from gpt2chat.files import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_samples(out_dir: str | Path) -> tuple[Path, Path]:

@@ -51,7 +51,7 @@ class SFTExample:
 class PreferenceExample:
     """Prompt ids (ending with the generation prompt) and the two reply ids.
 
-    A reply ends with the template's end-of-turn token unless it was cut to `max_response_tokens` (then, as in
+    A reply ends with the template's end-of-turn token unless it was cut to `max_response_length` (then, as in
     TRL, it simply stops: a cut reply must not teach the model to stop there). The trainer builds the masks as
     zeros over the prompt and ones over the reply.
     """
@@ -67,28 +67,28 @@ class Budgets:
     """Token budgets. `None` means no limit for that part.
 
     SFT: the context (system + history + last user turn) is cut from the oldest turn first; an example whose
-    reply does not fit is dropped. Preferences: replies are cut to `max_response_tokens` (like seed 002 / TRL),
-    the prompt to `max_prompt_tokens` by dropping the oldest turns (never the last user turn).
+    reply does not fit is dropped. Preferences: replies are cut to `max_response_length` (like seed 002 / TRL),
+    the prompt to `max_prompt_length` by dropping the oldest turns (never the last user turn).
     """
 
-    max_prompt_tokens: int | None = None
-    max_response_tokens: int | None = None
+    max_prompt_length: int | None = None
+    max_response_length: int | None = None
     max_length: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_response_tokens", "max_length"):
+        for name in ("max_prompt_length", "max_response_length", "max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DataError(f"Budgets.{name} must be a positive integer or None, got {value!r}")
 
     @classmethod
     def sft(cls, max_length: int = 512) -> Budgets:
-        return cls(max_prompt_tokens=None, max_response_tokens=None, max_length=max_length)
+        return cls(max_prompt_length=None, max_response_length=None, max_length=max_length)
 
     @classmethod
     def preference(cls) -> Budgets:
         """Seed 002's budgets: prompt 96, response 64, total 160."""
-        return cls(max_prompt_tokens=96, max_response_tokens=64, max_length=160)
+        return cls(max_prompt_length=96, max_response_length=64, max_length=160)
 
 
 SFT_BUDGETS = Budgets.sft()

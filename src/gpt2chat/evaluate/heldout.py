@@ -39,9 +39,9 @@ _ROW_FILES = {"conversations": ("conversations.jsonl", "messages"), "pairs": ("p
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from gpt2chat.checkpoint import _atomic_write
+    from gpt2chat.files import write_text_atomic
 
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text_atomic(path, text)
 
 
 def write_split(stage_dir: str | Path, *, stage: str, kind: str, rows: Iterable[dict], hashes: Iterable[str],

@@ -1,5 +1,5 @@
 """What an evaluation reads, checked before any model loads: model locations, held-out conversations and
-preference pairs (defaults in ../shared when present), side-by-side prompts, training logs, device.
+preference pairs (defaults in ../shared when present), side-by-side prompts, training logs.
 
 Every problem here is a `Gpt2ChatError` naming the flag, the file and what to do.
 """
@@ -22,7 +22,6 @@ __all__ = [
     "side_by_side_prompts",
     "find_metrics_log",
     "harness_tasks",
-    "device_and_dtype",
     "seed_everything",
     "version",
 ]
@@ -183,26 +182,6 @@ def harness_tasks(text: str | None):
     tasks = parse_tasks(text)
     require_harness()
     return tasks
-
-
-def device_and_dtype(device: str | None, dtype: str | None):
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise Gpt2ChatError(f"--device {device!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Gpt2ChatError(f"--device {device}: CUDA is not available on this machine")
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype is None:
-        return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if dtype not in names:
-        raise Gpt2ChatError(f"--dtype {dtype!r}: choose from float32, bfloat16, float16")
-    return device, names[dtype]
 
 
 def seed_everything(seed: int) -> None:

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2chat.device import device_and_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import heldout, inputs
 
@@ -285,7 +286,7 @@ def _evaluate(models: list[str], out_dir, config: EvalConfig, harness_tasks) -> 
     from gpt2chat.evaluate import measure
     from gpt2chat.evaluate.report import write_report
 
-    device, dtype = inputs.device_and_dtype(config.device, config.dtype)
+    device, dtype = device_and_dtype(config.device, config.dtype)
     inputs.seed_everything(config.seed)
     env = _environment(device, dtype)
     skip = set(config.skip)

@@ -138,41 +138,28 @@ def conversation_sets(conversations, tokenizer, template: str, context: int) -> 
     return {"assistant": assistant, "rendered": rendered, "plain": plain}
 
 
-def _reply_sequence(tokenizer, template: str, prompt: list[dict], reply: str, context: int,
-                    max_reply_tokens: int) -> tuple[list[int], list[int], bool] | None:
-    from gpt2chat.templates import render_chat
-
-    ids, mask = render_chat(tokenizer, [*prompt, {"role": "assistant", "content": reply}], template=template)
-    ids, mask = list(ids), [int(m) for m in mask]
-    positions = [i for i, m in enumerate(mask) if m]
-    if not positions:
-        return None
-    cut = False
-    if len(positions) > max_reply_tokens:  # keep the first max_reply_tokens reply tokens
-        end = positions[max_reply_tokens - 1] + 1
-        ids, mask, cut = ids[:end], mask[:end], True
-    ids, mask, left_cut = _left_truncate(ids, mask, context)
-    if sum(mask[1:]) == 0:
-        return None
-    return ids, mask, cut or left_cut
-
-
 def preference_sets(pairs, tokenizer, template: str, context: int, max_reply_tokens: int = 256
                     ) -> tuple[ScoringSet, ScoringSet]:
-    """(chosen, rejected) sequences of each pair, the reply tokens masked; a pair either side of which
-    cannot be scored (empty reply after truncation) is skipped and counted in `chosen.skipped`."""
-    chosen = ScoringSet([], [], [])
-    rejected = ScoringSet([], [], [])
-    for pair in pairs:
-        prompt = list(pair.prompt)
-        good = _reply_sequence(tokenizer, template, prompt, pair.chosen, context, max_reply_tokens)
-        bad = _reply_sequence(tokenizer, template, prompt, pair.rejected, context, max_reply_tokens)
-        if good is None or bad is None:
-            chosen.skipped += 1
-            continue
-        for target, (ids, mask, cut) in ((chosen, good), (rejected, bad)):
-            target.sequences.append(ids)
-            target.masks.append(mask)
-            target.sources.append(pair.source)
-            target.truncated += int(cut)
+    """(chosen, rejected) sequences of each pair, the reply tokens masked, built by training's own example
+    builder (`gpt2chat.data.examples.build_preferences`: one rendering, one prefix check): replies cut to
+    `max_reply_tokens` and to what the context leaves, the oldest turns of a prompt too long for the context
+    dropped. A pair that cannot be scored is skipped and counted in `chosen.skipped`; `truncated` counts the
+    replies cut."""
+    from collections import Counter
+
+    from gpt2chat.data.examples import build_preferences
+    from gpt2chat.data.types import Budgets
+
+    drops: Counter = Counter()
+    cuts: Counter = Counter()
+    budgets = Budgets(max_prompt_length=context - 1, max_response_length=max_reply_tokens, max_length=context)
+    examples = build_preferences(tokenizer, list(pairs), template, budgets, drops, cuts)
+    chosen = ScoringSet([], [], [], truncated=cuts["chosen reply cut"], skipped=sum(drops.values()))
+    rejected = ScoringSet([], [], [], truncated=cuts["rejected reply cut"])
+    for example in examples:
+        prompt = list(example.prompt_ids)
+        for target, reply in ((chosen, example.chosen_ids), (rejected, example.rejected_ids)):
+            target.sequences.append(prompt + list(reply))
+            target.masks.append([0] * len(prompt) + [1] * len(reply))
+            target.sources.append(example.source)
     return chosen, rejected

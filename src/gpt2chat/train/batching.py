@@ -67,10 +67,23 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device`. To CUDA it goes from pinned host memory: a copy from pageable memory makes the
+        host wait until the GPU has finished everything queued before it, a sync in every training step."""
+        pin = torch.device(device).type == "cuda"
         moved: dict[str, Any] = {}
         for name, value in vars(self).items():
+            if pin:
+                value = _pinned(value)
             moved[name] = value.to(device, non_blocking=True) if hasattr(value, "to") else value
         return Batch(**moved)
+
+
+def _pinned(value: Any) -> Any:
+    if isinstance(value, ScoredTokens):
+        return ScoredTokens(*(_pinned(t) for t in (value.index, value.targets, value.sequence)))
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        return value.pin_memory()
+    return value
 
 
 def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpt2chat.device import resolve_device
+
 FSDP_AUTO_PARAMS = 700_000_000
 
 
@@ -54,12 +56,7 @@ def setup(mode: str, device_hint: str | None) -> tuple[DistState, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_hint:
-        device = torch.device(device_hint)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(device_hint or None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     state = DistState(rank=rank, world_size=world_size, local_rank=local_rank)
@@ -139,21 +136,13 @@ def reshard(model: torch.nn.Module) -> None:
         model.reshard()
 
 
-def all_reduce_sum(values: list[float], state: DistState, device: torch.device) -> list[float]:
+def all_reduce_sum(values: torch.Tensor, state: DistState) -> torch.Tensor:
+    """The sum of `values` over every process (a device tensor; nothing is read back to the host)."""
     if not state.active or state.mode == "none":
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def broadcast_flag(flag: bool, state: DistState, device: torch.device) -> bool:
-    """True on every process if it is True on any (used to stop all processes together)."""
-    if not state.active or state.mode == "none":
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
 
 
 def barrier(state: DistState) -> None:
@@ -171,7 +160,10 @@ def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)
     memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for p in model.parameters()}
-    return copy.deepcopy(model, memo)
+    skeleton = copy.deepcopy(model, memo)
+    for module in skeleton.modules():      # GPT.compile_blocks' compiled calls belong to the original blocks
+        module._compiled_call_impl = None
+    return skeleton
 
 
 def gather_full_model(model: torch.nn.Module, skeleton: torch.nn.Module) -> torch.nn.Module | None:

@@ -18,18 +18,22 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from gpt2chat.losses import dpo_loss, orpo_loss, sft_loss, sum_per_sequence, token_logps
-from gpt2chat.model import AttentionPlan
+from gpt2chat.model import AttentionPlan, attention_kernel
 from gpt2chat.train.batching import Batch
 
 
 def attention_plan(model: torch.nn.Module, batch: Batch) -> AttentionPlan | None:
-    """The batch's layout as the model's attention plan (None: plain causal rows)."""
-    config = getattr(model, "module", model).config  # DDP keeps the model in .module
+    """The batch's layout as the model's attention plan (None: plain causal rows); FlexAttention block masks
+    on CUDA unless the model trains with attention dropout (`gpt2chat.model.attention_kernel`)."""
+    model = getattr(model, "module", model)  # DDP keeps the model in .module
+    config = model.config
+    if batch.branch_ids is None and batch.segment_ids is None:
+        return None
+    kernel = attention_kernel(model, batch.input_ids.device)
     if batch.branch_ids is not None:
-        return AttentionPlan.shared_prefix(config, batch.branch_ids, batch.position_ids, batch.segment_ids)
-    if batch.segment_ids is not None:
-        return AttentionPlan.packed(config, batch.segment_ids, batch.position_ids)
-    return None
+        return AttentionPlan.shared_prefix(config, batch.branch_ids, batch.position_ids, batch.segment_ids,
+                                           kernel=kernel)
+    return AttentionPlan.packed(config, batch.segment_ids, batch.position_ids, kernel=kernel)
 
 
 def scored_logits(model: torch.nn.Module, batch: Batch, autocast) -> torch.Tensor:
@@ -75,20 +79,24 @@ class Objective:
         pass
 
     def micro_loss(self, model, batch: Batch, totals: dict[str, int],
-                   split: str = "train") -> tuple[torch.Tensor, dict[str, float]]:
+                   split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of one micro-batch; metrics are detached 0-dim tensors on the batch's device (summed
+        by the caller and read back once, so that a step does not wait for the device per micro-batch)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def eval_metrics(self, model, batches: list[Batch], device: torch.device) -> dict[str, float]:
         """Mean metrics over fixed validation batches (one normaliser over all of them)."""
         totals = {"targets": sum(chosen_targets(b) for b in batches), "pairs": sum(b.n_pairs for b in batches)}
-        summed: dict[str, float] = {}
+        summed: dict[str, torch.Tensor] = {}
         for batch in batches:
             loss, metrics = self.micro_loss(model, batch.to(device), totals, split="val")
-            metrics["loss"] = float(loss)
+            metrics["loss"] = loss.detach()
             for key, value in metrics.items():
-                summed[key] = summed.get(key, 0.0) + value
-        return summed
+                summed[key] = summed[key] + value if key in summed else value
+        keys = sorted(summed)
+        values = torch.stack([summed[key].float() for key in keys]).tolist() if keys else []
+        return dict(zip(keys, values, strict=True))
 
 
 class SFTObjective(Objective):
@@ -113,6 +121,7 @@ class DPOObjective(Objective):
         self.beta = beta
         self.reference = reference              # None: use the precomputed table
         self.ref_logps: dict[str, torch.Tensor] = {}   # split -> [n_examples, 2] (chosen, rejected)
+        self._ref_on_device: dict[tuple[str, torch.device], torch.Tensor] = {}   # copied once, not per batch
 
     def prepare(self, model, plans, device):
         if self.reference is not None or self.ref_logps:
@@ -130,6 +139,7 @@ class DPOObjective(Objective):
                     table[batch.example_index.cpu(), 0] = sums[:n].float().cpu()
                     table[batch.example_index.cpu(), 1] = sums[n:].float().cpu()
             self.ref_logps[split] = table
+        self._ref_on_device.clear()
         model.train(was_training)
 
     def state_tensors(self):
@@ -139,6 +149,7 @@ class DPOObjective(Objective):
         for key, value in tensors.items():
             if key.startswith("ref_logps."):
                 self.ref_logps[key.removeprefix("ref_logps.")] = value
+        self._ref_on_device.clear()
 
     def reference_logps(self, batch: Batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         n = batch.n_pairs
@@ -146,8 +157,10 @@ class DPOObjective(Objective):
             with torch.no_grad():
                 sums, _ = sequence_sums(self.reference, batch, self.autocast)
             return sums[:n], sums[n:]
-        table = self.ref_logps[split].to(batch.input_ids.device)
-        rows = table[batch.example_index]
+        device = batch.input_ids.device
+        if (split, device) not in self._ref_on_device:
+            self._ref_on_device[(split, device)] = self.ref_logps[split].to(device)
+        rows = self._ref_on_device[(split, device)][batch.example_index]
         return rows[:, 0], rows[:, 1]
 
     def micro_loss(self, model, batch, totals, split="train"):
@@ -156,7 +169,7 @@ class DPOObjective(Objective):
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
         loss, metrics = dpo_loss(sums[:n], sums[n:], ref_chosen, ref_rejected, beta=self.beta)
         weight = n / totals["pairs"]
-        return loss * weight, {key: float(value) * weight for key, value in metrics.items()}
+        return loss * weight, {key: value * weight for key, value in metrics.items()}
 
 
 class ORPOObjective(Objective):
@@ -179,6 +192,6 @@ class ORPOObjective(Objective):
         odds_term = loss - micro_chosen_nll              # -beta * mean log sigmoid(log odds), this micro-batch
         pair_weight = n / totals["pairs"]
         step_loss = chosen_nll_sum / totals["targets"] + odds_term * pair_weight
-        logged = {key: float(value) * pair_weight for key, value in metrics.items() if key != "nll_loss"}
-        logged["nll_loss"] = float(chosen_nll_sum.detach()) / totals["targets"]
+        logged = {key: value * pair_weight for key, value in metrics.items() if key != "nll_loss"}
+        logged["nll_loss"] = chosen_nll_sum.detach() / totals["targets"]
         return step_loss, logged

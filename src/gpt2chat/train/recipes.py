@@ -8,16 +8,14 @@ This module is the only place in `train/` that touches checkpoints, tokenizers a
 
 from __future__ import annotations
 
-import inspect
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.train import checkpointing as ckpt
 from gpt2chat.train import distributed as dist_utils
+from gpt2chat.train import training_state
 from gpt2chat.train.batching import BatchPlan
 from gpt2chat.train.config import TrainConfig, build_config, read_recipe, recipe_stages
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
@@ -52,7 +50,7 @@ def load_base(source: str, cfg: TrainConfig, dist: dist_utils.DistState, quiet: 
     from gpt2chat.checkpoint import load_model
     from gpt2chat.templates import get_template
 
-    model, tokenizer = load_model(source, device="cpu")
+    model, tokenizer = load_model(source, device="cpu", dtype=torch.float32)  # fp32 master weights; see autocast_for
     template = get_template(cfg.template)
     vocab_before = model.config.vocab_size
     added = template.ensure_tokens(tokenizer)
@@ -81,12 +79,8 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
 def apply_lora_from(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
     from gpt2chat.lora import apply_lora
 
-    params = inspect.signature(apply_lora).parameters
-    values = {"r": cfg.lora_r, "rank": cfg.lora_r, "alpha": cfg.lora_alpha, "lora_alpha": cfg.lora_alpha,
-              "dropout": cfg.lora_dropout, "lora_dropout": cfg.lora_dropout,
-              "targets": list(cfg.lora_targets), "target_modules": list(cfg.lora_targets)}
-    result = apply_lora(model, **{k: v for k, v in values.items() if k in params})
-    return result if isinstance(result, torch.nn.Module) else model
+    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=list(cfg.lora_targets))
+    return model
 
 
 def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
@@ -110,9 +104,7 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
             return adapter_dir
         from gpt2chat.lora import merge_lora
 
-        merged = merge_lora(model)
-        save_pretrained(merged if isinstance(merged, torch.nn.Module) else model, tokenizer, folder,
-                        template=cfg.template)
+        save_pretrained(merge_lora(model), tokenizer, folder, template=cfg.template)
         return folder
 
     return write_model, write_final
@@ -121,10 +113,7 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
 def _save_adapter(model, folder: Path, base_name: str, cfg: TrainConfig) -> None:
     from gpt2chat.lora import save_adapter
 
-    params = inspect.signature(save_adapter).parameters
-    kwargs = {k: v for k, v in {"base_model_name_or_path": base_name, "base_model": base_name}.items()
-              if k in params}
-    save_adapter(model, folder, **kwargs)
+    save_adapter(model, folder, base_model_name_or_path=base_name)
 
 
 # ---------------------------------------------------------------------- data
@@ -135,26 +124,15 @@ def _specs(cfg: TrainConfig, preference: bool) -> list[str]:
     return [sample if spec == SAMPLE else spec for spec in cfg.data]
 
 
-def _call_builder(builder, specs, tokenizer, cfg: TrainConfig, budgets):
-    params = inspect.signature(builder).parameters
-    optional = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "max_examples": cfg.max_examples}
-    kwargs = {k: v for k, v in optional.items() if k in params}
-    return builder(specs, tokenizer, cfg.template, budgets, **kwargs)
-
-
 def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState):
     from gpt2chat import data
 
     preference = cfg.objective != "sft"
-    if preference:
-        budgets = data.Budgets(max_prompt_tokens=cfg.max_prompt_length,
-                               max_response_tokens=cfg.max_response_length, max_length=cfg.max_length)
-        train, val, stats = _call_builder(data.build_preference_examples, _specs(cfg, True), tokenizer, cfg,
-                                          budgets)
-    else:
-        budgets = data.Budgets(max_prompt_tokens=cfg.max_prompt_length,
-                               max_response_tokens=cfg.max_response_length, max_length=cfg.max_length)
-        train, val, stats = _call_builder(data.build_sft_examples, _specs(cfg, False), tokenizer, cfg, budgets)
+    builder = data.build_preference_examples if preference else data.build_sft_examples
+    budgets = data.Budgets(max_prompt_length=cfg.max_prompt_length, max_response_length=cfg.max_response_length,
+                           max_length=cfg.max_length)
+    train, val, stats = builder(_specs(cfg, preference), tokenizer, cfg.template, budgets,
+                                val_fraction=cfg.val_fraction, seed=cfg.seed)
     if cfg.max_examples:
         train = train[: cfg.max_examples]
     if not train:
@@ -189,8 +167,8 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     out = Path(cfg.out)
     resume_path = tensors = None
     if cfg.resume:
-        resume_path = ckpt.resolve_resume(cfg.resume, out)
-        state, tensors = ckpt.read_checkpoint(resume_path)
+        resume_path = training_state.resolve_resume(cfg.resume, out)
+        state, tensors = training_state.read_checkpoint(resume_path)
         check_resume_state(cfg, state, dist.world_size, resume_path)
         _say(dist, f"[{cfg.objective}] resuming from {resume_path} (step {state['step']})")
     if dist.is_main:
@@ -210,7 +188,7 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
         if tensors is not None and tensors.get("trainable"):
             missing = model.load_state_dict(tensors["trainable"], strict=False)
             if missing.unexpected_keys:
-                raise ckpt.ResumeError(f"{resume_path}: LoRA weights do not fit: {missing.unexpected_keys[:3]}")
+                raise training_state.ResumeError(f"{resume_path}: LoRA weights do not fit: {missing.unexpected_keys[:3]}")
     dist_utils.settle_auto(dist, cfg.distributed, sum(p.numel() for p in model.parameters()), bool(cfg.lora_r))
     model.to(device)
     model.train()
@@ -235,8 +213,9 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
         objective = DPOObjective(cfg.beta, reference=reference, autocast=autocast)
     else:
         objective = ORPOObjective(cfg.beta, autocast=autocast)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile or (cfg.compile is None and device.type == "cuda"):
+        # per block, in place: names, saving, LoRA and FSDP unchanged; on CPU it did not pay (benchmarks/README.md)
+        model.compile_blocks()
     write_model, write_final = _model_writers(cfg, tokenizer, base)
     trainer = Trainer(cfg, model, objective, train_plan, val_plan, dist, device, write_model, write_final,
                       extra_state={"base_model": base})
@@ -299,7 +278,7 @@ def run_pipeline(recipe: str | Path | dict, overrides: dict[str, dict[str, Any]]
             print(f"[pipeline] {stage}: already done ({final}), skipped", flush=True)
             result_dir = final
         else:
-            if resume and ckpt.list_checkpoints(cfg.out):
+            if resume and training_state.list_checkpoints(cfg.out):
                 cfg.resume = "last"
             result = run_stage(cfg)
             if result.final_dir is None:
@@ -321,22 +300,15 @@ def _env_rank() -> str:
     return os.environ.get("RANK", "0")
 
 
-def _eval_fields() -> list[str] | None:
-    try:
-        import dataclasses
-
-        from gpt2chat.evaluate.runner import EvalConfig
-    except ImportError:
-        return None
-    return [f.name for f in dataclasses.fields(EvalConfig)]
-
-
 def _check_eval_keys(recipe: dict[str, Any]) -> None:
     """Unknown `[eval]` keys fail before any training starts."""
+    import dataclasses
+
+    from gpt2chat.evaluate.runner import EvalConfig
     from gpt2chat.train.config import ConfigError, suggest
 
-    fields = _eval_fields()
-    for key in recipe.get("eval", {}) if fields else ():
+    fields = [f.name for f in dataclasses.fields(EvalConfig)]
+    for key in recipe.get("eval", {}):
         if key not in fields:
             raise ConfigError(f"{recipe.get('__path__', 'config')}: [eval] unknown key {key!r}{suggest(key, fields)}")
 
@@ -346,11 +318,8 @@ def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any
 
     Keys of the recipe's `[eval]` table are `EvalConfig` fields (checked before training starts).
     """
-    try:
-        from gpt2chat.evaluate import evaluate_models
-    except (ImportError, AttributeError):
-        print("[pipeline] evaluation skipped: gpt2chat.evaluate.evaluate_models is not available", flush=True)
-        return None
+    from gpt2chat.evaluate import evaluate_models
+
     options = dict(recipe.get("eval", {}))
     from gpt2chat import data
 
@@ -372,8 +341,3 @@ def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any
     print(f"[pipeline] evaluating {', '.join(labels)} -> {root / 'eval'}", flush=True)
     return evaluate_models(paths, root / "eval", **options)
 
-
-def steps_for(n_rows: int, cfg: TrainConfig, world_size: int = 1) -> int:
-    """How many optimizer steps `cfg` makes over `n_rows` rows (for planning and tests)."""
-    per_epoch = n_rows // (cfg.batch_size * cfg.grad_accum * world_size)
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from gpt2chat.device import resolve_dtype
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.train import checkpointing as ckpt
 from gpt2chat.train import distributed as dist_utils
+from gpt2chat.train import training_state
 from gpt2chat.train.batching import BatchPlan
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.metrics import MetricsLog, plot_losses
@@ -63,10 +64,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         raise Gpt2ChatError("nothing to train: every parameter is frozen")
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
     if device.type in ("cuda", "cpu"):
-        kwargs["fused"] = True      # one kernel over all tensors; on CPU about 4x faster than foreach for 124M
+        kwargs["fused"] = True      # one kernel over all parameters instead of one per tensor list (foreach)
     else:
         kwargs["foreach"] = True
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def _step_if(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """`optimizer.step()` when `finite` (a device bool) holds, else nothing changes: no parameter, no moment,
+    no step count. A fused AdamW decides on the device (`found_inf`, as under GradScaler), so the host does
+    not wait for the GPU before the step; other optimizers read the flag first."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None
+    elif bool(finite):
+        optimizer.step()
 
 
 def seed_for_step(seed: int, step: int, rank: int) -> int:
@@ -137,12 +152,12 @@ class Trainer:
         optim_state = _optimizer_state(self.model, optimizer, self.dist)
         model = self._plain_model()
         if self.dist.is_main:
-            tensors = {"optimizer": optim_state, "rng": ckpt.rng_state(),
+            tensors = {"optimizer": optim_state, "rng": training_state.rng_state(),
                        "trainable": _trainable_state(model), **self.objective.state_tensors()}
-            ckpt.write_checkpoint(self.out_dir, step, lambda folder: self.write_model(model, folder),
+            training_state.write_checkpoint(self.out_dir, step, lambda folder: self.write_model(model, folder),
                                   self._state(step), tensors, self.cfg.keep_last)
         dist_utils.barrier(self.dist)
-        self.last_checkpoint = ckpt.checkpoints_root(self.out_dir) / f"step-{step:07d}"
+        self.last_checkpoint = training_state.checkpoints_root(self.out_dir) / f"step-{step:07d}"
         return model
 
     def _plain_model(self) -> torch.nn.Module | None:
@@ -153,12 +168,12 @@ class Trainer:
         return dist_utils.gather_full_model(self.model, self._skeleton)
 
     def _restore(self, path: Path, optimizer) -> int:
-        state, tensors = ckpt.read_checkpoint(path)
+        state, tensors = training_state.read_checkpoint(path)
         check_resume_state(self.cfg, state, self.dist.world_size, path)
         _load_optimizer_state(self.model, optimizer, tensors["optimizer"], self.dist)
         self.objective.load_state_tensors(tensors)
         if "rng" in tensors:
-            ckpt.set_rng_state(tensors["rng"])
+            training_state.set_rng_state(tensors["rng"])
         self.last_checkpoint = path
         return int(state["step"])
 
@@ -236,7 +251,7 @@ class Trainer:
         totals = self.train_plan.step_totals(epoch, step_in_epoch)
         scale = float(self.dist.world_size) if self.dist.mode != "none" else 1.0
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        metric_sums: dict[str, float] = {}
+        metric_sums: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with dist_utils.no_sync(self.model, skip=not last):
@@ -244,26 +259,26 @@ class Trainer:
                 (loss * scale).backward()
             loss_sum += loss.detach().float()
             for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + value
+                metric_sums[key] = metric_sums[key] + value if key in metric_sums else value
         keys = sorted(metric_sums)
-        reduced = dist_utils.all_reduce_sum([float(loss_sum), *(metric_sums[k] for k in keys)],
-                                            self.dist, self.device)
-        step_loss = reduced[0]
-        if not math.isfinite(step_loss):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(self._diverged_message("loss", step_loss, step))
-        # Under FSDP the gradients are DTensor shards and clip_grad_norm_ still takes the whole model's norm.
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
-        if not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(self._diverged_message("gradient norm", grad_norm, step))
-        optimizer.step()
+        # Everything stays on the device until one read-back after the optimizer step: the loss, the metrics
+        # and the gradient norm (clip_grad_norm_ with inf max_norm only measures; under FSDP it is the whole
+        # model's norm, a DTensor).
+        reduced = dist_utils.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in keys)]).double(),
+                                            self.dist)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(reduced[0]) & torch.isfinite(grad_norm)
+        _step_if(optimizer, finite)
         optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        # The step's one host sync: it waits for the whole step, so the timing below covers it.
+        step_loss, *metric_values, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced)]).tolist()
+        if not math.isfinite(step_loss):
+            raise TrainingDivergedError(self._diverged_message("loss", step_loss, step))
+        if not math.isfinite(grad_norm):
+            raise TrainingDivergedError(self._diverged_message("gradient norm", grad_norm, step))
         seconds = time.perf_counter() - tick
         record: dict[str, Any] = {
             "split": "train", "step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
@@ -273,7 +288,7 @@ class Trainer:
         }
         if totals["pairs"]:
             record["pairs_per_s"] = totals["pairs"] / max(seconds, 1e-9)
-        record.update(zip(keys, reduced[1:], strict=True))
+        record.update(zip(keys, metric_values, strict=True))
         return record
 
     def _diverged_message(self, what: str, value: float, step: int) -> str:
@@ -305,9 +320,9 @@ def check_resume_state(cfg: TrainConfig, state: dict[str, Any], world_size: int,
         saved = state.get("config", {})
         diff = cfg.training_diff(saved) if isinstance(saved, dict) else ["config"]
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in diff[:5])
-        raise ckpt.ResumeError(f"--resume {path}: this checkpoint is from another run ({details or 'config differs'})")
+        raise training_state.ResumeError(f"--resume {path}: this checkpoint is from another run ({details or 'config differs'})")
     if state.get("world_size", 1) != world_size:
-        raise ckpt.ResumeError(
+        raise training_state.ResumeError(
             f"--resume {path}: saved with {state.get('world_size')} processes, now {world_size}; "
             "resume with the same number of processes")
 
@@ -339,7 +354,7 @@ def _load_optimizer_state(model, optimizer, state: dict[str, Any], dist: dist_ut
         else:
             optimizer.load_state_dict(state)
     except (ValueError, KeyError) as exc:
-        raise ckpt.ResumeError(f"the checkpoint's optimizer state does not fit this model: {exc}") from None
+        raise training_state.ResumeError(f"the checkpoint's optimizer state does not fit this model: {exc}") from None
 
 
 def _progress_bar(cfg: TrainConfig, dist: dist_utils.DistState, total: int, initial: int):
@@ -352,9 +367,10 @@ def _progress_bar(cfg: TrainConfig, dist: dist_utils.DistState, total: int, init
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
-    """bf16 autocast on CUDA when supported (precision auto / bf16), else no autocast (fp32)."""
+    """bf16 autocast over the fp32 weights where the device policy runs bf16 (precision auto) and the GPU
+    supports it, or when asked (bf16); else no autocast (fp32)."""
     use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        cfg.precision == "auto" and resolve_dtype(None, device) == torch.bfloat16 and torch.cuda.is_bf16_supported())
     if not use_bf16:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -19,10 +19,9 @@
   const store = new ConversationStore(window.localStorage, window.sessionStorage);
   const settings = store.loadSettings(DEFAULTS);
   let conversation = store.load(store.currentId() || "") || store.create();
-  let running = null;      // { conv, controller, element } while a reply streams
+  let running = null;      // { conv, controller, element, deleted } while a reply streams
   let notice = null;       // { title, detail } shown at the end of the conversation until the next send
   let editing = null;      // { draft } while the composer holds the last user message for editing
-  let modelName = "";
   const panels = window.gpt2chatPanels.setupPanels(settings, () => store.saveSettings(settings));
 
   // ---- the conversation ---------------------------------------------------------------------------------
@@ -170,24 +169,24 @@
         if (follow) scrollToBottom();
       },
     });
+    const deleted = running.deleted;
     running = null;
 
-    const failedBeforeReply = result.outcome === "error" && !result.content;
-    if (failedBeforeReply) {
+    if (result.outcome === "error" && !result.content) {
       conv.messages = before; // the request never produced anything: the conversation is as it was
-      if (mode !== "regenerate" && conversation === conv) {
-        keepUnsentText(text);
-        if (mode === "edit") {
-          editing = { draft: "" };
-          showEditing(true);
-        }
+      if (mode !== "regenerate") keepUnsentText(text); // even if the user has switched conversations since
+      if (mode === "edit" && conversation === conv) {
+        editing = { draft: "" };
+        showEditing(true);
       }
+    } else if (result.outcome === "stopped" && !result.content && mode === "regenerate") {
+      conv.messages = before; // stopped before a word of the new reply came: keep the old one
     } else if (result.content || result.outcome === "done") {
       conv.messages.push({ role: "assistant", content: result.content, stats: result.stats,
                            finishReason: result.finishReason, outcome: result.outcome });
     }
     if (result.error && conversation === conv) notice = { title: result.error.title, detail: result.error.detail };
-    saveConversation(conv);
+    if (!deleted) saveConversation(conv);
     setBusy(false);
     render();
   }
@@ -269,7 +268,10 @@
       return;
     }
     const id = row.dataset.id;
-    if (running && running.conv.id === id) running.controller.abort();
+    if (running && running.conv.id === id) {
+      running.deleted = true; // the reply's end must not save the conversation back
+      running.controller.abort();
+    }
     store.remove(id);
     if (id === conversation.id) {
       switchTo(store.create());
@@ -358,16 +360,20 @@
     renderList();
   });
 
-  function showModel(name) {
-    modelName = name;
-    $("model-name").textContent = name;
-    $("empty-model").textContent = name || "the model";
+  // The model's name in the top bar; asked again when the API key changes (a 401 leaves it blank).
+  function loadModelName() {
+    fetch("/v1/models", { headers: headers() })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((body) => {
+        const name = body && body.data && body.data[0] ? String(body.data[0].id) : "";
+        $("model-name").textContent = name;
+        $("empty-model").textContent = name || "the model";
+      })
+      .catch(() => {}); // no server: the first message says so in words
   }
 
-  fetch("/v1/models", { headers: headers() })
-    .then((response) => (response.ok ? response.json() : null))
-    .then((body) => { if (body && body.data && body.data[0]) showModel(body.data[0].id); })
-    .catch(() => showModel(modelName));
+  $("api-key").addEventListener("change", loadModelName);
+  loadModelName();
 
   render();
   autoGrow();

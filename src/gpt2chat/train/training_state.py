@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic folders `OUT/checkpoints/step-NNNNNNN/`, keep-last-K, resume lookup.
+"""Training state on disk: atomic checkpoint folders `OUT/checkpoints/step-NNNNNNN/`, keep-last-K, resume lookup.
 
 A checkpoint folder holds the model in the Hugging Face layout (or, for LoRA, the adapter in PEFT's
 layout), written by a callback the caller passes, plus the trainer's state:
@@ -6,8 +6,8 @@ layout), written by a callback the caller passes, plus the trainer's state:
 - `trainer_state.pt`: tensors only (optimizer state, RNG states, LoRA weights, DPO reference
   log-probs), read back with `torch.load(weights_only=True)`: loading never runs pickled code.
 
-Everything is written into `.tmp-step-NNNNNNN` first and renamed into place, so a crash mid-write
-leaves the previous checkpoints intact and never a half-written one under a real name.
+Everything is written into a staging folder first and renamed into place (`gpt2chat.files.atomic_folder`),
+so a crash mid-write leaves the previous checkpoints intact and never a half-written one under a real name.
 
 This module knows folders and state dicts; it does not know what a model or a loss is.
 """
@@ -15,7 +15,6 @@ This module knows folders and state dicts; it does not know what a model or a lo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.files import atomic_folder
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
@@ -55,24 +55,11 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 def write_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path], None],
                      state: dict[str, Any], tensors: dict[str, Any], keep_last: int) -> Path:
     """Write a checkpoint atomically and delete all but the newest `keep_last`."""
-    root = checkpoints_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_model(tmp)
-    torch.save(tensors, tmp / STATE_TENSORS)
-    (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    if final.exists():
-        old = root / f".old-step-{step:07d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    final = checkpoints_root(out_dir) / f"step-{step:07d}"
+    with atomic_folder(final) as staging:
+        write_model(staging)
+        torch.save(tensors, staging / STATE_TENSORS)
+        (staging / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
     for stale in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

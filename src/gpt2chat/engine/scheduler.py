@@ -1,0 +1,287 @@
+"""The one generation loop: admit requests into free cache rows, prefill them in chunks, decode every row.
+
+`Scheduler.step()` does one round of work for every request it holds:
+
+1. requests cancelled since the last step give their rows back (no more work is done for them);
+2. waiting requests are admitted into free cache rows (lowest row first, so busy rows stay packed at the top);
+3. up to `prefill_tokens` prompt tokens of the admitted rows run in one batched prefill (a long prompt is
+   cut into chunks over several steps, so the streams already running never wait for a whole long prompt);
+4. one decode step feeds every running row its last token;
+5. every row with fresh logits (a prompt that completed, a decoded row) is sampled in one call, and its
+   token is delivered; a row that stops or reaches its limit is freed at once.
+
+The synchronous `Engine` calls `step()` in the caller's thread; `BatchedEngine` calls it in its own thread.
+Both see the same behaviour, because there is no other loop. The model is reached only through the
+`ModelRunner`.
+
+This module knows nothing about threads, text or how the model computes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from gpt2chat.engine.request import Request, TokenLogprob
+from gpt2chat.engine.runner import ModelRunner, PrefillChunk
+from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.sampling import SamplingParams, sample_next
+
+__all__ = ["Scheduler", "check_prompt", "token_logprobs"]
+
+
+def check_prompt(prompt_ids: Sequence[int], context: int, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints; Gpt2ChatError when it is empty, too long or out of vocabulary."""
+    try:
+        prompt = [int(t) for t in prompt_ids]
+    except (TypeError, ValueError):
+        raise Gpt2ChatError("a prompt must be a sequence of token ids") from None
+    if not prompt:
+        raise Gpt2ChatError("the prompt is empty: give at least one token")
+    if len(prompt) >= context:
+        raise Gpt2ChatError(
+            f"the prompt is {len(prompt)} tokens but the model's context is {context} tokens "
+            f"(prompt + reply must fit): shorten the prompt to at most {context - 1} tokens"
+        )
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise Gpt2ChatError(f"token id {bad} in the prompt is outside the model's vocabulary (0 .. {vocab_size - 1})")
+    return prompt
+
+
+def token_logprobs(logits: torch.Tensor, token_ids, tops: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """Per row of `logits` [N, V]: the log-probability of `token_ids[row]` plus the `tops[row]` most likely
+    tokens, or None where `tops[row]` is None. One log_softmax and one host transfer for all rows."""
+    wanted = [row for row, k in enumerate(tops) if k is not None]
+    entries: list[TokenLogprob | None] = [None] * len(tops)
+    if not wanted:
+        return entries
+    index = torch.tensor(wanted, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen_ids = torch.as_tensor(token_ids, device=logits.device).reshape(-1).index_select(0, index)
+    chosen = logp.gather(1, chosen_ids[:, None])[:, 0].tolist()
+    k_max = max(tops[row] for row in wanted)
+    top_values, top_ids = logp.topk(k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())
+    top_values, top_ids, chosen_ids = top_values.tolist(), top_ids.tolist(), chosen_ids.tolist()
+    for i, row in enumerate(wanted):
+        k = tops[row]
+        entries[row] = TokenLogprob(chosen_ids[i], chosen[i], tuple(zip(top_ids[i][:k], top_values[i][:k], strict=True)))
+    return entries
+
+
+class _Row:
+    """One request in a cache row: how far its prompt is cached, what it feeds next, how far it may go."""
+
+    __slots__ = ("request", "prompt", "params", "cached", "next_token", "limit", "draws")
+
+    def __init__(self, request: Request, context: int):
+        self.request = request
+        self.prompt = request.prompt_ids
+        self.params: SamplingParams = request.params
+        self.cached = 0  # positions of this row's cache filled
+        self.next_token: int | None = None  # sampled, not yet fed back (set once the prompt is cached)
+        # prompt + reply never exceed the context
+        self.limit = min(self.params.max_new_tokens, context - len(self.prompt))
+        self.draws = 0  # tokens sampled so far: the counter of the row's seeded draws
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+
+class Scheduler:
+    """Continuous batching of requests over the rows of one KV cache (see the module docstring).
+
+    `max_rows`: cache rows, the most requests decoded together. `prefill_tokens`: the most prompt tokens
+    one step prefills (the chunk budget). `context`: the longest prompt + reply a row holds.
+    """
+
+    def __init__(self, runner: ModelRunner, max_rows: int, context: int, prefill_tokens: int = 512):
+        if max_rows < 1 or prefill_tokens < 1:
+            raise Gpt2ChatError("max_rows and prefill_tokens must be >= 1")
+        self.runner = runner
+        self.max_rows = max_rows
+        self.context = context
+        self.prefill_tokens = prefill_tokens
+        self.rows: list[_Row | None] = [None] * max_rows
+        self.pending: deque[Request] = deque()
+        self._seen: torch.Tensor | None = None  # [max_rows, V] tokens each row's repetition penalty sees
+
+    # ------------------------------------------------------------------ state
+    @property
+    def active_count(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self.pending)
+
+    def has_work(self) -> bool:
+        return bool(self.pending) or any(row is not None for row in self.rows)
+
+    def add(self, request: Request) -> None:
+        """Queue a request whose prompt was checked (`check_prompt`)."""
+        self.pending.append(request)
+
+    def release(self, request: Request, reason: str = "cancelled") -> None:
+        """Finish `request` now and free its row (or drop it from the queue)."""
+        for index, row in enumerate(self.rows):
+            if row is not None and row.request is request:
+                self._free(index, reason)
+                return
+        if request in self.pending:
+            self.pending.remove(request)
+        request._finish(reason)
+
+    def fail_all(self, reason: str, error: BaseException | None = None, waiting: bool = True) -> None:
+        """Finish every request in a row, and (`waiting`) those queued (engine closed, a bug in a step)."""
+        for index, row in enumerate(self.rows):
+            if row is not None:
+                self._free(index, reason, error)
+        while waiting and self.pending:
+            self.pending.popleft()._finish(reason, error)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> None:
+        """One round of work for every request held (see the module docstring)."""
+        self._drop_cancelled()
+        self._admit()
+        sampled_rows: list[int] = []
+        logits_parts: list[torch.Tensor] = []
+        decoding = [index for index, row in enumerate(self.rows) if row is not None and row.next_token is not None]
+        if decoding:
+            logits_parts.append(self._decode(decoding))
+            sampled_rows += decoding
+        finished_prompts, prompt_logits = self._prefill()
+        if finished_prompts:
+            logits_parts.append(prompt_logits)
+            sampled_rows += finished_prompts
+        if sampled_rows:
+            logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
+            self._sample_and_deliver(sampled_rows, logits)
+
+    def _drop_cancelled(self) -> None:
+        if any(request.cancelled for request in self.pending):
+            for request in [r for r in self.pending if r.cancelled]:
+                self.pending.remove(request)
+                request._finish("cancelled")
+        for index, row in enumerate(self.rows):
+            if row is not None and row.request.cancelled:
+                self._free(index, "cancelled")
+
+    def _admit(self) -> None:
+        while self.pending:
+            free = next((index for index, row in enumerate(self.rows) if row is None), None)
+            if free is None:
+                return
+            request = self.pending.popleft()
+            row = self.rows[free] = _Row(request, self.context)
+            self.runner.reserve(free + 1, len(row.prompt) + row.limit)
+            if row.params.repetition_penalty != 1.0:
+                seen = self._seen_rows()
+                seen[free] = False
+                seen[free, torch.tensor(row.prompt, device=seen.device)] = True
+
+    def _seen_rows(self) -> torch.Tensor:
+        if self._seen is None:
+            vocab = self.runner.vocab_size
+            self._seen = torch.zeros(self.max_rows, vocab, dtype=torch.bool, device=self.runner.device)
+        return self._seen
+
+    def _free(self, index: int, reason: str, error: BaseException | None = None) -> None:
+        row = self.rows[index]
+        self.rows[index] = None
+        if row is not None:
+            row.request._finish(reason, error)
+
+    def _decode(self, decoding: list[int]) -> torch.Tensor:
+        """One decode step over rows 0 .. the last decoding row (or a few more, see `decode_width`) ->
+        logits [len(decoding), V]. Rows in that range that are not decoding get a dummy token at their own
+        next position, which their next prefill chunk or admission overwrites."""
+        width = self.runner.decode_width(decoding[-1] + 1)
+        tokens, positions = [0] * width, [0] * width
+        for index in range(width):
+            row = self.rows[index]
+            if row is None:
+                continue
+            positions[index] = row.cached  # a row still prefilling writes a slot its next chunk overwrites
+            if row.next_token is not None:
+                tokens[index] = row.next_token
+        logits = self.runner.decode(tokens, positions)
+        for index in decoding:
+            self.rows[index].cached += 1
+        if decoding != list(range(width)):
+            logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
+        return logits
+
+    def _prefill(self) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `prefill_tokens` prompt tokens of the rows still prefilling, in one batched forward.
+
+        Returns the rows whose prompt is now fully cached and the logits of their last prompt position."""
+        budget = self.prefill_tokens
+        chunks: list[PrefillChunk] = []
+        for index, row in enumerate(self.rows):
+            if budget == 0:
+                break
+            if row is None or not row.prefilling:
+                continue
+            take = min(budget, len(row.prompt) - row.cached)
+            budget -= take
+            chunks.append(PrefillChunk(
+                row=index, start=row.cached, token_ids=row.prompt[row.cached : row.cached + take],
+                all_logits=row.params.prompt_logprobs is not None,
+            ))  # fmt: skip
+        if not chunks:
+            return [], None
+        outputs = self.runner.prefill(chunks)
+        finished, last_logits = [], []
+        for chunk, logits in zip(chunks, outputs, strict=True):
+            row = self.rows[chunk.row]
+            row.cached += len(chunk.token_ids)
+            if chunk.all_logits:
+                self._score_prompt(row, chunk, logits)
+            if not row.prefilling:
+                finished.append(chunk.row)
+                last_logits.append(logits[-1:])
+        return finished, (torch.cat(last_logits) if finished else None)
+
+    @staticmethod
+    def _score_prompt(row: _Row, chunk: PrefillChunk, logits: torch.Tensor) -> None:
+        """Prompt log-probabilities of the tokens this chunk's positions predict (entry 0 is None)."""
+        if chunk.start == 0:
+            row.request.prompt_logprobs.append(None)
+        end = min(chunk.start + len(chunk.token_ids), len(row.prompt) - 1)  # the last position predicts the reply
+        if end > chunk.start:
+            targets = row.prompt[chunk.start + 1 : end + 1]
+            tops = [row.params.prompt_logprobs] * len(targets)
+            row.request.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, tops))
+
+    def _sample_and_deliver(self, indices: list[int], logits: torch.Tensor) -> None:
+        rows = [self.rows[index] for index in indices]
+        params = [row.params for row in rows]
+        device = logits.device
+        seen = None
+        if self._seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+            seen = self._seen.index_select(0, torch.tensor(indices, device=self._seen.device))
+        draws = [row.draws for row in rows]
+        next_ids = sample_next(logits, seen, params, draws)
+        if seen is not None:
+            self._seen[torch.tensor(indices, device=device), next_ids] = True
+        entries = token_logprobs(logits, next_ids, [p.logprobs for p in params])
+        tokens = next_ids.tolist()
+        now = time.perf_counter()
+        for index, row, token, entry in zip(indices, rows, tokens, entries, strict=True):
+            request = row.request
+            request._sampled(now)
+            row.draws += 1
+            if token in row.params.stop_token_ids:
+                self._free(index, "stop")
+                continue
+            request._deliver(token, entry)
+            if len(request.token_ids) >= row.limit:
+                self._free(index, "length")
+            else:
+                row.next_token = token

@@ -1,0 +1,87 @@
+"""Writing files and folders atomically: into a temporary name beside the target, then renamed over it.
+
+A crash mid-write leaves the old file (or folder) intact, never a half-written one under the real name.
+Files and folders get the usual permissions (0644 / 0755 under the default umask, as `save_pretrained`
+writes them), whatever the writer did: `mkstemp` and safetensors' `save_file` create 0600 files, which
+another user or a container sharing the checkpoint cannot read.
+
+Every writer of checkpoints, tokenizers, adapters, training state and data caches uses this module.
+Knows paths only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "atomic_folder"]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); else by the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` writes the file at a temporary path in the same folder; it is then renamed to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
+    """`data` as JSON (indent 2 unless told otherwise) and a final newline."""
+    dumps.setdefault("indent", 2)
+    return write_text_atomic(path, json.dumps(data, **dumps) + "\n")
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; when the block ends without an error it replaces `path`
+    (an existing folder there is swapped out, then deleted). On an error the staging folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _temporary_name(path)
+    staging.mkdir()
+    try:
+        yield staging
+        if path.exists():
+            old = _temporary_name(path)
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
