@@ -71,7 +71,8 @@ def fuzz(served, examples: int) -> dict[str, int]:
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case):
                 response = case.call(base_url=served.url, timeout=60)
-                sent[label] = sent.get(label, 0) + 1
+                sent_for = f"{case.method.upper()} {case.path}"
+                sent[sent_for] = sent.get(sent_for, 0) + 1
                 case.validate_response(response, additional_checks=[openai_error_body],
                                        excluded_checks=[positive_data_acceptance])
 
@@ -98,6 +99,24 @@ def test_every_operation_survives_generated_requests(served):
     sent = fuzz(served, EXAMPLES)
     print("requests fuzzed per operation:", sent, "total:", sum(sent.values()))
     assert all(count >= 1 for count in sent.values())
+    assert_healthy(served)
+
+
+def test_a_vanishing_temperature_is_greedy_and_breaks_no_other_request(served):
+    """The fuzz's first finding: temperature 1.8e-88 (inside OpenAI's 0..2) overflowed logits / temperature
+    to inf, and the NaN draw failed every request sharing the engine step (a 500 for each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(temperature: float) -> httpx.Response:
+        return httpx.post(f"{served.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
+            "temperature": temperature})
+
+    with ThreadPoolExecutor(4) as pool:  # sent together, so they share engine steps
+        replies = list(pool.map(ask, [1.7787324941885278e-88, 0.0, 1e-30, 0.0]))
+    assert [reply.status_code for reply in replies] == [200] * 4, [reply.text[:200] for reply in replies]
+    texts = {reply.json()["choices"][0]["message"]["content"] for reply in replies}
+    assert len(texts) == 1  # every one of them is the greedy reply
     assert_healthy(served)
 
 
