@@ -90,10 +90,10 @@ def test_reply_that_cannot_fit_is_dropped_and_counted(tok):
     assert drops == {"reply over max_response_length": 1}
 
 
-def test_long_last_user_turn_is_dropped_not_cut(tok):
+def test_long_last_user_turn_is_dropped_when_asked(tok):
     c = conv("question " * 200, "short answer")
     drops = Counter()
-    assert build_sft(tok, [c], "llama3-context", Budgets(max_length=100), drops=drops) == []
+    assert build_sft(tok, [c], "llama3-context", Budgets(max_length=100, prompt_truncation="drop"), drops=drops) == []
     assert drops == {"last user turn over budget": 1}
 
 
@@ -137,5 +137,6 @@ def test_preference_budgets_like_seed_002(tok):
     assert example.rejected_ids[-1] == tok.eos_token_id  # not cut: still ends with end-of-turn
     assert truncations == {"chosen reply cut": 1}
     drops = Counter()
-    assert build_preferences(tok, [pair(["too long " * 100])], "plain", Budgets.preference(), drops) == []
+    drop = Budgets(max_prompt_length=96, max_response_length=64, max_length=160, prompt_truncation="drop")
+    assert build_preferences(tok, [pair(["too long " * 100])], "plain", drop, drops) == []
     assert drops == {"last user turn over max_prompt_length": 1}

@@ -113,3 +113,25 @@ def test_distinct_n_and_reply_metrics():
     assert figures["reward_total"] == 3 and figures["penalty_total"] == 1
     assert figures["mean_reply_words"] == pytest.approx(2.0)
     assert figures["replies"] == 2
+
+
+def test_a_long_conversation_loses_its_oldest_turns_never_the_front_of_its_tokens(chat_tokenizer):
+    """Perplexity's truncation is training's: the system message and the last exchange stay whole, the
+    oldest turn goes; a reply that cannot fit at all is skipped, not scored from a cut-off middle."""
+    from gpt2chat.data.types import Conversation
+    from gpt2chat.evaluate.scoring import conversation_sets
+    from gpt2chat.templates import render_chat
+
+    system = {"role": "system", "content": "You are terse."}
+    old = [{"role": "user", "content": "tell me a long story " * 20}, {"role": "assistant", "content": "no " * 40}]
+    last = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    fits = render_chat(chat_tokenizer, [system, *last], template="llama3-context")[0]
+    context = len(fits) + 10
+    too_long = {"role": "assistant", "content": "word " * (2 * context)}
+    conversations = [Conversation([system, *old, *last], "long"), Conversation([system, *last], "short"),
+                     Conversation([system, last[0], too_long], "reply too long")]
+    sets = conversation_sets(conversations, chat_tokenizer, "llama3-context", context)
+    assistant = sets["assistant"]
+    assert assistant.sources == ["long", "short"] and assistant.truncated == 1 and assistant.skipped == 1
+    assert assistant.sequences[0] == list(fits) == assistant.sequences[1]
+    assert sets["rendered"].sequences == assistant.sequences

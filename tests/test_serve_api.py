@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, StandInEngine, standin_service, tiny_service, wait_until
+from test_serve_helpers import (
+    ServerThread,
+    StandInEngine,
+    assert_openai_error,
+    standin_service,
+    tiny_service,
+    wait_until,
+)
 
 USER = [{"role": "user", "content": "Hello there"}]
 
@@ -66,15 +73,6 @@ def sse_events(response: httpx.Response) -> list:
         data = block[len("data: "):]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-def assert_openai_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 # ---- successful requests -------------------------------------------------------------------------------

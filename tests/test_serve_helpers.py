@@ -44,6 +44,30 @@ class ServerThread:
         self.sock.close()
 
 
+def openai_error_shape(body: object) -> str | None:
+    """What is wrong with an error body, measured against OpenAI's `{"error": {message, type, param, code}}`
+    (None when it has that shape)."""
+    if not isinstance(body, dict) or set(body) != {"error"}:
+        return f"the body is not one 'error' object: {str(body)[:200]}"
+    error = body["error"]
+    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+        return f"the error object has not OpenAI's four fields: {str(error)[:200]}"
+    if not isinstance(error["message"], str) or not error["message"] or not isinstance(error["type"], str):
+        return f"message and type must be non-empty strings: {str(error)[:200]}"
+    if any(error[name] is not None and not isinstance(error[name], str) for name in ("param", "code")):
+        return f"param and code must be strings or null: {str(error)[:200]}"
+    return None
+
+
+def assert_openai_error(response, status: int) -> dict:
+    """The `error` object of an httpx response that must have `status` and OpenAI's error shape."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    problem = openai_error_shape(body)
+    assert problem is None, problem
+    return body["error"]
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

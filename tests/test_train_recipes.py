@@ -83,6 +83,19 @@ def test_resume_with_another_config_is_a_clear_error(tmp_path, capsys):
     assert "no checkpoint found" in capsys.readouterr().err
 
 
+def test_max_length_past_the_model_context_fails_before_any_data_work(tmp_path, capsys):
+    """The seed-004 recipe (max_length 512) on a 256-token model: the error names the flag to change, and comes
+    before the (missing) data file is read."""
+    missing = tmp_path / "not-there.jsonl"
+    code = main(["sft", "--config", str(CONFIGS / "neo-lora-guanaco.toml"), "--model", "init:tiny-neo",
+                 "--data", f"guanaco:{missing}", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "max_length 512" in err and "256 tokens" in err and "--max-length 256" in err
+    assert "not-there" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def same_weights(folder_a: Path, folder_b: Path, names: tuple[str, ...] = ("model.safetensors",)) -> None:
     import torch
     from safetensors.torch import load_file

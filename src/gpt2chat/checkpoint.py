@@ -373,18 +373,13 @@ def _template_parts(name: str, tokenizer: Tokenizer) -> tuple[str, list[int]]:
         template = get_template(name)
     except Gpt2ChatError as exc:
         raise CheckpointError(str(exc)) from exc
-    missing = [t for t in getattr(template, "special_tokens", ()) if tokenizer.token_to_id(t) is None]
+    missing = [t for t in template.special_tokens if tokenizer.token_to_id(t) is None]
     if missing:
         raise CheckpointError(
             f"template {name!r} needs tokens the tokenizer lacks: {missing}; call "
             f"get_template({name!r}).ensure_tokens(tokenizer) and model.resize_token_embeddings(len(tokenizer))"
         )
-    stop_ids = []
-    for stop in getattr(template, "stop_tokens", ()) or ():
-        token_id = stop if isinstance(stop, int) else tokenizer.token_to_id(stop)
-        if token_id is not None:
-            stop_ids.append(int(token_id))
-    return template.jinja, stop_ids
+    return template.jinja, template.stop_token_ids(tokenizer)
 
 
 def init_checkpoint(

@@ -1,6 +1,7 @@
 """Writing files and folders atomically: into a temporary name beside the target, then renamed over it.
 
-A crash mid-write leaves the old file (or folder) intact, never a half-written one under the real name.
+A crash mid-write leaves the old file (or folder) intact, never a half-written one under the real name;
+the data and the rename are fsynced before the call returns, so a power cut after it keeps the new file.
 Files and folders get the usual permissions (0644 / 0755 under the default umask, as `save_pretrained`
 writes them), whatever the writer did: `mkstemp` and safetensors' `save_file` create 0600 files, which
 another user or a container sharing the checkpoint cannot read.
@@ -19,6 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from gpt2chat.faults import fault_point
 
 __all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "atomic_folder"]
 
@@ -41,6 +44,14 @@ def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """`write(tmp)` writes the file at a temporary path in the same folder; it is then renamed to `path`."""
     path = Path(path)
@@ -48,8 +59,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp = _temporary_name(path)
     try:
         write(tmp)
+        fault_point("write")  # tests: a kill or a full disk with the file written but not yet in place
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -68,7 +82,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder beside `path`; when the block ends without an error it replaces `path`
-    (an existing folder there is swapped out, then deleted). On an error the staging folder is removed."""
+    (an existing folder there is swapped out, then deleted). On an error the staging folder is removed and
+    the old folder stays (or is put back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = _temporary_name(path)
@@ -78,10 +93,15 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             old = _temporary_name(path)
             os.replace(path, old)
-            os.replace(staging, path)
+            try:
+                os.replace(staging, path)
+            except OSError:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, path)
+        _fsync(path.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

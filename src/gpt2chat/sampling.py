@@ -43,6 +43,9 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's choice too)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token; checked on construction (bad values raise `Gpt2ChatError`)."""
@@ -98,7 +101,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below GREEDY_BELOW the draw is the argmax anyway, and logits / temperature would overflow to inf
+        # (then NaN probabilities) for temperatures as small as 1e-40, which OpenAI's 0..2 range admits
+        return self.temperature < GREEDY_BELOW
 
     def replace(self, **changes) -> SamplingParams:
         """A copy with some fields changed (validated again)."""

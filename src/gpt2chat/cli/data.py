@@ -37,6 +37,8 @@ def register(subparsers) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from gpt2chat.data.types import PROMPT_TRUNCATIONS
+
     parser.add_argument("--data", action="append", required=True, metavar="FORMAT:LOCATION[@WEIGHT]",
                         help="a data source (repeatable); formats: oasst1 oasst2 alpaca guanaco openorca "
                              "ultrafeedback sharegpt messages")
@@ -48,6 +50,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="total tokens (SFT 512, preference 160)")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="(preference default 96)")
     parser.add_argument("--max-response-length", type=int, default=None, help="(preference default 64)")
+    parser.add_argument("--prompt-truncation", choices=PROMPT_TRUNCATIONS, default="keep_end",
+                        help="a last user turn over budget: keep its end (default, as TRL's DPO did), its start, or drop")
     parser.add_argument("--last-turn-only", action="store_true",
                         help="one example per conversation (its last reply) instead of one per assistant turn")
     parser.add_argument("--all-paths", action="store_true", help="oasst: every tree path, not the best-ranked")
@@ -73,6 +77,7 @@ def _setup(args):
         max_response_length=(args.max_response_length if args.max_response_length is not None
                              else base.max_response_length),
         max_length=args.max_length if args.max_length is not None else base.max_length,
+        prompt_truncation=args.prompt_truncation,
     )
     options = FormatOptions(lang=None if args.lang == "all" else args.lang, all_paths=args.all_paths)
     return specs, template, tokenizer, kind, budgets, options

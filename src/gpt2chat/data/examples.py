@@ -4,11 +4,13 @@ Rendering is the template's job (`templates.render_chat`: history as context, th
 reply and its end-of-turn token). This module decides *what* to render and what to cut:
 
 - SFT: one example per assistant turn (with its history) or only the last one. When an example is over budget
-  the context is cut from the oldest turn first (then the system message); the last user turn and the reply
-  are kept whole. An example whose reply (or last user turn) cannot fit is dropped and counted.
-- Preferences: the prompt is cut the same way to `max_prompt_length` (never the last user turn: a pair whose
-  last user turn alone is too long is dropped); replies are cut to `max_response_length` and to what
-  `max_length` leaves (as seed 002 and TRL do). A reply that was not cut ends with the end-of-turn token.
+  the context is cut from the oldest turn first (then the system message); the reply is kept whole. A last
+  user turn that alone is still too long has its text cut at a token boundary as `Budgets.prompt_truncation`
+  says (keep its end, its start, or drop the example). An example whose reply cannot fit is dropped.
+- Preferences: the prompt is cut the same way to `max_prompt_length` (the last user turn by
+  `prompt_truncation` too); replies are cut to `max_response_length` and to what `max_length` leaves (as
+  seed 002 and TRL do). A reply that was not cut ends with the end-of-turn token.
+- Every drop is counted by reason, every cut by what was cut.
 - Never an example with an empty loss mask.
 
 Speed: a dry render learns every text segment the template will encode; the distinct ones are encoded in one
@@ -141,6 +143,28 @@ def context_candidates(messages: list[dict]):
         yield tail
 
 
+def cut_last_user_turn(tokenizer, messages: list[dict], template, add_generation_prompt: bool, mode: str,
+                       overflow) -> tuple[list[dict], list[int], list[int]] | None:
+    """`messages` with the text of its last user turn cut at a token boundary, keeping its end ("keep_end")
+    or its start ("keep_start"), until `overflow(ids, mask)` (tokens over budget) is <= 0 -> (messages, ids,
+    mask); None when not even one token of that turn fits."""
+    index = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    text = messages[index]["content"]
+    _, offsets = tokenizer.encode_with_offsets(text)
+    kept, candidate = len(offsets), messages
+    ids, mask = _render(tokenizer, candidate, template, add_generation_prompt)
+    excess = overflow(ids, mask)
+    while excess > 0:
+        kept -= excess  # each round removes the measured excess; a BPE merge at the new edge may need one more
+        if kept < 1:
+            return None
+        cut = text[offsets[-kept][0]:] if mode == "keep_end" else text[: offsets[kept - 1][1]]
+        candidate = [*messages[:index], {**messages[index], "content": cut}, *messages[index + 1:]]
+        ids, mask = _render(tokenizer, candidate, template, add_generation_prompt)
+        excess = overflow(ids, mask)
+    return candidate, ids, mask
+
+
 def sft_turn_targets(conversation: Conversation, per_turn: bool) -> list[list[dict]]:
     """The message lists to train on: one per assistant turn (each with its history), or the whole thing."""
     messages = conversation.messages
@@ -149,10 +173,11 @@ def sft_turn_targets(conversation: Conversation, per_turn: bool) -> list[list[di
     return [messages[: index + 1] for index, m in enumerate(messages) if m["role"] == "assistant" and index > 0]
 
 
-def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets,
-                source: str) -> tuple[SFTExample | None, str | None]:
+def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets, source: str,
+                truncations: Counter | None = None) -> tuple[SFTExample | None, str | None]:
     """Render one target (ends with the reply to train on) inside the budgets -> (example, None) or (None, reason)."""
     first = True
+    candidate = messages
     for candidate in context_candidates(messages):
         ids, mask = _render(tokenizer, candidate, template, False)
         if first:
@@ -170,13 +195,27 @@ def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets,
             return SFTExample(input_ids=ids, assistant_mask=mask, source=source), None
     if sum(mask) + 1 > budgets.max_length:
         return None, "reply over max_length"
+    if budgets.prompt_truncation != "drop":
+
+        def overflow(ids: list[int], mask: list[int]) -> int:
+            over = len(ids) - budgets.max_length
+            if budgets.max_prompt_length is not None:
+                over = max(over, mask.index(1) - budgets.max_prompt_length)
+            return over
+
+        cut = cut_last_user_turn(tokenizer, candidate, template, False, budgets.prompt_truncation, overflow)
+        if cut is not None and sum(cut[2]) > 0:
+            if truncations is not None:
+                truncations[f"last user turn cut to the budget ({budgets.prompt_truncation})"] += 1
+            return SFTExample(input_ids=cut[1], assistant_mask=cut[2], source=source), None
     return None, "last user turn over budget"
 
 
 def build_sft(tokenizer, conversations: list[Conversation], template, budgets: Budgets,
               per_turn: bool = True, drops: Counter | None = None,
-              targets: list[tuple[list[dict], str]] | None = None) -> list[SFTExample]:
-    """Examples for many conversations (or ready-made (messages, source) targets); drops counted by reason."""
+              targets: list[tuple[list[dict], str]] | None = None,
+              truncations: Counter | None = None) -> list[SFTExample]:
+    """Examples for many conversations (or ready-made (messages, source) targets); drops and cuts counted."""
     drops = drops if drops is not None else Counter()
     if targets is None:
         targets = [(t, c.source) for c in conversations for t in sft_turn_targets(c, per_turn)]
@@ -184,7 +223,7 @@ def build_sft(tokenizer, conversations: list[Conversation], template, budgets: B
     fast.prefetch(template, ((messages, False) for messages, _ in targets))
     examples = []
     for messages, source in targets:
-        example, reason = sft_example(fast, messages, template, budgets, source)
+        example, reason = sft_example(fast, messages, template, budgets, source, truncations)
         if example is None:
             drops[reason] += 1
         else:
@@ -201,6 +240,13 @@ def preference_example(tokenizer, pair: PreferencePair, template, budgets: Budge
         if budgets.max_prompt_length is None or len(ids) <= budgets.max_prompt_length:
             prompt_ids, prompt = ids, candidate
             break
+    if prompt_ids is None and budgets.prompt_truncation != "drop":
+        cut = cut_last_user_turn(tokenizer, candidate, template, True, budgets.prompt_truncation,
+                                 lambda ids, _: len(ids) - budgets.max_prompt_length)
+        if cut is not None:
+            prompt, prompt_ids, _ = cut
+            if truncations is not None:
+                truncations[f"last user turn cut to the budget ({budgets.prompt_truncation})"] += 1
     if prompt_ids is None:
         return None, "last user turn over max_prompt_length"
     room = budgets.max_length - len(prompt_ids)

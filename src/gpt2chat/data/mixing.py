@@ -113,7 +113,8 @@ def _key(kind, specs, tokenizer, template, budgets, settings) -> str:
         "sources": [[s.format, s.weight, location_fingerprint(s.location)] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_fingerprint(tokenizer, template),
-        "budgets": [budgets.max_prompt_length, budgets.max_response_length, budgets.max_length],
+        "budgets": [budgets.max_prompt_length, budgets.max_response_length, budgets.max_length,
+                    budgets.prompt_truncation],
         "settings": settings,
     })
 
@@ -179,7 +180,8 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     fast = PrefetchedTokenizer(unwrap(tokenizer))
     train: list[SFTExample] = []
     val: list[SFTExample] = []
-    stats = {"kind": "sft", "template": _template_name(template), "sources": [], "dropped": Counter()}
+    stats = {"kind": "sft", "template": _template_name(template), "sources": [], "dropped": Counter(),
+             "truncated": Counter()}
     heldout, trained = [], set()  # stats["split"]: what evaluation needs to score held-out rows only
     for spec in specs:
         conversations, report = load_conversations(spec, strict=strict, options=options)
@@ -203,8 +205,10 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
                     targets.append((messages, conversations[index].source))
             split_targets[split] = targets
         drops: Counter = Counter()
-        source_train = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["train"])
-        source_val = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["val"])
+        source_train = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["train"],
+                                 truncations=stats["truncated"])
+        source_val = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["val"],
+                               truncations=stats["truncated"])
         stats["dropped"].update(drops)
         weighted, source_val = _weighted(spec, source_train, source_val, rng)
         train.extend(weighted)
@@ -215,7 +219,7 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
     rng.shuffle(train)
     _no_empty_masks(train, val)
     stats.update(example_stats(train, val))
-    stats["dropped"] = dict(stats["dropped"])
+    stats["dropped"], stats["truncated"] = dict(stats["dropped"]), dict(stats["truncated"])
     stats["split"] = {"heldout": heldout, "train_hashes": sorted(trained)}
     return _store("sft", directory, key, train, val, stats, started, use_cache)
 

@@ -3,7 +3,9 @@
 Each row is one message (`message_id`, `parent_id`, `role` prompter/assistant, `text`, `lang`, `deleted`,
 `review_result`, `rank`). Deleted and failed-review messages are dropped with their whole subtree, other
 languages too (`lang`, default "en"). A tree with a missing parent, a cycle, or a turn that does not alternate
-(a prompter replying to a prompter, an assistant root) is counted as broken and skipped; it never stops a run.
+(a prompter replying to a prompter) breaks only its branch: that branch is skipped and counted, every valid
+path of the tree is kept. A tree with no valid path left (an assistant root, no message reaching a root) is
+counted as a broken tree. Neither ever stops a run.
 
 From each tree: by default the best-ranked path (at every step the child with the lowest `rank`; unranked
 children come after ranked ones, ties go to the earlier message), optionally every root-to-leaf path. A path
@@ -131,42 +133,61 @@ def _conversations_from_messages(messages: dict[str, _Message], removed: dict[st
         for node in path:
             top_of[node] = result
 
-    broken: dict[str, str] = {}  # tree key -> reason
+    # Messages that reach a root form its tree; the others (a missing parent, a cycle) are a broken branch of
+    # the tree they name, or a broken tree when no message of that tree reaches a root.
     trees: dict[str, list[_Message]] = defaultdict(list)
+    detached: dict[str, dict[str, str]] = defaultdict(dict)  # tree key -> {top id: reason}
     for message in messages.values():
         kind, top = top_of[message.message_id]
-        key = message.tree_id or top
         if kind == "removed":
             report.drop("oasst: reply to a dropped message")
         elif kind != "root":
-            broken.setdefault(key, kind)
+            detached[message.tree_id or top][top] = kind
         else:
             trees[top].append(message)
-    for root_id, members in trees.items():
-        root = messages[root_id]
-        key = root.tree_id or root_id
-        if key in broken:
-            continue
-        if root.role != "user" or any(m.parent_id is not None and messages[m.parent_id].role == m.role
-                                      for m in members):
-            broken[key] = "turns do not alternate"
-    for reason in broken.values():
-        report.drop(f"oasst: broken tree ({reason})")
-    used_trees = set(broken) | {messages[root_id].tree_id or root_id for root_id in trees}
+    rooted = {messages[root_id].tree_id or root_id for root_id in trees}
+    for key, tops in detached.items():
+        if key not in rooted:
+            report.drop(f"oasst: broken tree ({next(iter(tops.values()))})")
+        else:
+            for reason in tops.values():
+                report.drop(f"oasst: broken branch ({reason})")
+    used_trees = set(detached) | rooted
 
     conversations = []
     for root_id in trees:
         root = messages[root_id]
-        if (root.tree_id or root_id) in broken:
+        if root.role != "user":
+            report.drop("oasst: broken tree (turns do not alternate)")
             continue
-        paths = _all_paths(root, children) if options.all_paths else [_best_path(root, children)]
+        # A reply with the role of its parent (a prompter answering a prompter) cuts off that branch only.
+        valid_children, cut = _alternating(root, children)
+        paths = _all_paths(root, valid_children) if options.all_paths else [_best_path(root, valid_children)]
         paths = [path for path in paths if path]
         if not paths:
-            report.drop("oasst: tree without an assistant reply")
+            report.drop("oasst: broken tree (turns do not alternate)" if cut else "oasst: tree without an assistant reply")
+            continue
+        if cut:
+            report.drop("oasst: broken branch (turns do not alternate)", cut)
         for path in paths:
             turns = [{"role": m.role, "content": m.text} for m in path]
             conversations.append(Conversation(messages=turns, source=path[-1].where.source))
     return conversations, used_trees
+
+
+def _alternating(root: _Message, children: dict[str, list[_Message]]) -> tuple[dict[str, list[_Message]], int]:
+    """The children lists of the tree under `root` without the replies whose role repeats their parent's
+    (and so without everything under them), and how many branches were cut."""
+    kept: dict[str, list[_Message]] = {}
+    cut, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        good = [child for child in children.get(node.message_id, ()) if child.role != node.role]
+        cut += len(children.get(node.message_id, ())) - len(good)
+        if good:
+            kept[node.message_id] = good
+            stack.extend(good)
+    return kept, cut
 
 
 def _under_removed(message_id: str, removed: dict[str, str | None]) -> bool:

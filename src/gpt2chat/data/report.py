@@ -84,7 +84,8 @@ def format_stats(stats: dict) -> str:
     for reason, count in sorted(stats.get("dropped", {}).items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  dropped {count:>6}  {reason}")
     for reason, count in sorted(stats.get("truncated", {}).items()):
-        lines.append(f"  cut     {count:>6}  {reason} (to the response budget)")
+        why = " (to the response budget)" if reason.endswith("reply cut") else ""
+        lines.append(f"  cut     {count:>6}  {reason}{why}")
     lines.append(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} "
                  f"({100 * stats['loss_fraction']:.1f}%)")
     lines.append("token lengths:")

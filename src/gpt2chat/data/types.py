@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from gpt2chat.errors import Gpt2ChatError
 
 ROLES = ("system", "user", "assistant")
+# What to do with a last user turn that alone is over the prompt budget: cut its text keeping the end (what
+# TRL's DPO did with max_prompt_length before 1.x: the question is usually at the end), keep the start, or
+# drop the example.
+PROMPT_TRUNCATIONS = ("keep_end", "keep_start", "drop")
 
 
 class DataError(Gpt2ChatError):
@@ -68,14 +72,19 @@ class Budgets:
 
     SFT: the context (system + history + last user turn) is cut from the oldest turn first; an example whose
     reply does not fit is dropped. Preferences: replies are cut to `max_response_length` (like seed 002 / TRL),
-    the prompt to `max_prompt_length` by dropping the oldest turns (never the last user turn).
+    the prompt to `max_prompt_length` by dropping the oldest turns first. In both, a last user turn that alone
+    is still over budget is cut as `prompt_truncation` says (PROMPT_TRUNCATIONS); every cut is counted.
     """
 
     max_prompt_length: int | None = None
     max_response_length: int | None = None
     max_length: int = 512
+    prompt_truncation: str = "keep_end"
 
     def __post_init__(self) -> None:
+        if self.prompt_truncation not in PROMPT_TRUNCATIONS:
+            raise DataError(f"Budgets.prompt_truncation must be one of {', '.join(PROMPT_TRUNCATIONS)}, "
+                            f"got {self.prompt_truncation!r}")
         for name in ("max_prompt_length", "max_response_length", "max_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -100,8 +100,8 @@ def _perplexity(model, tokenizer, template, config, conversations, info, where) 
                         "skipped": scoring_set.skipped}
     result["measured_on"] = (
         f"{info['spec']}: {result['assistant']['sequences']} conversations ({info['used']} used of "
-        f"{info['kept']} kept, {info['rows_read']} rows read), {result['assistant']['truncated']} cut to the last "
-        f"{context} tokens; assistant = last reply + end-of-turn through template {template}; plain = that "
+        f"{info['kept']} kept, {info['rows_read']} rows read), {result['assistant']['truncated']} with their oldest "
+        f"turns dropped to fit {context} tokens, {result['assistant']['skipped']} skipped; assistant = last reply + end-of-turn through template {template}; plain = that "
         f"reply as plain text after <|endoftext|>; {where}")
     return result
 

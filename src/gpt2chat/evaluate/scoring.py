@@ -90,31 +90,33 @@ class ScoringSet:
     skipped: int = 0
 
 
-def _left_truncate(ids: list[int], mask: list[int], limit: int) -> tuple[list[int], list[int], bool]:
-    if len(ids) <= limit:
-        return ids, mask, False
-    return ids[-limit:], mask[-limit:], True
-
-
 def conversation_sets(conversations, tokenizer, template: str, context: int) -> dict[str, ScoringSet]:
     """Three views of held-out conversations for perplexity.
 
-    - `assistant`: rendered through `template`, scored on the assistant mask (last reply + end-of-turn);
+    - `assistant`: the last reply with its history, built by training's own SFT example builder
+      (`gpt2chat.data.examples.sft_example`), scored on the assistant mask (last reply + end-of-turn);
     - `rendered`: the same ids, every token scored (template tokens included);
     - `plain`: the last assistant reply alone as plain text after `<|endoftext|>`, no template.
-    Longer than `context`: the rendering keeps its last `context` tokens (the reply is at the end), the
-    plain reply its first.
+    Longer than `context`: the rendering loses its oldest turns as in training (`truncated` counts them;
+    tokens are never cut off its front), one whose reply alone does not fit is `skipped`; the plain reply
+    keeps its first `context` tokens.
     """
+    from gpt2chat.data.examples import sft_example
+    from gpt2chat.data.types import Budgets
     from gpt2chat.templates import render_chat
 
+    budgets = Budgets(max_length=context)
     assistant = ScoringSet([], [], [])
     rendered = ScoringSet([], [], [])
     plain = ScoringSet([], [], [])
     for conversation in conversations:
         messages = conversation.messages
         ids, mask = render_chat(tokenizer, messages, template=template)
+        cut = len(ids) > context
+        if cut:      # the builder's first candidate is this rendering; the others drop turns
+            example, _ = sft_example(tokenizer, messages, template, budgets, conversation.source)
+            ids, mask = (example.input_ids, example.assistant_mask) if example is not None else ([], [])
         ids, mask = list(ids), [int(m) for m in mask]
-        ids, mask, cut = _left_truncate(ids, mask, context)
         if sum(mask[1:]) == 0:
             assistant.skipped += 1
             rendered.skipped += 1

@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpt2chat import files
 from gpt2chat.errors import Gpt2ChatError
 
 if TYPE_CHECKING:
@@ -70,7 +70,9 @@ def load_source(folder: Path, adapter: str | os.PathLike | None = None) -> tuple
     return model, tokenizer
 
 
-def _disk_full_error(path: Path, exc: OSError, needed_bytes: int | None) -> ExportError:
+def _write_error(path: Path, exc: OSError, needed_bytes: int | None) -> ExportError:
+    if exc.errno not in _DISK_FULL:
+        return ExportError(f"cannot write {path}: {exc}")
     need = f" ({needed_bytes / 2**20:.1f} MiB needed)" if needed_bytes else ""
     return ExportError(f"no space left on the device while writing {path}{need}; nothing was written ({exc})")
 
@@ -86,66 +88,21 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], needed_bytes: int | None = None) -> Path:
-    """write(tmp) to a temporary file in `path`'s folder, fsync it, then rename it over `path`.
+    """`gpt2chat.files.write_atomic`, with a failed write as an ExportError (a full disk says so).
 
-    On any failure the temporary file is removed and `path` is left as it was; a full disk becomes an
-    ExportError that says so.
+    On any failure the temporary file is removed and `path` is left as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the export private
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        return files.write_atomic(path, write)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
-            raise _disk_full_error(path, exc, needed_bytes) from exc
-        raise ExportError(f"cannot write {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        raise _write_error(path, exc, needed_bytes) from exc
 
 
 def replace_folder(path: Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp_dir) into a new folder beside `path`, then swap it in for `path` (replacing an old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
+    """write(tmp_dir) into a new folder beside `path`, then swap it in for `path` (`gpt2chat.files.atomic_folder`)."""
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        write(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old)  # an empty folder is replaced by the rename below
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        with files.atomic_folder(path) as staging:
+            write(staging)
     except OSError as exc:
-        if old is not None and not path.exists():
-            os.replace(old, path)  # put the previous folder back
-            old = None
-        if exc.errno in _DISK_FULL:
-            raise _disk_full_error(path, exc, None) from exc
-        raise ExportError(f"cannot write {path}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        raise _write_error(path, exc, None) from exc
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

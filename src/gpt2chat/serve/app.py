@@ -10,10 +10,12 @@ This module knows nothing about tokens or templates: the service does that.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +24,7 @@ from gpt2chat import __version__
 from gpt2chat.serve import schemas
 from gpt2chat.serve.auth import ApiKeyMiddleware
 from gpt2chat.serve.errors import ERROR_TYPES, error_response, install_error_handlers
-from gpt2chat.serve.limits import BodyLimitMiddleware
+from gpt2chat.serve.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from gpt2chat.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from gpt2chat.serve.service import ChatService, Generation, ServiceError
 from gpt2chat.serve.streaming import (
@@ -38,7 +40,13 @@ from gpt2chat.serve.streaming import (
 
 __all__ = ["create_app", "error_response", "ERROR_TYPES"]
 
-ERROR_RESPONSES = {status: {"model": schemas.ErrorBody} for status in (400, 401, 413, 429)}
+# Every refusal has OpenAI's error body: 4XX (a bad request, a missing key, a full queue ...) and 503 (more
+# requests at once than --max-connections). Declaring the range also keeps FastAPI from announcing a 422
+# that this server never sends (validation errors are 400s, as OpenAI's).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": schemas.ErrorBody, "description": "the request was refused: the body says why"},
+    503: {"model": schemas.ErrorBody, "description": "the server is at --max-connections: retry later"},
+}
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
 
 
@@ -49,8 +57,9 @@ def _refuse_unsupported(body: schemas._SamplingRequest) -> None:
         raise ServiceError(why, param=field, code="unsupported_parameter")
 
 
-def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
-    """The ASGI app serving `service`; `api_key` protects every route but /health and the page."""
+def create_app(service: ChatService, *, api_key: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The ASGI app serving `service`; `api_key` protects every route but /health and the page;
+    `cors_origins` are the web origins whose pages may call the API (none: no CORS headers at all)."""
     app = FastAPI(title="gpt2chat", version=__version__,
                   description="OpenAI-compatible chat and text completions from a GPT-2 chat model.")
     app.state.service = service
@@ -67,11 +76,11 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=schemas.ModelList)
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=ERROR_RESPONSES)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(service)]}
 
-    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard)
+    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_name:
             raise StarletteHTTPException(404, f"model '{model_id}' does not exist; this server has '{service.model_name}'")
@@ -92,7 +101,7 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
         answer = Answer("chat.completion", body.model or service.model_name, generations, service.tokenizer,
                         logprobs=body.logprobs, include_usage=body.include_usage())
         if body.stream:
-            return streaming_response(chat_events(answer), generations)
+            return streaming_response(chat_events(answer), generations, service.limits.stall_timeout_s)
         texts = await collect_unless_disconnected(request, generations)
         if texts is None:
             return JSONResponse({}, status_code=CLIENT_GONE)
@@ -122,7 +131,7 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
         answer = Answer("text_completion", body.model or service.model_name, generations, service.tokenizer,
                         logprobs=body.logprobs is not None, include_usage=body.include_usage(), echoes=echoes)
         if body.stream:
-            return streaming_response(completion_events(answer), generations)
+            return streaming_response(completion_events(answer), generations, service.limits.stall_timeout_s)
         texts = await collect_unless_disconnected(request, generations)
         if texts is None:
             return JSONResponse({}, status_code=CLIENT_GONE)
@@ -134,10 +143,16 @@ def create_app(service: ChatService, *, api_key: str | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=str(web_dir)), name="static")
 
+    # the last added runs first: metrics see every answer; CORS answers preflights (which carry no key) and
+    # labels refusals too, so that a page can read them; a request without the key takes no connection slot
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(ConcurrencyLimitMiddleware, max_requests=service.limits.max_connections)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = runs first: sees every answer
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
 

@@ -20,17 +20,37 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
 from gpt2chat.sampling import MAX_LOGPROBS  # most alternatives per token: the engine's limit and OpenAI's
 
 MAX_CHOICES = 8  # upper bound on `n`; each choice is one engine slot
 MAX_STOP_STRINGS = 4
 
-Temperature = Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=2.0)]
-TopP = Annotated[StrictFloat | StrictInt, Field(gt=0.0, le=1.0)]
-PositiveTokens = Annotated[StrictInt, Field(ge=1)]
-LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+# strict float takes JSON integers too, never bools or strings; one JSON-schema "number" with real bounds
+# (a union of float and int would put pydantic's `gt` / `le` into /openapi.json, which JSON Schema ignores)
+Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type: 638.0 is the whole number 638, as JSON Schema's "integer" (what
+    /openapi.json announces) says. A bool, a string or 638.5 is not one."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("not a whole number")
+
+
+def whole_number(**bounds: int) -> Any:
+    """An int field taking JSON's whole numbers; `bounds` (ge, le) go into /openapi.json as minimum / maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+WholeNumber = whole_number()
+PositiveTokens = whole_number(ge=1)
+LogprobCount = whole_number(ge=0, le=MAX_LOGPROBS)
 StopField = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None
 
 ROLES = "'system', 'developer', 'user' or 'assistant'"
@@ -82,9 +102,9 @@ class _SamplingRequest(_Lenient):
     top_p: TopP | None = _allowed("a number above 0 and at most 1")
     max_tokens: PositiveTokens | None = _allowed("a whole number of at least 1")
     stop: StopField = _allowed(f"a string or a list of at most {MAX_STOP_STRINGS} strings", item="a string")
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = Field(
+    n: whole_number(ge=1, le=MAX_CHOICES) = Field(
         default=1, description=f"a whole number from 1 to {MAX_CHOICES}")
-    seed: StrictInt | None = _allowed("a whole number")
+    seed: WholeNumber | None = _allowed("a whole number")
     stream: StrictBool = Field(default=False, description="true or false")
     stream_options: StreamOptions | None = _allowed('an object like {"include_usage": true}')
     # Our extension: drop the oldest turns instead of answering 400 when a conversation is too long.
@@ -156,8 +176,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
-        list[StrictInt], Field(min_length=1)
-    ] | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)] = Field(
+        list[WholeNumber], Field(min_length=1)
+    ] | Annotated[list[Annotated[list[WholeNumber], Field(min_length=1)]], Field(min_length=1)] = Field(
         description="a string, a list of strings, a list of token ids or a list of token-id lists",
         json_schema_extra={"item": "a string, a token id (a whole number) or a non-empty list of token ids"})
     echo: StrictBool = Field(default=False, description="true or false")

@@ -12,7 +12,10 @@ unless said otherwise), `param` and `code` that the front ends map to their answ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,11 +77,16 @@ class Generation:
 
     `token_ids` are the tokens the engine delivered (never a stop token); `logprobs[i]` is token i's
     `TokenLogprob` when logprobs were asked for, and `text_offsets[i]` where token i starts in the raw
-    decoded continuation."""
+    decoded continuation. At `deadline` (a `time.monotonic()` value) the generation ends with what it
+    has (finish_reason "length") and `limit_hit` says "request_timeout"; a front end that drops a client
+    for a limit says which in `limit_hit` before it cancels."""
 
     def __init__(self, service: ChatService, engine_request: Any, prompt_ids: list[int],
-                 decoder: ReplyDecoder, first_choice: bool = True, stop_ids: frozenset[int] = frozenset()):
+                 decoder: ReplyDecoder, first_choice: bool = True, stop_ids: frozenset[int] = frozenset(),
+                 deadline: float | None = None):
         self._service = service
+        self.deadline = deadline
+        self.limit_hit: str | None = None
         # stop ids the engine was not given (completions' logprobs report the stop token, as OpenAI does)
         self._stop_ids = stop_ids
         self._stop_token = False
@@ -116,19 +124,43 @@ class Generation:
     def decode_s(self) -> float | None:
         return getattr(self._request, "decode_s", None)
 
+    async def _tokens(self) -> AsyncIterator[int]:
+        """The engine's token ids until it ends or the deadline passes (then the row is freed at once)."""
+        tokens = aiter(self._request)
+        try:
+            while True:
+                left = None if self.deadline is None else self.deadline - time.monotonic()
+                try:
+                    # at the deadline wait_for cancels the pending read: the engine request sees its reader
+                    # go and cancels itself, which gives its cache row back before the next step
+                    token_id = await asyncio.wait_for(anext(tokens), left)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    self.limit_hit = "request_timeout"
+                    log.warning("a request reached --request-timeout (%g s) after %d tokens: it ends there",
+                                self._service.limits.request_timeout_s, len(self.token_ids))
+                    return
+                yield token_id
+        finally:
+            close = getattr(tokens, "aclose", None)
+            if close is not None:
+                await close()
+
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
-            async for token_id in self._request:
-                self.text_offsets.append(self.decoder.decoded_chars)
-                self.token_ids.append(token_id)
-                if token_id in self._stop_ids:
-                    self._stop_token = True
-                    break
-                text = self.decoder.push(token_id)
-                if text:
-                    yield text
-                if self.decoder.stopped:
-                    break
+            async with contextlib.aclosing(self._tokens()) as tokens:
+                async for token_id in tokens:
+                    self.text_offsets.append(self.decoder.decoded_chars)
+                    self.token_ids.append(token_id)
+                    if token_id in self._stop_ids:
+                        self._stop_token = True
+                        break
+                    text = self.decoder.push(token_id)
+                    if text:
+                        yield text
+                    if self.decoder.stopped:
+                        break
             if not self.decoder.stopped:
                 tail = self.decoder.finish()
                 if tail:
@@ -262,6 +294,7 @@ class ChatService:
         engine_stops = () if scored else self.stop_token_ids
         own_stops = frozenset(self.stop_token_ids) if scored else frozenset()
         prompt = list(prompt_ids)  # one list shared by the n choices: usage counts the prompt once
+        deadline = time.monotonic() + self.limits.request_timeout_s
         generations: list[Generation] = []
         try:
             for index in range(n):
@@ -278,7 +311,7 @@ class ChatService:
                 # each Generation owns one reserved slot and releases it when it ends or is cancelled
                 decoder = ReplyDecoder(self.tokenizer, stop_strings, reply_prefix, skip_special_tokens=True)
                 generations.append(Generation(self, request, prompt, decoder, first_choice=index == 0,
-                                              stop_ids=own_stops))
+                                              stop_ids=own_stops, deadline=deadline))
         except BaseException as exc:
             self.outstanding = max(0, self.outstanding - (n - len(generations)))
             for generation in generations:

@@ -197,7 +197,43 @@ async def completion_events(answer: Answer) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def streaming_response(events: AsyncIterator[str], generations: list[Generation]) -> StreamingResponse:
+class _StallGuardedStream(StreamingResponse):
+    """A StreamingResponse that drops a client who accepts no bytes for `stall_timeout_s`.
+
+    uvicorn's `send` waits while the socket's buffers are full, that is while the client does not read:
+    without a bound such a client would keep its request, and its place among the requests the server
+    holds, for as long as it keeps the connection open. On a stall the stream ends here: the events
+    iterator is closed (its `finally` frees the rows) and the response is left unfinished, so uvicorn
+    closes the connection."""
+
+    def __init__(self, content: AsyncIterator[str], generations: list[Generation], stall_timeout_s: float,
+                 **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.generations = generations
+        self.stall_timeout_s = stall_timeout_s
+
+    async def stream_response(self, send: Callable[..., Any]) -> None:
+        async def send_in_time(message: dict[str, Any]) -> None:
+            await asyncio.wait_for(send(message), self.stall_timeout_s)
+
+        try:
+            await send_in_time({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send_in_time({"type": "http.response.body", "body": chunk.encode(self.charset),
+                                    "more_body": True})
+            await send_in_time({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            for generation in self.generations:
+                generation.limit_hit = generation.limit_hit or "stall_timeout"
+            log.warning("a streaming client accepted nothing for --stall-timeout (%g s): its request is "
+                        "cancelled and its connection closed", self.stall_timeout_s)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def streaming_response(events: AsyncIterator[str], generations: list[Generation],
+                       stall_timeout_s: float) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
@@ -211,8 +247,8 @@ def streaming_response(events: AsyncIterator[str], generations: list[Generation]
             for generation in generations:
                 generation.cancel()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _StallGuardedStream(body(), generations, stall_timeout_s, media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---- whole answers -----------------------------------------------------------------------------------

@@ -235,12 +235,19 @@ def _collate_shared_prompt(examples: list, indices: list[int], pad_id: int) -> B
                  example_index=torch.tensor(indices), n_pairs=n, branch_ids=branch_ids)
 
 
+def check_context(max_length: int, context: int, model_name: str = "the model") -> None:
+    """Gpt2ChatError when rows of `max_length` tokens need positions past the model's context."""
+    if max_length > context:
+        raise Gpt2ChatError(f"max_length {max_length} is longer than the context of {model_name} ({context} tokens): "
+                            f"set --max-length {context} or less (max_length in a recipe)")
+
+
 def check_examples_fit(examples: list, kind: str, max_length: int, pad_id: int, vocab_size: int | None,
                        context: int | None) -> None:
     """Gpt2ChatError when a token id (padding included) is outside the vocabulary or a row needs positions
     past the model's context."""
-    if context is not None and max_length > context:
-        raise Gpt2ChatError(f"max_length {max_length} is longer than the model's context of {context} tokens")
+    if context is not None:
+        check_context(max_length, context)
     if vocab_size is None:
         return
     fields = ("input_ids",) if kind == "sft" else ("prompt_ids", "chosen_ids", "rejected_ids")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2chat.data.types import PROMPT_TRUNCATIONS  # the data builders' choices (a plain module, no I/O)
 from gpt2chat.errors import Gpt2ChatError
 
 OBJECTIVES = ("sft", "dpo", "orpo")
@@ -55,6 +56,8 @@ class TrainConfig:
     max_length: int = option(512, "tokens per example (SFT) or per prompt + reply (DPO / ORPO)")
     max_prompt_length: int | None = option(None, "prompt budget in tokens (oldest turns dropped first)")
     max_response_length: int | None = option(None, "reply budget in tokens")
+    prompt_truncation: str = option("keep_end", "a last user turn over the budget: keep_end (cut its start, "
+                                    "as TRL's DPO did) | keep_start | drop (the example)")
     pack: bool = option(True, "SFT: pack several short examples per row (--no-pack: one per row, padded)")
     share_prompt: bool = option(True, "DPO / ORPO: prompt, chosen and rejected in one row, the prompt computed "
                                 "once (--no-share-prompt: two rows per pair)")
@@ -132,6 +135,8 @@ class TrainConfig:
             _bad("adam_eps", self.adam_eps, "> 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             _bad("max_grad_norm", self.max_grad_norm, "> 0 (or leave it out for no clipping)")
+        if self.prompt_truncation not in PROMPT_TRUNCATIONS:
+            _bad("prompt_truncation", self.prompt_truncation, f"one of {', '.join(PROMPT_TRUNCATIONS)}")
         if self.schedule not in SCHEDULES:
             _bad("schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:

@@ -16,7 +16,7 @@ import torch
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.train import distributed as dist_utils
 from gpt2chat.train import training_state
-from gpt2chat.train.batching import BatchPlan
+from gpt2chat.train.batching import BatchPlan, check_context
 from gpt2chat.train.config import TrainConfig, build_config, read_recipe, recipe_stages
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
 from gpt2chat.train.trainer import Trainer, TrainResult, autocast_for, check_resume_state
@@ -85,10 +85,11 @@ def apply_lora_from(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module
 
 def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
     from gpt2chat.checkpoint import save_pretrained
+    from gpt2chat.lora import merge_lora, save_adapter
 
     def write_model(model, folder: Path) -> None:
         if cfg.lora_r:
-            _save_adapter(model, folder, base_name, cfg)
+            save_adapter(model, folder, base_model_name_or_path=base_name)
             tokenizer.save(folder)
         else:
             save_pretrained(model, tokenizer, folder, template=cfg.template)
@@ -98,22 +99,14 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
             save_pretrained(model, tokenizer, folder, template=cfg.template)
             return folder
         adapter_dir = Path(cfg.out) / "adapter"
-        _save_adapter(model, adapter_dir, base_name, cfg)
+        save_adapter(model, adapter_dir, base_model_name_or_path=base_name)
         tokenizer.save(adapter_dir)
         if not cfg.merge_lora:
             return adapter_dir
-        from gpt2chat.lora import merge_lora
-
         save_pretrained(merge_lora(model), tokenizer, folder, template=cfg.template)
         return folder
 
     return write_model, write_final
-
-
-def _save_adapter(model, folder: Path, base_name: str, cfg: TrainConfig) -> None:
-    from gpt2chat.lora import save_adapter
-
-    save_adapter(model, folder, base_model_name_or_path=base_name)
 
 
 # ---------------------------------------------------------------------- data
@@ -176,6 +169,7 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     base = resolve_base(cfg, dist)
     source = str(resume_path) if resume_path is not None and not cfg.lora_r else base
     model, tokenizer = load_base(source, cfg, dist)
+    check_context(cfg.max_length, model.config.n_positions, source)     # before any data work
     dropout = cfg.dropout if cfg.dropout is not None else (0.0 if cfg.objective != "sft" else None)
     if dropout is not None:
         set_dropout(model, dropout)
@@ -318,11 +312,10 @@ def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any
 
     Keys of the recipe's `[eval]` table are `EvalConfig` fields (checked before training starts).
     """
+    from gpt2chat import data
     from gpt2chat.evaluate import evaluate_models
 
     options = dict(recipe.get("eval", {}))
-    from gpt2chat import data
-
     if options.get("data") == SAMPLE:
         options["data"] = data.SAMPLE_SFT_SPEC
     if options.get("pref_data") == SAMPLE:

@@ -1,0 +1,180 @@
+"""Soak (issue #14): 64 concurrent streaming clients on loopback against the real batched engine on the tiny
+model, a bounded number of requests, about a third of them disconnecting at a random point: on connect
+(before the server has read the request, or while it is queued or prefilling), after the role chunk and
+before the first token, or mid-stream after a few tokens. The clients' choices come from one seeded
+generator, so a run is repeatable in what each client does (not in the server's interleaving).
+
+Afterwards: every engine request is finished (none with an error), the cancelled ones are exactly those
+whose client left while they ran, no request is outstanding or waiting, every cache row is free, a normal
+request is still answered, and the process's resident memory is back within RSS_BOUND_MIB of where it
+stood after a warm-up round (the cache grows on demand to its largest shape there, so what is measured is
+what the soak leaks, not what the first batch allocates).
+`GPT2CHAT_SOAK_ROUNDS` sets the requests per client (2 by default: 128 requests; the slow variant runs 20).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import random
+from collections import Counter
+
+import httpx
+import pytest
+
+from gpt2chat.serve.app import create_app
+from test_serve_helpers import ServerThread, tiny_service, wait_until
+
+CLIENTS = 64
+ROWS = 16  # cache rows for 64 clients: most requests queue, so disconnects land in the queue, in prefill, mid-stream
+ROUNDS = int(os.environ.get("GPT2CHAT_SOAK_ROUNDS", "2"))
+RSS_BOUND_MIB = 48  # resident memory after the soak may exceed the warm baseline by at most this
+MAX_WORDS, MAX_TOKENS = 60, 12  # a prompt of a few to ~70 tokens, a reply of 2 to 12
+WORDS = "the cat sat on a mat while every dog in town ran past her house at night".split()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, max_batch_size=ROWS, max_queue=CLIENTS, max_tokens_limit=32)
+    submitted = []
+    submit = service.engine.submit
+
+    def recording_submit(prompt_ids, params):
+        submitted.append(submit(prompt_ids, params))
+        return submitted[-1]
+
+    service.engine.submit = recording_submit
+    with ServerThread(create_app(service)) as server:
+        server.service, server.submitted = service, submitted
+        yield server
+    service.close()
+
+
+def plan(rng: random.Random) -> dict:
+    """One request's body and how its client behaves: 'read' to the end, or leave 'on_connect' (after a
+    random delay of up to 30 ms), 'before_token' (after the role chunk) or 'mid_stream' (after 1-6 tokens)."""
+    prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, MAX_WORDS)))
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": rng.randint(2, MAX_TOKENS),
+            "stream": True, "stop": ["\u0000never"], "temperature": rng.choice([0, 0.8, 1.0]),
+            "seed": rng.randint(0, 2**31)}
+    leave = rng.choices(["read", "on_connect", "before_token", "mid_stream"], weights=[6, 1, 1, 1])[0]
+    return {"body": body, "leave": leave, "delay_s": rng.uniform(0, 0.03), "tokens": rng.randint(1, 6)}
+
+
+async def one_request(http: httpx.AsyncClient, step: dict) -> str:
+    """Runs one planned request; returns what happened: 'done', or where the client left."""
+    leave = step["leave"]
+
+    async def stream() -> str:
+        async with http.stream("POST", "/v1/chat/completions", json=step["body"]) as response:
+            assert response.status_code == 200, await response.aread()
+            tokens = 0
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":  # read to the end (also when the reply ended before the client left)
+                    return "done"
+                chunk = json.loads(data)
+                assert "error" not in chunk, chunk
+                delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                if leave == "before_token" and "role" in delta:
+                    return "before_token"  # leaving the block closes the connection
+                if delta.get("content"):
+                    tokens += 1
+                    if leave == "mid_stream" and tokens >= step["tokens"]:
+                        return "mid_stream"
+            raise AssertionError(f"the stream ended without [DONE] ({leave})")
+
+    if leave != "on_connect":
+        return await stream()
+    try:
+        return await asyncio.wait_for(stream(), timeout=step["delay_s"])
+    except TimeoutError:
+        return "on_connect"
+
+
+async def soak(url: str, rounds: int, seed: int = 14) -> Counter:
+    rng = random.Random(seed)
+    plans = [[plan(rng) for _ in range(rounds)] for _ in range(CLIENTS)]
+    outcomes: Counter = Counter()
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+        async def client(steps: list[dict]) -> None:
+            for step in steps:
+                outcomes[await one_request(http, step)] += 1
+
+        await asyncio.gather(*(client(steps) for steps in plans))
+    return outcomes
+
+
+async def warm_up(url: str) -> None:
+    """Every row at once with the longest prompt and reply a client plans: the cache reaches its full shape."""
+    body = {"messages": [{"role": "user", "content": " ".join(WORDS[:1] * MAX_WORDS)}], "max_tokens": MAX_TOKENS,
+            "stop": ["\u0000never"]}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        replies = await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(ROWS)))
+    assert all(reply.status_code == 200 for reply in replies)
+
+
+def settled(service) -> bool:
+    engine = service.engine
+    return (service.outstanding == 0 and engine.active_count == 0 and engine.pending_count == 0
+            and all(row is None for row in engine.scheduler.rows))
+
+
+def run_soak(served, rounds: int) -> None:
+    service = served.service
+    asyncio.run(warm_up(served.url))
+    assert wait_until(lambda: settled(service), timeout=30)
+    gc.collect()
+    baseline = rss_mib()
+    served.submitted.clear()
+
+    outcomes = asyncio.run(soak(served.url, rounds))
+    total = CLIENTS * rounds
+    assert sum(outcomes.values()) == total
+    left = total - outcomes["done"]
+    print(f"soak: {total} requests from {CLIENTS} clients; outcomes {dict(outcomes)}")
+    assert 0.2 * total <= left <= 0.45 * total  # about a third of the requests disconnect
+    assert all(outcomes[where] > 0 for where in ("on_connect", "before_token", "mid_stream"))
+
+    assert wait_until(lambda: settled(service), timeout=30), (
+        service.outstanding, service.engine.active_count, service.engine.pending_count)
+    requests = served.submitted
+    assert all(request.finish_reason is not None for request in requests)
+    reasons = Counter(request.finish_reason for request in requests)
+    assert reasons["error"] == 0, reasons
+    assert set(reasons) <= {"length", "stop", "cancelled"}, reasons
+    # every client that read to the end got a finished reply; only a client that left is cancelled (one
+    # gone on connect may have left before its request was submitted; one may leave as its reply ends)
+    assert reasons["length"] + reasons["stop"] >= outcomes["done"], (reasons, outcomes)
+    assert left / 2 <= reasons["cancelled"] <= left, (reasons, outcomes)
+
+    with httpx.Client(base_url=served.url, timeout=60) as http:
+        assert http.get("/health").json()["outstanding_requests"] == 0
+        reply = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                        "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+    assert wait_until(lambda: settled(service), timeout=10)
+    gc.collect()
+    grown = rss_mib() - baseline
+    print(f"soak: RSS {baseline:.0f} MiB after warm-up, {grown:+.1f} MiB after (bound {RSS_BOUND_MIB})")
+    assert grown < RSS_BOUND_MIB
+
+
+def test_64_streaming_clients_a_third_disconnecting_leave_nothing_behind(served):
+    run_soak(served, ROUNDS)
+
+
+@pytest.mark.slow
+def test_a_long_soak_leaves_nothing_behind(served):
+    run_soak(served, 20)
