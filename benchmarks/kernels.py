@@ -16,7 +16,8 @@ best of several `tensor.sum()` passes over 1 GiB; the matmul bound the best of s
 
     python benchmarks/kernels.py                         # all shapes, M = 1, 16, 64, 512
     python benchmarks/kernels.py --rows 1 --repeats 15   # decode only
-    python benchmarks/kernels.py --crossover             # M = 2..64: one-pass kernel vs widened tiles
+    python benchmarks/kernels.py --crossover             # M = 2..512: one-pass kernel vs sgemm paths
+    python benchmarks/kernels.py --threads 1 --clock thread   # CPU time of one core: steadier under load
 
 Prints markdown tables, then one JSON line per (shape, M, candidate).
 """
@@ -30,6 +31,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from gpt2chat.kernels import pack_rows
+from gpt2chat.quantize import quantize_int8
 
 SHAPES = {"attn.c_proj": (768, 768), "attn.c_attn": (2304, 768), "mlp.c_fc": (3072, 768),
           "mlp.c_proj": (768, 3072), "lm_head": (50257, 768)}  # fmt: skip
@@ -65,11 +69,10 @@ def _weights(candidate: str, n: int, k: int, copies: int, generator: torch.Gener
         if candidate == "F.linear col-major":
             out.append((dense.t().contiguous().t(),))
         elif candidate == "ours fp16":
-            out.append((dense.half().view(torch.int16),))
+            out.append((pack_rows(dense.half()).view(torch.int16), n))
         elif candidate == "ours int8":
-            from gpt2chat.quantize import quantize_int8
-
-            out.append(quantize_int8(dense))
+            quantized, scale = quantize_int8(dense)
+            out.append((pack_rows(quantized), scale))
         else:
             out.append((dense,))
     return out
@@ -81,21 +84,21 @@ def _call(candidate: str, small_m_max: int):
     if candidate == "ours fp32":
         return lambda x, weight, bias: torch.ops.gpt2chat.linear_f32(x, weight, bias, small_m_max)
     if candidate == "ours fp16":
-        return lambda x, weight, bias: torch.ops.gpt2chat.linear_f16(x, weight, bias, small_m_max)
+        return lambda x, weight, n, bias: torch.ops.gpt2chat.linear_f16(x, weight, n, bias, small_m_max)
     return lambda x, weight, scale, bias: torch.ops.gpt2chat.linear_i8(x, weight, scale, bias, small_m_max)
 
 
 def _bytes(args: tuple) -> int:
-    return sum(t.numel() * t.element_size() for t in args)
+    return sum(t.numel() * t.element_size() for t in args if isinstance(t, torch.Tensor))
 
 
 def bench_shape(name: str, n: int, k: int, rows: list[int], candidates: list[tuple[str, int]], repeats: int,
-                working_set_mb: float, generator: torch.Generator) -> list[dict]:
+                working_set_mb: float, generator: torch.Generator, clock=time.perf_counter) -> list[dict]:
     """Rows of results for one weight shape: every (M, candidate), candidates interleaved per repeat."""
     weights, calls = {}, {}
     for label, small_m_max in candidates:
         base = label.split(" (")[0]
-        bytes_one = _bytes(_weights(base, 1, k, 1, generator)[0]) * n
+        bytes_one = _bytes(_weights(base, 4, k, 1, generator)[0]) * n / 4
         copies = max(2, int(working_set_mb * 2**20 / bytes_one) + 1)
         weights[label] = _weights(base, n, k, copies, generator)
         calls[label] = _call(base, small_m_max)
@@ -110,10 +113,10 @@ def bench_shape(name: str, n: int, k: int, rows: list[int], candidates: list[tup
         for _ in range(repeats):
             for label, _ in candidates:
                 fn, copies = calls[label], weights[label]
-                start = time.perf_counter()
+                start = clock()
                 for args in copies:
                     fn(x, *args, bias)
-                times[label].append((time.perf_counter() - start) / len(copies))
+                times[label].append((clock() - start) / len(copies))
         for label, _ in candidates:
             seconds = statistics.median(times[label])
             read = _bytes(weights[label][0])
@@ -130,9 +133,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--working-set", type=float, default=192.0, help="MB of distinct weights per candidate")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: this thread's CPU time (with --threads 1), steadier on a loaded machine")
     parser.add_argument("--crossover", action="store_true",
-                        help="time our compact kernels' two paths (one pass / widened tiles + sgemm) per M")  # fmt: skip
+                        help="time both paths of our kernels per M: one pass, or sgemm (fp16 / int8 widened by tiles)")  # fmt: skip
     args = parser.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
 
     from gpt2chat import kernels
 
@@ -141,9 +149,9 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     if args.crossover:
         candidates = [(f"{c} ({path})", limit) for c in ("ours fp32", "ours fp16", "ours int8")
-                      for path, limit in (("one pass", 1 << 20), ("tiles", 0))]  # fmt: skip
+                      for path, limit in (("one pass", 1 << 20), ("sgemm", 0))]  # fmt: skip
         if args.rows == parser.get_default("rows"):
-            rows = [2, 4, 8, 16, 32, 64]
+            rows = [2, 8, 16, 32, 64, 128, 256, 512]
     else:
         candidates = [(c, -1) for c in CANDIDATES]
     bandwidth, peak = read_bandwidth(), matmul_peak()
@@ -151,10 +159,10 @@ def main() -> None:
     results = []
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        results += bench_shape(name, n, k, rows, candidates, args.repeats, args.working_set, generator)
+        results += bench_shape(name, n, k, rows, candidates, args.repeats, args.working_set, generator, clock)
         print(f"... {name} done", flush=True)
 
-    print(f"\nbackend {backend}, {args.threads} threads, read bound {bandwidth / 1e9:.1f} GB/s "
+    print(f"\nbackend {backend}, {args.threads} threads, {args.clock} clock, read bound {bandwidth / 1e9:.1f} GB/s "
           f"(best sum over 1 GiB), matmul bound {peak / 1e9:.0f} GFLOP/s (best 1024^3 sgemm)\n")  # fmt: skip
     labels = [label for label, _ in candidates]
     for m in rows:
@@ -173,7 +181,7 @@ def main() -> None:
             print(f"| {name} {SHAPES[name][0]}x{SHAPES[name][1]} | " + " | ".join(cells) + " |")
         print()
     for row in results:
-        print(json.dumps({**row, "backend": backend, "threads": args.threads,
+        print(json.dumps({**row, "backend": backend, "threads": args.threads, "clock": args.clock,
                           "read_bound_gb_per_s": bandwidth / 1e9, "matmul_bound_gflop_per_s": peak / 1e9}))  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2chat import kernels
-from gpt2chat.kernels import portable
+from gpt2chat.kernels import gather_rows, pack_rows, portable, unpack_rows
 from gpt2chat.kernels.build import unsupported_reason
 
 # (N, K): rows / columns that are not multiples of the 4-row block or the 8-wide vector, and 124M shapes
@@ -29,10 +29,10 @@ def _weights(fmt: str, n: int, k: int, generator: torch.Generator):
         return (dense,), dense.double()
     if fmt == "f16":
         half = dense.half()
-        return (half.view(torch.int16),), half.double()
+        return (pack_rows(half).view(torch.int16), n), half.double()
     quantized = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
     scale = torch.rand(n, generator=generator) + 0.01
-    return (quantized, scale), quantized.double() * scale.double()[:, None]
+    return (pack_rows(quantized), scale), quantized.double() * scale.double()[:, None]
 
 
 def _op(fmt: str):
@@ -118,27 +118,47 @@ def test_bad_arguments_are_refused(native):
         torch.ops.gpt2chat.linear_f32(x, torch.randn(4, 11), None)
     if native:
         with pytest.raises(RuntimeError, match="int8"):
-            torch.ops.gpt2chat.linear_i8(x, torch.randn(4, 10), torch.ones(4), None)
-        with pytest.raises(RuntimeError, match="scale"):
-            torch.ops.gpt2chat.linear_i8(x, torch.zeros(4, 10, dtype=torch.int8), torch.ones(3), None)
+            torch.ops.gpt2chat.linear_i8(x, pack_rows(torch.randn(4, 10)), torch.ones(4), None)
+        with pytest.raises(RuntimeError, match=r"packed 4x8 for 5 outputs and 10 features, i.e. \[2, 2, 4, 8\]"):
+            torch.ops.gpt2chat.linear_i8(x, torch.zeros(5, 10, dtype=torch.int8), torch.ones(5), None)
+        with pytest.raises(RuntimeError, match="bias must be a contiguous float32 vector of 4"):
+            torch.ops.gpt2chat.linear_f16(x, pack_rows(torch.zeros(4, 10).half()).view(torch.int16), 4,
+                                          torch.ones(3))  # fmt: skip
+
+
+def test_packing_round_trips():
+    generator = torch.Generator().manual_seed(6)
+    for n, k in [(1, 1), (5, 9), (37, 67), (8, 16)]:
+        dense = torch.randn(n, k, generator=generator)
+        packed = pack_rows(dense)
+        assert packed.shape == (-(-n // 4), -(-k // 8), 4, 8)
+        assert torch.equal(unpack_rows(packed, k, 0, n), dense)
+        if n > 4:
+            assert torch.equal(unpack_rows(packed, k, 4, n), dense[4:])
+        ids = torch.tensor([[n - 1, 0], [n // 2, n - 1]])
+        assert torch.equal(gather_rows(packed, k, ids), dense[ids])
+        full = unpack_rows(packed, packed.shape[1] * 8)  # every stored row and column: the padding is zeros
+        assert torch.equal(full[:n, :k], dense) and not full[n:].any() and not full[:, k:].any()
 
 
 def test_ops_trace_under_torch_compile(native):
     """fullgraph=True fails on any graph break: the fake kernels let dynamo / AOT trace through the ops."""
     generator = torch.Generator().manual_seed(3)
-    q = torch.randint(-127, 128, (33, 40), generator=generator, dtype=torch.int8)
+    q = pack_rows(torch.randint(-127, 128, (33, 40), generator=generator, dtype=torch.int8))
     scale = torch.rand(33, generator=generator)
-    half = torch.randn(40, 33, generator=generator).half().view(torch.int16)
+    half = pack_rows(torch.randn(40, 33, generator=generator).half()).view(torch.int16)
     dense = torch.randn(33, 40, generator=generator)
 
     def step(x):
         h = torch.ops.gpt2chat.linear_i8(x, q, scale, None)
-        h = torch.ops.gpt2chat.linear_f16(torch.relu(h), half, None)
+        h = torch.ops.gpt2chat.linear_f16(torch.relu(h), half, 40, None)
         return torch.ops.gpt2chat.linear_f32(h, dense, None)
 
     x = torch.randn(2, 1, 40, generator=generator)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), step(x))
+    out = compiled(x)
+    assert out.shape == (2, 1, 33)
+    torch.testing.assert_close(out, step(x))
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:

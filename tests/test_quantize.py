@@ -3,12 +3,16 @@ is untouched, unsupported modes and saving a compact model are clear errors, tie
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from gpt2chat.config import get_preset
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.kernels import unpack_rows
+from gpt2chat.kernels.packing import packed_shape
 from gpt2chat.model import GPT
 from gpt2chat.quantize import (
     Fp16Linear,
@@ -114,7 +118,8 @@ def test_int8_model_computes_exactly_its_dequantized_weights(tiny):
     with torch.no_grad():
         for module, target in zip(int8.modules(), dequantized.modules(), strict=True):
             if isinstance(module, Int8Linear):
-                target.weight.copy_(module.weight.float() * module.scale[:, None])
+                rows = unpack_rows(module.weight, module.in_features, 0, module.out_features)
+                target.weight.copy_(rows.float() * module.scale[:, None])
     ids = torch.randint(0, tiny.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(int8(ids), dequantized(ids), rtol=1e-4, atol=1e-5)
@@ -146,8 +151,8 @@ def test_compact_head_is_the_embedding(tiny):
         converted = convert_for_inference(tiny, mode)
         assert isinstance(converted.lm_head, cls) and isinstance(converted.transformer.wte, TiedEmbedding)
         assert converted.transformer.wte.head is converted.lm_head
-        tensors = [t for t in (*converted.parameters(), *converted.buffers()) if t.shape == (vocab, width)]
-        assert len(tensors) == 1 and not tensors[0].is_floating_point()
+        big = [t for t in (*converted.parameters(), *converted.buffers()) if t.numel() >= vocab * width]
+        assert len(big) == 1 and not big[0].is_floating_point()  # the packed head, nothing else that size
         rows = converted.transformer.wte(ids)
         step = tiny.transformer.wte.weight.abs().max().item() / 127  # int8's rounding step at most
         torch.testing.assert_close(rows, tiny.transformer.wte(ids), atol=step, rtol=0)
@@ -158,9 +163,12 @@ def test_read_bytes_follow_the_format(tiny):
     projections = sum(m.weight.numel() for m in tiny.modules() if isinstance(m, nn.Linear))
     assert plain == 4 * projections
     assert decode_read_bytes(convert_for_inference(tiny)) == plain
-    assert decode_read_bytes(convert_for_inference(tiny, "fp16")) == 2 * projections
-    rows = sum(m.weight.shape[0] for m in tiny.modules() if isinstance(m, nn.Linear))
-    assert decode_read_bytes(convert_for_inference(tiny, "int8")) == projections + 4 * rows
+    shapes = [m.weight.shape for m in tiny.modules() if isinstance(m, nn.Linear)]
+    packed = sum(math.prod(packed_shape(*shape)) for shape in shapes)  # padded to whole 4x8 blocks
+    assert packed > projections  # the tiny head's 50257 rows are not a multiple of 4
+    assert decode_read_bytes(convert_for_inference(tiny, "fp16")) == 2 * packed
+    rows = sum(shape[0] for shape in shapes)
+    assert decode_read_bytes(convert_for_inference(tiny, "int8")) == packed + 4 * rows
 
 
 def test_lora_adapters_are_merged_into_the_converted_weights(tiny):
@@ -235,3 +243,18 @@ def test_converted_modules_trace_under_torch_compile(tiny):
             torch.testing.assert_close(compiled(x), mlp(x))
             embed = torch.compile(converted.transformer.wte, fullgraph=True, backend="aot_eager")
             torch.testing.assert_close(embed(ids), converted.transformer.wte(ids))
+
+
+def test_gpt_neo_converts_too():
+    """GPT-Neo's separate q/k/v projections have no bias; its head is tied the same way."""
+    torch.manual_seed(5)
+    neo = GPT(get_preset("tiny-neo")).eval()
+    ids = torch.randint(0, neo.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = neo(ids).double()
+    fp32 = convert_for_inference(neo)
+    assert isinstance(fp32.transformer.h[0].attn.attention.q_proj, InferenceLinear)
+    assert fp32.transformer.h[0].attn.attention.q_proj.bias is None
+    assert _relative_error(fp32, reference, ids) < 1e-5
+    assert _relative_error(convert_for_inference(neo, "fp16"), reference, ids) <= FP16_LOGIT_ERROR
+    assert _relative_error(convert_for_inference(neo, "int8"), reference, ids) <= INT8_LOGIT_ERROR_124M

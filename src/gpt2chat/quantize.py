@@ -89,40 +89,48 @@ class _CompactLinear(nn.Module):
 
 
 class Fp16Linear(_CompactLinear):
-    """fp16 weights (IEEE half bit patterns kept in an int16 buffer, so `model.to(dtype)` cannot widen them),
-    fp32 compute through `gpt2chat::linear_f16`."""
+    """fp16 weights, fp32 compute through `gpt2chat::linear_f16`. The weight is packed 4x8
+    (`gpt2chat.kernels.pack_rows`) as IEEE half bit patterns in an int16 buffer, so `model.to(dtype)`
+    cannot widen it."""
 
     format = "fp16"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        from gpt2chat.kernels import pack_rows
+
         super().__init__(weight.shape[0], weight.shape[1], bias)
-        half = weight.detach().to(torch.float16, memory_format=torch.contiguous_format, copy=True)
-        self.register_buffer("weight", half.view(torch.int16))
+        self.register_buffer("weight", pack_rows(weight.detach().to(torch.float16)).view(torch.int16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.gpt2chat.linear_f16(x, self.weight, self.bias)
+        return torch.ops.gpt2chat.linear_f16(x, self.weight, self.out_features, self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].view(torch.float16).float()
+        from gpt2chat.kernels import gather_rows
+
+        return gather_rows(self.weight, self.in_features, ids).view(torch.float16).float()
 
 
 class Int8Linear(_CompactLinear):
-    """int8 weights with one fp32 scale per output row (W ~ weight * scale[:, None]), fp32 compute through
-    `gpt2chat::linear_i8`."""
+    """int8 weights (packed 4x8) with one fp32 scale per output row (W ~ weight * scale[:, None]), fp32
+    compute through `gpt2chat::linear_i8`."""
 
     format = "int8"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        from gpt2chat.kernels import pack_rows
+
         super().__init__(weight.shape[0], weight.shape[1], bias)
         quantized, scale = quantize_int8(weight)
-        self.register_buffer("weight", quantized)
+        self.register_buffer("weight", pack_rows(quantized))
         self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.gpt2chat.linear_i8(x, self.weight, self.scale, self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
+        from gpt2chat.kernels import gather_rows
+
+        return gather_rows(self.weight, self.in_features, ids).float() * self.scale[ids].unsqueeze(-1)
 
 
 class TiedEmbedding(nn.Module):

@@ -1,11 +1,13 @@
 """y = x W^T + b for weights stored as fp32, fp16 or int8, as torch custom ops that torch.compile traces.
 
-The ops (namespace `gpt2chat`; W is always row-major [N, K] like `nn.Linear.weight`, x is [..., K]):
+The ops (namespace `gpt2chat`; x is [..., K] float, y is [..., N]):
 
-    torch.ops.gpt2chat.linear_f32(x, weight, bias=None, small_m_max=-1)         weight float32
-    torch.ops.gpt2chat.linear_f16(x, weight, bias=None, small_m_max=-1)         weight int16 holding IEEE
-                                                                                half bit patterns
-    torch.ops.gpt2chat.linear_i8(x, weight, scale, bias=None, small_m_max=-1)   W = weight(int8) * scale[:, None]
+    torch.ops.gpt2chat.linear_f32(x, weight, bias=None, small_m_max=-1)
+        weight: float32 [N, K], row-major (nn.Linear's own tensor)
+    torch.ops.gpt2chat.linear_f16(x, weight, out_features, bias=None, small_m_max=-1)
+        weight: int16 holding IEEE half bit patterns, packed 4x8 (`pack_rows`: [ceil(N/4), ceil(K/8), 4, 8])
+    torch.ops.gpt2chat.linear_i8(x, weight, scale, bias=None, small_m_max=-1)
+        weight: int8, packed 4x8; scale: float32 [N]; W = weight * scale[:, None]
 
 Every op has three kernels:
 - a fake (meta) kernel, so `torch.compile(fullgraph=True)` traces a model that calls it;
@@ -15,7 +17,7 @@ Every op has three kernels:
   one cannot be had: no compiler, a CPU without AVX2, or `GPT2CHAT_KERNELS=portable` (which also skips the
   build). Then `load()` logs one warning line that says why, and everything still works, only slower.
 `small_m_max` (-1 = the built-in default) is for benchmarks: up to that many input rows the native kernel
-makes one pass over the weight, past it it widens tiles of the weight for sgemm.
+makes one pass over the weight, past it it hands the product to sgemm (widening fp16 / int8 by tiles).
 
 This package knows nothing about models; `gpt2chat.quantize` builds the modules that call these ops.
 """
@@ -30,26 +32,28 @@ import torch
 
 from gpt2chat.kernels import portable
 from gpt2chat.kernels.build import KernelBuildError, library_path, unsupported_reason
+from gpt2chat.kernels.packing import gather_rows, pack_rows, unpack_rows
 
-__all__ = ["load", "backend", "KernelBuildError"]
+__all__ = ["load", "backend", "KernelBuildError", "pack_rows", "unpack_rows", "gather_rows"]
 
 _log = logging.getLogger(__name__)
 _LIB = torch.library.Library("gpt2chat", "DEF")
 _SCHEMAS = {
     "linear_f32": "linear_f32(Tensor x, Tensor weight, Tensor? bias=None, int small_m_max=-1) -> Tensor",
-    "linear_f16": "linear_f16(Tensor x, Tensor weight, Tensor? bias=None, int small_m_max=-1) -> Tensor",
+    "linear_f16": "linear_f16(Tensor x, Tensor weight, int out_features, Tensor? bias=None, int small_m_max=-1) "
+                  "-> Tensor",
     "linear_i8": "linear_i8(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int small_m_max=-1) -> Tensor",
 }
-
-
-def _fake_linear(x: torch.Tensor, weight: torch.Tensor, *rest) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
+_FAKES = {  # the output's shape: x's with the last dimension replaced by N
+    "linear_f32": lambda x, weight, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    "linear_f16": lambda x, weight, out_features, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], out_features)),
+    "linear_i8": lambda x, weight, scale, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], scale.shape[0])),
+}  # fmt: skip
 
 for _name, _schema in _SCHEMAS.items():
     _LIB.define(_schema)
     _LIB.impl(_name, getattr(portable, _name), "CompositeExplicitAutograd")
-    torch.library.register_fake(f"gpt2chat::{_name}", _fake_linear, lib=_LIB)
+    torch.library.register_fake(f"gpt2chat::{_name}", _FAKES[_name], lib=_LIB)
 
 _lock = threading.Lock()
 _backend: str | None = None

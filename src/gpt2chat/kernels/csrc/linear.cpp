@@ -4,8 +4,14 @@
 // only loads it where the CPU has them). Registered as the CPU kernels of the `gpt2chat::linear_*` ops,
 // whose schemas, fake (meta) kernels and portable kernels for other devices live in Python.
 //
-// Layout: every weight is row-major [N, K] (nn.Linear's own layout), so the fp32 form is the original
-// tensor and the compact forms are elementwise conversions of it.
+// Layouts (gpt2chat/kernels/packing.py writes the packed one):
+//  - fp32: row-major [N, K], nn.Linear's own tensor. Each row is a long sequential stream that the
+//    hardware prefetcher follows at full speed.
+//  - fp16 / int8: "packed 4x8", [ceil(N/4), ceil(K/8), 4, 8]: the 8-column chunk j of rows 4b..4b+3 sits
+//    at one 32-element spot, so a 4-row block is one sequential stream, 32 or 64 bytes per step, and a
+//    software prefetch runs ahead of it. Read row by row, a 1- or 2-byte weight advances each of 4 streams
+//    by only 8 or 16 bytes a step, too slowly for the prefetcher: measured here, it halved int8's rate.
+//    Padding rows / columns are zeros.
 //
 // Two paths, chosen by the number of input rows M:
 //  - few rows (decode; M <= small_m_max): one pass over the weight, which is read from memory once.
@@ -32,12 +38,12 @@
 namespace {
 
 constexpr int64_t kThreadWork = 1 << 15;  // weights per thread below which threading does not pay
-constexpr int64_t kTileBytes = 1 << 20;   // fp32 bytes of a widened weight tile (fits L2 / L3)
+constexpr int64_t kTileBytes = 4 << 20;   // fp32 bytes of a widened weight tile (fits the 32 MB L3)
 
-// Default small_m_max per weight form: up to this many input rows, the one-pass kernel beats
-// sgemm (benchmarks/kernels.py measures the crossover).
-constexpr int64_t kSmallMaxF32 = 4;
-constexpr int64_t kSmallMaxCompact = 16;
+// Default small_m_max per weight form: up to this many input rows the one-pass kernel beat sgemm on the
+// 124M shapes (`python benchmarks/kernels.py --crossover`; single-core CPU time, this 2-core Zen 3).
+constexpr int64_t kSmallMaxF32 = 32;
+constexpr int64_t kSmallMaxCompact = 128;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,45 +52,62 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// How each stored form becomes fp32: 8 at a time (vector) and one at a time (the K % 8 tail).
+// How each stored form becomes fp32 (8 at a time, and one at a time for the K % 8 tail), and where its
+// rows are: row(w, n, K) points at column 0 of row n; column chunk j (8 columns) is `kStep * j` further.
 struct F32 {
   using T = float;
+  static constexpr int64_t kStep = 8;
+  static constexpr int64_t kPrefetch = 0;  // the hardware prefetcher already keeps up with fp32 rows
   static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
   static float load1(const T* p) { return *p; }
+  static const T* row(const T* w, int64_t n, int64_t K) { return w + n * K; }
 };
-struct F16 {
+struct Packed {
+  static constexpr int64_t kStep = 32;
+  static int64_t padded(int64_t K) { return (K + 7) / 8 * 8; }
+};
+struct F16 : Packed {
   using T = uint16_t;  // IEEE half bit patterns
+  static constexpr int64_t kPrefetch = 2048;  // bytes ahead of the stream (measured: 1-4 KB all help)
   static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static float load1(const T* p) { return _cvtsh_ss(*p); }
+  static const T* row(const T* w, int64_t n, int64_t K) { return w + (n / 4) * 4 * padded(K) + (n % 4) * 8; }
 };
-struct I8 {
+struct I8 : Packed {
   using T = int8_t;
+  static constexpr int64_t kPrefetch = 1024;
   static __m256 load8(const T* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static float load1(const T* p) { return static_cast<float>(*p); }
+  static const T* row(const T* w, int64_t n, int64_t K) { return w + (n / 4) * 4 * padded(K) + (n % 4) * 8; }
 };
 
-// out[i][r] = dot(w row r, x row i) for R weight rows and I input rows, over K.
+// out[i][r] = dot(weight row n + r, x row i) for R weight rows and I input rows, over K.
 template <class W, int R, int I>
-inline void dot_block(const typename W::T* w, int64_t K, const float* x, float out[I][R]) {
+inline void dot_block(const typename W::T* w, int64_t n, int64_t K, const float* x, float out[I][R]) {
+  const typename W::T* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = W::row(w, n + r, K);
   __m256 acc[I][R];
   for (int i = 0; i < I; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
+  const int64_t chunks = K / 8;
+  for (int64_t j = 0; j < chunks; ++j) {
+    if constexpr (W::kPrefetch > 0 && R == 4 && I == 1) {  // decode reads a packed block as one stream
+      _mm_prefetch(reinterpret_cast<const char*>(rows[0] + j * W::kStep) + W::kPrefetch, _MM_HINT_T0);
+    }
     __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = W::load8(w + r * K + k);
+    for (int r = 0; r < R; ++r) wv[r] = W::load8(rows[r] + j * W::kStep);
     for (int i = 0; i < I; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+      const __m256 xv = _mm256_loadu_ps(x + i * K + j * 8);
       for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
     }
   }
   for (int i = 0; i < I; ++i)
     for (int r = 0; r < R; ++r) out[i][r] = hsum(acc[i][r]);
-  for (; k < K; ++k)
+  for (int64_t k = chunks * 8; k < K; ++k)
     for (int r = 0; r < R; ++r) {
-      const float wk = W::load1(w + r * K + k);
+      const float wk = W::load1(rows[r] + chunks * W::kStep + (k - chunks * 8));
       for (int i = 0; i < I; ++i) out[i][r] += wk * x[i * K + k];
     }
 }
@@ -93,7 +116,7 @@ template <class W, int R, int I>
 inline void block_rows(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t m,
                        const float* scale, const float* bias, float* y) {
   float out[I][R];
-  dot_block<W, R, I>(w + n * K, K, x + m * K, out);
+  dot_block<W, R, I>(w, n, K, x + m * K, out);
   for (int i = 0; i < I; ++i)
     for (int r = 0; r < R; ++r) {
       float v = out[i][r];
@@ -139,8 +162,9 @@ inline void rows_all_inputs(int64_t rows, const typename W::T* w, int64_t n, int
 }
 
 // One pass over the weight for M input rows. Block shapes (accumulators = R * I <= 12 of the 16 ymm
-// registers): a decode row (M = 1) dots 4 weight rows at once, four independent FMA chains that hide the
-// FMA latency; several rows take 2 weight rows x 6 input rows, so each widened weight vector feeds 6 FMAs.
+// registers): a decode row (M = 1) dots 4 weight rows at once (a packed block), four independent FMA
+// chains that hide the FMA latency; several rows take 2 weight rows x 6 input rows, so each widened
+// weight vector feeds 6 FMAs (a packed block is then read as two halves, the second from cache).
 template <class W, int R, int I>
 void few_rows_blocked(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N,
                       const float* scale, const float* bias, float* y) {
@@ -168,13 +192,14 @@ void few_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int6
 template <class W>
 void widen_rows(const typename W::T* w, int64_t n0, int64_t n1, int64_t K, const float* scale, float* dst) {
   at::parallel_for(n0, n1, std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, K)), [&](int64_t a, int64_t b) {
+    const int64_t chunks = K / 8;
     for (int64_t n = a; n < b; ++n) {
-      const typename W::T* src = w + n * K;
+      const typename W::T* src = W::row(w, n, K);
       float* out = dst + (n - n0) * K;
-      const __m256 s = _mm256_set1_ps(scale ? scale[n] : 1.0f);
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, _mm256_mul_ps(W::load8(src + k), s));
-      for (; k < K; ++k) out[k] = W::load1(src + k) * (scale ? scale[n] : 1.0f);
+      const float row_scale = scale ? scale[n] : 1.0f;
+      const __m256 s = _mm256_set1_ps(row_scale);
+      for (int64_t j = 0; j < chunks; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(W::load8(src + j * W::kStep), s));
+      for (int64_t k = chunks * 8; k < K; ++k) out[k] = W::load1(src + chunks * W::kStep + (k - chunks * 8)) * row_scale;
     }
   });
 }
@@ -197,25 +222,32 @@ void many_rows(const at::Tensor& x2d, const typename W::T* w, int64_t N, int64_t
   }
 }
 
-void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                at::ScalarType stored, const char* stored_name, const char* op) {
+void check_common(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t N,
+                  at::ScalarType stored, const char* stored_name, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": CPU kernel called with a non-CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 on the CPU, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), op, ": weight must be a contiguous [N, K] matrix");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a feature dimension");
   TORCH_CHECK(weight.scalar_type() == stored, op, ": weight must be ", stored_name, ", got ", weight.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x has ", x.size(-1),
-              " features but the weight has ", weight.size(1), " columns");
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
                     bias->is_contiguous() && bias->device().is_cpu(),
-                op, ": bias must be a contiguous float32 vector of ", weight.size(0));
+                op, ": bias must be a contiguous float32 vector of ", N);
   }
 }
 
+void check_packed(const at::Tensor& x, const at::Tensor& weight, int64_t N, const char* op) {
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == (N + 3) / 4 && weight.size(1) == (K + 7) / 8 &&
+                  weight.size(2) == 4 && weight.size(3) == 8,
+              op, ": weight must be packed 4x8 for ", N, " outputs and ", K, " features, i.e. [", (N + 3) / 4,
+              ", ", (K + 7) / 8, ", 4, 8] (gpt2chat.kernels.pack_rows), got ", weight.sizes());
+}
+
 template <class W>
-at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const float* scale,
+at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, int64_t N, const float* scale,
                        const std::optional<at::Tensor>& bias, int64_t small_m_max, int64_t default_small) {
-  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t K = x.size(-1);
   at::Tensor x2d = x.reshape({-1, K}).contiguous();
   const int64_t M = x2d.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -241,23 +273,32 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, const floa
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t small_m_max) {
-  check_args(x, weight, bias, at::kFloat, "float32", "gpt2chat::linear_f32");
-  return linear_impl<F32>(x, weight, nullptr, bias, small_m_max, kSmallMaxF32);
+  const char* op = "gpt2chat::linear_f32";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be an [N, K] matrix, got ", weight.sizes());
+  check_common(x, weight, bias, weight.size(0), at::kFloat, "float32", op);
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has ", x.size(-1), " features but the weight has ",
+              weight.size(1), " columns");
+  return linear_impl<F32>(x, weight, weight.size(0), nullptr, bias, small_m_max, kSmallMaxF32);
 }
 
-at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      int64_t small_m_max) {
-  check_args(x, weight, bias, at::kShort, "int16 (IEEE half bit patterns)", "gpt2chat::linear_f16");
-  return linear_impl<F16>(x, weight, nullptr, bias, small_m_max, kSmallMaxCompact);
+at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& weight, int64_t out_features,
+                      const std::optional<at::Tensor>& bias, int64_t small_m_max) {
+  const char* op = "gpt2chat::linear_f16";
+  check_common(x, weight, bias, out_features, at::kShort, "int16 (IEEE half bit patterns)", op);
+  check_packed(x, weight, out_features, op);
+  return linear_impl<F16>(x, weight, out_features, nullptr, bias, small_m_max, kSmallMaxCompact);
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias, int64_t small_m_max) {
-  check_args(x, weight, bias, at::kChar, "int8", "gpt2chat::linear_i8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == weight.size(0) &&
-                  scale.is_contiguous() && scale.device().is_cpu(),
-              "gpt2chat::linear_i8: scale must be a contiguous float32 vector of ", weight.size(0));
-  return linear_impl<I8>(x, weight, scale.data_ptr<float>(), bias, small_m_max, kSmallMaxCompact);
+  const char* op = "gpt2chat::linear_i8";
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.is_contiguous() &&
+                  scale.device().is_cpu(),
+              op, ": scale must be a contiguous float32 vector (one per output row)");
+  const int64_t N = scale.size(0);
+  check_common(x, weight, bias, N, at::kChar, "int8", op);
+  check_packed(x, weight, N, op);
+  return linear_impl<I8>(x, weight, N, scale.data_ptr<float>(), bias, small_m_max, kSmallMaxCompact);
 }
 
 }  // namespace
