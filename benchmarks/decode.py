@@ -8,8 +8,9 @@ in turn (the order rotates each round): a greedy decode of `--new-tokens` tokens
 and one prefill of a 32-token and of a 512-token prompt. A side's figure is the median over the rounds.
 
 The bound: batch-1 decode reads every weight once per token, so tokens/s <= read bandwidth / bytes of
-weights read per token. The read bandwidth is the best of several `tensor.sum()` passes over 1 GiB (a read
-only, not a copy), measured before and after the runs.
+weights read per token. The read bandwidth is the project's one measurement
+(`gpt2chat.evaluate.flops.measure_peaks`: the best of several `tensor.sum()` passes over 1 GiB, a read only,
+not a copy), taken before and after the runs; the better of the two is the bound.
 
     python benchmarks/decode.py                        # 124M, 5 rounds
     python benchmarks/decode.py --arch tiny --repeats 2 --new-tokens 32 --skip-transformers   # quick check
@@ -40,28 +41,6 @@ import torch  # noqa: E402
 
 DEFAULT_CONVERTER = "/work/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
 PREFILL_LENGTHS = (32, 512)
-
-
-def read_bandwidth(size_bytes: int = 2**30, repeats: int = 7) -> float:
-    """Bytes per second of the best of `repeats` read-only passes (`sum`) over a `size_bytes` fp32 tensor."""
-    data = torch.ones(size_bytes // 4)
-    data.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best
-
-
-def linear_weight_bytes(model) -> int:
-    """Bytes of projection weights one decode step reads (the tied head once), for a model of nn.Linear."""
-    seen, total = set(), 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            total += module.weight.numel() * module.weight.element_size()
-    return total
 
 
 # ---------------------------------------------------------------------- the sides
@@ -188,11 +167,12 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
 # ---------------------------------------------------------------------- the run
 def run(args) -> tuple[list[dict], list[str]]:
     from gpt2chat.checkpoint import init_checkpoint
+    from gpt2chat.evaluate.flops import best_peaks, measure_peaks
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.set_num_threads(args.threads)
-    bandwidth_before = read_bandwidth()
+    peaks_before = measure_peaks("cpu", torch.float32, repeats=args.peak_repeats)
     generator = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="gpt2chat-decode-") as tmp:
         folder = init_checkpoint(args.arch, Path(tmp) / args.arch, seed=0)
@@ -216,7 +196,8 @@ def run(args) -> tuple[list[dict], list[str]]:
         for side in sides:
             if hasattr(side, "close"):
                 side.close()
-    bandwidth = max(bandwidth_before, read_bandwidth())
+    peaks = best_peaks(peaks_before, measure_peaks("cpu", torch.float32, repeats=args.peak_repeats))
+    bandwidth = peaks["read_bytes_per_s"]
     reference = tokens.get("ours fp32", [])
     rows = []
     for side in sides:
@@ -256,6 +237,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--convert", default=os.environ.get("GPT2CHAT_CONVERT_HF_TO_GGUF", DEFAULT_CONVERTER),
                         help="llama.cpp's convert_hf_to_gguf.py")  # fmt: skip
+    parser.add_argument("--peak-repeats", type=int, default=7, help="read passes per bandwidth measurement")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-compiled", action="store_true", help="no row for the compiled decode step")
     args = parser.parse_args()

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gpt2chat.faults import fault_point
+
 __all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "atomic_folder"]
 
 
@@ -57,6 +59,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp = _temporary_name(path)
     try:
         write(tmp)
+        fault_point("write")  # tests: a kill or a full disk with the file written but not yet in place
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)

@@ -230,7 +230,10 @@ class Trainer:
                 self._evaluate(done, val_batches)
             saved = self._save(done, optimizer)
             if self.write_final is not None and self.dist.is_main:
-                final_dir = self.write_final(saved, self.out_dir / "final")
+                try:
+                    final_dir = self.write_final(saved, self.out_dir / "final")
+                except OSError as exc:
+                    raise training_state.write_failure(self.out_dir / "final", exc, self.out_dir) from None
             dist_utils.barrier(self.dist)
         self._plot()
         if self.dist.is_main:

@@ -7,13 +7,16 @@ layout), written by a callback the caller passes, plus the trainer's state:
   log-probs), read back with `torch.load(weights_only=True)`: loading never runs pickled code.
 
 Everything is written into a staging folder first and renamed into place (`gpt2chat.files.atomic_folder`),
-so a crash mid-write leaves the previous checkpoints intact and never a half-written one under a real name.
+so a crash mid-write leaves the previous checkpoints intact and never a half-written one under a real name;
+a write that fails (a full disk) stops with `CheckpointWriteError` naming the checkpoint that is still whole.
+`list_checkpoints` (and so `--resume`) only ever sees folders named step-N holding both state files.
 
 This module knows folders and state dicts; it does not know what a model or a loss is.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.faults import fault_point
 from gpt2chat.files import atomic_folder
 
 STATE_JSON = "trainer_state.json"
@@ -33,6 +37,21 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class ResumeError(Gpt2ChatError):
     """A resume folder that is missing, incomplete or from another run."""
+
+
+class CheckpointWriteError(Gpt2ChatError):
+    """A checkpoint (or the final model) could not be written; the previous checkpoint is intact."""
+
+
+def write_failure(what: Path, exc: OSError, out_dir: str | Path) -> CheckpointWriteError:
+    """The message for a failed write: what, why, and which checkpoint a `--resume` would continue from."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += " (the disk is full: free some space)"
+    found = list_checkpoints(out_dir)
+    kept = (f"the last complete checkpoint {found[-1]} is intact; resume from it with --resume" if found
+            else "no checkpoint was written before it")
+    return CheckpointWriteError(f"could not write {what}: {reason}; training stopped, {kept}")
 
 
 def checkpoints_root(out_dir: str | Path) -> Path:
@@ -56,12 +75,18 @@ def write_checkpoint(out_dir: str | Path, step: int, write_model: Callable[[Path
                      state: dict[str, Any], tensors: dict[str, Any], keep_last: int) -> Path:
     """Write a checkpoint atomically and delete all but the newest `keep_last`."""
     final = checkpoints_root(out_dir) / f"step-{step:07d}"
-    with atomic_folder(final) as staging:
-        write_model(staging)
-        torch.save(tensors, staging / STATE_TENSORS)
-        (staging / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    try:
+        with atomic_folder(final) as staging:
+            write_model(staging)
+            torch.save(tensors, staging / STATE_TENSORS)
+            fault_point("checkpoint")  # tests: killed, or the disk full, halfway through a checkpoint
+            (staging / STATE_JSON).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    except OSError as exc:
+        raise write_failure(final, exc, out_dir) from None
     for stale in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
+    for orphan in checkpoints_root(out_dir).glob(".step-*.tmp"):  # staging left by a process that was killed
+        shutil.rmtree(orphan, ignore_errors=True)
     return final
 
 

@@ -1,0 +1,106 @@
+"""Issue #14: faults injected inside checkpoint writes (gpt2chat.faults): SIGKILL, then --resume; a full disk.
+
+A training run on the tiny model and the packaged sample data is killed (SIGKILL, in a subprocess) halfway
+through writing a checkpoint; `--resume` must continue from the last complete checkpoint, never from the
+half-written one nor from a partial folder, and reproduce the uninterrupted run's losses. A full disk
+(injected ENOSPC) must stop the run with one clear message and leave the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from gpt2chat import faults
+from gpt2chat.cli import main
+from gpt2chat.files import write_text_atomic
+from gpt2chat.train import training_state
+from gpt2chat.train.metrics import read_metrics
+
+RUN = ["sft", "--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--save-every", "1",
+       "--keep-last", "3", "--batch-size", "2", "--max-length", "96", "--no-progress", "--lr", "3e-3",
+       "--dropout", "0.1", "--schedule", "cosine"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_faults(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.reset()
+    yield
+    faults.reset()
+
+
+def train_losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_fault_points_do_nothing_unset_and_fire_exactly_at_the_nth_arrival(monkeypatch):
+    for _ in range(3):
+        faults.fault_point("checkpoint")  # unset: nothing
+    monkeypatch.setenv(faults.ENV, "enospc:checkpoint@2")
+    faults.fault_point("write")  # another point: not counted for this rule
+    faults.fault_point("checkpoint")
+    with pytest.raises(OSError) as caught:
+        faults.fault_point("checkpoint")
+    assert caught.value.errno == errno.ENOSPC and "injected" in str(caught.value)
+    faults.fault_point("checkpoint")  # only the 2nd
+    monkeypatch.setenv(faults.ENV, "explode:checkpoint@1")
+    with pytest.raises(ValueError, match="ACTION:POINT@N"):
+        faults.fault_point("checkpoint")
+
+
+def test_a_full_disk_while_writing_a_file_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "config.json"
+    write_text_atomic(target, "old")
+    monkeypatch.setenv(faults.ENV, "enospc:write@1")
+    with pytest.raises(OSError):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_sigkill_inside_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_losses(tmp_path, capsys):
+    assert main([*RUN, "--out", str(tmp_path / "full")]) == 0
+    full = train_losses(tmp_path / "full")
+
+    out = tmp_path / "killed"
+    env = {**os.environ, faults.ENV: "kill:checkpoint@2", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    root = training_state.checkpoints_root(out)
+    staged = [p for p in root.iterdir() if p.name.startswith(".step-0000002")]
+    assert staged and (staged[0] / "model.safetensors").is_file()  # the kill came halfway through step 2's write
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step-0000001"]
+    # A folder with a checkpoint's name but no trainer state (copied by hand, half-synced...) is never picked.
+    shutil.copytree(root / "step-0000001", root / "step-0000009")
+    (root / "step-0000009" / training_state.STATE_TENSORS).unlink()
+    assert training_state.resolve_resume("last", out) == root / "step-0000001"
+
+    assert main([*RUN, "--out", str(out), "--resume"]) == 0
+    assert train_losses(out) == pytest.approx(full, abs=1e-6)
+    assert len(full) == 3
+    assert not list(root.glob(".step-*.tmp"))  # the killed write's staging folder is cleaned up
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_saving_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "full-disk"
+    monkeypatch.setenv(faults.ENV, "enospc:checkpoint@2")
+    assert main([*RUN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    first = training_state.checkpoints_root(out) / "step-0000001"
+    assert err.startswith("error: could not write ") and "step-0000002" in err and "No space left on device" in err
+    assert f"the last complete checkpoint {first} is intact" in err and "Traceback" not in err
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step-0000001"]
+    assert not list(first.parent.glob(".step-*"))  # nothing half-written left behind
+    state, tensors = training_state.read_checkpoint(first)
+    assert state["step"] == 1 and "optimizer" in tensors
+    monkeypatch.delenv(faults.ENV)
+    assert main([*RUN, "--out", str(out), "--resume"]) == 0  # and the run continues from it
+    assert len(train_losses(out)) == 3
