@@ -2,7 +2,10 @@
 model, a bounded number of requests, about a third of them disconnecting at a random point: on connect
 (before the server has read the request, or while it is queued or prefilling), after the role chunk and
 before the first token, or mid-stream after a few tokens. The clients' choices come from one seeded
-generator, so a run is repeatable in what each client does (not in the server's interleaving).
+generator, so a run is repeatable in what each client does (not in the server's interleaving). Each
+prefill forward is slowed by PREFILL_DELAY_S, so that leaving clients find their requests queued, being
+prefilled and decoding: the test records which (the figure), and asks for some before the first token and
+some after.
 
 Afterwards: every engine request is finished (none with an error), the cancelled ones are exactly those
 whose client left while they ran, no request is outstanding or waiting, every cache row is free, a normal
@@ -19,6 +22,7 @@ import gc
 import json
 import os
 import random
+import time
 from collections import Counter
 
 import httpx
@@ -30,6 +34,7 @@ from test_serve_helpers import ServerThread, tiny_service, wait_until
 CLIENTS = 64
 ROWS = 16  # cache rows for 64 clients: most requests queue, so disconnects land in the queue, in prefill, mid-stream
 ROUNDS = int(os.environ.get("GPT2CHAT_SOAK_ROUNDS", "2"))
+PREFILL_DELAY_S = 0.05
 RSS_BOUND_MIB = 48  # resident memory after the soak may exceed the warm baseline by at most this
 MAX_WORDS, MAX_TOKENS = 60, 12  # a prompt of a few to ~70 tokens, a reply of 2 to 12
 WORDS = "the cat sat on a mat while every dog in town ran past her house at night".split()
@@ -43,29 +48,53 @@ def rss_mib() -> float:
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
     service = tiny_service(tiny_checkpoint, max_batch_size=ROWS, max_queue=CLIENTS, max_tokens_limit=32)
-    submitted = []
-    submit = service.engine.submit
+    engine = service.engine
+    forward = engine.model.forward
+
+    def slower_prefill(input_ids, *args, **kwargs):
+        if input_ids.shape[-1] > 1:
+            time.sleep(PREFILL_DELAY_S)  # a wider window for a client to leave while its prompt is prefilled
+        return forward(input_ids, *args, **kwargs)
+
+    engine.model.forward = slower_prefill  # the instance's forward: what nn.Module.__call__ runs
+    submitted, left_at = [], {}
+    submit = engine.submit
+
+    def where(request) -> str:
+        """Where a request stands as its client leaves (read from the engine thread's state: indicative)."""
+        row = next((row for row in list(engine.scheduler.rows) if row is not None and row.request is request), None)
+        if row is not None:
+            return "prefilling" if row.prefilling else "decoding"
+        return "finished" if request.done else "queued"
 
     def recording_submit(prompt_ids, params):
-        submitted.append(submit(prompt_ids, params))
-        return submitted[-1]
+        request = submit(prompt_ids, params)
+        cancel = request.cancel
 
-    service.engine.submit = recording_submit
+        def classified_cancel():
+            left_at.setdefault(id(request), where(request))  # the first call: the moment the client left
+            cancel()
+
+        request.cancel = classified_cancel
+        submitted.append(request)
+        return request
+
+    engine.submit = recording_submit
     with ServerThread(create_app(service)) as server:
-        server.service, server.submitted = service, submitted
+        server.service, server.submitted, server.left_at = service, submitted, left_at
         yield server
     service.close()
 
 
 def plan(rng: random.Random) -> dict:
     """One request's body and how its client behaves: 'read' to the end, or leave 'on_connect' (after a
-    random delay of up to 30 ms), 'before_token' (after the role chunk) or 'mid_stream' (after 1-6 tokens)."""
+    random delay of up to 200 ms), 'before_token' (after the role chunk) or 'mid_stream' (after 1-6 tokens)."""
     prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, MAX_WORDS)))
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": rng.randint(2, MAX_TOKENS),
             "stream": True, "stop": ["\u0000never"], "temperature": rng.choice([0, 0.8, 1.0]),
             "seed": rng.randint(0, 2**31)}
     leave = rng.choices(["read", "on_connect", "before_token", "mid_stream"], weights=[6, 1, 1, 1])[0]
-    return {"body": body, "leave": leave, "delay_s": rng.uniform(0, 0.03), "tokens": rng.randint(1, 6)}
+    return {"body": body, "leave": leave, "delay_s": rng.uniform(0, 0.2), "tokens": rng.randint(1, 6)}
 
 
 async def one_request(http: httpx.AsyncClient, step: dict) -> str:
@@ -138,6 +167,7 @@ def run_soak(served, rounds: int) -> None:
     gc.collect()
     baseline = rss_mib()
     served.submitted.clear()
+    served.left_at.clear()
 
     outcomes = asyncio.run(soak(served.url, rounds))
     total = CLIENTS * rounds
@@ -158,6 +188,10 @@ def run_soak(served, rounds: int) -> None:
     # gone on connect may have left before its request was submitted; one may leave as its reply ends)
     assert reasons["length"] + reasons["stop"] >= outcomes["done"], (reasons, outcomes)
     assert left / 2 <= reasons["cancelled"] <= left, (reasons, outcomes)
+    left_at = Counter(served.left_at.values())
+    print(f"soak: where the engine stood as clients left: {dict(left_at)}")
+    # before the first token (the deterministic mid-prefill case is tests/test_serve_disconnect.py's) and after
+    assert left_at["queued"] + left_at["prefilling"] > 0 and left_at["decoding"] > 0, left_at
 
     with httpx.Client(base_url=served.url, timeout=60) as http:
         assert http.get("/health").json()["outstanding_requests"] == 0

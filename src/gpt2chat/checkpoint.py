@@ -173,7 +173,7 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_hf_dict(data)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    except TypeError as exc:  # a field of the wrong JSON type
+    except (TypeError, ValueError) as exc:  # a field of the wrong JSON type (float("abc"), float([1]))
         raise CheckpointError(f"{path}: bad value ({exc})") from exc
 
 
@@ -249,6 +249,8 @@ def _load_hf_state(
     model: GPT, state: dict[str, tuple[torch.Tensor, Path]], folder: Path, dtype: torch.dtype
 ) -> None:
     """Check names and shapes against the (meta) model, transpose Conv1D, assign the tensors."""
+    import torch
+
     is_gpt2 = model.config.model_type == "gpt2"
     found = {}
     for key, (tensor, source) in state.items():
@@ -270,6 +272,10 @@ def _load_hf_state(
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())  # one read of the weights, before any use
+        if bad:
+            raise CheckpointError(f"{source}: tensor {name!r} has {bad} NaN / inf values of {tensor.numel()}; "
+                                  "the weights are damaged (or the training diverged before this save)")
         tensor = tensor.t() if transpose else tensor
         loaded[name] = tensor.to(dtype).contiguous()
     loaded["lm_head.weight"] = loaded["transformer.wte.weight"]

@@ -57,8 +57,17 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
+                                         or self.n_inner <= 0):
             raise ConfigError(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
+        for name in ("layer_norm_epsilon", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{name} must be a token id (an integer >= 0) or null, got {value!r}")
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(
                 f"unsupported activation_function {self.activation_function!r}: "
@@ -181,6 +190,13 @@ class ModelConfig:
                     return d[name]
             return default
 
+        def number(name: str, default: float) -> float:
+            value = pick(name, default=default)
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
         def token_id(name: str) -> int | None:
             value = d.get(name)
             if isinstance(value, list):  # eos_token_id may be a list in newer configs
@@ -226,8 +242,8 @@ class ModelConfig:
             model_type=model_type,
             vocab_size=pick("vocab_size", default=50257),
             activation_function=pick("activation_function", default="gelu_new"),
-            layer_norm_epsilon=float(pick("layer_norm_epsilon", default=1e-5)),
-            initializer_range=float(pick("initializer_range", default=0.02)),
+            layer_norm_epsilon=number("layer_norm_epsilon", 1e-5),
+            initializer_range=number("initializer_range", 0.02),
             bos_token_id=token_id("bos_token_id") if d.get("bos_token_id") is not None else 50256,
             eos_token_id=token_id("eos_token_id") if d.get("eos_token_id") is not None else 50256,
             pad_token_id=token_id("pad_token_id"),
