@@ -138,6 +138,33 @@ def test_a_streaming_client_that_stops_reading_is_dropped_after_the_stall_timeou
     service.close()
 
 
+def test_with_the_real_engine_a_client_that_stops_reading_holds_its_place_only_until_the_stall_timeout(
+        tiny_checkpoint):
+    import json
+
+    # one place in all (one row, no queue): while the stuck client holds it, the next request gets a 429
+    service = tiny_service(tiny_checkpoint, max_batch_size=1, max_queue=0, max_tokens_limit=250, stall_timeout_s=1.0)
+    srv = ServerThread(create_app(service))
+    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with srv:
+        # ~240 events of ~1 KiB (top logprobs), greedy: far more than the socket buffers and uvicorn's hold
+        body = json.dumps({"messages": USER, "max_tokens": 240, "stream": True, "logprobs": True,
+                           "top_logprobs": 5, "temperature": 0, "stop": ["\u0000never"]}).encode()
+        stuck = _send_and_never_read(srv.port, body)
+        try:
+            assert wait_until(lambda: service.outstanding == 1, timeout=10)
+            started = time.monotonic()
+            busy = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=10)
+            assert_openai_error(busy, 429)
+            assert wait_until(lambda: all_free(service), timeout=15), (service.engine.active_count, service.outstanding)
+            assert time.monotonic() - started >= 0.5  # held until the stall timeout, not dropped at once
+            reply = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=10)
+            assert reply.status_code == 200, reply.text
+        finally:
+            stuck.close()
+    service.close()
+
+
 def test_a_slow_reader_that_keeps_reading_is_not_dropped():
     engine = StandInEngine(step_s=0.02)
     service = standin_service(engine, stall_timeout_s=0.3)
