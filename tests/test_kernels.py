@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2chat import kernels
-from gpt2chat.kernels import gather_rows, pack_rows, portable, unpack_rows
+from gpt2chat.kernels import INT8_GROUP, gather_rows, pack_rows, portable, unpack_rows
 from gpt2chat.kernels.build import unsupported_reason
 
 # (N, K): rows / columns that are not multiples of the 4-row block or the 8-wide vector, and 124M shapes
@@ -31,8 +31,11 @@ def _weights(fmt: str, n: int, k: int, generator: torch.Generator):
         half = dense.half()
         return (pack_rows(half).view(torch.int16), n), half.double()
     quantized = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
-    scale = torch.rand(n, generator=generator) + 0.01
-    return (pack_rows(quantized), scale), quantized.double() * scale.double()[:, None]
+    # a different scale for every group of 32 columns: a kernel that applied one group's scale to another
+    # (or one per row) is off by far more than TOLERANCE
+    scale = torch.rand(n, -(-k // INT8_GROUP), generator=generator) + 0.01
+    per_weight = scale.double().repeat_interleave(INT8_GROUP, dim=1)[:, :k]
+    return (pack_rows(quantized), scale), quantized.double() * per_weight
 
 
 def _op(fmt: str):
@@ -118,9 +121,11 @@ def test_bad_arguments_are_refused(native):
         torch.ops.gpt2chat.linear_f32(x, torch.randn(4, 11), None)
     if native:
         with pytest.raises(RuntimeError, match="int8"):
-            torch.ops.gpt2chat.linear_i8(x, pack_rows(torch.randn(4, 10)), torch.ones(4), None)
+            torch.ops.gpt2chat.linear_i8(x, pack_rows(torch.randn(4, 10)), torch.ones(4, 1), None)
         with pytest.raises(RuntimeError, match=r"packed 4x8 for 5 outputs and 10 features, i.e. \[2, 2, 4, 8\]"):
-            torch.ops.gpt2chat.linear_i8(x, torch.zeros(5, 10, dtype=torch.int8), torch.ones(5), None)
+            torch.ops.gpt2chat.linear_i8(x, torch.zeros(5, 10, dtype=torch.int8), torch.ones(5, 1), None)
+        with pytest.raises(RuntimeError, match=r"scale must be a contiguous float32 \[N, 1\] matrix"):
+            torch.ops.gpt2chat.linear_i8(x, pack_rows(torch.zeros(4, 10, dtype=torch.int8)), torch.ones(4), None)
         with pytest.raises(RuntimeError, match="bias must be a contiguous float32 vector of 4"):
             torch.ops.gpt2chat.linear_f16(x, pack_rows(torch.zeros(4, 10).half()).view(torch.int16), 4,
                                           torch.ones(3))  # fmt: skip
@@ -145,7 +150,7 @@ def test_ops_trace_under_torch_compile(native):
     """fullgraph=True fails on any graph break: the fake kernels let dynamo / AOT trace through the ops."""
     generator = torch.Generator().manual_seed(3)
     q = pack_rows(torch.randint(-127, 128, (33, 40), generator=generator, dtype=torch.int8))
-    scale = torch.rand(33, generator=generator)
+    scale = torch.rand(33, 2, generator=generator)
     half = pack_rows(torch.randn(40, 33, generator=generator).half()).view(torch.int16)
     dense = torch.randn(33, 40, generator=generator)
 

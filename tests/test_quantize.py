@@ -26,11 +26,12 @@ from gpt2chat.quantize import (
     weight_format,
 )
 
-# int8 on the 124M shape with random weights: a randomly initialised GPT-2 amplifies weight noise about 3x
-# (Gaussian noise of int8's rounding size in every projection moves the logits by 2.0%, measured), so
-# per-channel int8 lands at ~2.4% relative logit error; 3% is the bound a broken scale or kernel would
-# blow through. Each projection alone stays under 1% (test_int8_projection_error_is_rounding_only).
-INT8_LOGIT_ERROR_124M = 0.03
+# int8 on the 124M shape with random weights: a randomly initialised GPT-2 amplifies weight noise about 3x,
+# and the errors of the five projection kinds add in quadrature (benchmarks/quantize_error.py). Measured:
+# one scale per row 2.4%, one per 32 weights (our int8) 1.5-1.6%, llama.cpp's own q8_0 on the same weights
+# 2.2% (it also rounds the activations to 8 bits). The issue's 1% is NOT reached by any 8-bit form tried;
+# 2% keeps ours below the peer's figure and is what a broken scale or kernel would blow through.
+INT8_LOGIT_ERROR_124M = 0.02
 FP16_LOGIT_ERROR = 2e-3  # measured: 6e-4 on the 124M shape, 3e-4 on the tiny one
 
 
@@ -118,8 +119,8 @@ def test_int8_model_computes_exactly_its_dequantized_weights(tiny):
     with torch.no_grad():
         for module, target in zip(int8.modules(), dequantized.modules(), strict=True):
             if isinstance(module, Int8Linear):
-                rows = unpack_rows(module.weight, module.in_features, 0, module.out_features)
-                target.weight.copy_(rows.float() * module.scale[:, None])
+                rows = unpack_rows(module.weight, module.in_features, 0, module.out_features).float()
+                target.weight.copy_(rows * module.scale.repeat_interleave(32, dim=1)[:, : module.in_features])
     ids = torch.randint(0, tiny.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(int8(ids), dequantized(ids), rtol=1e-4, atol=1e-5)
@@ -132,11 +133,12 @@ def test_int8_projection_error_is_rounding_only():
     weight = torch.randn(300, 768, generator=generator) * 0.02
     weight[7] = 0.0  # an all-zero row stays zero
     q, scale = quantize_int8(weight)
-    assert q.dtype == torch.int8 and scale.shape == (300,)
-    dequantized = q.float() * scale[:, None]
-    assert torch.all((dequantized - weight).abs() <= scale[:, None] / 2 + 1e-9)
+    assert q.dtype == torch.int8 and scale.shape == (300, 768 // 32)  # one scale per 32 weights of a row
+    per_weight = scale.repeat_interleave(32, dim=1)
+    assert torch.all(((q.float() * per_weight) - weight).abs() <= per_weight / 2 + 1e-9)
     nonzero = torch.arange(300) != 7
-    assert torch.all(q[nonzero].abs().amax(dim=1) == 127) and torch.all(q[7] == 0)
+    assert torch.all(q[nonzero].view(299, 24, 32).abs().amax(dim=2) == 127) and torch.all(q[7] == 0)
+    torch.testing.assert_close(Int8Linear(weight, None).rows(torch.tensor([3, 7])), (q.float() * per_weight)[[3, 7]])
     x = torch.randn(16, 768, generator=generator)
     layer = Int8Linear(weight, None)
     exact = x @ weight.T
@@ -167,8 +169,8 @@ def test_read_bytes_follow_the_format(tiny):
     packed = sum(math.prod(packed_shape(*shape)) for shape in shapes)  # padded to whole 4x8 blocks
     assert packed > projections  # the tiny head's 50257 rows are not a multiple of 4
     assert decode_read_bytes(convert_for_inference(tiny, "fp16")) == 2 * packed
-    rows = sum(shape[0] for shape in shapes)
-    assert decode_read_bytes(convert_for_inference(tiny, "int8")) == packed + 4 * rows
+    scales = sum(n * -(-k // 32) for n, k in shapes)  # one fp32 scale per 32 weights of a row
+    assert decode_read_bytes(convert_for_inference(tiny, "int8")) == packed + 4 * scales
 
 
 def test_lora_adapters_are_merged_into_the_converted_weights(tiny):

@@ -64,8 +64,8 @@ def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     parser.add_argument("--quantize", default=None, choices=("fp16", "int8"),
-                        help="store the weights compactly: fp16, or int8 per output channel (CPU; computes in "
-                             "float32). Default: the checkpoint's weights as they are")  # fmt: skip
+                        help="store the weights compactly: fp16, or int8 with one fp32 scale per 32 weights of a row "
+                             "(CPU; computes in float32). Default: the checkpoint's weights as they are")  # fmt: skip
 
 
 def load_inference_model(args: argparse.Namespace):

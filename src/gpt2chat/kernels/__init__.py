@@ -7,7 +7,7 @@ The ops (namespace `gpt2chat`; x is [..., K] float, y is [..., N]):
     torch.ops.gpt2chat.linear_f16(x, weight, out_features, bias=None, small_m_max=-1)
         weight: int16 holding IEEE half bit patterns, packed 4x8 (`pack_rows`: [ceil(N/4), ceil(K/8), 4, 8])
     torch.ops.gpt2chat.linear_i8(x, weight, scale, bias=None, small_m_max=-1)
-        weight: int8, packed 4x8; scale: float32 [N]; W = weight * scale[:, None]
+        weight: int8, packed 4x8; scale: float32 [N, ceil(K/32)]; W[n, k] = weight[n, k] * scale[n, k // 32]
 
 Every op has three kernels:
 - a fake (meta) kernel, so `torch.compile(fullgraph=True)` traces a model that calls it;
@@ -32,9 +32,9 @@ import torch
 
 from gpt2chat.kernels import portable
 from gpt2chat.kernels.build import KernelBuildError, library_path, unsupported_reason
-from gpt2chat.kernels.packing import gather_rows, pack_rows, unpack_rows
+from gpt2chat.kernels.packing import INT8_GROUP, gather_rows, pack_rows, unpack_rows
 
-__all__ = ["load", "backend", "KernelBuildError", "pack_rows", "unpack_rows", "gather_rows"]
+__all__ = ["load", "backend", "KernelBuildError", "pack_rows", "unpack_rows", "gather_rows", "INT8_GROUP"]
 
 _log = logging.getLogger(__name__)
 _LIB = torch.library.Library("gpt2chat", "DEF")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 ROWS, COLS = 4, 8  # rows per block, columns per chunk
+INT8_GROUP = 32  # int8 weights per fp32 scale along a row (csrc/linear.cpp: kGroupChunks chunks of 8)
 
 
 def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int, int]:

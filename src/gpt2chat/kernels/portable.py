@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gpt2chat.kernels.packing import ROWS, unpack_rows
+from gpt2chat.kernels.packing import INT8_GROUP, ROWS, unpack_rows
 
 CHUNK_ELEMENTS = 1 << 23  # widened weights per chunk: 32 MB in fp32
 
@@ -50,8 +50,11 @@ def linear_f16(x: torch.Tensor, weight: torch.Tensor, out_features: int, bias: t
 
 def linear_i8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               small_m_max: int = -1) -> torch.Tensor:
-    """y = x W^T + b for W = int8 weight (packed 4x8) * scale[:, None], one scale per output row."""
+    """y = x W^T + b for W = int8 weight (packed 4x8) * its scales, one per 32 columns: scale [N, ceil(K/32)]."""
     k = x.shape[-1]
     scale = scale.to(x.dtype)
-    return _chunked(x, scale.shape[0], lambda a, b: unpack_rows(weight, k, a, b).to(x.dtype) * scale[a:b, None],
-                    bias)  # fmt: skip
+
+    def widen(a: int, b: int) -> torch.Tensor:
+        return unpack_rows(weight, k, a, b).to(x.dtype) * scale[a:b].repeat_interleave(INT8_GROUP, dim=1)[:, :k]
+
+    return _chunked(x, scale.shape[0], widen, bias)

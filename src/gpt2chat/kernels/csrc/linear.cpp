@@ -1,4 +1,5 @@
-// y = x W^T + b on the CPU for weights stored as fp32, fp16 or int8 (+ one fp32 scale per output row).
+// y = x W^T + b on the CPU for weights stored as fp32, fp16 or int8 (+ one fp32 scale per 32 columns of
+// each row: the scale of a group of 32 weights, like llama.cpp's q8_0 blocks).
 //
 // Built for x86-64 with AVX2 + FMA + F16C (gpt2chat/kernels/__init__.py compiles it on first use and
 // only loads it where the CPU has them). Registered as the CPU kernels of the `gpt2chat::linear_*` ops,
@@ -19,7 +20,7 @@
 //    forms are widened to fp32 in registers (vpmovsxbd + vcvtdq2ps for int8, vcvtph2ps for fp16), so
 //    the rate is bound by reading the weight, not by the conversion.
 //  - many rows (prefill): matmul-bound. fp32 goes straight to MKL's sgemm (at::addmm); fp16 / int8
-//    weights are widened a tile of rows at a time (scale folded in) into an fp32 buffer that stays in
+//    weights are widened a tile of rows at a time (scales folded in) into an fp32 buffer that stays in
 //    cache and multiplied by sgemm into the output columns of that tile.
 // Threads: at::parallel_for over blocks of output rows (torch's own OpenMP pool and thread count).
 
@@ -45,6 +46,14 @@ constexpr int64_t kTileBytes = 4 << 20;   // fp32 bytes of a widened weight tile
 constexpr int64_t kSmallMaxF32 = 32;
 constexpr int64_t kSmallMaxCompact = 128;
 
+// int8's scales: one float per 32 columns (4 chunks of 8) of every row, [N, ceil(K / 32)] row-major.
+constexpr int64_t kGroupChunks = 4;
+struct Scales {
+  const float* p = nullptr;
+  int64_t groups = 0;  // per row
+  float at(int64_t n, int64_t chunk) const { return p[n * groups + chunk / kGroupChunks]; }
+};
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -58,6 +67,7 @@ struct F32 {
   using T = float;
   static constexpr int64_t kStep = 8;
   static constexpr int64_t kPrefetch = 0;  // the hardware prefetcher already keeps up with fp32 rows
+  static constexpr bool kScaled = false;
   static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
   static float load1(const T* p) { return *p; }
   static const T* row(const T* w, int64_t n, int64_t K) { return w + n * K; }
@@ -69,6 +79,7 @@ struct Packed {
 struct F16 : Packed {
   using T = uint16_t;  // IEEE half bit patterns
   static constexpr int64_t kPrefetch = 2048;  // bytes ahead of the stream (measured: 1-4 KB all help)
+  static constexpr bool kScaled = false;
   static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static float load1(const T* p) { return _cvtsh_ss(*p); }
   static const T* row(const T* w, int64_t n, int64_t K) { return w + (n / 4) * 4 * padded(K) + (n % 4) * 8; }
@@ -76,6 +87,7 @@ struct F16 : Packed {
 struct I8 : Packed {
   using T = int8_t;
   static constexpr int64_t kPrefetch = 1024;
+  static constexpr bool kScaled = true;  // one fp32 scale per group of kGroupChunks chunks (32 columns)
   static __m256 load8(const T* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
@@ -85,42 +97,56 @@ struct I8 : Packed {
 
 // out[i][r] = dot(weight row n + r, x row i) for R weight rows and I input rows, over K.
 template <class W, int R, int I>
-inline void dot_block(const typename W::T* w, int64_t n, int64_t K, const float* x, float out[I][R]) {
+inline void dot_block(const typename W::T* w, int64_t n, int64_t K, const float* x, const Scales& s,
+                      float out[I][R]) {
   const typename W::T* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = W::row(w, n + r, K);
   __m256 acc[I][R];
   for (int i = 0; i < I; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
   const int64_t chunks = K / 8;
-  for (int64_t j = 0; j < chunks; ++j) {
-    if constexpr (W::kPrefetch > 0 && R == 4 && I == 1) {  // decode reads a packed block as one stream
-      _mm_prefetch(reinterpret_cast<const char*>(rows[0] + j * W::kStep) + W::kPrefetch, _MM_HINT_T0);
+  // Scaled weights are widened and multiplied by their group's scale before the FMAs: one extra multiply
+  // per 8 weights, no extra accumulators (the 2 x 6 block already holds 12 of the 16 ymm registers).
+  const int64_t group = W::kScaled ? kGroupChunks : std::max<int64_t>(1, chunks);
+  for (int64_t j0 = 0; j0 < chunks; j0 += group) {
+    __m256 sv[R];
+    if constexpr (W::kScaled) {
+      for (int r = 0; r < R; ++r) sv[r] = _mm256_set1_ps(s.at(n + r, j0));
     }
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = W::load8(rows[r] + j * W::kStep);
-    for (int i = 0; i < I; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * K + j * 8);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
+    const int64_t j1 = std::min(chunks, j0 + group);
+    for (int64_t j = j0; j < j1; ++j) {
+      if constexpr (W::kPrefetch > 0 && R == 4 && I == 1) {  // decode reads a packed block as one stream
+        _mm_prefetch(reinterpret_cast<const char*>(rows[0] + j * W::kStep) + W::kPrefetch, _MM_HINT_T0);
+      }
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) {
+        wv[r] = W::load8(rows[r] + j * W::kStep);
+        if constexpr (W::kScaled) wv[r] = _mm256_mul_ps(wv[r], sv[r]);
+      }
+      for (int i = 0; i < I; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x + i * K + j * 8);
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(wv[r], xv, acc[i][r]);
+      }
     }
   }
   for (int i = 0; i < I; ++i)
     for (int r = 0; r < R; ++r) out[i][r] = hsum(acc[i][r]);
   for (int64_t k = chunks * 8; k < K; ++k)
     for (int r = 0; r < R; ++r) {
-      const float wk = W::load1(rows[r] + chunks * W::kStep + (k - chunks * 8));
+      float wk = W::load1(rows[r] + chunks * W::kStep + (k - chunks * 8));
+      if constexpr (W::kScaled) wk *= s.at(n + r, chunks);
       for (int i = 0; i < I; ++i) out[i][r] += wk * x[i * K + k];
     }
 }
 
 template <class W, int R, int I>
 inline void block_rows(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t m,
-                       const float* scale, const float* bias, float* y) {
+                       const Scales& scale, const float* bias, float* y) {
   float out[I][R];
-  dot_block<W, R, I>(w, n, K, x + m * K, out);
+  dot_block<W, R, I>(w, n, K, x + m * K, scale, out);
   for (int i = 0; i < I; ++i)
     for (int r = 0; r < R; ++r) {
       float v = out[i][r];
-      if (scale) v *= scale[n + r];
       if (bias) v += bias[n + r];
       y[(m + i) * N + n + r] = v;
     }
@@ -129,7 +155,7 @@ inline void block_rows(const typename W::T* w, int64_t n, int64_t K, int64_t N, 
 // The last `left` (< I) input rows, starting at m, against R weight rows.
 template <class W, int R, int I>
 inline void inputs_tail(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t m,
-                        int64_t left, const float* scale, const float* bias, float* y) {
+                        int64_t left, const Scales& scale, const float* bias, float* y) {
   if constexpr (I > 0) {
     if (left == I) {
       block_rows<W, R, I>(w, n, K, N, x, m, scale, bias, y);
@@ -142,7 +168,7 @@ inline void inputs_tail(const typename W::T* w, int64_t n, int64_t K, int64_t N,
 // R weight rows starting at n against every input row, I input rows per pass.
 template <class W, int R, int I>
 inline void block_all_inputs(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t M,
-                             const float* scale, const float* bias, float* y) {
+                             const Scales& scale, const float* bias, float* y) {
   int64_t m = 0;
   for (; m + I <= M; m += I) block_rows<W, R, I>(w, n, K, N, x, m, scale, bias, y);
   inputs_tail<W, R, I - 1>(w, n, K, N, x, m, M - m, scale, bias, y);
@@ -151,7 +177,7 @@ inline void block_all_inputs(const typename W::T* w, int64_t n, int64_t K, int64
 // The weight rows [n, n + rows) (rows <= R) against every input row.
 template <class W, int R, int I>
 inline void rows_all_inputs(int64_t rows, const typename W::T* w, int64_t n, int64_t K, int64_t N,
-                            const float* x, int64_t M, const float* scale, const float* bias, float* y) {
+                            const float* x, int64_t M, const Scales& scale, const float* bias, float* y) {
   if constexpr (R > 0) {
     if (rows == R) {
       block_all_inputs<W, R, I>(w, n, K, N, x, M, scale, bias, y);
@@ -167,7 +193,7 @@ inline void rows_all_inputs(int64_t rows, const typename W::T* w, int64_t n, int
 // weight vector feeds 6 FMAs (a packed block is then read as two halves, the second from cache).
 template <class W, int R, int I>
 void few_rows_blocked(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N,
-                      const float* scale, const float* bias, float* y) {
+                      const Scales& scale, const float* bias, float* y) {
   const int64_t blocks = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, R * K * M));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
@@ -179,7 +205,7 @@ void few_rows_blocked(const float* x, int64_t M, int64_t K, const typename W::T*
 }
 
 template <class W>
-void few_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* scale,
+void few_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, const Scales& scale,
               const float* bias, float* y) {
   if (M == 1) {
     few_rows_blocked<W, 4, 1>(x, M, K, w, N, scale, bias, y);
@@ -190,22 +216,27 @@ void few_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int6
 
 // rows [n0, n1) of the weight as fp32 (times scale) into dst [n1 - n0, K].
 template <class W>
-void widen_rows(const typename W::T* w, int64_t n0, int64_t n1, int64_t K, const float* scale, float* dst) {
+void widen_rows(const typename W::T* w, int64_t n0, int64_t n1, int64_t K, const Scales& scale, float* dst) {
   at::parallel_for(n0, n1, std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, K)), [&](int64_t a, int64_t b) {
     const int64_t chunks = K / 8;
     for (int64_t n = a; n < b; ++n) {
       const typename W::T* src = W::row(w, n, K);
       float* out = dst + (n - n0) * K;
-      const float row_scale = scale ? scale[n] : 1.0f;
-      const __m256 s = _mm256_set1_ps(row_scale);
-      for (int64_t j = 0; j < chunks; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(W::load8(src + j * W::kStep), s));
-      for (int64_t k = chunks * 8; k < K; ++k) out[k] = W::load1(src + chunks * W::kStep + (k - chunks * 8)) * row_scale;
+      for (int64_t j = 0; j < chunks; ++j) {
+        __m256 v = W::load8(src + j * W::kStep);
+        if constexpr (W::kScaled) v = _mm256_mul_ps(v, _mm256_set1_ps(scale.at(n, j)));
+        _mm256_storeu_ps(out + 8 * j, v);
+      }
+      for (int64_t k = chunks * 8; k < K; ++k) {
+        out[k] = W::load1(src + chunks * W::kStep + (k - chunks * 8));
+        if constexpr (W::kScaled) out[k] *= scale.at(n, chunks);
+      }
     }
   });
 }
 
 template <class W>
-void many_rows(const at::Tensor& x2d, const typename W::T* w, int64_t N, int64_t K, const float* scale,
+void many_rows(const at::Tensor& x2d, const typename W::T* w, int64_t N, int64_t K, const Scales& scale,
                const std::optional<at::Tensor>& bias, at::Tensor& y2d) {
   const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(N, kTileBytes / (4 * K)));
   at::Tensor buffer = at::empty({tile, K}, x2d.options());
@@ -245,7 +276,7 @@ void check_packed(const at::Tensor& x, const at::Tensor& weight, int64_t N, cons
 }
 
 template <class W>
-at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, int64_t N, const float* scale,
+at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, int64_t N, const Scales& scale,
                        const std::optional<at::Tensor>& bias, int64_t small_m_max, int64_t default_small) {
   const int64_t K = x.size(-1);
   at::Tensor x2d = x.reshape({-1, K}).contiguous();
@@ -278,7 +309,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::
   check_common(x, weight, bias, weight.size(0), at::kFloat, "float32", op);
   TORCH_CHECK(x.size(-1) == weight.size(1), op, ": x has ", x.size(-1), " features but the weight has ",
               weight.size(1), " columns");
-  return linear_impl<F32>(x, weight, weight.size(0), nullptr, bias, small_m_max, kSmallMaxF32);
+  return linear_impl<F32>(x, weight, weight.size(0), Scales{}, bias, small_m_max, kSmallMaxF32);
 }
 
 at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& weight, int64_t out_features,
@@ -286,19 +317,22 @@ at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& weight, int64_t out
   const char* op = "gpt2chat::linear_f16";
   check_common(x, weight, bias, out_features, at::kShort, "int16 (IEEE half bit patterns)", op);
   check_packed(x, weight, out_features, op);
-  return linear_impl<F16>(x, weight, out_features, nullptr, bias, small_m_max, kSmallMaxCompact);
+  return linear_impl<F16>(x, weight, out_features, Scales{}, bias, small_m_max, kSmallMaxCompact);
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias, int64_t small_m_max) {
   const char* op = "gpt2chat::linear_i8";
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.is_contiguous() &&
-                  scale.device().is_cpu(),
-              op, ": scale must be a contiguous float32 vector (one per output row)");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have a feature dimension");
+  const int64_t groups = (x.size(-1) + 8 * kGroupChunks - 1) / (8 * kGroupChunks);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(1) == groups &&
+                  scale.is_contiguous() && scale.device().is_cpu(),
+              op, ": scale must be a contiguous float32 [N, ", groups, "] matrix (one scale per 32 of the ",
+              x.size(-1), " columns of each row), got ", scale.scalar_type(), " ", scale.sizes());
   const int64_t N = scale.size(0);
   check_common(x, weight, bias, N, at::kChar, "int8", op);
   check_packed(x, weight, N, op);
-  return linear_impl<I8>(x, weight, N, scale.data_ptr<float>(), bias, small_m_max, kSmallMaxCompact);
+  return linear_impl<I8>(x, weight, N, Scales{scale.data_ptr<float>(), groups}, bias, small_m_max, kSmallMaxCompact);
 }
 
 }  // namespace
