@@ -13,7 +13,7 @@ weights read per token. The read bandwidth is the project's one measurement
 not a copy), taken before and after the runs; the better of the two is the bound.
 
     python benchmarks/decode.py                        # 124M, 5 rounds
-    python benchmarks/decode.py --arch tiny --repeats 2 --new-tokens 32 --skip-transformers   # quick check
+    python benchmarks/decode.py --arch tiny --repeats 2 --new-tokens 32 --prefill-lengths 32,128 --skip-transformers
 
 Prints one JSON line per side, then a markdown table. llama.cpp rows need `llama-cpp-python` and the
 converter (`--convert`, default: the copy unpacked under /work/llamacpp, or $GPT2CHAT_CONVERT_HF_TO_GGUF)
@@ -40,7 +40,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 DEFAULT_CONVERTER = "/work/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
-PREFILL_LENGTHS = (32, 512)
+PREFILL_LENGTHS = "32,512"
 
 
 # ---------------------------------------------------------------------- the sides
@@ -177,21 +177,22 @@ def run(args) -> tuple[list[dict], list[str]]:
     with tempfile.TemporaryDirectory(prefix="gpt2chat-decode-") as tmp:
         folder = init_checkpoint(args.arch, Path(tmp) / args.arch, seed=0)
         vocab = 50257
+        lengths = args.prefill_lengths
         prompt = torch.randint(0, vocab, (32,), generator=generator).tolist()
-        prefill_prompts = {n: torch.randint(0, vocab, (n,), generator=generator).tolist() for n in PREFILL_LENGTHS}
+        prefill_prompts = {n: torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths}
         sides, notes = build_sides(args, folder, Path(tmp))
         for side in sides:  # warm-up: first allocations, the compiled step's compilation, llama.cpp's buffers
             side.decode(prompt, 8)
-            side.prefill(prefill_prompts[PREFILL_LENGTHS[0]])
+            side.prefill(prefill_prompts[lengths[0]])
         decode = {side.name: [] for side in sides}
-        prefill = {(side.name, n): [] for side in sides for n in PREFILL_LENGTHS}
+        prefill = {(side.name, n): [] for side in sides for n in lengths}
         tokens = {}
         for repeat in range(args.repeats):
             shift = repeat % len(sides)
             for side in sides[shift:] + sides[:shift]:
                 rate, tokens[side.name] = side.decode(prompt, args.new_tokens)
                 decode[side.name].append(rate)
-                for n in PREFILL_LENGTHS:
+                for n in lengths:
                     prefill[(side.name, n)].append(side.prefill(prefill_prompts[n]))
         for side in sides:
             if hasattr(side, "close"):
@@ -209,7 +210,7 @@ def run(args) -> tuple[list[dict], list[str]]:
             "repeats": args.repeats, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
             "decode_tokens_per_s": round(rate, 2),
             **{f"prefill{n}_tokens_per_s": round(statistics.median(prefill[(side.name, n)]), 1)
-               for n in PREFILL_LENGTHS},
+               for n in lengths},
             "weight_mb_read_per_token": round(side.read_bytes / 1e6, 1),
             "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
             "bound_tokens_per_s": round(bound, 2), "fraction_of_bound": round(rate / bound, 3),
@@ -223,7 +224,7 @@ def run(args) -> tuple[list[dict], list[str]]:
         if peer in by_name:
             row["vs_peer"] = peer
             row["decode_ratio"] = round(row["decode_tokens_per_s"] / by_name[peer]["decode_tokens_per_s"], 3)
-            for n in PREFILL_LENGTHS:
+            for n in lengths:
                 key = f"prefill{n}_tokens_per_s"
                 row[f"prefill{n}_ratio"] = round(row[key] / by_name[peer][key], 3)
     return rows, notes
@@ -237,24 +238,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--convert", default=os.environ.get("GPT2CHAT_CONVERT_HF_TO_GGUF", DEFAULT_CONVERTER),
                         help="llama.cpp's convert_hf_to_gguf.py")  # fmt: skip
+    parser.add_argument("--prefill-lengths", default=PREFILL_LENGTHS,
+                        help="prompt lengths of the prefill rows, comma-separated (each below the model's context)")
     parser.add_argument("--peak-repeats", type=int, default=7, help="read passes per bandwidth measurement")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-compiled", action="store_true", help="no row for the compiled decode step")
     args = parser.parse_args()
+    args.prefill_lengths = [int(n) for n in args.prefill_lengths.split(",")]
     rows, notes = run(args)
     for row in rows:
         print(json.dumps(row), flush=True)
     for note in notes:
         print(f"note: {note}")
-    print("\n| side | decode tok/s | vs peer | prefill 32 tok/s | prefill 512 tok/s | vs peer (32 / 512) | "
-          "MB read/token | % of read bound | tokens = ours fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lengths = args.prefill_lengths
+    print("\n| side | decode tok/s | vs peer | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
+          + f" | vs peer ({' / '.join(map(str, lengths))}) | MB read/token | % of read bound | tokens = ours fp32 |")
+    print("|---" * (7 + len(lengths)) + "|")
     for r in rows:
         ratio = f"{r['decode_ratio']:.2f}x {r['vs_peer']}" if "decode_ratio" in r else ""
-        prefill_ratio = f"{r['prefill32_ratio']:.2f}x / {r['prefill512_ratio']:.2f}x" if "decode_ratio" in r else ""
-        print(f"| {r['side']} | {r['decode_tokens_per_s']:.1f} | {ratio} | {r['prefill32_tokens_per_s']:.0f} | "
-              f"{r['prefill512_tokens_per_s']:.0f} | {prefill_ratio} | {r['weight_mb_read_per_token']:.0f} | "
-              f"{100 * r['fraction_of_bound']:.0f}% | {100 * r['greedy_tokens_agree_with_ours_fp32']:.0f}% |")
+        prefill = " | ".join(f"{r[f'prefill{n}_tokens_per_s']:.0f}" for n in lengths)
+        prefill_ratio = " / ".join(f"{r[f'prefill{n}_ratio']:.2f}x" for n in lengths) if "decode_ratio" in r else ""
+        print(f"| {r['side']} | {r['decode_tokens_per_s']:.1f} | {ratio} | {prefill} | {prefill_ratio} | "
+              f"{r['weight_mb_read_per_token']:.0f} | {100 * r['fraction_of_bound']:.0f}% | "
+              f"{100 * r['greedy_tokens_agree_with_ours_fp32']:.0f}% |")
     print(f"\nread bandwidth (best 1 GiB sum): {rows[0]['read_bandwidth_gb_s']} GB/s" if rows else "")
 
 

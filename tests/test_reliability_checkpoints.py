@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from gpt2chat.checkpoint import init_checkpoint
 from gpt2chat.cli import main
 from gpt2chat.tokenizer import Tokenizer
+from test_checkpoint import _RunsCode  # unpickling it calls os.mkdir(marker)
 
 WEIGHTS = "model.safetensors"
 
@@ -91,16 +92,6 @@ def test_each_damaged_file_gives_one_clear_error_naming_it(tiny, tmp_path, capsy
     assert code == 2 and out == ""
     assert err.startswith(f"error: {folder / file_name}") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
-
-
-class _RunsCode:
-    """Unpickling this calls os.mkdir(marker): a stand-in for arbitrary code in a hostile .bin file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tiny, tmp_path, capsys):

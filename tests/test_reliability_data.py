@@ -122,3 +122,17 @@ def test_the_issues_ultrafeedback_command_keeps_the_pairs_and_reports_the_cuts(s
     assert stats["truncated"]["last user turn cut to the budget (keep_end)"] == 474
     assert stats["prompt_length"]["max"] <= 96 and stats["chosen_length"]["max"] <= 64
     assert "cut        474  last user turn cut to the budget (keep_end)\n" in format_stats(stats)
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "drop"])
+def test_a_training_run_applies_the_configured_truncation(tok, tmp_path, mode):
+    from gpt2chat.train.distributed import DistState
+    from gpt2chat.train.recipes import build_data
+
+    rows = [conv(LONG_QUESTION, "The whole reply."), conv("A short question?", "A short reply.")]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": row.messages}) + "\n" for row in rows))
+    cfg = TrainConfig(data=[f"messages:{path}"], max_length=80, val_fraction=0.0, prompt_truncation=mode).validate()
+    train, _, stats = build_data(cfg, tok, DistState())
+    assert len(train) == (2 if mode == "keep_end" else 1)
+    assert bool(stats.get("truncated")) == (mode == "keep_end")

@@ -104,3 +104,42 @@ def test_a_full_disk_while_saving_stops_clearly_and_keeps_the_previous_checkpoin
     monkeypatch.delenv(faults.ENV)
     assert main([*RUN, "--out", str(out), "--resume"]) == 0  # and the run continues from it
     assert len(train_losses(out)) == 3
+
+
+def file_writes_of_a_run(out) -> int:
+    """How many atomic file writes one uninterrupted run makes (each a `write` fault point)."""
+    return sum(1 for p in out.rglob("*") if p.is_file() and p.name not in ("metrics.jsonl", "loss.png")
+               and p.suffix != ".pt" and p.name != training_state.STATE_JSON)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 60 s per kill under load
+def test_sigkill_at_file_writes_all_through_a_run_always_resumes_to_the_same_losses(tmp_path):
+    """SIGKILL at the N-th atomic file write (init model, checkpoints, final model), N spread over the whole run
+    (every GPT2CHAT_KILL_STRIDE-th, default 5), then the run again (--resume when a checkpoint exists): the
+    same losses as one uninterrupted run, a loadable final model, nothing half-written under a real name."""
+    from gpt2chat.checkpoint import load_model
+
+    run = [*RUN[:RUN.index("--keep-last")], "--keep-last", "1", *RUN[RUN.index("--keep-last") + 2:]]
+    assert main([*run, "--out", str(tmp_path / "full")]) == 0
+    full = train_losses(tmp_path / "full")
+    # writes: the init folder's and the final folder's files, and each checkpoint's model files (3 checkpoints)
+    final_files = file_writes_of_a_run(tmp_path / "full" / "final")
+    writes = file_writes_of_a_run(tmp_path / "full" / "init") + final_files * 4
+    survived = 0
+    for nth in range(1, writes + 1, int(os.environ.get("GPT2CHAT_KILL_STRIDE", "5"))):
+        out = tmp_path / f"kill-{nth}"
+        env = {**os.environ, faults.ENV: f"kill:write@{nth}", "OMP_NUM_THREADS": "1"}
+        killed = subprocess.run([sys.executable, "-m", "gpt2chat", *run, "--out", str(out)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, (nth, killed.stderr[-2000:])
+        again = [*run, "--out", str(out)] + (["--resume"] if training_state.list_checkpoints(out) else [])
+        assert main(again) == 0, nth
+        assert train_losses(out) == pytest.approx(full, abs=1e-6), nth
+        load_model(out / "final", device="cpu")
+        # a killed writer's temporary file stays, but only under a hidden name no loader reads
+        assert all(p.name.startswith(".") for p in out.rglob("*.tmp")), nth
+        assert not list(training_state.checkpoints_root(out).glob(".step-*")), nth
+        survived += 1
+    print(f"survived {survived} SIGKILLs at file writes 1..{writes} (stride {os.environ.get('GPT2CHAT_KILL_STRIDE', '5')})")
+    assert survived >= 3

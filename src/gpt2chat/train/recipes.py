@@ -123,7 +123,7 @@ def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState):
     preference = cfg.objective != "sft"
     builder = data.build_preference_examples if preference else data.build_sft_examples
     budgets = data.Budgets(max_prompt_length=cfg.max_prompt_length, max_response_length=cfg.max_response_length,
-                           max_length=cfg.max_length)
+                           max_length=cfg.max_length, prompt_truncation=cfg.prompt_truncation)
     train, val, stats = builder(_specs(cfg, preference), tokenizer, cfg.template, budgets,
                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
     if cfg.max_examples:
