@@ -71,6 +71,6 @@ def test_quantize_times_the_int8_layout_that_generate_would_run(tiny_checkpoint,
     plain = evaluate_models([str(tiny_checkpoint)], tmp_path / "fp32", **SPEED_ONLY)["models"][0]["speed"]
     int8 = evaluate_models([str(tiny_checkpoint)], tmp_path / "int8", quantize="int8", **SPEED_ONLY)["models"][0]["speed"]
     assert (plain["weights"], int8["weights"]) == ("fp32", "int8")
-    # int8 reads a quarter of the projection bytes (plus one fp32 scale per output row): MBU counts that
+    # int8 reads a quarter of the projection bytes (plus one fp32 scale per 32 weights): MBU counts that
     assert int8["weight_bytes"] < 0.3 * plain["weight_bytes"]
     assert "int8 weights" in (tmp_path / "int8" / "report.md").read_text()
