@@ -1,5 +1,8 @@
 """Checkpoint folders in Hugging Face's layout: load, save, make a random one, resolve hub ids.
 
+Why one module of ~415 lines (over ~400): loading, hub resolution, saving and init all read or write
+the one folder format, and keeping them together keeps that format in one place.
+
 A folder holds `config.json` (model_type gpt2 / gpt_neo), `model.safetensors` with HF tensor names (GPT-2's
 Conv1D weights are [in, out]; ours are nn.Linear [out, in], so they are transposed here and only here),
 `generation_config.json` and the tokenizer files written by `Tokenizer.save`. `transformers` loads it with
@@ -8,7 +11,6 @@ Conv1D weights are [in, out]; ours are nn.Linear [out, in], so they are transpos
 
 Everything read from disk or the hub is checked; problems raise `CheckpointError` naming the file and the
 tensor. This module knows nothing about training, sampling or chat.
-Size: about 410 lines: loading, hub resolution, saving and init of the one folder format stay together.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Low-rank adapters (LoRA, Hu et al. 2021, arXiv:2106.09685) for our GPT, saved in PEFT's layout.
 
+Why one module of ~440 lines (over ~400): the layer, merging, and both directions of PEFT's format
+belong together (each side checks what the other writes).
+
 ``apply_lora`` wraps chosen ``nn.Linear`` projections in :class:`LoRALinear`
 (``y = W x + b + (alpha / r) * B A dropout(x)``, Eq. 3 of the paper) and freezes everything else;
 ``merge_lora`` folds ``(alpha / r) * B A`` into ``W`` and puts plain ``nn.Linear`` layers back, so a merged
@@ -11,9 +14,6 @@ with ``peft`` onto the ``transformers`` model, and one trained with ``peft`` loa
 Module paths are the same as in ``transformers`` because our GPT mirrors its names. HF GPT-2 stores its
 projections as ``Conv1D`` (weight ``[in, out]``), hence ``fan_in_fan_out: true`` in the config; the LoRA
 factors themselves have the same shapes either way (``A: [r, in]``, ``B: [out, r]``).
-
-Size: about 440 lines, over ~400: the layer, merging, and both directions of PEFT's format belong together
-(each side checks what the other writes).
 
 This module knows nothing about training, tokenizers or checkpoints of the base model.
 """

@@ -1,6 +1,9 @@
 """Our GPT-2 / GPT-Neo in plain PyTorch: attention, MLP, block, the model, its weights; then the attention
 plans that say how the tokens of one forward attend (the KV cache they read and write is in kv_cache.py).
 
+Why one module of ~545 lines (over ~400): the model and every attention layout it can be asked to
+attend in are one contract, kept side by side, as nanoGPT keeps its whole model in one file.
+
 Module names mirror Hugging Face's, so `state_dict()` keys equal theirs (`transformer.h.0.attn.c_attn.weight`,
 `transformer.h.0.attn.attention.q_proj.weight` for Neo); every projection is an `nn.Linear`, so HF GPT-2's
 Conv1D weights ([in, out]) must be transposed when loading / saving (checkpoint.py does that).
@@ -11,8 +14,7 @@ rows of a KV cache whose lengths the caller tracks on the host (`for_cache`; chu
 packed in one row, `for_ragged_cache`; or, for a compiled decode step, fixed shapes with the positions on the
 device, `for_decode`). The forward therefore never reads a device tensor back to the host, and checks nothing
 about the ids: token ids and lengths are checked once, where they enter (the trainer's batch builder, the
-engine's prompt admission). The module is over 400 lines because the model and every layout it can be asked
-to attend in are one contract, kept side by side.
+engine's prompt admission).
 
 This module knows nothing about files, tokenizers or sampling.
 """

@@ -1,5 +1,8 @@
 """Chat templates: messages -> (token ids, assistant mask), and the same layout as a Jinja `chat_template`.
 
+Why one module of ~425 lines (over ~400): four templates, each a renderer and its Jinja twin, which
+must be read side by side to see that they agree.
+
 Four templates (``TEMPLATES``):
 
 ``llama3-context`` (default, seed 000)
@@ -46,9 +49,6 @@ the leading space where the template has one) and its end-of-turn token — when
 assistant message, 0 elsewhere: earlier assistant turns are context. A conversation ending in a user turn
 gives an all-zero mask. The Jinja export wraps that same span in ``{% generation %}``, so
 ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the same mask.
-
-Size: about 420 lines, over ~400: four templates, each a renderer and its Jinja twin, which must be read side
-by side to see that they agree.
 """
 
 from __future__ import annotations

