@@ -12,6 +12,7 @@ Knows paths only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -23,7 +24,12 @@ from typing import Any
 
 from gpt2chat.faults import fault_point
 
-__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "atomic_folder"]
+__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "atomic_folder", "is_disk_full"]
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """Whether a failed write failed for lack of space: the device is full, or the user's quota is."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:

@@ -6,7 +6,6 @@ This module knows nothing about the output formats.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -23,8 +22,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ExportError", "check_output", "load_source", "read_source_config", "write_atomically",
            "replace_folder"]  # fmt: skip
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ExportError(Gpt2ChatError):
@@ -71,7 +68,7 @@ def load_source(folder: Path, adapter: str | os.PathLike | None = None) -> tuple
 
 
 def _write_error(path: Path, exc: OSError, needed_bytes: int | None) -> ExportError:
-    if exc.errno not in _DISK_FULL:
+    if not files.is_disk_full(exc):
         return ExportError(f"cannot write {path}: {exc}")
     need = f" ({needed_bytes / 2**20:.1f} MiB needed)" if needed_bytes else ""
     return ExportError(f"no space left on the device while writing {path}{need}; nothing was written ({exc})")

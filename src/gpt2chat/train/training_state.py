@@ -16,7 +16,6 @@ This module knows folders and state dicts; it does not know what a model or a lo
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -28,7 +27,7 @@ import torch
 
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.faults import fault_point
-from gpt2chat.files import atomic_folder
+from gpt2chat.files import atomic_folder, is_disk_full
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
@@ -46,7 +45,7 @@ class CheckpointWriteError(Gpt2ChatError):
 def write_failure(what: Path, exc: OSError, out_dir: str | Path) -> CheckpointWriteError:
     """The message for a failed write: what, why, and which checkpoint a `--resume` would continue from."""
     reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
+    if is_disk_full(exc):
         reason += " (the disk is full: free some space)"
     found = list_checkpoints(out_dir)
     kept = (f"the last complete checkpoint {found[-1]} is intact; resume from it with --resume" if found
