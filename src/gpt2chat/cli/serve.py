@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.serve.limits import ServerLimits
 
+LIMITS = ServerLimits()  # the flags' defaults are the limits' own
 API_KEY_ENV = "GPT2CHAT_API_KEY"
 log = logging.getLogger("gpt2chat.serve")
 
@@ -25,14 +27,15 @@ def _add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> N
     add_model_args(parser, model=model)
     parser.add_argument("--template", default=None,
                         help="chat template name (default: the one saved with the checkpoint)")
-    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
-    parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests that may wait for a batch slot before new ones get 429 (default 64)")
-    parser.add_argument("--max-tokens-limit", type=int, default=1024,
-                        help="most tokens one request may generate (default 1024)")
-    parser.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--max-batch", type=int, default=LIMITS.max_batch_size,
+                        help="sequences decoded together (default %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=LIMITS.max_queue,
+                        help="requests that may wait for a batch slot before new ones get 429 (default %(default)s)")
+    parser.add_argument("--max-tokens-limit", type=int, default=LIMITS.max_tokens_limit,
+                        help="most tokens one request may generate (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=LIMITS.request_timeout_s, metavar="SECONDS",
                         help="wall time one request may take, waiting for a row included; then it ends with "
-                             "what it has, finish_reason 'length' (default 600)")
+                             "what it has, finish_reason 'length' (default %(default)g)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,12 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="let web pages from ORIGIN (e.g. https://chat.example.com) call the API; repeat for "
                             "more (default: none, no CORS headers are sent)")
     serve.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    serve.add_argument("--max-connections", type=int, default=256,
-                       help="HTTP requests served at once; more get 503 (default 256)")
-    serve.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+    serve.add_argument("--max-body-bytes", type=int, default=LIMITS.max_body_bytes,
+                       help="largest request body (default %(default)s bytes)")
+    serve.add_argument("--max-connections", type=int, default=LIMITS.max_connections,
+                       help="HTTP requests served at once; more get 503 (default %(default)s)")
+    serve.add_argument("--stall-timeout", type=float, default=LIMITS.stall_timeout_s, metavar="SECONDS",
                        help="drop a streaming client that accepts no data for this long, freeing its row "
-                            "(default 30)")
+                            "(default %(default)g)")
     _add_model_options(serve)
     serve.set_defaults(handler=run_serve)
 
