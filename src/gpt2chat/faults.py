@@ -25,7 +25,8 @@ ENV = "GPT2CHAT_FAULT"
 ACTIONS = ("kill", "enospc")
 
 _reached: Counter = Counter()  # point -> times reached, while the rules stay the same
-_rules_text: str | None = None
+_rules_text: str | None = None  # the rules counted so far, as text
+_rules: list[tuple[str, str, int]] = []  # ... and parsed
 
 
 def _parse(text: str) -> list[tuple[str, str, int]]:
@@ -53,11 +54,12 @@ def fault_point(name: str) -> None:
     if not text:
         return
     global _rules_text
-    if text != _rules_text:  # new rules (a test changed them): count from zero again
+    if text != _rules_text:  # new rules (a test changed them): parse them once, count from zero again
+        _rules[:] = _parse(text)
         _rules_text = text
         _reached.clear()
     _reached[name] += 1
-    for action, point, nth in _parse(text):
+    for action, point, nth in _rules:
         if point == name and nth == _reached[name]:
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
