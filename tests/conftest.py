@@ -50,3 +50,48 @@ def chat_tokenizer():
     for name in ("llama3-context", "user-assistant"):
         get_template(name).ensure_tokens(tok)
     return tok
+
+
+class Tmpfs:
+    """A small RAM file system of a chosen size (a real full disk: the kernel's own ENOSPC)."""
+
+    def __init__(self, path: Path, size_bytes: int):
+        self.path = path
+        self.resize(size_bytes, first=True)
+
+    def resize(self, size_bytes: int, first: bool = False) -> None:
+        import subprocess
+
+        options = f"size={size_bytes}" if first else f"remount,size={size_bytes}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            if first:
+                pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+            raise RuntimeError(f"remounting {self.path}: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs(size_bytes)` mounts a tmpfs under tmp_path and returns it; unmounted after the test. Needs root
+    (or CAP_SYS_ADMIN): skips without."""
+    import shutil
+    import subprocess
+
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mounted = []
+
+    def mount(size_bytes: int) -> Tmpfs:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        mounted.append(Tmpfs(path, size_bytes))
+        return mounted[-1]
+
+    yield mount
+    import gc
+
+    gc.collect()  # a failed torch.save may still hold its file open until its writer is collected
+    for fs in mounted:
+        if subprocess.run(["umount", str(fs.path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(fs.path)], check=False)

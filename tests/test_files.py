@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from gpt2chat import files
 from gpt2chat.files import atomic_folder, write_atomic, write_json_atomic, write_text_atomic
 
 
@@ -67,3 +72,57 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
         (staging / "new.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]  # the old folder is gone, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+
+
+TWO_MIB = {"w": torch.zeros(1 << 19)}
+SERIALIZERS = {  # what each raises itself on a full disk: RuntimeError, SafetensorError, OSError without errno
+    "torch.save": lambda tmp: torch.save(TWO_MIB, tmp),
+    "safetensors": lambda tmp: save_file(TWO_MIB, str(tmp)),
+    "numpy": lambda tmp: _np_save(tmp, TWO_MIB["w"].numpy()),
+}
+
+
+def _np_save(path, array) -> None:
+    with open(path, "wb") as file:  # a file object: given a path, np.save adds ".npy" to it
+        np.save(file, array, allow_pickle=False)
+
+
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+def test_a_real_full_disk_is_enospc_whichever_serializer_writes_and_the_old_file_stays(tmpfs, serializer):
+    disk = tmpfs(1 << 20).path  # 1 MiB: room for the old file, not for 2 MiB more
+    write_text_atomic(disk / "state.bin", "old")
+    with pytest.raises(OSError) as caught:
+        write_atomic(disk / "state.bin", SERIALIZERS[serializer])
+    assert caught.value.errno == errno.ENOSPC and files.is_disk_full(caught.value)
+    assert "No space left on device" in str(caught.value) and caught.value.__cause__ is not None
+    assert (disk / "state.bin").read_text() == "old" and os.listdir(disk) == ["state.bin"]
+    with pytest.raises(OSError) as caught, atomic_folder(disk / "folder") as staging:
+        SERIALIZERS[serializer](staging / "state.bin")
+    assert caught.value.errno == errno.ENOSPC and os.listdir(disk) == ["state.bin"]
+
+
+def test_a_writer_error_is_called_a_full_disk_only_when_its_file_system_is_out_of_space(tmp_path, monkeypatch):
+    def broken(tmp):
+        raise RuntimeError("unexpected pos 6912 vs 6804")
+
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of room here: the error is the writer's
+        write_atomic(tmp_path / "a.bin", broken)
+    with pytest.raises(ValueError), atomic_folder(tmp_path / "f"):  # and so is any other error of a block
+        raise ValueError("not a write")
+    real = os.statvfs(tmp_path)
+    full = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0, *real[5:]))
+    monkeypatch.setattr(files.os, "statvfs", lambda path: full)
+    with pytest.raises(OSError) as caught:
+        write_atomic(tmp_path / "a.bin", broken)
+    assert caught.value.errno == errno.ENOSPC and "unexpected pos" in str(caught.value)
+    assert isinstance(caught.value.__cause__, RuntimeError)  # the writer's own error is kept, chained
+    with pytest.raises(OSError) as caught, atomic_folder(tmp_path / "f") as staging:
+        broken(staging / "x")
+    assert caught.value.errno == errno.ENOSPC
+    def denied(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+
+    with pytest.raises(OSError) as caught:  # the system's own errno is never rewritten
+        write_atomic(tmp_path / "a.bin", denied)
+    assert caught.value.errno == errno.EACCES
+    assert not list(tmp_path.iterdir())

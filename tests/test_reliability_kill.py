@@ -3,7 +3,8 @@
 A training run on the tiny model and the packaged sample data is killed (SIGKILL, in a subprocess) halfway
 through writing a checkpoint; `--resume` must continue from the last complete checkpoint, never from the
 half-written one nor from a partial folder, and reproduce the uninterrupted run's losses. A full disk
-(injected ENOSPC) must stop the run with one clear message and leave the previous checkpoint whole.
+(injected ENOSPC, and a real one: a small tmpfs, when the tests may mount one) must stop the run with one
+clear message and leave the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -104,6 +105,33 @@ def test_a_full_disk_while_saving_stops_clearly_and_keeps_the_previous_checkpoin
     monkeypatch.delenv(faults.ENV)
     assert main([*RUN, "--out", str(out), "--resume"]) == 0  # and the run continues from it
     assert len(train_losses(out)) == 3
+
+
+def folder_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_a_real_full_disk_while_saving_stops_clearly_then_resumes_to_the_same_losses(tmp_path, capsys, tmpfs):
+    """The kernel's own ENOSPC, on a tmpfs with room for the run up to its first checkpoint and half of the
+    second: torch's and safetensors' writers raise their own errors there, not OSError(ENOSPC)."""
+    assert main([*RUN, "--out", str(tmp_path / "full")]) == 0
+    full = train_losses(tmp_path / "full")
+    step = folder_bytes(training_state.checkpoints_root(tmp_path / "full") / "step-0000001")
+    room = folder_bytes(tmp_path / "full" / "init") + step + step // 2 + (1 << 20)  # + metrics, split, plot
+    disk = tmpfs(room)
+    out = disk.path / "run"
+    capsys.readouterr()
+    assert main([*RUN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    first = training_state.checkpoints_root(out) / "step-0000001"
+    assert err.startswith("error: could not write ") and "step-0000002" in err, err
+    assert "No space left on device" in err and "the disk is full" in err and "Traceback" not in err
+    assert f"the last complete checkpoint {first} is intact" in err
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step-0000001"]
+    assert not list(first.parent.glob(".step-*"))  # nothing half-written left behind
+    disk.resize(room + 4 * step)  # space freed: the run continues from step 1
+    assert main([*RUN, "--out", str(out), "--resume"]) == 0
+    assert train_losses(out) == pytest.approx(full, abs=1e-6)
 
 
 def file_writes_of_a_run(out) -> int:

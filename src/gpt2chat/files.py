@@ -6,6 +6,11 @@ Files and folders get the usual permissions (0644 / 0755 under the default umask
 writes them), whatever the writer did: `mkstemp` and safetensors' `save_file` create 0600 files, which
 another user or a container sharing the checkpoint cannot read.
 
+A write that fails because the disk filled up raises `OSError(ENOSPC)`, whichever serializer was writing:
+torch's zip writer (a RuntimeError, "unexpected pos"), safetensors (a SafetensorError, "os error 28") and
+numpy (an OSError without errno) do not say so themselves, so a failure with its file system (nearly) out
+of space is re-raised as one, the writer's own error chained to it.
+
 Every writer of checkpoints, tokenizers, adapters, training state and data caches uses this module.
 Knows paths only.
 """
@@ -26,10 +31,28 @@ from gpt2chat.faults import fault_point
 
 __all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "atomic_folder", "is_disk_full"]
 
+FULL_BELOW_BYTES = 1 << 20  # a write that failed with less than this free on its file system failed for space
+
 
 def is_disk_full(exc: OSError) -> bool:
     """Whether a failed write failed for lack of space: the device is full, or the user's quota is."""
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _as_disk_full(exc: Exception, where: Path) -> OSError | None:
+    """`exc`, raised by a writer under `where`, as OSError(ENOSPC) when it did not say so itself but the file
+    system is out of space (read before the partial file is removed); else None."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return None  # the system's own answer, ENOSPC or not
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return None
+    free = stat.f_bavail * stat.f_frsize
+    if free >= FULL_BELOW_BYTES:
+        return None
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free; the writer said "
+                                 f"{type(exc).__name__}: {str(exc)[:200]})", str(where))
 
 
 def _umask() -> int:
@@ -70,6 +93,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
+    except Exception as exc:
+        full = _as_disk_full(exc, path.parent)
+        if full is None:
+            raise
+        raise full from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -95,7 +123,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     staging = _temporary_name(path)
     staging.mkdir()
     try:
-        yield staging
+        try:
+            yield staging
+        except Exception as exc:  # raised by the block's writers
+            full = _as_disk_full(exc, staging)
+            if full is None:
+                raise
+            raise full from exc
         if path.exists():
             old = _temporary_name(path)
             os.replace(path, old)
