@@ -23,18 +23,6 @@ from gpt2chat.export import write_gguf
 CASES = [("f32", "f32"), ("f32", "f16"), ("f16", "f16"), ("q8_0", "f16")]  # (GGUF type, KV-cache type)
 
 
-def _rescale(model, std: float, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            elif ".ln_" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-
-
 def main() -> None:
     import llama_cpp
 
@@ -48,9 +36,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models.split(","):
             arch, _, scale = label.partition("-std")
-            model, tok = load_model(init_checkpoint(arch, Path(tmp) / label), device="cpu", dtype=torch.float32)
-            if scale:
-                _rescale(model, float(scale))
+            folder = init_checkpoint(arch, Path(tmp) / label, seed=1 if scale else 0, std=float(scale) if scale else None)
+            model, tok = load_model(folder, device="cpu", dtype=torch.float32)
             ids = tok.encode("\n\n".join(rows[:400]))[: args.positions]
             with torch.no_grad():
                 ours = model(torch.tensor([ids]))[0].numpy()

@@ -91,19 +91,6 @@ def _our_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids]))[0].float().numpy()
 
 
-def _rescale(model, seed: int, std: float = 0.05) -> None:
-    """Weights larger than GPT-2's init (std 0.02) so the logits spread over about +-2, like a 124M model's."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            elif ".ln_" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-
-
 def _real_text_ids(shared_dir: Path, tokenizer, n: int) -> list[int]:
     rows = (json.loads(line) for line in (shared_dir / "data/oasst1/en-validation.jsonl").open(encoding="utf-8"))
     ids = tokenizer.encode("\n\n".join(row["text"] for _, row in zip(range(400), rows, strict=False)))
@@ -116,8 +103,7 @@ def _real_text_ids(shared_dir: Path, tokenizer, n: int) -> list[int]:
 def scaled(tmp_path_factory):
     """A tiny llama3-context checkpoint with rescaled random weights, and its three GGUF exports."""
     root = tmp_path_factory.mktemp("scaled")
-    model, tok = load_model(init_checkpoint("tiny", root / "init", seed=1))
-    _rescale(model, seed=1)
+    model, tok = load_model(init_checkpoint("tiny", root / "init", seed=1, std=0.05))  # logits spread +-2
     folder = save_pretrained(model, tok, root / "ckpt")
     files = {"f32": export_gguf(folder, root / "f32.gguf", quant="f32")}  # the folder, as a user exports it
     for quant in ("f16", "q8_0"):

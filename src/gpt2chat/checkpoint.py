@@ -1,6 +1,6 @@
 """Checkpoint folders in Hugging Face's layout: load, save, make a random one, resolve hub ids.
 
-Why one module of ~415 lines (over ~400): loading, hub resolution, saving and init all read or write
+Why one module of ~430 lines (over ~400): loading, hub resolution, saving and init all read or write
 the one folder format, and keeping them together keeps that format in one place.
 
 A folder holds `config.json` (model_type gpt2 / gpt_neo), `model.safetensors` with HF tensor names (GPT-2's
@@ -391,9 +391,14 @@ def _template_parts(name: str, tokenizer: Tokenizer) -> tuple[str, list[int]]:
 
 
 def init_checkpoint(
-    arch: str, out_dir: str | os.PathLike, template: str = "llama3-context", seed: int = 0
+    arch: str, out_dir: str | os.PathLike, template: str = "llama3-context", seed: int = 0,
+    std: float | None = None,
 ) -> Path:
-    """A randomly initialised checkpoint folder: GPT-2 tokenizer + the template's tokens, preset shapes."""
+    """A randomly initialised checkpoint folder: GPT-2 tokenizer + the template's tokens, preset shapes.
+
+    `std` redraws the weights wider than GPT-2's init (0.02), with random biases and layer-norm gains, so
+    the logits spread as a trained model's do (std 0.05: about +-2): agreement checks of exports and
+    quantization on the 0.02 init's nearly flat logits would hide errors."""
     import torch
 
     from gpt2chat.model import GPT
@@ -413,4 +418,13 @@ def init_checkpoint(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT(config)
+        if std is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_(0.0, 0.02)
+                    elif ".ln_" in name:
+                        p.normal_(1.0, 0.1)
+                    else:
+                        p.normal_(0.0, std)
     return save_pretrained(model, tokenizer, out_dir, template=template)
