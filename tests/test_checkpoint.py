@@ -345,3 +345,16 @@ def test_init_checkpoint_is_seeded(tmp_path, tiny_checkpoint):
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], seed0[key])
     with pytest.raises(Gpt2ChatError, match="unknown model preset 'gpt7'"):
         init_checkpoint("gpt7", tmp_path / "d")
+
+
+def test_a_wide_init_spreads_weights_biases_and_gains_and_stays_seeded(tmp_path):
+    from gpt2chat.checkpoint import init_checkpoint
+
+    narrow = load_file(init_checkpoint("tiny", tmp_path / "n", seed=1) / "model.safetensors")
+    wide = load_file(init_checkpoint("tiny", tmp_path / "w", seed=1, std=0.05) / "model.safetensors")
+    again = load_file(init_checkpoint("tiny", tmp_path / "a", seed=1, std=0.05) / "model.safetensors")
+    weight, bias, gain = "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias", "transformer.h.0.ln_1.weight"
+    assert narrow[weight].std() == pytest.approx(0.02, rel=0.1) and wide[weight].std() == pytest.approx(0.05, rel=0.1)
+    assert not narrow[bias].any() and wide[bias].std() == pytest.approx(0.02, rel=0.2)
+    assert torch.equal(narrow[gain], torch.ones_like(narrow[gain])) and wide[gain].std() == pytest.approx(0.1, rel=0.3)
+    assert all(torch.equal(wide[k], again[k]) for k in wide)
