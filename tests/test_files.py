@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +129,51 @@ def test_a_writer_error_is_called_a_full_disk_only_when_its_file_system_is_out_o
         write_atomic(tmp_path / "a.bin", denied)
     assert caught.value.errno == errno.EACCES
     assert not list(tmp_path.iterdir())
+
+
+SWAP_KILLED = """
+import sys
+from gpt2chat import files
+if sys.argv[2] == "two-renames":
+    files._exchange = lambda a, b: False  # as on a system without renameat2
+with files.atomic_folder(sys.argv[1]) as staging:
+    (staging / "weights").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two-renames"])
+def test_a_kill_while_a_folder_is_swapped_in(tmp_path, swap):
+    """SIGKILL at the swap of a new folder for an old one: with the one-step exchange the folder's name always
+    holds a whole folder (here the new one); with two renames it holds none for that moment, and the old
+    folder survives under its temporary name."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    if swap == "exchange" and not files._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this kernel or file system has no RENAME_EXCHANGE")
+    (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
+    target = tmp_path / "final"
+    with atomic_folder(target) as staging:
+        (staging / "weights").write_text("old")
+    env = {**os.environ, "GPT2CHAT_FAULT": "kill:swap@1"}
+    killed = subprocess.run([sys.executable, "-c", SWAP_KILLED, str(target), swap], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted((p / "weights").read_text() for p in tmp_path.iterdir() if p != target)
+    assert all(p.name.startswith(".final.") and p.name.endswith(".tmp") for p in tmp_path.iterdir() if p != target)
+    if swap == "exchange":
+        assert (target / "weights").read_text() == "new" and left == ["old"]  # the staging name holds the old
+    else:
+        assert not target.exists() and left == ["new", "old"]
+
+
+def test_replacing_a_folder_swaps_it_in_one_step_where_linux_can(tmp_path, monkeypatch):
+    target = tmp_path / "final"
+    for text in ("old", "new"):
+        with atomic_folder(target) as staging:
+            (staging / "weights").write_text(text)
+            inode = os.stat(staging).st_ino
+    assert (target / "weights").read_text() == "new" and os.stat(target).st_ino == inode
+    assert os.listdir(tmp_path) == ["final"]  # the old folder, swapped into staging, is deleted
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # the two-rename fallback does the same
+    with atomic_folder(target) as staging:
+        (staging / "weights").write_text("newer")
+    assert (target / "weights").read_text() == "newer" and os.listdir(tmp_path) == ["final"]

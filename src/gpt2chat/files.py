@@ -17,6 +17,7 @@ Knows paths only.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -113,10 +114,32 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, **dumps) + "\n")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE, glibc >= 2.28); False
+    where the system or the file system cannot, and nothing changed."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # not this kernel or this file system
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder beside `path`; when the block ends without an error it replaces `path`
-    (an existing folder there is swapped out, then deleted). On an error the staging folder is removed and
+    """Yield an empty staging folder beside `path`; when the block ends without an error it replaces `path`.
+    An existing folder there is swapped with it in one step where Linux can (renameat2 RENAME_EXCHANGE), so
+    `path` always names a whole folder, old or new; elsewhere by two renames, with `path` missing for the
+    moment between them. The old folder is then deleted. On an error the staging folder is removed and
     the old folder stays (or is put back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,17 +153,20 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             if full is None:
                 raise
             raise full from exc
-        if path.exists():
+        if not path.exists():
+            os.replace(staging, path)
+        elif _exchange(staging, path):  # one step: `path` names the old folder, then the new one
+            fault_point("swap")  # tests: a kill right after the swap
+        else:  # no atomic exchange here: two renames, with `path` missing between them
             old = _temporary_name(path)
             os.replace(path, old)
+            fault_point("swap")  # tests: a kill between the two renames
             try:
                 os.replace(staging, path)
             except OSError:
                 os.replace(old, path)
                 raise
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
         _fsync(path.parent)
     finally:
         if staging.exists():
