@@ -140,6 +140,24 @@ def file_writes_of_a_run(out) -> int:
                and p.suffix != ".pt" and p.name != training_state.STATE_JSON)
 
 
+def test_a_kill_while_the_final_model_is_written_leaves_no_partial_final_folder(tmp_path):
+    """SIGKILL at the last file write of a run (inside final/): no final/ under its name, so the pipeline
+    never takes a half-written one as done, and the rerun writes it whole with the same losses."""
+    assert main([*RUN, "--out", str(tmp_path / "full")]) == 0
+    full = train_losses(tmp_path / "full")
+    out = tmp_path / "killed"
+    writes = file_writes_of_a_run(tmp_path / "full" / "init") + 4 * file_writes_of_a_run(tmp_path / "full" / "final")
+    env = {**os.environ, faults.ENV: f"kill:write@{writes}", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "final").exists() and list(out.glob(".final.*.tmp"))  # only a hidden staging folder
+    assert [p.name for p in training_state.list_checkpoints(out)][-1] == "step-0000003"
+    assert main([*RUN, "--out", str(out), "--resume"]) == 0
+    assert train_losses(out) == pytest.approx(full, abs=1e-6)
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 60 s per kill under load
 def test_sigkill_at_file_writes_all_through_a_run_always_resumes_to_the_same_losses(tmp_path):

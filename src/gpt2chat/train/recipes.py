@@ -85,6 +85,7 @@ def apply_lora_from(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module
 
 def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
     from gpt2chat.checkpoint import save_pretrained
+    from gpt2chat.files import atomic_folder
     from gpt2chat.lora import merge_lora, save_adapter
 
     def write_model(model, folder: Path) -> None:
@@ -95,15 +96,19 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
             save_pretrained(model, tokenizer, folder, template=cfg.template)
 
     def write_final(model, folder: Path) -> Path:
+        """OUT/final (and OUT/adapter), each built beside its name and swapped in whole: a kill or a full disk
+        while writing never leaves a folder of old and new files (the pipeline takes a final/ as done)."""
         if not cfg.lora_r:
-            save_pretrained(model, tokenizer, folder, template=cfg.template)
+            with atomic_folder(folder) as staging:
+                save_pretrained(model, tokenizer, staging, template=cfg.template)
             return folder
         adapter_dir = Path(cfg.out) / "adapter"
-        save_adapter(model, adapter_dir, base_model_name_or_path=base_name)
-        tokenizer.save(adapter_dir)
+        with atomic_folder(adapter_dir) as staging:
+            write_model(model, staging)
         if not cfg.merge_lora:
             return adapter_dir
-        save_pretrained(merge_lora(model), tokenizer, folder, template=cfg.template)
+        with atomic_folder(folder) as staging:
+            save_pretrained(merge_lora(model), tokenizer, staging, template=cfg.template)
         return folder
 
     return write_model, write_final
