@@ -107,6 +107,22 @@ def test_a_full_disk_while_saving_stops_clearly_and_keeps_the_previous_checkpoin
     assert len(train_losses(out)) == 3
 
 
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_process_of_a_distributed_run(tmp_path):
+    """Two gloo processes (torchrun); only rank 0 writes checkpoints, and its first write finds the disk full.
+    Every process stops with its own message. Before, rank 1 knew nothing: torchrun's agent SIGTERMed it when
+    rank 0 exited, and a launcher that does not would have left it waiting at the next collective."""
+    env = {**os.environ, faults.ENV: "enospc:checkpoint@1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = [*RUN[:RUN.index("--batch-size")], "--batch-size", "1", *RUN[RUN.index("--batch-size") + 2:]]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29531", "-m", "gpt2chat", *run, "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "error: could not write " in done.stderr and "No space left on device" in done.stderr, done.stderr[-3000:]
+    assert "process 1: stopping because another process failed" in done.stderr, done.stderr[-3000:]
+    assert not training_state.list_checkpoints(tmp_path / "run")
+
+
 def folder_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

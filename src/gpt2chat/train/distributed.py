@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2chat.device import resolve_device
+from gpt2chat.errors import Gpt2ChatError
 
 FSDP_AUTO_PARAMS = 700_000_000
 
@@ -145,9 +146,19 @@ def all_reduce_sum(values: torch.Tensor, state: DistState) -> torch.Tensor:
     return values
 
 
-def barrier(state: DistState) -> None:
+def barrier(state: DistState, failure: Exception | None = None, device: torch.device | None = None) -> None:
+    """Every process waits here for the others. With `failure` (what this process hit before it, e.g. rank 0's
+    failed checkpoint write) the wait carries it: when any process brings one, every process raises (that
+    one its own error, the others a Gpt2ChatError saying so), so none waits forever at the next collective
+    for a process that stopped. `device`: where the flag lives (CUDA for nccl)."""
     if state.active and state.mode != "none" and dist.is_initialized():
-        dist.barrier()
+        failed = torch.tensor([0 if failure is None else 1], device=device or torch.device("cpu"))
+        dist.all_reduce(failed)
+        if failure is None and int(failed.item()):
+            raise Gpt2ChatError(f"process {state.rank}: stopping because another process failed "
+                                "(its own message says why)")
+    if failure is not None:
+        raise failure
 
 
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -151,12 +151,16 @@ class Trainer:
         """Write checkpoint `step` (every process calls it); returns the model it saved, on rank 0."""
         optim_state = _optimizer_state(self.model, optimizer, self.dist)
         model = self._plain_model()
+        failure = None
         if self.dist.is_main:
             tensors = {"optimizer": optim_state, "rng": training_state.rng_state(),
                        "trainable": _trainable_state(model), **self.objective.state_tensors()}
-            training_state.write_checkpoint(self.out_dir, step, lambda folder: self.write_model(model, folder),
-                                  self._state(step), tensors, self.cfg.keep_last)
-        dist_utils.barrier(self.dist)
+            try:
+                training_state.write_checkpoint(self.out_dir, step, lambda folder: self.write_model(model, folder),
+                                                self._state(step), tensors, self.cfg.keep_last)
+            except training_state.CheckpointWriteError as exc:
+                failure = exc
+        dist_utils.barrier(self.dist, failure, self.device)  # a failed write stops every process, not rank 0 alone
         self.last_checkpoint = training_state.checkpoints_root(self.out_dir) / f"step-{step:07d}"
         return model
 
@@ -229,12 +233,13 @@ class Trainer:
             if val_batches:
                 self._evaluate(done, val_batches)
             saved = self._save(done, optimizer)
+            failure = None
             if self.write_final is not None and self.dist.is_main:
                 try:
                     final_dir = self.write_final(saved, self.out_dir / "final")
                 except OSError as exc:
-                    raise training_state.write_failure(self.out_dir / "final", exc, self.out_dir) from None
-            dist_utils.barrier(self.dist)
+                    failure = training_state.write_failure(self.out_dir / "final", exc, self.out_dir)
+            dist_utils.barrier(self.dist, failure, self.device)
         self._plot()
         if self.dist.is_main:
             elapsed = time.perf_counter() - started
