@@ -40,20 +40,24 @@ def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _as_disk_full(exc: Exception, where: Path) -> OSError | None:
-    """`exc`, raised by a writer under `where`, as OSError(ENOSPC) when it did not say so itself but the file
-    system is out of space (read before the partial file is removed); else None."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return None  # the system's own answer, ENOSPC or not
+@contextmanager
+def _full_disk_as_enospc(where: Path) -> Iterator[None]:
+    """Re-raise an error of the block as OSError(ENOSPC), the block's own error chained, when it did not say
+    so itself but the file system at `where` is out of space (read before the partial file is removed)."""
     try:
-        stat = os.statvfs(where)
-    except OSError:
-        return None
-    free = stat.f_bavail * stat.f_frsize
-    if free >= FULL_BELOW_BYTES:
-        return None
-    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free; the writer said "
-                                 f"{type(exc).__name__}: {str(exc)[:200]})", str(where))
+        yield
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the system's own answer, ENOSPC or not
+        try:
+            stat = os.statvfs(where)
+        except OSError:
+            stat = None
+        free = None if stat is None else stat.f_bavail * stat.f_frsize
+        if free is None or free >= FULL_BELOW_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free; the writer said "
+                                    f"{type(exc).__name__}: {str(exc)[:200]})", str(where)) from exc
 
 
 def _umask() -> int:
@@ -88,17 +92,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     try:
-        write(tmp)
-        fault_point("write")  # tests: a kill or a full disk with the file written but not yet in place
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except Exception as exc:
-        full = _as_disk_full(exc, path.parent)
-        if full is None:
-            raise
-        raise full from exc
+        with _full_disk_as_enospc(path.parent):
+            write(tmp)
+            fault_point("write")  # tests: a kill or a full disk with the file written but not yet in place
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -146,13 +146,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     staging = _temporary_name(path)
     staging.mkdir()
     try:
-        try:
+        with _full_disk_as_enospc(staging):  # what the block's writers raise
             yield staging
-        except Exception as exc:  # raised by the block's writers
-            full = _as_disk_full(exc, staging)
-            if full is None:
-                raise
-            raise full from exc
         if not path.exists():
             os.replace(staging, path)
         elif _exchange(staging, path):  # one step: `path` names the old folder, then the new one
