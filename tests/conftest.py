@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,8 +63,6 @@ class Tmpfs:
         self.resize(size_bytes, first=True)
 
     def resize(self, size_bytes: int, first: bool = False) -> None:
-        import subprocess
-
         options = f"size={size_bytes}" if first else f"remount,size={size_bytes}"
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(self.path)],
                               capture_output=True, text=True)
@@ -75,9 +76,6 @@ class Tmpfs:
 def tmpfs(tmp_path):
     """`tmpfs(size_bytes)` mounts a tmpfs under tmp_path and returns it; unmounted after the test. Needs root
     (or CAP_SYS_ADMIN): skips without."""
-    import shutil
-    import subprocess
-
     if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     mounted = []
@@ -89,8 +87,6 @@ def tmpfs(tmp_path):
         return mounted[-1]
 
     yield mount
-    import gc
-
     gc.collect()  # a failed torch.save may still hold its file open until its writer is collected
     for fs in mounted:
         if subprocess.run(["umount", str(fs.path)], capture_output=True).returncode != 0:

@@ -122,6 +122,7 @@ def test_a_writer_error_is_called_a_full_disk_only_when_its_file_system_is_out_o
     with pytest.raises(OSError) as caught, atomic_folder(tmp_path / "f") as staging:
         broken(staging / "x")
     assert caught.value.errno == errno.ENOSPC
+
     def denied(tmp):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
 
@@ -146,10 +147,13 @@ def test_a_kill_while_a_folder_is_swapped_in(tmp_path, swap):
     """SIGKILL at the swap of a new folder for an old one: with the one-step exchange the folder's name always
     holds a whole folder (here the new one); with two renames it holds none for that moment, and the old
     folder survives under its temporary name."""
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    if swap == "exchange" and not files._exchange(tmp_path / "a", tmp_path / "b"):
+    probe = [tmp_path / "a", tmp_path / "b"]
+    for folder in probe:
+        folder.mkdir()
+    if swap == "exchange" and not files._exchange(*probe):
         pytest.skip("this kernel or file system has no RENAME_EXCHANGE")
-    (tmp_path / "a").rmdir(), (tmp_path / "b").rmdir()
+    for folder in probe:
+        folder.rmdir()
     target = tmp_path / "final"
     with atomic_folder(target) as staging:
         (staging / "weights").write_text("old")

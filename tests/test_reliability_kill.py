@@ -156,13 +156,19 @@ def file_writes_of_a_run(out) -> int:
                and p.suffix != ".pt" and p.name != training_state.STATE_JSON)
 
 
+def model_file_writes_of_a_run(out) -> int:
+    """The atomic file writes of RUN's models: the init folder's, then those of each of its 3 checkpoints and
+    of the final folder (each the same files); the last one is inside final/."""
+    return file_writes_of_a_run(out / "init") + 4 * file_writes_of_a_run(out / "final")
+
+
 def test_a_kill_while_the_final_model_is_written_leaves_no_partial_final_folder(tmp_path):
     """SIGKILL at the last file write of a run (inside final/): no final/ under its name, so the pipeline
     never takes a half-written one as done, and the rerun writes it whole with the same losses."""
     assert main([*RUN, "--out", str(tmp_path / "full")]) == 0
     full = train_losses(tmp_path / "full")
     out = tmp_path / "killed"
-    writes = file_writes_of_a_run(tmp_path / "full" / "init") + 4 * file_writes_of_a_run(tmp_path / "full" / "final")
+    writes = model_file_writes_of_a_run(tmp_path / "full")
     env = {**os.environ, faults.ENV: f"kill:write@{writes}", "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
                             capture_output=True, text=True, timeout=300)
@@ -185,9 +191,7 @@ def test_sigkill_at_file_writes_all_through_a_run_always_resumes_to_the_same_los
     run = [*RUN[:RUN.index("--keep-last")], "--keep-last", "1", *RUN[RUN.index("--keep-last") + 2:]]
     assert main([*run, "--out", str(tmp_path / "full")]) == 0
     full = train_losses(tmp_path / "full")
-    # writes: the init folder's and the final folder's files, and each checkpoint's model files (3 checkpoints)
-    final_files = file_writes_of_a_run(tmp_path / "full" / "final")
-    writes = file_writes_of_a_run(tmp_path / "full" / "init") + final_files * 4
+    writes = model_file_writes_of_a_run(tmp_path / "full")
     survived = 0
     for nth in range(1, writes + 1, int(os.environ.get("GPT2CHAT_KILL_STRIDE", "5"))):
         out = tmp_path / f"kill-{nth}"
