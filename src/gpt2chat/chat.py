@@ -1,7 +1,7 @@
 """A multi-turn chat on top of the engine: text in, streamed text out, history carried as context.
 
 `ChatSession` keeps the system message and the history, builds each prompt with the one truncation policy
-(`gpt2chat.reply.fit_messages`: the oldest turns go first when the context is full), streams the reply's
+(`gpt2chat.context_fit.fit_messages`: the oldest turns go first when the context is full), streams the reply's
 tokens from the engine and shows them through `gpt2chat.reply.ReplyDecoder` (UTF-8 safe, reply prefix
 removed, stop strings cut and never shown). Stop ids come from the template (`reply.stop_token_ids`).
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from gpt2chat.context_fit import fit_messages
+from gpt2chat.context_fit import reply_reserve as default_reply_reserve
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.reply import ReplyDecoder, chat_template, fit_messages, stop_token_ids, stream_reply
-from gpt2chat.reply import reply_reserve as default_reply_reserve
+from gpt2chat.reply import ReplyDecoder, chat_template, stop_token_ids, stream_reply
 from gpt2chat.sampling import SAMPLING_PRESETS, SamplingParams
 from gpt2chat.templates import ChatTemplate
 from gpt2chat.tokenizer import Tokenizer
@@ -29,7 +30,7 @@ class ChatSession:
 
     `params` default to seed 004's sampling preset; the template's stop tokens are always added to them.
     `reply_reserve` tokens of the context are kept free for the reply when old turns must be dropped
-    (default `gpt2chat.reply.reply_reserve`: the reply's budget, at most a quarter of the context).
+    (default `gpt2chat.context_fit.reply_reserve`: the reply's budget, at most a quarter of the context).
     """
 
     def __init__(

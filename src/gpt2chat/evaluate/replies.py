@@ -1,7 +1,7 @@
 """Replies of a checkpoint to chat prompts, through its own template: for BLEU rows and side-by-side.
 
 Prompts are message lists ending in a user turn. Each is fitted to the context by the one truncation
-policy (`gpt2chat.reply.fit_messages`: oldest turns first, never tokens off the front), the engine decodes
+policy (`gpt2chat.context_fit.fit_messages`: oldest turns first, never tokens off the front), the engine decodes
 (greedy, or seeded sampling) until the template's stop ids or the token budget, and the text is decoded
 the way every front end shows it (`gpt2chat.reply.decode_reply`: reply prefix removed, cut at the
 template's stop strings). The engine works on ids, this module on conversations.
@@ -26,8 +26,9 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
     import torch
     from tqdm.auto import tqdm
 
+    from gpt2chat.context_fit import fit_messages, reply_reserve
     from gpt2chat.engine import Engine
-    from gpt2chat.reply import chat_template, decode_reply, fit_messages, reply_reserve, stop_token_ids
+    from gpt2chat.reply import chat_template, decode_reply, stop_token_ids
     from gpt2chat.sampling import SamplingParams
 
     spec = chat_template(tokenizer, template)

@@ -1,6 +1,6 @@
 """The bridge between the HTTP front ends and the engine: conversations in, streamed text out.
 
-`ChatService` fits OpenAI-style messages to the context (the one policy, `gpt2chat.reply.fit_messages`),
+`ChatService` fits OpenAI-style messages to the context (the one policy, `gpt2chat.context_fit.fit_messages`),
 enforces the request limits (`ServerLimits`: tokens per request, requests running and waiting), submits
 token ids to the `BatchedEngine` (continuous batching: concurrent requests share decode steps) and turns
 each token stream back into text with `gpt2chat.reply.ReplyDecoder`. A `Generation` also keeps the
@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2chat.context_fit import PromptTooLongError, fit_messages, reply_reserve
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.reply import PromptTooLongError, ReplyDecoder, chat_template, fit_messages, reply_reserve
+from gpt2chat.reply import ReplyDecoder, chat_template
 from gpt2chat.reply import stop_token_ids as template_stop_ids
 from gpt2chat.serve.limits import ServerLimits
 
