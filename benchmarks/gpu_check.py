@@ -432,7 +432,8 @@ def part_serve(check: Check) -> list[dict]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = check.work / "serve.log"
-    command = [sys.executable, "-m", "gpt2chat", "serve", "--model", str(folder), "--port", str(port)]
+    command = [sys.executable, "-m", "gpt2chat", "serve", "--model", str(folder), "--port", str(port),
+               "--model-name", "gpt2chat"]
     if check.smoke:
         command += ["--device", "cpu"]
     base = f"http://127.0.0.1:{port}"
