@@ -357,7 +357,7 @@ def part_generate(check: Check) -> list[dict]:
 def part_serve(check: Check) -> list[dict]:
     need("fastapi", "uvicorn")
     folder = check.trained or check.base()
-    options = ["--device", "cpu"] if check.smoke else []
+    options = ["--model-name", "gpt2chat"] + (["--device", "cpu"] if check.smoke else [])
     with ServeProcess(folder, check.work / "serve.log", *options) as server:
         started = time.perf_counter()
         server.wait_ready(timeout=120)

@@ -148,9 +148,16 @@ def test_completion_logprobs_have_openais_columns(client, server, reference):
         assert len(top) in (1, 2) and max(top.values()) == entry.top[0][1]  # the most likely + the chosen
 
 
-def test_unknown_model_name_is_served_like_llama_cpp(client):
-    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "model": "gpt-4o"}).json()
-    assert body["model"] == "gpt-4o" and body["choices"][0]["finish_reason"] in ("stop", "length")
+@pytest.mark.parametrize("route, body", [("/v1/chat/completions", {"messages": USER}),
+                                         ("/v1/completions", {"prompt": "Hi"})])
+def test_another_model_name_is_a_404_as_openai_and_vllm_answer(client, route, body):
+    error = assert_openai_error(client.post(route, json={**body, "max_tokens": 2, "model": "gpt-4o"}), 404)
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
+    assert "'gpt-4o'" in error["message"] and "'tiny'" in error["message"]
+    for named in ({"model": "tiny"}, {}, {"model": ""}):  # vLLM: no model (or "") is the served one
+        answered = client.post(route, json={**body, "max_tokens": 2, **named})
+        assert answered.status_code == 200 and answered.json()["model"] == "tiny"
+    assert assert_openai_error(client.get("/v1/models/gpt-4o"), 404)["code"] == "model_not_found"
 
 
 def test_streaming_chat_follows_openai_chunks(client, server, reference):
@@ -271,6 +278,8 @@ def test_every_rejected_body_gets_one_plain_sentence(client, body):
 @pytest.mark.parametrize("body, param, message", [
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop",
      "stop must be a string or a list of at most 4 strings; got a list of 5 items."),
+    ({"messages": USER, "stop": [1]}, "stop[0]", "stop[0] must be a string; got 1."),
+    ({"messages": USER, "stop": ["a", None]}, "stop[1]", "stop[1] must be a string; got null."),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type", 'messages[0].content[0].type must be "text" (this server reads text parts only); '
      'got "image_url".'),
@@ -286,6 +295,16 @@ def test_every_rejected_body_gets_one_plain_sentence(client, body):
 def test_validation_errors_name_the_field_and_what_it_accepts(client, body, param, message):
     error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
     assert (error["param"], error["message"]) == (param, message)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_that_is_not_utf8_is_named_so(client, route):
+    content = b'{"messages": [{"role": "user", "content": "caf\xe9"}], "prompt": "x"}'  # Latin-1, not UTF-8
+    error = assert_openai_error(client.post(route, content=content, headers={"content-type": "application/json"}),
+                                400)
+    offset = content.index(b"\xe9")
+    assert error["message"] == (f"the request body is not valid UTF-8: byte 0xe9 at offset {offset} cannot be "
+                                "decoded (send the JSON encoded as UTF-8)")
 
 
 UNSUPPORTED_CHAT = {

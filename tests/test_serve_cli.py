@@ -68,3 +68,26 @@ def test_serve_options_build_a_quantized_service_that_answers(tiny_checkpoint):
         assert 1 <= generation.completion_tokens <= 4 and generation.finish_reason in ("stop", "length")
     finally:
         service.close()
+
+
+def test_the_served_name_is_the_run_for_a_final_folder_and_the_hub_id_as_given(tmp_path):
+    from gpt2chat.cli.serve import served_name
+
+    for folder, name in [(tmp_path / "sft-tiny" / "final", "sft-tiny"), (tmp_path / "dpo" / "adapter", "dpo"),
+                         (tmp_path / "my-model", "my-model")]:
+        folder.mkdir(parents=True)
+        assert served_name(str(folder) + "/", folder) == name
+    assert served_name("openai-community/gpt2", tmp_path / "hub-cache" / "snapshot") == "openai-community/gpt2"
+
+
+def test_model_name_flag_names_the_served_model(tiny_checkpoint):
+    from gpt2chat.cli import build_parser
+    from gpt2chat.cli.serve import _build_service
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint), "--model-name", "helper-7",
+                                      "--device", "cpu"])
+    service = _build_service(args, args.model_name)
+    try:
+        assert service.model_name == "helper-7"
+    finally:
+        service.close()

@@ -97,7 +97,7 @@ def _set(value: Any) -> bool:
 
 
 class _SamplingRequest(_Lenient):
-    model: StrictStr | None = _allowed("a string (any name is served by this server's model)")
+    model: StrictStr | None = _allowed("a string: the served model's name (/v1/models)")
     temperature: Temperature | None = _allowed("a number from 0 to 2")
     top_p: TopP | None = _allowed("a number above 0 and at most 1")
     max_tokens: PositiveTokens | None = _allowed("a whole number of at least 1")
