@@ -31,7 +31,7 @@ class ScriptedStream:
             yield token
         self.finish_reason = "length"
 
-    def close(self):
+    def cancel(self):
         self.closed = True
 
 

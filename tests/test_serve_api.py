@@ -52,7 +52,7 @@ def reference(server):
 
     def run(what, max_tokens: int, logprobs: int | None = None):
         ids = service.render_messages(what) if isinstance(what, list) else service.tokenizer.encode(what)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.stop_token_ids,
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.pipeline.stop_ids,
                                 logprobs=logprobs)
         return engine.generate([ids], params)[0]
 

@@ -91,6 +91,7 @@ class StandInRequest:
         self.prompt_logprobs: list = []
         self.params = params
         self.finish_reason: str | None = None
+        self.ttft_s = self.decode_s = None
         self._tokens: list[object] = []
         self._cond = threading.Condition()
         self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []

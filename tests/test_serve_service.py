@@ -28,7 +28,7 @@ def engine_reply(service, prompt_ids, max_tokens):
     from gpt2chat.engine import Engine
     from gpt2chat.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.stop_token_ids)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.pipeline.stop_ids)
     return Engine(service.model, device="cpu").generate([prompt_ids], params)[0]
 
 
