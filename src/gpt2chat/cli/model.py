@@ -143,7 +143,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise Gpt2ChatError("--prompt is empty: give some text to continue")
     out = sys.stdout
     # a raw continuation shows control tokens as text, as `tokenizer.decode` does
-    for piece in stream_reply(ReplyDecoder(tokenizer, skip_special_tokens=False), engine.stream(prompt, params)):
+    for piece in stream_reply(ReplyDecoder(tokenizer, skip_special_tokens=False), engine.submit(prompt, params)):
         out.write(piece)
         out.flush()
     out.write("\n")
