@@ -183,6 +183,28 @@ def test_stream_options_include_usage_adds_a_usage_chunk(client, reference):
     assert all(c["usage"] is None for c in chunks)
 
 
+def test_usage_reports_the_prompt_tokens_the_cache_supplied_streamed_and_whole(client):
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`: the engine's count for this request. A prompt
+    sent again (a retry, a regenerate) is served from the cache but for its last token."""
+    messages = [{"role": "system", "content": "You answer in one word about caches."},
+                {"role": "user", "content": "Which prefix of this prompt was cached?"}]
+    request = {"messages": messages, "max_tokens": 2, "temperature": 0}
+    body = client.post("/v1/chat/completions", json=request).json()
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert set(body["usage"]["prompt_tokens_details"]) == {"cached_tokens"}
+    again = client.post("/v1/chat/completions", json=request).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt_tokens - 1
+    events = sse_events(client.post("/v1/chat/completions", json={
+        **request, "stream": True, "stream_options": {"include_usage": True}}))
+    usage = events[-2]["usage"]
+    assert usage["prompt_tokens"] == prompt_tokens
+    assert usage["prompt_tokens_details"] == {"cached_tokens": prompt_tokens - 1}
+    # another question under the same system message shares at least the system message's tokens
+    other = [messages[0], {"role": "user", "content": "Name a cache."}]
+    shared = client.post("/v1/chat/completions", json={**request, "messages": other}).json()["usage"]
+    assert 8 < shared["prompt_tokens_details"]["cached_tokens"] < shared["prompt_tokens"] - 1
+
+
 def test_n_choices_stream_and_non_stream(client):
     body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "n": 3, "seed": 5}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]

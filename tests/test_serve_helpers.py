@@ -92,6 +92,7 @@ class StandInRequest:
         self.params = params
         self.finish_reason: str | None = None
         self.ttft_s = self.decode_s = None
+        self.cached_tokens = 0
         self._tokens: list[object] = []
         self._cond = threading.Condition()
         self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []

@@ -97,7 +97,7 @@ class ChatSession:
         if not isinstance(text, str):
             raise Gpt2ChatError(f"a chat message must be text, got {type(text).__name__}")
         prompt = self.prompt_ids(text)
-        tokens = self.pipeline.stream(self.engine, prompt, self.pipeline.params(self.params, len(prompt)))
+        tokens = self.engine.submit(prompt, self.pipeline.params(self.params, len(prompt)))
         return self._reply(text, tokens)
 
     def _reply(self, text: str, tokens) -> Iterator[str]:

@@ -5,7 +5,7 @@ continuations), the context length and the stop ids. It assembles each stage onc
 
     messages -> template -> fit (`fit`)  |  raw text or ids -> checked ids (`encode`)
              -> sampling params with the stop ids, the budget capped by the room left (`params`)
-             -> the engine's token ids (`stream`)
+             -> the engine's token ids (`engine.submit`, the same for `Engine` and `BatchedEngine`)
              -> a `ReplyStream` (`reply`): token ids in, text out
 
 `ReplyStream` is the one per-token loop: it records the token ids delivered and where each starts in the
@@ -205,16 +205,6 @@ class TextPipeline:
             prefix = self.template.reply_prefix
         decoder = ReplyDecoder(self.tokenizer, strings, prefix, skip_special_tokens=not show_control_tokens)
         return ReplyStream(decoder, frozenset(text_stop_ids))
-
-    @staticmethod
-    def stream(engine: Any, prompt_ids: Sequence[int], params: SamplingParams) -> Iterable[int]:
-        """The engine's token ids for one prompt, as a blocking iterable with `finish_reason` and
-        `cancel()`: `Engine.stream` in the caller's thread, or a `BatchedEngine` request."""
-        from gpt2chat.engine import BatchedEngine
-
-        if isinstance(engine, BatchedEngine):
-            return engine.submit(prompt_ids, params)
-        return engine.stream(prompt_ids, params)
 
     def decode(self, token_ids: Iterable[int], *, chat: bool = True) -> tuple[str, bool]:
         """A whole reply's text (what streaming would have shown) and whether a stop ended it."""

@@ -147,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
     out = sys.stdout
     # a raw continuation shows control tokens as text, as `tokenizer.decode` does
     reply = pipeline.reply(chat=False, show_control_tokens=True)
-    for piece in reply.pieces(pipeline.stream(engine, prompt, params)):
+    for piece in reply.pieces(engine.submit(prompt, params)):
         out.write(piece)
         out.flush()
     out.write("\n")

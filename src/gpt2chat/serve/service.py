@@ -121,6 +121,11 @@ class Generation:
         return list(self._request.prompt_logprobs)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine's prompt cache supplied (known once the request has a row)."""
+        return self._request.cached_tokens
+
+    @property
     def ttft_s(self) -> float | None:
         return self._request.ttft_s
 

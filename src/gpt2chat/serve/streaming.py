@@ -55,9 +55,13 @@ class Answer:
         return self.object_name == "chat.completion"
 
     def usage(self) -> schemas.Usage:
-        prompt = sum({id(g.prompt_ids): g.prompt_tokens for g in self.generations}.values())
+        """Token counts; a prompt the n choices share counts once (its first choice's cached tokens)."""
+        prompts = {id(g.prompt_ids): g for g in reversed(self.generations)}.values()
+        prompt = sum(g.prompt_tokens for g in prompts)
+        cached = sum(g.cached_tokens for g in prompts)
         completion = sum(g.completion_tokens for g in self.generations)
-        return schemas.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return schemas.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                             prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
 
     def new_logprobs(self, index: int) -> dict[str, Any] | None:
         """The logprobs of choice `index`'s tokens not yet sent (None when they were not asked for)."""
