@@ -163,7 +163,7 @@ def test_cache_counters_on_metrics(tiny_checkpoint):
     from prometheus_client.parser import text_string_to_metric_families
 
     from gpt2chat.serve.metrics import ServerMetrics
-    from test_serve_helpers import tiny_service
+    from serve_support import tiny_service
 
     service = tiny_service(tiny_checkpoint)
     try:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, tiny_service, wait_until
+from serve_support import ServerThread, tiny_service, wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 
