@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
+from gpt2chat.context_fit import PromptTooLongError
 from gpt2chat.pipeline import BadPromptError, TextPipeline
-from gpt2chat.reply import PromptTooLongError
 from gpt2chat.sampling import SamplingParams
 
 

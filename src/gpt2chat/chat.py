@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from gpt2chat.context_fit import reply_reserve as default_reply_reserve
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.pipeline import TextPipeline
-from gpt2chat.reply import reply_reserve as default_reply_reserve
 from gpt2chat.sampling import SAMPLING_PRESETS, SamplingParams
 from gpt2chat.templates import ChatTemplate
 from gpt2chat.tokenizer import Tokenizer
@@ -30,7 +30,7 @@ class ChatSession:
 
     `params` default to seed 004's sampling preset; the template's stop tokens are always added to them.
     `reply_reserve` tokens of the context are kept free for the reply when old turns must be dropped
-    (default `gpt2chat.reply.reply_reserve`: the reply's budget, at most a quarter of the context).
+    (default `gpt2chat.context_fit.reply_reserve`: the reply's budget, at most a quarter of the context).
     """
 
     def __init__(

@@ -23,16 +23,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
 from typing import Any
 
+from gpt2chat.context_fit import FittedPrompt, PromptTooLongError, fit_messages, reply_reserve
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.reply import (
-    FittedPrompt,
-    PromptTooLongError,
-    ReplyDecoder,
-    chat_template,
-    fit_messages,
-    reply_reserve,
-    stop_token_ids,
-)
+from gpt2chat.reply import ReplyDecoder, chat_template, stop_token_ids
 from gpt2chat.sampling import SamplingParams
 from gpt2chat.templates import ChatTemplate
 from gpt2chat.tokenizer import Tokenizer

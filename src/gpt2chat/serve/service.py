@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2chat.context_fit import PromptTooLongError
 from gpt2chat.engine import QueueFullError
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.pipeline import ReplyStream, TextPipeline
-from gpt2chat.reply import PromptTooLongError
 from gpt2chat.sampling import SamplingParams
 from gpt2chat.serve.limits import ServerLimits
 
