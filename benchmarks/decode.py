@@ -140,9 +140,9 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
     for mode in (None, "fp16", "int8"):
         model, _ = load_for_inference(folder, quantize=mode, device="cpu")  # the layout the CLI and server use
         name = f"ours {mode or 'fp32'}"
-        sides.append(Ours(name, Engine(model), decode_read_bytes(model)))
+        sides.append(Ours(name, Engine(model, prompt_cache=False), decode_read_bytes(model)))  # prefill timed cold
         if mode is None and not args.skip_compiled:
-            sides.append(Ours(f"{name} compiled", Engine(model, compile=True), decode_read_bytes(model)))
+            sides.append(Ours(f"{name} compiled", Engine(model, compile=True, prompt_cache=False), decode_read_bytes(model)))
     fp32_bytes = sides[0].read_bytes
     if not args.skip_transformers:
         sides.append(Transformers(folder, fp32_bytes))

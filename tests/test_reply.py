@@ -11,15 +11,25 @@ import pytest
 
 from chat_samples import conversation
 from gpt2chat.context_fit import PromptTooLongError
+from gpt2chat.pipeline import ReplyStream
 from gpt2chat.reply import (
     ReplyDecoder,
     StopStrings,
-    decode_reply,
     stop_token_ids,
-    stream_reply,
     token_text,
 )
 from gpt2chat.tokenizer import Tokenizer
+
+
+def stream_reply(decoder, ids):
+    return ReplyStream(decoder).pieces(ids)
+
+
+def decode_reply(tokenizer, ids, stop_strings=(), reply_prefix=""):
+    """A whole reply's text through the one per-token loop, and whether a stop string ended it."""
+    stream = ReplyStream(ReplyDecoder(tokenizer, stop_strings, reply_prefix))
+    return "".join(stream.pieces(ids)), stream.done
+
 
 # ---- stop strings -------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 
 from gpt2chat.serve.app import create_app
 from lm_eval_tasks import write_multiple_choice_task
-from test_serve_helpers import ServerThread, tiny_service
+from serve_support import ServerThread, tiny_service
 
 lm_eval = pytest.importorskip("lm_eval")
 

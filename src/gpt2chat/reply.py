@@ -11,12 +11,15 @@ training):
   strings cut with hold-back (text that could still become a stop string is not shown until it cannot).
 * `token_text(tokenizer, id)`: how one token is spelled where a client sees single tokens (logprobs).
 
+`gpt2chat.pipeline` assembles these into the one pipeline the front ends use (and its `ReplyStream`, the
+one per-token loop around a `ReplyDecoder`).
+
 It knows tokenizers and templates; it knows nothing about how tokens are computed, HTTP or terminals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.templates import ChatTemplate, get_template
@@ -26,9 +29,7 @@ __all__ = [
     "ReplyDecoder",
     "StopStrings",
     "chat_template",
-    "decode_reply",
     "stop_token_ids",
-    "stream_reply",
     "token_text",
 ]
 
@@ -156,24 +157,3 @@ class ReplyDecoder:
         out, self.stopped = self._stops.push(text)
         self.text += out
         return out
-
-
-def stream_reply(decoder: ReplyDecoder, token_ids: Iterable[int]) -> Iterator[str]:
-    """The pieces of text `decoder` shows for a stream of token ids, ending early at a stop string."""
-    for token_id in token_ids:
-        piece = decoder.push(token_id)
-        if piece:
-            yield piece
-        if decoder.stopped:
-            return
-    tail = decoder.finish()
-    if tail:
-        yield tail
-
-
-def decode_reply(tokenizer: Tokenizer, token_ids: Iterable[int], stop_strings: Iterable[str] = (),
-                 reply_prefix: str = "") -> tuple[str, bool]:
-    """A whole reply's text and whether a stop string ended it (what streaming would have shown)."""
-    decoder = ReplyDecoder(tokenizer, stop_strings, reply_prefix)
-    text = "".join(stream_reply(decoder, token_ids))
-    return text, decoder.stopped

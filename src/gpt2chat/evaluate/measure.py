@@ -292,7 +292,7 @@ def speed_entries(paths: list[str], config, *, device, dtype) -> list[tuple[dict
     for group in groups:
         models = [_inference_model(p, config, device, dtype) for p in group]
         try:
-            engines = [Engine(m, device=device, dtype=_compute_dtype(m)) for m in models]
+            engines = [Engine(m, device=device, dtype=_compute_dtype(m), prompt_cache=False) for m in models]  # cold prefill
             for model, speed in zip(models, measure_speeds(engines, **kwargs), strict=True):
                 speed["weight_bytes"] = decode_read_bytes(model)
                 speed["weights"] = weight_format(model)
