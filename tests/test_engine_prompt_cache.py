@@ -105,6 +105,22 @@ def test_a_system_prompt_held_by_a_running_row_is_copied_to_new_rows(model, cold
     assert rest and running.result().token_ids == cold.generate([SYSTEM + user_turn(0)], long)[0].token_ids
 
 
+def test_requests_arriving_together_with_one_system_prompt_compute_it_once(model, cold):
+    engine = Engine(model, max_batch_size=4)
+    prompts = [SYSTEM + user_turn(i) for i in range(4)]
+    fed = []
+    hook = model.register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
+    try:
+        results = engine.generate(prompts, GREEDY)
+    finally:
+        hook.remove()
+    assert [r.cached_tokens for r in results] == [0] + [len(SYSTEM)] * 3
+    for prompt, result in zip(prompts, results, strict=True):
+        assert_like_cold(result, cold.generate([prompt], GREEDY)[0])
+    prefilled = sum(n for n in fed if n > 4)  # forwards over more tokens than rows: the prefills
+    assert prefilled <= len(prompts[0]) + 3 * 3  # the system prompt once, then each one's own tokens
+
+
 def test_more_conversations_than_rows_evict_and_stay_exact(model, cold):
     """Five conversations over two rows, turn by turn: each turn finds its history evicted or in place;
     the replies are those of a cold run either way, and eviction is counted."""

@@ -9,6 +9,10 @@ needs the row. A new request goes to the row that shares the longest prefix with
 - a prefix held by a busy row (many requests with one system prompt) is copied into a free row, the one
   that holds nothing, else the least recently used one (its entry is evicted).
 
+A request whose prompt shares a longer prefix with a prompt still being prefilled waits for it (the
+scheduler keeps it queued until that prefill is done, `WAIT_FOR_PREFIX` tokens or more to gain), so that
+sixteen requests arriving together with one system prompt compute it once.
+
 The request then prefills only the tokens after the reused prefix. At least one prompt token is always
 prefilled (its logits give the first reply token), and a request that asks for prompt log-probabilities
 reuses nothing (every prompt position's logits are needed). Positions past a row's remembered tokens are
@@ -23,7 +27,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PromptCache", "PromptCacheStats", "Placement", "common_prefix"]
+__all__ = ["PromptCache", "PromptCacheStats", "Placement", "common_prefix", "WAIT_FOR_PREFIX"]
+
+# a request waits for a prompt being prefilled when that gives it this many more cached tokens: about what
+# one step of waiting costs in prefill work at 16 rows (prefilled together, a few tokens cost little more)
+WAIT_FOR_PREFIX = 16
 
 
 @dataclass
@@ -81,6 +89,11 @@ class PromptCache:
         self._last_used = [0] * rows
         self._clock = 0
         self.stats = PromptCacheStats()
+
+    def longest(self, prompt: list[int]) -> int:
+        """The most tokens of `prompt` some row could give it now (at most all but its last token)."""
+        limit = len(prompt) - 1
+        return max((min(common_prefix(prompt, held), limit) for held in self.tokens if held), default=0)
 
     def place(self, prompt: list[int], free_rows: Sequence[int], reuse_allowed: bool = True) -> Placement:
         """The row for a new request with `prompt` among `free_rows` (not empty), and what it reuses."""

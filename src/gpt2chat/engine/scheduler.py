@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gpt2chat.engine.prompt_cache import PromptCache
+from gpt2chat.engine.prompt_cache import WAIT_FOR_PREFIX, PromptCache, common_prefix
 from gpt2chat.engine.request import Request, TokenLogprob
 from gpt2chat.engine.runner import ModelRunner, PrefillChunk
 from gpt2chat.errors import Gpt2ChatError
@@ -191,11 +191,15 @@ class Scheduler:
                 self._free(index, "cancelled")
 
     def _admit(self) -> None:
+        waiting: list[Request] = []  # for a prompt being prefilled that holds more of theirs (prompt_cache)
         while self.pending:
             free_rows = [index for index, row in enumerate(self.rows) if row is None]
             if not free_rows:
-                return
+                break
             request = self.pending.popleft()
+            if self._worth_waiting(request):
+                waiting.append(request)
+                continue
             prompt = request.prompt_ids
             placement = self.prompt_cache.place(prompt, free_rows, reuse_allowed=request.params.prompt_logprobs is None)
             index = placement.row
@@ -209,6 +213,18 @@ class Scheduler:
                 seen = self._seen_rows()
                 seen[index] = False
                 seen[index, torch.tensor(row.prompt, device=seen.device)] = True
+        self.pending.extendleft(reversed(waiting))
+
+    def _worth_waiting(self, request: Request) -> bool:
+        """Whether `request` gains `WAIT_FOR_PREFIX` or more cached tokens by waiting for a prompt that a
+        row is still prefilling (then it is admitted once that prefill is done)."""
+        cache = self.prompt_cache
+        if not cache.enabled or request.params.prompt_logprobs is not None:
+            return False
+        prompt = request.prompt_ids
+        coming = max((common_prefix(prompt, row.prompt) for row in self.rows if row is not None and row.prefilling),
+                     default=0)  # fmt: skip
+        return min(coming, len(prompt) - 1) - cache.longest(prompt) >= WAIT_FOR_PREFIX
 
     def _seen_rows(self) -> torch.Tensor:
         if self._seen is None:

@@ -1,0 +1,153 @@
+"""The engine alone, no HTTP: one stream, 16 concurrent streams, and a multi-turn chat's time to first token.
+
+On a model of real shape with random weights (default the 124M `gpt2` shape, fp32, the inference layout the
+server uses), in one process: (1) one stream decoding `--tokens` tokens (tokens/s); (2) `--streams`
+clients, each submitting `--requests` requests of `--tokens` tokens one after another to one
+`BatchedEngine` with `--streams` rows (aggregate tokens/s, time to first token p50 / p99, and the longest
+gap between two tokens of one stream: how long a prefill stalled the running streams); (3) a 7-turn chat
+whose history is resent every turn, 1 token asked per turn (time to first token per turn), with the prompt
+cache on and off, interleaved. One JSON line per measure. Medians over `--repeats` where repeated.
+
+    python benchmarks/engine.py                      # 124M, 1 and 16 streams, 128 tokens
+    python benchmarks/engine.py --shape tiny --tokens 32 --requests 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import torch
+
+PROMPT_TOKENS = 40  # about the serve benchmark's system + user message in the llama3-context template
+TURN_TOKENS = 120  # what one turn (a user message and its reply) adds to a conversation
+
+
+def build_model(shape: str):
+    from gpt2chat.config import get_preset
+    from gpt2chat.model import GPT
+    from gpt2chat.quantize import convert_for_inference
+
+    torch.manual_seed(0)
+    return convert_for_inference(GPT(get_preset(shape)).eval())
+
+
+def prompt(seed: int, length: int, vocab: int = 50000) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (length,), generator=generator).tolist()
+
+
+def engine_kwargs(cache: bool) -> dict:
+    import inspect
+
+    from gpt2chat.engine import BatchedEngine
+
+    return {"prompt_cache": cache} if "prompt_cache" in inspect.signature(BatchedEngine).parameters else {}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def one_stream(model, tokens: int, repeats: int) -> dict:
+    from gpt2chat.engine import Engine
+    from gpt2chat.sampling import SamplingParams
+
+    engine = Engine(model, max_batch_size=1, **engine_kwargs(False))
+    params = SamplingParams(temperature=0, max_new_tokens=tokens + 1)
+    rates = []
+    for index in range(repeats + 1):
+        result = engine.generate([prompt(index, PROMPT_TOKENS)], params)[0]
+        if index:  # the first is a warm-up
+            rates.append(tokens / result.decode_s)
+    return {"measure": "1 stream", "tokens_per_s": statistics.median(rates), "runs": len(rates)}
+
+
+def many_streams(model, streams: int, requests: int, tokens: int) -> dict:
+    from gpt2chat.engine import BatchedEngine
+    from gpt2chat.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.8, top_k=40, max_new_tokens=tokens)
+    ttfts, gaps, counts = [], [], []
+    with BatchedEngine(model, max_batch_size=streams, **engine_kwargs(True)) as engine:
+        list(engine.submit(prompt(999, PROMPT_TOKENS), params.replace(max_new_tokens=4)))  # warm-up
+
+        def client(index: int) -> None:
+            for turn in range(requests):
+                request = engine.submit(prompt(1000 * index + turn, PROMPT_TOKENS), params.replace(seed=index))
+                last = None
+                for _ in request:
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+                ttfts.append(request.ttft_s)
+                counts.append(request.completion_tokens)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+    return {"measure": f"{streams} streams", "tokens_per_s": sum(counts) / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+            "ttft_p99_ms": 1000 * percentile(ttfts, 99), "gap_p99_ms": 1000 * percentile(gaps, 99),
+            "gap_max_ms": 1000 * max(gaps), "requests": len(ttfts)}  # fmt: skip
+
+
+def multi_turn(model, turns: int) -> list[dict]:
+    from gpt2chat.engine import BatchedEngine
+    from gpt2chat.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=1)
+    engines = {cache: BatchedEngine(model, max_batch_size=4, **engine_kwargs(cache)) for cache in (True, False)}
+    rows = []
+    try:
+        history = prompt(7, PROMPT_TOKENS)
+        for turn in range(1, turns + 1):
+            row = {"measure": "multi-turn", "turn": turn, "prompt_tokens": len(history)}
+            for cache, engine in engines.items():  # interleaved: the same prompt on each engine in turn
+                request = engine.submit(history, params)
+                list(request)  # to its end (works on the engine before the prompt cache too)
+                row[f"ttft_ms_cache_{'on' if cache else 'off'}"] = 1000 * request.ttft_s
+                row[f"cached_tokens_cache_{'on' if cache else 'off'}"] = getattr(request, "cached_tokens", 0)
+            rows.append(row)
+            history = history + prompt(100 + turn, TURN_TOKENS)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="gpt2")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client of the concurrent level")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, many, turns")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build_model(args.shape)
+    only = set(args.only.split(","))
+    rows = []
+    if "1" in only:
+        rows.append(one_stream(model, args.tokens, args.repeats))
+    if "many" in only:
+        rows.append(many_streams(model, args.streams, args.requests, args.tokens))
+    if "turns" in only:
+        rows += multi_turn(model, args.turns)
+    for row in rows:
+        print(json.dumps({"shape": args.shape, "threads": args.threads, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
