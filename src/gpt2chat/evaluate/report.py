@@ -200,12 +200,36 @@ def _section_generation(report: dict) -> list[str]:
     return lines + [""]
 
 
+BUSY = "busy machine (see below)"  # a figure over its bound or too spread to be a result (evaluate/speed.py)
+
+
 def _rate(speed: dict, key: str) -> str:
-    """'90.2 (88.1-91.0)': the median and the range of the repeats."""
+    """'90.2 (88.1-91.0)': the median and the range of the repeats; BUSY when it cannot be a result."""
     value, spread = speed.get(key), speed.get(f"{key}_range")
     if value is None:
         return "—"
+    if key in (speed.get("busy_machine") or {}):
+        return BUSY
     return f"{value:.1f} ({spread[0]:.1f}-{spread[1]:.1f})" if spread else f"{value:.1f}"
+
+
+def _speed_pct(speed: dict, key: str) -> str:
+    return BUSY if key in (speed.get("busy_machine") or {}) else _pct(speed.get(key))
+
+
+FIGURE_NAMES = {"prefill_tokens_per_s": "prefill tok/s", "prefill_mfu": "prefill MFU", "prefill_mbu": "prefill MBU",
+                "decode_tokens_per_s": "decode tok/s", "decode_mfu": "decode MFU", "decode_mbu": "decode MBU"}
+
+
+def _busy_lines(report: dict) -> list[str]:
+    lines = []
+    for entry in report["models"]:
+        reasons = (entry.get("speed") or {}).get("busy_machine") or {}
+        for text in dict.fromkeys(reasons.values()):
+            figures = ", ".join(FIGURE_NAMES.get(key, key) for key, why in reasons.items() if why == text)
+            lines.append(f"- {entry['label']}: {figures}: not a result, measured on a busy machine: {text}. "
+                         "Re-run on a quiet machine.")
+    return lines
 
 
 def _peak_line(peaks: dict) -> str:
@@ -226,13 +250,14 @@ def _section_compute(report: dict) -> list[str]:
         flops, speed = entry.get("flops") or {}, entry.get("speed") or {}
         rows.append([entry["label"], human(entry.get("parameters")), human(flops.get("forward_per_token")),
                      human(flops.get("training_per_token")), _rate(speed, "prefill_tokens_per_s"),
-                     _rate(speed, "decode_tokens_per_s"), _pct(speed.get("prefill_mfu")),
-                     _pct(speed.get("decode_mbu"))])
+                     _rate(speed, "decode_tokens_per_s"), _speed_pct(speed, "prefill_mfu"),
+                     _speed_pct(speed, "decode_mbu")])
     lines = ["## Size, compute and speed", ""]
     lines += _table(["model", "params", "FLOPs/token fwd", "FLOPs/token train (3x)", "prefill tok/s (range)",
                      "decode tok/s (range)", "prefill MFU", "decode MBU"], rows)
     context = next((e["flops"]["context"] for e in report["models"] if e.get("flops")), None)
     lines.append(f"- FLOPs: analytic matmul count at a context of {context} tokens (see `gpt2chat.evaluate.flops`).")
+    lines += _busy_lines(report)
     for entry in report["models"]:
         if entry.get("speed"):
             lines.append(f"- {entry['label']}: {entry['speed']['measured_on']}")
