@@ -209,3 +209,17 @@ def test_busy_machine_reasons_name_each_bound():
         in reasons["decode_tokens_per_s"]
     wide = busy_machine_reasons({"prefill_tokens_per_s": 10.0, "prefill_tokens_per_s_range": [5.0, 15.1]})
     assert wide == {"prefill_tokens_per_s": "its repeats ranged 5.0-15.1 tok/s, wider than the median 10.0"}
+
+
+def test_a_report_write_that_fails_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_report(_report(), out)
+    before = {name: (out / name).read_bytes() for name in ("report.md", "report.json", "perplexity.png")}
+    changed = _report()
+    changed["models"][0]["label"] = "renamed"
+    monkeypatch.setenv("GPT2CHAT_FAULT", "enospc:write@3")  # perplexity.png, report.json, then report.md
+    with pytest.raises(OSError, match="No space left"):
+        write_report(changed, out)
+    assert (out / "report.md").read_bytes() == before["report.md"]  # the old one, not a torn new one
+    assert "renamed" in (out / "report.json").read_text()  # the files before it were each replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["perplexity.png", "report.json", "report.md"]  # no temp files

@@ -4,7 +4,8 @@ Takes the plain dict `evaluate_models` builds and only formats it: no model, no 
 followed by a "measured on" line (dataset, rows, template, device, dtype, threads) taken from the dict.
 Loss curves come from each training stage's `metrics.jsonl` (JSON lines with `step` and `loss` /
 `eval_loss`, or `loss` with `split` = train / val), labelled by the stage (`sft`, `sft+orpo`) they belong
-to. Evaluation rows found in a model's training data are a warning at the top of the summary.
+to. Evaluation rows found in a model's training data are a warning at the top of the summary. Every file is
+written through the one atomic writer (`gpt2chat.files`): a killed run leaves the old report or the new one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from gpt2chat.files import write_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["write_report", "render_markdown", "read_loss_log", "plot_perplexity", "plot_loss_curves", "human"]
 
@@ -113,7 +116,7 @@ def plot_perplexity(report: dict, path: Path) -> list[str] | None:
                    f"{env['dtype']}", fontsize=7)
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     figure.tight_layout()
-    figure.savefig(path)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     drawn = [tick.get_text() for tick in axis.get_xticklabels()]
     plt.close(figure)
     return drawn
@@ -142,7 +145,7 @@ def plot_loss_curves(logs: dict[str, str], path: Path) -> list[str] | None:
     axis.legend(fontsize=7)
     axis.set_title("loss curves from each stage's metrics.jsonl", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     drawn = [text.get_text() for text in axis.get_legend().get_texts()]
     plt.close(figure)
     return drawn
@@ -357,7 +360,6 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
     if drawn:
         plots["loss curves"] = {"file": "loss_curves.png", "series": drawn}
     report["plots"] = plots
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n",
-                                         encoding="utf-8")
-    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_json_atomic(out_dir / "report.json", report, ensure_ascii=False, default=str)
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
     return report
