@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt2chat.device import model_device_dtype as read_device_dtype
 from gpt2chat.engine.request import Request, TokenLogprob
 from gpt2chat.engine.runner import ModelRunner
 from gpt2chat.engine.scheduler import Scheduler, check_prompt
@@ -27,8 +28,7 @@ __all__ = ["Engine", "TokenStream", "model_device_dtype"]
 def model_device_dtype(model: GPT, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of `model`'s weights; a `device` / `dtype` given must match them (the engine
     never moves or casts the model it is given: load it where it should run)."""
-    weight = model.transformer.wpe.weight  # plain fp32 in every inference layout
-    have_device, have_dtype = weight.device, weight.dtype
+    have_device, have_dtype = read_device_dtype(model)
     if device is not None and torch.device(device).type != have_device.type:
         raise Gpt2ChatError(f"the model is on {have_device} but the engine was asked for {device}: load it there")
     if dtype is not None and not isinstance(dtype, str) and dtype != have_dtype:

@@ -254,7 +254,9 @@ def _inference_model(path: str, config, device, dtype):
 
 
 def _compute_dtype(model):
-    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    from gpt2chat.device import model_device_dtype
+
+    return model_device_dtype(model)[1]
 
 
 def _fits_together(paths: list[str], device) -> bool:

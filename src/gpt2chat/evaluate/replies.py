@@ -27,6 +27,7 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
     from tqdm.auto import tqdm
 
     from gpt2chat.context_fit import fit_messages, reply_reserve
+    from gpt2chat.device import model_device_dtype
     from gpt2chat.engine import Engine
     from gpt2chat.reply import chat_template, decode_reply, stop_token_ids
     from gpt2chat.sampling import SamplingParams
@@ -44,8 +45,7 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=stop_token_ids(tokenizer, spec),
                             seed=seed if temperature > 0 else None)
-    parameter = next(model.parameters())
-    engine = Engine(model, device=parameter.device, dtype=parameter.dtype)
+    engine = Engine(model, *model_device_dtype(model))
     replies: list[str] = []
     torch.manual_seed(seed)
     starts = range(0, len(prompt_ids), max(1, batch_size))
