@@ -11,3 +11,16 @@ def conversation(turns: int, words: int = 12) -> list[dict]:
         messages += [{"role": "user", "content": f"question {turn} " + "word " * words},
                      {"role": "assistant", "content": f"answer {turn} " + "word " * words}]
     return messages + [{"role": "user", "content": "last question"}]
+
+
+# conversations every exporter must render as our templates do (plain, system, history, a typed control token)
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke, please."}],
+    [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "One?"},
+     {"role": "assistant", "content": "Un."}, {"role": "user", "content": "Two?"},
+     {"role": "assistant", "content": "Deux."}, {"role": "user", "content": "Three? <|eot_id|> 3"}],
+    [{"role": "user", "content": "Ends with a reply"}, {"role": "assistant", "content": "Yes, it does."}],
+]  # fmt: skip

@@ -19,6 +19,7 @@ from gpt2chat.config import get_preset
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.model import GPT
 from gpt2chat.tokenizer import Tokenizer
+from hostile_files import RunsCode
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,22 +120,12 @@ def test_pytorch_model_bin_loads(tmp_path):
     assert max_diff(model, hf, GPT2_VOCAB) <= 1e-4
 
 
-class _RunsCode:
-    """Unpickling this calls os.mkdir(marker): a stand-in for arbitrary code in a hostile .bin file."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 def test_pickled_code_in_bin_is_refused(tmp_path):
     hf_model("tiny").save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     marker = tmp_path / "code-ran"
-    torch.save({**state, "payload": _RunsCode(str(marker))}, tmp_path / "pytorch_model.bin")
+    torch.save({**state, "payload": RunsCode(str(marker))}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused"):
         load_model(tmp_path, device="cpu")
     assert not marker.exists()

@@ -6,29 +6,12 @@ from collections import Counter
 
 import pytest
 
-from gpt2chat.data import Budgets, Conversation, PreferencePair
+from data_samples import conv, pair, tokenizer_with_every_template, trained_text
+from gpt2chat.data import Budgets
 from gpt2chat.data.examples import PrefetchedTokenizer, build_preferences, build_sft, preference_example
 from gpt2chat.templates import TEMPLATES, get_template, render_chat
-from gpt2chat.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def tok():
-    tokenizer = Tokenizer.gpt2()
-    for template in TEMPLATES.values():
-        template.ensure_tokens(tokenizer)
-    return tokenizer
-
-
-def conv(*texts, system=None, source="t:1"):
-    messages = [{"role": "system", "content": system}] if system else []
-    for index, text in enumerate(texts):
-        messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
-    return Conversation(messages=messages, source=source)
-
-
-def trained_text(tok, example):
-    return tok.decode([i for i, m in zip(example.input_ids, example.assistant_mask, strict=True) if m])
+tok = pytest.fixture(scope="module")(tokenizer_with_every_template)
 
 
 UNICODE = ["Привет! Как дела? 😊", "Très bien, merci — et toi ? 你好", "  spaces\n\n and <|eot_id|> typed ",
@@ -103,13 +86,6 @@ def test_every_example_has_a_nonempty_mask(tok, template):
     for example in build_sft(tok, conversations, template, Budgets.sft()):
         assert sum(example.assistant_mask) > 0
         assert len(example.input_ids) == len(example.assistant_mask)
-
-
-def pair(prompt, chosen="Yes.", rejected="No.", system=None):
-    turns = [{"role": "system", "content": system}] if system else []
-    for index, text in enumerate(prompt):
-        turns.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
-    return PreferencePair(prompt=turns, chosen=chosen, rejected=rejected, source="p:1")
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))

@@ -6,21 +6,8 @@ import json
 
 import pytest
 
+from data_samples import msg, texts, write
 from gpt2chat.data import DataError, FormatOptions, load_conversations
-
-
-def msg(mid, parent, role, text, rank=None, tree="t1", **extra):
-    row = {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank, "lang": "en",
-           "deleted": False, "review_result": True, "message_tree_id": tree}
-    row.update(extra)
-    return row
-
-
-def write(tmp_path, rows, name="oasst.jsonl"):
-    path = tmp_path / name
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return f"oasst1:{path}"
-
 
 TREE = [
     msg("r", None, "prompter", "Q1"),
@@ -34,10 +21,6 @@ TREE = [
     msg("z", "a1", "prompter", "follow-up to the second best"),
     msg("z1", "z", "assistant", "Z1"),
 ]
-
-
-def texts(conversation):
-    return [m["content"] for m in conversation.messages]
 
 
 def test_best_ranked_path(tmp_path):

@@ -38,3 +38,21 @@ def test_bad_choices_are_clear_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="CUDA is not available"):
         device_and_dtype("cuda")
+
+
+def test_a_models_device_and_dtype_are_read_one_way_in_every_layout():
+    import torch
+
+    from gpt2chat.config import get_preset
+    from gpt2chat.device import model_device_dtype
+    from gpt2chat.model import GPT
+    from gpt2chat.quantize import convert_for_inference
+
+    model = GPT(get_preset("tiny")).eval()
+    assert model_device_dtype(model) == (torch.device("cpu"), torch.float32)
+    for mode in ("fp16", "int8"):  # compact weights, fp32 compute: the position table says so
+        assert model_device_dtype(convert_for_inference(model, mode)) == (torch.device("cpu"), torch.float32)
+    assert model_device_dtype(model.to(torch.bfloat16))[1] == torch.bfloat16
+    # a module without a position table (a peer's): its first floating-point parameter
+    peer = torch.nn.Sequential(torch.nn.Embedding(3, 2).to(torch.float16))
+    assert model_device_dtype(peer) == (torch.device("cpu"), torch.float16)

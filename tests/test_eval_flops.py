@@ -14,6 +14,7 @@ from gpt2chat.evaluate.flops import (
     decode_bytes_per_token,
     forward_flops_per_token,
     measure_peaks,
+    prefill_flops,
     training_flops_per_token,
     utilisation,
 )
@@ -90,3 +91,23 @@ def test_analytic_parameters_match_our_model(preset):
 
     config = get_preset(preset)
     assert analytic_parameters(config) == count_parameters(GPT(config))
+
+
+def test_prefill_flops_count_the_lm_head_for_the_last_position_only():
+    """Issue 26: prefill MFU read 212-420% because the LM head was charged for every prompt token, while a
+    prefill computes the logits of its last position alone."""
+    L, d, V, P = 12, 768, 50257, 32
+    blocks = 2 * 12 * L * d * d  # per token: QKV + output projections and the MLP
+    attention = sum(4 * L * t * d for t in range(1, P + 1))  # token t attends to t keys
+    assert prefill_flops(GPT2_124M, P) == P * blocks + attention + 2 * V * d
+    assert prefill_flops(GPT2_124M, P, logits_positions=P) == sum(
+        forward_flops_per_token(GPT2_124M, t)["total"] for t in range(1, P + 1))  # every position: the old count
+    assert prefill_flops(GPT2_124M, 1) == forward_flops_per_token(GPT2_124M, 1)["total"]
+    # the head is 2Vd = 77M FLOPs a token at 124M: counting it 32 times overstates this prefill by 1.43x
+    # (by far more on the tiny shapes, where the head is most of the model)
+    assert prefill_flops(GPT2_124M, P, logits_positions=P) / prefill_flops(GPT2_124M, P) > 1.4
+    # GPT-Neo's local layers attend to at most the window: token 300 sees 300 keys on 6 layers, 256 on 6
+    neo_blocks = prefill_flops(NEO_125M, 1) - 2 * V * d - 12 * 4 * d
+    assert prefill_flops(NEO_125M, 300) - prefill_flops(NEO_125M, 299) == neo_blocks + 4 * d * (6 * 300 + 6 * 256)
+    with pytest.raises(ValueError):
+        prefill_flops(GPT2_124M, 0)

@@ -174,3 +174,52 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["eval", "--model", model, "--data", f"oasst1:{tmp_path / 'nope.jsonl'}", "--skip", "speed",
                  "--out", str(tmp_path / "o")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_a_figure_over_its_bound_or_too_spread_reads_busy_machine_not_a_number():
+    """The quickstart printed "prefill MFU 149.15%" and decode "40.9-920.6 tok/s" as results."""
+    from gpt2chat.evaluate.speed import busy_machine_reasons
+
+    report = _report()
+    quiet = report["models"][0]
+    busy_speed = {**quiet["speed"], "prefill_mfu": 1.4915, "decode_tokens_per_s": 300.0,
+                  "decode_tokens_per_s_range": [40.9, 920.6]}
+    busy_speed["busy_machine"] = busy_machine_reasons(busy_speed)
+    assert busy_machine_reasons(quiet["speed"]) == {}
+    assert set(busy_speed["busy_machine"]) == {"prefill_tokens_per_s", "prefill_mfu", "decode_tokens_per_s",
+                                               "decode_mbu"}
+    report["models"] = [quiet, {**quiet, "label": "loaded", "speed": busy_speed}]
+    md = render_markdown(report)
+    assert "149" not in md.split("## Size, compute and speed")[1].split("\n- ")[0]  # not in the table
+    assert "40.9-920.6" not in md.split("## Summary")[1].split("\n- ")[0]
+    assert "| loaded | 124M | 285M | 854M | busy machine (see below) | busy machine (see below) |" in md
+    assert "prefill MFU 149% is over 100%" in md and "wider than the median 300.0" in md
+    assert "500.0 (480.0-510.0) | 90.2 (88.1-91.0) | 20.00% | 50.00%" in md  # the quiet row is a result
+
+
+def test_busy_machine_reasons_name_each_bound():
+    from gpt2chat.evaluate.speed import busy_machine_reasons
+
+    row = {"decode_tokens_per_s": 50.0, "decode_tokens_per_s_range": [45.0, 60.0], "decode_mbu": 1.25,
+           "decode_mfu": 0.1, "prefill_tokens_per_s": 400.0, "prefill_tokens_per_s_range": [390.0, 410.0],
+           "prefill_mfu": 0.99}
+    reasons = busy_machine_reasons(row)
+    assert set(reasons) == {"decode_tokens_per_s", "decode_mbu", "decode_mfu"}  # prefill at 99% is a result
+    assert "decode MBU 125% is over 100% (50.0 tok/s above the 40.0 tok/s the measured read bandwidth allows)" \
+        in reasons["decode_tokens_per_s"]
+    wide = busy_machine_reasons({"prefill_tokens_per_s": 10.0, "prefill_tokens_per_s_range": [5.0, 15.1]})
+    assert wide == {"prefill_tokens_per_s": "its repeats ranged 5.0-15.1 tok/s, wider than the median 10.0"}
+
+
+def test_a_report_write_that_fails_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_report(_report(), out)
+    before = {name: (out / name).read_bytes() for name in ("report.md", "report.json", "perplexity.png")}
+    changed = _report()
+    changed["models"][0]["label"] = "renamed"
+    monkeypatch.setenv("GPT2CHAT_FAULT", "enospc:write@3")  # perplexity.png, report.json, then report.md
+    with pytest.raises(OSError, match="No space left"):
+        write_report(changed, out)
+    assert (out / "report.md").read_bytes() == before["report.md"]  # the old one, not a torn new one
+    assert "renamed" in (out / "report.json").read_text()  # the files before it were each replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["perplexity.png", "report.json", "report.md"]  # no temp files

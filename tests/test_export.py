@@ -20,23 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from chat_samples import CONVERSATIONS
 from gpt2chat.checkpoint import init_checkpoint, load_model, save_pretrained
 from gpt2chat.cli import main
 from gpt2chat.export import ExportError, export_gguf, export_hf, gguf_chat_template, write_gguf
 from gpt2chat.export.modelfile import GO_TEMPLATES
 from gpt2chat.lora import apply_lora, merge_lora, save_adapter
 from gpt2chat.templates import TEMPLATES, get_template
-
-CONVERSATIONS = [
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a joke, please."}],
-    [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "One?"},
-     {"role": "assistant", "content": "Un."}, {"role": "user", "content": "Two?"},
-     {"role": "assistant", "content": "Deux."}, {"role": "user", "content": "Three? <|eot_id|> 3"}],
-    [{"role": "user", "content": "Ends with a reply"}, {"role": "assistant", "content": "Yes, it does."}],
-]  # fmt: skip
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -33,12 +33,12 @@ import pytest
 import torch
 
 from benchmarks.peers import llama_cpp_logits
+from chat_samples import CONVERSATIONS
 from gpt2chat.checkpoint import init_checkpoint, load_model, save_pretrained
 from gpt2chat.engine import Engine
 from gpt2chat.export import export_gguf, gguf_chat_template, write_gguf
 from gpt2chat.sampling import SamplingParams
 from gpt2chat.templates import TEMPLATES, get_template
-from test_export import CONVERSATIONS
 
 REQUIRED = os.environ.get("GPT2CHAT_REQUIRE_LLAMA_CPP") == "1"
 try:

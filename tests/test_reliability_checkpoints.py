@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from gpt2chat.checkpoint import init_checkpoint
 from gpt2chat.cli import main
 from gpt2chat.tokenizer import Tokenizer
-from test_checkpoint import _RunsCode  # unpickling it calls os.mkdir(marker)
+from hostile_files import RunsCode  # unpickling it calls os.mkdir(marker)
 
 WEIGHTS = "model.safetensors"
 
@@ -99,7 +99,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tiny, tmp_path, 
     state = load_file(folder / WEIGHTS)
     (folder / WEIGHTS).unlink()
     marker = tmp_path / "code-ran"
-    torch.save({**state, "payload": _RunsCode(str(marker))}, folder / "pytorch_model.bin")
+    torch.save({**state, "payload": RunsCode(str(marker))}, folder / "pytorch_model.bin")
     torch.load(folder / "pytorch_model.bin", weights_only=False)  # the payload is live: a plain unpickle runs it...
     assert marker.is_dir()
     marker.rmdir()

@@ -7,14 +7,12 @@ from collections import Counter
 
 import pytest
 
-import test_data_examples
+from data_samples import conv, msg, pair, texts, tokenizer_with_every_template, trained_text, write
 from gpt2chat.cli import main
 from gpt2chat.data import Budgets, DataError, FormatOptions, load_conversations
 from gpt2chat.data.examples import build_preferences, build_sft
 from gpt2chat.data.report import format_stats
 from gpt2chat.train.config import ConfigError, TrainConfig
-from test_data_examples import conv, pair, trained_text
-from test_data_oasst import msg, texts, write
 
 # One tree: a valid two-turn path, a sibling branch where a prompter answers a prompter (with an assistant
 # reply under it), and a message of the same tree whose parent is missing.
@@ -61,7 +59,7 @@ def test_a_tree_with_nothing_valid_left_is_one_broken_tree(tmp_path, all_paths):
 
 
 # ------------------------------------------------------------------------------------------------ budgets
-tok = test_data_examples.tok  # the GPT-2 tokenizer with every template's tokens (a fixture)
+tok = pytest.fixture(scope="module")(tokenizer_with_every_template)
 LONG_QUESTION = "START " + " ".join(f"w{i}" for i in range(300)) + " END?"
 SEED_002 = dict(max_prompt_length=96, max_response_length=64, max_length=160)
 

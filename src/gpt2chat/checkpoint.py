@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2chat.config import ConfigError, ModelConfig, get_preset
+from gpt2chat.device import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.files import write_atomic, write_json_atomic
 
@@ -363,7 +364,7 @@ def save_pretrained(
         tokenizer.save(out)
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype_name = str(model_device_dtype(model)[1]).removeprefix("torch.")
     hf_config = {**config.to_hf_dict(), "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad,
                  "dtype": dtype_name, "torch_dtype": dtype_name}  # fmt: skip
     eos_ids = [eos, *[i for i in stop_ids if i != eos]]

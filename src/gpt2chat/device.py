@@ -5,7 +5,10 @@ CPU in float32. Loading (`checkpoint.load_model`), generation (`Engine`), traini
 whose fp32 master weights take bf16 autocast where this policy says bf16) and evaluation all ask here.
 Explicit arguments win; a name we do not know, or CUDA asked for where there is none, is a `DeviceError`.
 
-Knows torch only: no models, files or flags.
+`model_device_dtype(model)` is the one way to read where a loaded model runs and in which dtype it
+computes (its position table: plain floating point in every inference layout, fp16 / int8 included).
+
+Knows torch only: no model classes, files or flags.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from gpt2chat.errors import Gpt2ChatError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DeviceError", "DTYPE_NAMES", "resolve_device", "resolve_dtype", "device_and_dtype"]
+__all__ = ["DeviceError", "DTYPE_NAMES", "resolve_device", "resolve_dtype", "device_and_dtype", "model_device_dtype"]
 
 # accepted spellings -> torch attribute
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
@@ -64,3 +67,13 @@ def device_and_dtype(device: Any = None, dtype: Any = None) -> tuple[torch.devic
     """Both at once: the dtype default follows the device chosen."""
     resolved = resolve_device(device)
     return resolved, resolve_dtype(dtype, resolved)
+
+
+def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype of a loaded model: those of its position-embedding table
+    (`transformer.wpe`, never quantized), else of its first floating-point parameter."""
+    wpe = getattr(getattr(model, "transformer", None), "wpe", None)
+    weight = getattr(wpe, "weight", None)
+    if weight is None:
+        weight = next(p for p in model.parameters() if p.dtype.is_floating_point)
+    return weight.device, weight.dtype

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpt2chat.device import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
 
 __all__ = [
@@ -245,7 +246,7 @@ def convert_for_inference(model: nn.Module, quantize: str | None = None, device=
         raise Gpt2ChatError(f"this model is already converted for inference ({weight_format(model)}); "
                             "convert the original model instead")  # fmt: skip
     if device is None:
-        device = next(model.parameters()).device
+        device = model_device_dtype(model)[0]
     return _convert(model, _plan(quantize, device, dtype), owned=False)
 
 

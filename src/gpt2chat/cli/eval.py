@@ -104,11 +104,13 @@ def run_eval(args: argparse.Namespace) -> int:
         pref = (entry.get("preference") or {}).get("accuracy")
         bleu = (entry.get("generation") or {}).get("bleu")
         speed = (entry.get("speed") or {}).get("decode_tokens_per_s")
+        busy = "decode_tokens_per_s" in ((entry.get("speed") or {}).get("busy_machine") or {})
         print(f"{entry['label']}: params {entry['parameters']:,}"
               + (f", ppl {ppl:.3f}" if ppl is not None else "")
               + (f", preference accuracy {pref:.3f}" if pref is not None else "")
               + (f", BLEU {bleu:.2f}" if bleu is not None else "")
-              + (f", decode {speed:.1f} tok/s" if speed is not None else ""))
+              + (", decode: not a result, the machine was busy (see the report)" if busy
+                 else f", decode {speed:.1f} tok/s" if speed is not None else ""))
     for warning in report.get("warnings") or []:
         print(f"warning: {warning}")
     print(f"report: {args.out}/report.md, {args.out}/report.json")

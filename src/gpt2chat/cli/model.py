@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2chat.device import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
 
 ARCHS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-neo-125m", "gpt-neo-1.3b", "tiny", "tiny-neo")
@@ -80,8 +81,7 @@ def load_inference_model(args: argparse.Namespace):
         model, tokenizer = load_for_inference(folder, quantize=args.quantize, device=args.device, dtype=args.dtype)
     except RuntimeError as exc:  # e.g. a device that is not there
         raise Gpt2ChatError(f"cannot load {folder} on {args.device or 'the default device'}: {exc}") from exc
-    parameter = next(model.parameters())  # the compute device and dtype in every layout
-    return folder, model, tokenizer, parameter.device, parameter.dtype
+    return folder, model, tokenizer, *model_device_dtype(model)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, default_new_tokens: int, default_preset=None) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt2chat.device import model_device_dtype as read_device_dtype
 from gpt2chat.engine.prompt_cache import PromptCacheStats
 from gpt2chat.engine.request import GenerationResult, Request
 from gpt2chat.engine.runner import ModelRunner
@@ -19,14 +20,13 @@ from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.model import GPT
 from gpt2chat.sampling import SamplingParams
 
-__all__ = ["EngineBase", "model_device_dtype"]
+__all__ = ["EngineBase", "checked_device_dtype"]
 
 
-def model_device_dtype(model: GPT, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+def checked_device_dtype(model: GPT, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of `model`'s weights; a `device` / `dtype` given must match them (the engine
     never moves or casts the model it is given: load it where it should run)."""
-    weight = model.transformer.wpe.weight  # plain fp32 in every inference layout
-    have_device, have_dtype = weight.device, weight.dtype
+    have_device, have_dtype = read_device_dtype(model)
     if device is not None and torch.device(device).type != have_device.type:
         raise Gpt2ChatError(f"the model is on {have_device} but the engine was asked for {device}: load it there")
     if dtype is not None and not isinstance(dtype, str) and dtype != have_dtype:
@@ -50,7 +50,7 @@ class EngineBase:
                  max_len: int | None = None, compile: bool = False, prompt_cache: bool = True):  # fmt: skip
         if max_batch_size < 1:
             raise Gpt2ChatError("max_batch_size must be >= 1")
-        self.device, self.dtype = model_device_dtype(model, device, dtype)
+        self.device, self.dtype = checked_device_dtype(model, device, dtype)
         self.model, self.config = model, model.config
         self.max_batch_size = max_batch_size
         self.context = min(self.config.n_positions, max_len or self.config.n_positions)

@@ -32,6 +32,7 @@ __all__ = [
     "matmul_parameters",
     "forward_flops_per_token",
     "training_flops_per_token",
+    "prefill_flops",
     "decode_bytes_per_token",
     "synchronize",
     "best_seconds",
@@ -94,6 +95,18 @@ def forward_flops_per_token(config: Any, context: int | None = None) -> dict:
     weights = 2 * matmul_parameters(config)
     attention = sum(4 * keys * d for keys in _keys_per_layer(config, context))
     return {"weights": weights, "attention": attention, "total": weights + attention, "context": context}
+
+
+def prefill_flops(config: Any, prompt_tokens: int, logits_positions: int = 1) -> int:
+    """Forward FLOPs of a prefill of `prompt_tokens` tokens as the engine runs it: every token through the
+    blocks, token t attending to t keys (the window on GPT-Neo's local layers), and the LM head only for the
+    last `logits_positions` positions (a prefill samples from the last position's logits alone)."""
+    if prompt_tokens < 1 or not 1 <= logits_positions <= prompt_tokens:
+        raise ValueError("prompt_tokens must be >= 1 and logits_positions in 1..prompt_tokens")
+    d, vocab = int(config.n_embd), int(config.vocab_size)
+    blocks = 2 * (matmul_parameters(config) - vocab * d)  # per token, without the LM head
+    attention = sum(4 * d * keys for t in range(1, prompt_tokens + 1) for keys in _keys_per_layer(config, t))
+    return prompt_tokens * blocks + attention + logits_positions * 2 * vocab * d
 
 
 def training_flops_per_token(config: Any, context: int | None = None) -> int:

@@ -254,7 +254,9 @@ def _inference_model(path: str, config, device, dtype):
 
 
 def _compute_dtype(model):
-    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    from gpt2chat.device import model_device_dtype
+
+    return model_device_dtype(model)[1]
 
 
 def _fits_together(paths: list[str], device) -> bool:
@@ -306,11 +308,13 @@ def speed_entries(paths: list[str], config, *, device, dtype) -> list[tuple[dict
 def add_utilisation(speed: dict, model_config, peaks: dict) -> dict:
     """MFU of prefill, MFU and MBU of decode against the run's best measured peaks (in place)."""
     from gpt2chat.evaluate import flops
+    from gpt2chat.evaluate.speed import busy_machine_reasons
 
     prompt, steps = speed["prompt_tokens"], speed["decode_steps"]
     element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(speed["dtype"], 4)
-    # prefill: token t attends to t keys (mean (P+1)/2); decode: mean context P + steps/2
-    prefill_flops = flops.forward_flops_per_token(model_config, max(1, (prompt + 1) // 2))["total"]
+    # prefill: what it computes (token t attends to t keys; the LM head for the last position only);
+    # decode: one token at a mean context of P + steps/2, the LM head included
+    prefill_flops = flops.prefill_flops(model_config, prompt) / prompt
     decode_context = prompt + max(1, steps // 2)
     decode_flops = flops.forward_flops_per_token(model_config, decode_context)["total"]
     decode_bytes = flops.decode_bytes_per_token(model_config, 0, element, decode_context) + speed["weight_bytes"]
@@ -321,7 +325,10 @@ def add_utilisation(speed: dict, model_config, peaks: dict) -> dict:
                                prefill_tokens_per_s=None, decode_tokens_per_s=speed["decode_tokens_per_s"],
                                peaks=peaks)
     speed.update(prefill_mfu=prefill["prefill_mfu"], decode_mfu=decode["decode_mfu"],
-                 decode_mbu=decode["decode_mbu"], decode_bytes_per_token=decode_bytes)
+                 decode_mbu=decode["decode_mbu"], decode_bytes_per_token=decode_bytes,
+                 prefill_flops_per_token=prefill_flops,
+                 decode_read_bound_tokens_per_s=peaks["read_bytes_per_s"] / decode_bytes)
+    speed["busy_machine"] = busy_machine_reasons(speed)
     low, high = speed["decode_tokens_per_s_range"]
     together = (f"round-robin with the other {speed['round_robin_with'] - 1} checkpoint(s)"
                 if speed["round_robin_with"] > 1 else "timed alone")

@@ -26,6 +26,7 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
     import torch
     from tqdm.auto import tqdm
 
+    from gpt2chat.device import model_device_dtype
     from gpt2chat.engine import Engine
     from gpt2chat.pipeline import TextPipeline
     from gpt2chat.sampling import SamplingParams
@@ -40,8 +41,7 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
             raise type(exc)(f"prompt {index + 1} of {len(prompts)}: {exc}") from exc
     base = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed if temperature > 0 else None)
-    parameter = next(model.parameters())
-    engine = Engine(model, device=parameter.device, dtype=parameter.dtype)
+    engine = Engine(model, *model_device_dtype(model))
     replies: list[str] = []
     torch.manual_seed(seed)
     starts = range(0, len(prompt_ids), max(1, batch_size))

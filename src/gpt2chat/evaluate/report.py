@@ -4,7 +4,8 @@ Takes the plain dict `evaluate_models` builds and only formats it: no model, no 
 followed by a "measured on" line (dataset, rows, template, device, dtype, threads) taken from the dict.
 Loss curves come from each training stage's `metrics.jsonl` (JSON lines with `step` and `loss` /
 `eval_loss`, or `loss` with `split` = train / val), labelled by the stage (`sft`, `sft+orpo`) they belong
-to. Evaluation rows found in a model's training data are a warning at the top of the summary.
+to. Evaluation rows found in a model's training data are a warning at the top of the summary. Every file is
+written through the one atomic writer (`gpt2chat.files`): a killed run leaves the old report or the new one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from gpt2chat.files import write_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["write_report", "render_markdown", "read_loss_log", "plot_perplexity", "plot_loss_curves", "human"]
 
@@ -113,7 +116,7 @@ def plot_perplexity(report: dict, path: Path) -> list[str] | None:
                    f"{env['dtype']}", fontsize=7)
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     figure.tight_layout()
-    figure.savefig(path)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     drawn = [tick.get_text() for tick in axis.get_xticklabels()]
     plt.close(figure)
     return drawn
@@ -142,7 +145,7 @@ def plot_loss_curves(logs: dict[str, str], path: Path) -> list[str] | None:
     axis.legend(fontsize=7)
     axis.set_title("loss curves from each stage's metrics.jsonl", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     drawn = [text.get_text() for text in axis.get_legend().get_texts()]
     plt.close(figure)
     return drawn
@@ -200,12 +203,36 @@ def _section_generation(report: dict) -> list[str]:
     return lines + [""]
 
 
+BUSY = "busy machine (see below)"  # a figure over its bound or too spread to be a result (evaluate/speed.py)
+
+
 def _rate(speed: dict, key: str) -> str:
-    """'90.2 (88.1-91.0)': the median and the range of the repeats."""
+    """'90.2 (88.1-91.0)': the median and the range of the repeats; BUSY when it cannot be a result."""
     value, spread = speed.get(key), speed.get(f"{key}_range")
     if value is None:
         return "—"
+    if key in (speed.get("busy_machine") or {}):
+        return BUSY
     return f"{value:.1f} ({spread[0]:.1f}-{spread[1]:.1f})" if spread else f"{value:.1f}"
+
+
+def _speed_pct(speed: dict, key: str) -> str:
+    return BUSY if key in (speed.get("busy_machine") or {}) else _pct(speed.get(key))
+
+
+FIGURE_NAMES = {"prefill_tokens_per_s": "prefill tok/s", "prefill_mfu": "prefill MFU", "prefill_mbu": "prefill MBU",
+                "decode_tokens_per_s": "decode tok/s", "decode_mfu": "decode MFU", "decode_mbu": "decode MBU"}
+
+
+def _busy_lines(report: dict) -> list[str]:
+    lines = []
+    for entry in report["models"]:
+        reasons = (entry.get("speed") or {}).get("busy_machine") or {}
+        for text in dict.fromkeys(reasons.values()):
+            figures = ", ".join(FIGURE_NAMES.get(key, key) for key, why in reasons.items() if why == text)
+            lines.append(f"- {entry['label']}: {figures}: not a result, measured on a busy machine: {text}. "
+                         "Re-run on a quiet machine.")
+    return lines
 
 
 def _peak_line(peaks: dict) -> str:
@@ -226,13 +253,14 @@ def _section_compute(report: dict) -> list[str]:
         flops, speed = entry.get("flops") or {}, entry.get("speed") or {}
         rows.append([entry["label"], human(entry.get("parameters")), human(flops.get("forward_per_token")),
                      human(flops.get("training_per_token")), _rate(speed, "prefill_tokens_per_s"),
-                     _rate(speed, "decode_tokens_per_s"), _pct(speed.get("prefill_mfu")),
-                     _pct(speed.get("decode_mbu"))])
+                     _rate(speed, "decode_tokens_per_s"), _speed_pct(speed, "prefill_mfu"),
+                     _speed_pct(speed, "decode_mbu")])
     lines = ["## Size, compute and speed", ""]
     lines += _table(["model", "params", "FLOPs/token fwd", "FLOPs/token train (3x)", "prefill tok/s (range)",
                      "decode tok/s (range)", "prefill MFU", "decode MBU"], rows)
     context = next((e["flops"]["context"] for e in report["models"] if e.get("flops")), None)
     lines.append(f"- FLOPs: analytic matmul count at a context of {context} tokens (see `gpt2chat.evaluate.flops`).")
+    lines += _busy_lines(report)
     for entry in report["models"]:
         if entry.get("speed"):
             lines.append(f"- {entry['label']}: {entry['speed']['measured_on']}")
@@ -332,7 +360,6 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
     if drawn:
         plots["loss curves"] = {"file": "loss_curves.png", "series": drawn}
     report["plots"] = plots
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n",
-                                         encoding="utf-8")
-    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_json_atomic(out_dir / "report.json", report, ensure_ascii=False, default=str)
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
     return report

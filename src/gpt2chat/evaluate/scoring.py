@@ -42,11 +42,12 @@ def score_sequences_multi(model, sequences: Sequence[Sequence[int]], mask_sets: 
     import torch
     from tqdm.auto import tqdm
 
+    from gpt2chat.device import model_device_dtype
     from gpt2chat.losses import scored_tokens, sum_per_sequence, token_logps
 
     if any(len(masks) != len(sequences) for masks in mask_sets):
         raise ValueError("one mask per sequence is needed")
-    device = next(model.parameters()).device
+    device, _ = model_device_dtype(model)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     batches: list[list[int]] = []
     for index in order:

@@ -10,7 +10,11 @@ depend on the text).
 Several engines are measured round-robin: repeat r of every engine runs before repeat r + 1 of any, so
 a burst of load on a shared machine slows all of them alike, and two identical checkpoints report the
 same speed within their spread. Each row keeps its median and its range (fastest, slowest repeat).
-Knows nothing about data, templates or reports.
+
+`busy_machine_reasons` says which figures of a row cannot be results: one above its physical bound (MFU or
+MBU over 100%: tokens/s above what the measured matmul peak or read bandwidth allows), or a range of repeats
+wider than its median. Both happen when other work shares the machine; the report shows such a figure as
+"busy machine" with its reason, not as a result. Knows nothing about data, templates or reports.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 
 from gpt2chat.errors import Gpt2ChatError
 
-__all__ = ["MIN_DECODE_STEPS", "MIN_REPEATS", "measure_speeds"]
+__all__ = ["MIN_DECODE_STEPS", "MIN_REPEATS", "busy_machine_reasons", "measure_speeds"]
 
 MIN_DECODE_STEPS = 64  # fewer steps time the loop's start-up more than the model
 MIN_REPEATS = 3  # a median needs at least three
@@ -90,3 +94,26 @@ def measure_speeds(engines: Sequence, *, prompt_tokens: int = 128, decode_steps:
             "dtype": str(engine.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
         })
     return rows
+
+
+def busy_machine_reasons(speed: dict) -> dict[str, str]:
+    """{figure key: why it is not a result} for a speed row with its utilisation (module docstring)."""
+    reasons: dict[str, str] = {}
+    for phase in ("prefill", "decode"):
+        rate_key = f"{phase}_tokens_per_s"
+        rate, spread = speed.get(rate_key), speed.get(f"{rate_key}_range")
+        why = []
+        if rate and spread and spread[1] - spread[0] > rate:
+            why.append(f"its repeats ranged {spread[0]:.1f}-{spread[1]:.1f} tok/s, wider than the median {rate:.1f}")
+        for name, key in (("MFU", f"{phase}_mfu"), ("MBU", f"{phase}_mbu")):
+            value = speed.get(key)
+            if value is not None and value > 1:
+                bound = f"{rate / value:.1f} tok/s" if rate else "its bound"
+                why.append(f"{phase} {name} {100 * value:.0f}% is over 100% ({rate:.1f} tok/s above the {bound} "
+                           f"the measured {'matmul peak' if name == 'MFU' else 'read bandwidth'} allows)")
+        if why:
+            text = "; ".join(why)
+            for key in (rate_key, f"{phase}_mfu", f"{phase}_mbu"):
+                if key in speed:
+                    reasons[key] = text
+    return reasons

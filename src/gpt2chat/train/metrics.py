@@ -1,7 +1,9 @@
 """Training metrics: one JSON object per line in `metrics.jsonl`, and loss curves as PNG.
 
 On resume the log is cut back to the checkpoint's step, so the file always reads as one uninterrupted
-run. This module knows numbers and files only.
+run; that rewrite and the PNG go through the one atomic writer (`gpt2chat.files`), so a kill leaves the
+old file or the new one. Records are appended a line at a time; a last line torn by a kill is not a
+record and is dropped when the log is read or cut back. This module knows numbers and files only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from gpt2chat.files import write_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -23,9 +27,8 @@ class MetricsLog:
         """Drop lines of steps after `step` (a resumed run rewrites them)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
         if self.enabled and self.path.exists():
@@ -41,10 +44,19 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a last line torn by a kill (not JSON) is left out."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only the last line can be torn by a kill mid-append
+                raise ValueError(f"{path}: line {number} is not JSON: {line[:80]!r}") from None
+    return records
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "training") -> Path | None:
@@ -70,7 +82,6 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "tr
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    png_path = Path(png_path)
-    figure.savefig(png_path)
+    png_path = write_atomic(png_path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
     return png_path
