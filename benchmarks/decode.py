@@ -137,7 +137,7 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
 
     notes: list[str] = []
     sides: list = []
-    for mode in (None, "fp16", "int8"):
+    for mode in (None, "fp16", "int8", "int4"):
         model, _ = load_for_inference(folder, quantize=mode, device="cpu")  # the layout the CLI and server use
         name = f"ours {mode or 'fp32'}"
         sides.append(Ours(name, Engine(model, prompt_cache=False), decode_read_bytes(model)))  # prefill timed cold
@@ -159,6 +159,11 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
     for outtype, name, read_bytes in (("f32", "llama.cpp f32", fp32_bytes), ("q8_0", "llama.cpp q8_0", q8_bytes)):
         gguf = convert_to_gguf(converter, folder, outtype, workdir / f"model-{outtype}.gguf")
         sides.append(LlamaCpp(name, gguf, args.threads, read_bytes))
+    # llama.cpp's converter writes no q4_0: the same folder through our exporter (the gguf package's Q4_0)
+    from gpt2chat.export import export_gguf
+
+    q4 = export_gguf(folder, workdir / "model-q4_0.gguf", quant="q4_0")
+    sides.append(LlamaCpp("llama.cpp q4_0", q4, args.threads, fp32_bytes // 4 * 18 // 32))
     return sides, notes
 
 
@@ -219,7 +224,7 @@ def run(args) -> tuple[list[dict], list[str]]:
     by_name = {row["side"]: row for row in rows}
     for row in rows:  # the ratios the targets are stated in
         peer = {"ours fp32": "llama.cpp f32", "ours fp32 compiled": "llama.cpp f32", "ours fp16": "llama.cpp f32",
-                "ours int8": "llama.cpp q8_0"}.get(row["side"])  # fmt: skip
+                "ours int8": "llama.cpp q8_0", "ours int4": "llama.cpp q4_0"}.get(row["side"])  # fmt: skip
         if peer in by_name:
             row["vs_peer"] = peer
             row["decode_ratio"] = round(row["decode_tokens_per_s"] / by_name[peer]["decode_tokens_per_s"], 3)

@@ -72,12 +72,19 @@ def main() -> None:
         rows = [(f"ours int8, only {label}", _one_kind_error(model, suffix, ids, reference))
                 for label, suffix in KINDS.items()]  # fmt: skip
         with torch.inference_mode():
-            rows.append(("ours int8, all (native kernels)", _relative(convert_for_inference(model, "int8")(ids), reference)))
+            int8 = convert_for_inference(model, "int8")
+            rows.append(("ours int8, all (int8 activation blocks, native kernels)", _relative(int8(ids), reference)))
+            for module in int8.modules():
+                if isinstance(module, Int8Linear):
+                    module.exact_activations = True
+            rows.append(("ours int8, all (fp32 activations, exact_activations)", _relative(int8(ids), reference)))
+            rows.append(("ours int4, all (Q4_0 numbers, int8 activation blocks)",
+                         _relative(convert_for_inference(model, "int4")(ids), reference)))
             rows.append(("ours fp16, all", _relative(convert_for_inference(model, "fp16")(ids), reference)))
         try:
             from gpt2chat.export import write_gguf
 
-            for quant in ("f32", "q8_0"):
+            for quant in ("f32", "f16", "q8_0", "q4_0"):
                 path = write_gguf(model, tokenizer, Path(tmp) / f"{quant}.gguf", quant=quant)
                 rows.append((f"llama.cpp {quant}, all", _relative(_llama_cpp_logits(path, ids), reference)))
         except ImportError as error:

@@ -411,3 +411,30 @@ def test_gpt2_124m_shape(tmp_path, shared_dir):
     f16.unlink()
     q8 = write_gguf(model, tok, tmp_path / "q8.gguf", quant="q8_0")
     assert (llama_cpp_logits(q8, ids).argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+
+
+# ---------------------------------------------------------------------------------------------- q4_0
+def test_q4_0_is_our_int4_and_llama_cpp_answers(scaled, chat_models, shared_dir, tmp_path):
+    """`export --type q4_0` holds the numbers of `--quantize int4`: llama.cpp's logits on the file are those of
+    our int4 model (both also round activations to int8 blocks), far closer than either is to fp32; and
+    llama.cpp chats with a q4_0 file: the same answer, stopped at the end-of-turn token."""
+    from gpt2chat.quantize import convert_for_inference
+
+    _, model, tok, _ = scaled
+    ids = _real_text_ids(shared_dir, tok, 256)
+    q4 = write_gguf(model, tok, tmp_path / "q4_0.gguf", quant="q4_0", template="llama3-context")
+    theirs = llama_cpp_logits(q4, ids, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    ours = _our_logits(convert_for_inference(model, "int4"), ids)
+    fp32 = _our_logits(model, ids)
+    gap = np.abs(theirs - ours).max()
+    assert gap <= 0.05 * np.abs(fp32).max()
+    assert gap <= 0.25 * np.abs(ours - fp32).max()
+
+    name = "llama3-context"
+    _, answering, tok, prompt, reply = chat_models[name]
+    path = write_gguf(answering, tok, tmp_path / "answer-q4_0.gguf", quant="q4_0")
+    with _llama(path) as llm:
+        result = llm.create_chat_completion(messages=QUESTION, temperature=0.0, max_tokens=24)
+    choice = result["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] == get_template(name).reply_prefix + ANSWER

@@ -68,7 +68,7 @@ def native() -> bool:
 def test_native_kernels_are_the_cpu_implementation(native):
     if not native:
         pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
-    for fmt in FORMATS:
+    for fmt in FORMATS + Q_FORMATS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt2chat::linear_{fmt}", "CPU")
 
 
@@ -193,3 +193,93 @@ def test_missing_compiler_falls_back_with_one_warning_line(tmp_path):
     assert len(warnings) == 1
     reason = unsupported_reason() or "no C++ compiler found"
     assert reason in warnings[0]
+
+
+# ---------------------------------------------------------------------------- int8 activations (q8 blocks)
+Q_FORMATS = ["i8_q8", "i4_q8"]
+
+
+def _q_weights(fmt: str, n: int, k: int, generator: torch.Generator):
+    """(args for the op after x, the float64 weight they stand for) for the integer-product ops."""
+    groups = -(-k // INT8_GROUP)
+    if fmt == "i8_q8":
+        (packed, scale), dense = _weights("i8", n, k, generator)
+        return (packed, scale), dense
+    q = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    scale = ((torch.rand(n, groups, generator=generator) + 0.01) * torch.where(
+        torch.rand(n, groups, generator=generator) < 0.5, -1.0, 1.0)).half()  # Q4_0 scales carry a sign
+    per_weight = scale.double().repeat_interleave(INT8_GROUP, dim=1)[:, :k]
+    return (*kernels.pack_int4(q, scale), n), (q.double() - kernels.INT4_ZERO) * per_weight
+
+
+def test_activation_rounding_is_q8_0s():
+    """q8(x): per block of 32, d = max|x| / 127 and q = round(x / d) in [-127, 127]; a zero block stays zero."""
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(5))
+    x[1, 32:64] = 0.0
+    rounded = portable.quantize_activations(x)
+    padded = torch.nn.functional.pad(x, (0, 26)).view(3, 3, 32)
+    d = padded.abs().amax(-1, keepdim=True) / 127
+    q = (torch.nn.functional.pad(rounded, (0, 26)).view(3, 3, 32) / torch.where(d > 0, d, 1)).double()
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 127 + 1e-4
+    assert torch.all((rounded - x).abs() <= (d.repeat_interleave(32, -1).flatten(1)[:, :70] / 2) * (1 + 1e-5))
+    assert torch.all(rounded[1, 32:64] == 0)
+
+
+@pytest.mark.parametrize("fmt", Q_FORMATS)
+@pytest.mark.parametrize("path", ["default", "one-pass", "widened-tiles"])
+def test_integer_kernels_match_portable_and_float64(native, fmt, path):
+    """The native integer kernels (one pass, and the widened sgemm past `small_m_max`) compute q8(x) W^T
+    exactly up to fp32 sums: they equal the portable kernel and a float64 product of the rounded x."""
+    if not native:
+        pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
+    small_m_max = {"default": -1, "one-pass": 1 << 20, "widened-tiles": 0}[path]
+    generator = torch.Generator().manual_seed(6)
+    op = getattr(torch.ops.gpt2chat, f"linear_{fmt}")
+    for n, k in SHAPES:
+        weights, dense = _q_weights(fmt, n, k, generator)
+        for m in ROWS:
+            if n * k * m > 2304 * 768 * 64:
+                continue
+            x = torch.randn(m, k, generator=generator) * torch.rand(m, 1, generator=generator) * 4
+            for bias in (None, torch.randn(n, generator=generator)):
+                y = op(x, *weights, bias, small_m_max)
+                _check(y, portable.quantize_activations(x), dense, bias)
+                scale = y.abs().max().item()
+                torch.testing.assert_close(y, getattr(portable, f"linear_{fmt}")(x, *weights, bias), rtol=1e-5,
+                                           atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("fmt", Q_FORMATS)
+def test_portable_integer_ops_match_float64(fmt, monkeypatch):
+    monkeypatch.setattr(portable, "CHUNK_ELEMENTS", 1000)
+    generator = torch.Generator().manual_seed(7)
+    for n, k in [(1, 5), (37, 67), (131, 769)]:
+        weights, dense = _q_weights(fmt, n, k, generator)
+        for m in (1, 3, 16):
+            x = torch.randn(m, k, generator=generator)
+            _check(getattr(portable, f"linear_{fmt}")(x, *weights, None), portable.quantize_activations(x), dense, None)
+
+
+def test_int4_packing_round_trips():
+    generator = torch.Generator().manual_seed(8)
+    q = torch.randint(0, 16, (37, 67), generator=generator, dtype=torch.uint8)
+    scale = torch.randn(37, 3, generator=generator).half()
+    packed, scales = kernels.pack_int4(q, scale)
+    assert packed.shape == (10, 3, 64) and scales.shape == (10, 3, 4) and scales.dtype == torch.int16
+    assert torch.equal(kernels.unpack_int4(packed, 67)[:37], q)
+    assert torch.all(kernels.unpack_int4(packed, 96)[37:] == kernels.INT4_ZERO)  # padding is weight 0
+    assert torch.equal(kernels.unpack_int4_scales(scales)[:37], scale)
+    ids = torch.tensor([[0, 36], [5, 4]])
+    expected = (q.float() - 8) * scale.float().repeat_interleave(32, dim=1)[:, :67]
+    torch.testing.assert_close(kernels.gather_int4_rows(packed, scales, 67, ids), expected[ids])
+
+
+def test_integer_ops_refuse_bad_layouts(native):
+    x = torch.randn(2, 64)
+    packed, scales = kernels.pack_int4(torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2).half())
+    with pytest.raises(RuntimeError, match="packed int4"):
+        torch.ops.gpt2chat.linear_i4_q8(torch.randn(2, 96), packed, scales, 8, None)
+    with pytest.raises(RuntimeError, match="int16"):
+        torch.ops.gpt2chat.linear_i4_q8(x, packed, scales.float(), 8, None)
+    with pytest.raises(RuntimeError, match="packed 4x8|scale"):
+        torch.ops.gpt2chat.linear_i8_q8(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 2), None)

@@ -1,21 +1,25 @@
-"""Weight layouts for inference, chosen once at load time: the fast fp32 layout, fp16 storage, int8 weights.
+"""Weight layouts for inference, chosen once at load time: the fast fp32 layout, fp16, int8 or int4 weights.
 
-    model, tokenizer = load_for_inference("runs/sft/final", quantize=None | "fp16" | "int8")
+    model, tokenizer = load_for_inference("runs/sft/final", quantize=None | "fp16" | "int8" | "int4")
     fast = convert_for_inference(model, quantize)      # a new model; `model` is left exactly as it was
 
 What each mode makes of a model, by device (dtype is the compute dtype of the activations):
 
-| device | quantize=None | "fp16" | "int8" |
-|---|---|---|---|
-| cpu, float32 (default) | fp32 weights through the native kernels (`InferenceLinear`) | fp16 weights, fp32 compute (`Fp16Linear`) | int8 weights + one fp32 scale per 32 weights of a row (1.125 bytes a weight), fp32 compute (`Int8Linear`) |
-| cpu, bfloat16 / float16 | the plain model in that dtype | error | error |
-| cuda and others | the plain model (bfloat16 on CUDA by default) | the plain model in float16 | error: int8 is CPU-only |
+| device | quantize=None | "fp16" | "int8" | "int4" |
+|---|---|---|---|---|
+| cpu, float32 (default) | fp32 weights through the native kernels (`InferenceLinear`) | fp16 weights, fp32 compute (`Fp16Linear`) | int8 weights + one fp32 scale per 32 weights of a row (1.125 bytes a weight; `Int8Linear`) | int4 weights + one fp16 scale per 32 (0.5625 bytes a weight, llama.cpp's Q4_0 numbers; `Int4Linear`) |
+| cpu, bfloat16 / float16 | the plain model in that dtype | error | error | error |
+| cuda and others | the plain model (bfloat16 on CUDA by default) | the plain model in float16 | error: CPU-only | error: CPU-only |
+
+int8 and int4 multiply with the activations rounded to int8 per block of 32 (as llama.cpp's q8_0 / q4_0
+matmuls do), in integer arithmetic, with fp32 sums of the block products (`gpt2chat::linear_i8_q8`,
+`linear_i4_q8`); `Int8Linear(..., exact_activations=True)` keeps the activations in fp32 (the widening
+`linear_i8`, about half the rate).
 
 Every projection of the blocks and the tied head becomes a module that calls `gpt2chat.kernels`' ops; the
 head's matmul reads the compact form, and in the fp16 / int8 modes the token embedding reads its rows from
-the head's compact weight too (`TiedEmbedding`), so the model holds one copy of that matrix. int8 is
-symmetric per group of 32 weights along a row: W[n, k] keeps `round(W[n, k] / s)` in [-127, 127] with
-`s = scale[n, k // 32] = max |W[n, 32g : 32g + 32]| / 127`.
+the head's compact weight too (`TiedEmbedding`), so the model holds one copy of that matrix. The rounding of
+the weights to int8 / int4 blocks is `gpt2chat.kernels.blocks`.
 
 Saving: the fp32 layout keeps `nn.Linear`'s tensor names and values, so `save_pretrained` writes the same
 checkpoint as the model before conversion. fp16 and int8 models refuse `state_dict()` with a
@@ -38,14 +42,14 @@ from torch import nn
 
 from gpt2chat.device import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.kernels.blocks import quantize_int4, quantize_int8
+from gpt2chat.weight_formats import CPU_ONLY_MODES, QUANTIZE_MODES
 
 __all__ = [
     "QUANTIZE_MODES", "load_for_inference", "convert_for_inference", "weight_format", "decode_read_bytes",
-    "InferenceLinear", "Fp16Linear", "Int8Linear", "TiedEmbedding", "quantize_int8",
+    "InferenceLinear", "Fp16Linear", "Int8Linear", "Int4Linear", "TiedEmbedding", "quantize_int8", "quantize_int4",
 ]  # fmt: skip
 
-QUANTIZE_MODES = ("fp16", "int8")
-_ROWS_PER_STEP = 4096  # rows quantized at a time: bounds the fp32 temporaries of a 50k-row head
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -115,26 +119,54 @@ class Fp16Linear(_CompactLinear):
 class Int8Linear(_CompactLinear):
     """int8 weights (packed 4x8) with one fp32 scale per group of 32 consecutive weights of a row (`scale`
     [N, ceil(K / 32)], W[n, k] ~ weight[n, k] * scale[n, k // 32]; 1.125 bytes a weight, llama.cpp's q8_0
-    has 1.0625 with fp16 scales), fp32 compute through `gpt2chat::linear_i8`."""
+    has 1.0625 with fp16 scales). Activations rounded to int8 blocks (`gpt2chat::linear_i8_q8`), or kept
+    fp32 with `exact_activations` (`gpt2chat::linear_i8`)."""
 
     format = "int8"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, exact_activations: bool = False) -> None:
         from gpt2chat.kernels import pack_rows
 
         super().__init__(weight.shape[0], weight.shape[1], bias)
         quantized, scale = quantize_int8(weight)
         self.register_buffer("weight", pack_rows(quantized))
         self.register_buffer("scale", scale)
+        self.exact_activations = exact_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.gpt2chat.linear_i8(x, self.weight, self.scale, self.bias)
+        if self.exact_activations:
+            return torch.ops.gpt2chat.linear_i8(x, self.weight, self.scale, self.bias)
+        return torch.ops.gpt2chat.linear_i8_q8(x, self.weight, self.scale, self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         from gpt2chat.kernels import INT8_GROUP, gather_rows
 
         rows = gather_rows(self.weight, self.in_features, ids).float()
         return rows * self.scale[ids].repeat_interleave(INT8_GROUP, dim=-1)[..., : self.in_features]
+
+
+class Int4Linear(_CompactLinear):
+    """int4 weights with one fp16 scale per block of 32 weights of a row, llama.cpp's Q4_0 numbers
+    (`gpt2chat.kernels.blocks.quantize_int4`; 0.5625 bytes a weight), packed for the AVX2 kernel
+    (`gpt2chat.kernels.pack_int4`); activations rounded to int8 blocks (`gpt2chat::linear_i4_q8`)."""
+
+    format = "int4"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        from gpt2chat.kernels import pack_int4
+
+        super().__init__(weight.shape[0], weight.shape[1], bias)
+        packed, scales = pack_int4(*quantize_int4(weight))
+        self.register_buffer("weight", packed)
+        self.register_buffer("scale", scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.gpt2chat.linear_i4_q8(x, self.weight, self.scale, self.out_features, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        from gpt2chat.kernels import gather_int4_rows
+
+        return gather_int4_rows(self.weight, self.scale, self.in_features, ids)
 
 
 class TiedEmbedding(nn.Module):
@@ -152,34 +184,10 @@ class TiedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied {self.head.format} head"
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per group of 32 weights along a row: (q int8 [N, K], scale float32 [N, ceil(K / 32)])
-    with weight[n, k] ~ q[n, k] * scale[n, k // 32]. Groups rather than one scale per row: on the 124M
-    shape they cut the logit error from 2.4% to 1.6% (benchmarks/README.md, kernels section)."""
-    from gpt2chat.kernels import INT8_GROUP
-
-    weight = weight.detach()
-    rows, cols = weight.shape
-    groups = -(-cols // INT8_GROUP)
-    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(rows, groups, dtype=torch.float32, device=weight.device)
-    for start in range(0, rows, _ROWS_PER_STEP):
-        block = weight[start : start + _ROWS_PER_STEP].float()
-        padded = block.new_zeros(block.shape[0], groups * INT8_GROUP)
-        padded[:, :cols] = block
-        padded = padded.view(block.shape[0], groups, INT8_GROUP)
-        step = padded.abs().amax(dim=2) / 127.0
-        step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero group stays zero
-        q = torch.round(padded / step[..., None]).clamp_(-127, 127).to(torch.int8)
-        quantized[start : start + _ROWS_PER_STEP] = q.view(block.shape[0], -1)[:, :cols]
-        scale[start : start + _ROWS_PER_STEP] = step
-    return quantized, scale
-
-
 # ---------------------------------------------------------------------------------------------- plans
 @dataclass(frozen=True)
 class _Plan:
-    layout: str  # "fp32" (native kernels), "fp16", "int8", or "plain" (the model as it is, in `dtype`)
+    layout: str  # "fp32" (native kernels), "fp16", "int8", "int4", or "plain" (the model as it is, in `dtype`)
     device: torch.device
     dtype: torch.dtype
 
@@ -210,9 +218,9 @@ def _plan(quantize: str | None, device, dtype) -> _Plan:
                 f"it cannot compute in {str(dtype).removeprefix('torch.')} (leave the dtype unset)"
             )
         return _Plan(quantize, device, dtype)
-    if quantize == "int8":
+    if quantize in CPU_ONLY_MODES:
         raise Gpt2ChatError(
-            f"quantize=int8 is implemented for the CPU only (AVX2 kernels); on {device.type} use "
+            f"quantize={quantize} is implemented for the CPU only (AVX2 kernels); on {device.type} use "
             "quantize=fp16 or no quantization"
         )
     if quantize == "fp16":
@@ -303,8 +311,10 @@ def _replace_projections(model: nn.Module, plan: _Plan, fresh: bool) -> None:
             module = InferenceLinear(_fp32_parameter(weight, converted, fresh), _fp32_parameter(bias, converted, fresh))
         elif plan.layout == "fp16":
             module = Fp16Linear(weight, bias)
-        else:
+        elif plan.layout == "int8":
             module = Int8Linear(weight, bias)
+        else:
+            module = Int4Linear(weight, bias)
         if tied_weight is not None and projection.weight is tied_weight:
             new_head = module
         setattr(parent, name, module)
@@ -345,7 +355,7 @@ def _unshare(model: nn.Module, source: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- inspect
 def weight_format(model: nn.Module) -> str:
-    """"int8", "fp16", "fp32" (the native fp32 layout) or "plain" (not converted) for a model."""
+    """"int4", "int8", "fp16", "fp32" (the native fp32 layout) or "plain" (not converted) for a model."""
     for module in model.modules():
         if isinstance(module, _CompactLinear):
             return module.format
@@ -360,8 +370,8 @@ def decode_read_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, nn.Linear | InferenceLinear):
             total += module.weight.numel() * module.weight.element_size()
-        elif isinstance(module, Int8Linear):
-            total += module.weight.numel() + module.scale.numel() * 4
+        elif isinstance(module, Int8Linear | Int4Linear):
+            total += module.weight.numel() + module.scale.numel() * module.scale.element_size()
         elif isinstance(module, Fp16Linear):
             total += module.weight.numel() * 2
     return total

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from gpt2chat.weight_formats import QUANTIZE_MODES
+
 
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
@@ -73,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--quantize", choices=("fp16", "int8"), default=None,
-                        help="time the speed rows with fp16 or int8 weights (as `gpt2chat generate --quantize`)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                        help="time the speed rows with compact weights (as `gpt2chat generate --quantize`)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-tokens", type=_positive_int, default=2048, help="tokens per scoring forward")
     parser.add_argument("--speed-prompt-tokens", type=_positive_int, default=128)

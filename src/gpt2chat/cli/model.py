@@ -11,6 +11,7 @@ import sys
 
 from gpt2chat.device import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.weight_formats import QUANTIZE_HELP, QUANTIZE_MODES
 
 ARCHS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-neo-125m", "gpt-neo-1.3b", "tiny", "tiny-neo")
 TEMPLATES = ("llama3-context", "user-assistant", "plain", "guanaco")
@@ -64,9 +65,7 @@ def add_model_args(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
-    parser.add_argument("--quantize", default=None, choices=("fp16", "int8"),
-                        help="store the weights compactly: fp16, or int8 with one fp32 scale per 32 weights of a row "
-                             "(CPU; computes in float32). Default: the checkpoint's weights as they are")  # fmt: skip
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
 
 
 def load_inference_model(args: argparse.Namespace):

@@ -8,9 +8,11 @@ architecture loads (`src/models/gpt2.cpp`):
   Our projections are `nn.Linear` (`[out, in]`), which is exactly ggml's `{in, out}`: nothing is transposed
   (HF's Conv1D checkpoints are transposed once, on load, by `checkpoint.py`). The output head is tied to the
   token embedding, so no `output.weight` is written and llama.cpp reuses `token_embd`.
-* types: `f32`; `f16` (2-D weights in half precision); `q8_0` (2-D weights quantized with the `gguf`
-  package's own Q8_0 code). Norms, biases and the position embedding stay f32 in every type, as in
-  llama.cpp's converter.
+* types: `f32`; `f16` (2-D weights in half precision); `q8_0` and `q4_0` (2-D weights quantized with the
+  `gguf` package's own Q8_0 / Q4_0 code: blocks of 32 weights with an fp16 scale; Q4_0's numbers are
+  bit for bit those of `--quantize int4`). Every 2-D weight, the tied head / token embedding included,
+  gets the type. Norms, biases and the position embedding stay f32 in every type, as in llama.cpp's
+  converter; a weight whose rows 32-blocks cannot tile stays f16.
 * the tokenizer: GPT-2's byte-level BPE tokens and merges (`tokenizer.ggml.model = gpt2`, pre-tokenizer
   `gpt-2`), our added special tokens as CONTROL tokens (so text a user types that spells one stays plain
   text), bos = eos = `<|endoftext|>`, pad = `<|pad|>`, no BOS added, and the end-of-turn token of the
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GGUF_TYPES", "DEFAULT_GGUF_TYPE", "export_gguf", "gguf_chat_template", "write_gguf"]
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 DEFAULT_GGUF_TYPE = "f16"
 # llama.cpp's GPT-2 graph applies GELU in its tanh form (ggml_gelu), which these activations are.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -211,6 +213,8 @@ def _tensors(model: GPT, quant: str) -> list[_Tensor]:
     import numpy as np
     import torch
 
+    quant_types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+
     out = []
     for name, param in model.state_dict().items():
         if name == "lm_head.weight":
@@ -221,10 +225,10 @@ def _tensors(model: GPT, quant: str) -> list[_Tensor]:
         keep_f32 = quant == "f32" or data.ndim < 2 or name == "transformer.wpe.weight"
         if keep_f32:
             out.append(_Tensor(gguf_name, data, None))
-        elif quant == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
-            out.append(_Tensor(gguf_name, data.astype(np.float16), None))  # rows Q8_0 blocks cannot tile
+        elif quant == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[quant_types[quant]][0]:
+            out.append(_Tensor(gguf_name, data.astype(np.float16), None))  # rows the blocks cannot tile
         else:
-            q = gguf.GGMLQuantizationType.Q8_0
+            q = quant_types[quant]
             out.append(_Tensor(gguf_name, gguf.quants.quantize(data, q), int(q)))
     return out
 
@@ -233,7 +237,7 @@ def _file_type(quant: str) -> int:
     import gguf
 
     return int({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])  # fmt: skip
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])  # fmt: skip
 
 
 def _add_hparams(writer, config: ModelConfig, quant: str, name: str) -> None:

@@ -1,4 +1,4 @@
-"""y = x W^T + b for weights stored as fp32, fp16 or int8, as torch custom ops that torch.compile traces.
+"""y = x W^T + b for weights stored as fp32, fp16, int8 or int4, as torch custom ops that torch.compile traces.
 
 The ops (namespace `gpt2chat`; x is [..., K] float, y is [..., N]):
 
@@ -8,16 +8,24 @@ The ops (namespace `gpt2chat`; x is [..., K] float, y is [..., N]):
         weight: int16 holding IEEE half bit patterns, packed 4x8 (`pack_rows`: [ceil(N/4), ceil(K/8), 4, 8])
     torch.ops.gpt2chat.linear_i8(x, weight, scale, bias=None, small_m_max=-1)
         weight: int8, packed 4x8; scale: float32 [N, ceil(K/32)]; W[n, k] = weight[n, k] * scale[n, k // 32]
+    torch.ops.gpt2chat.linear_i8_q8(x, weight, scale, bias=None, small_m_max=-1)
+        as linear_i8, of x rounded to int8 per block of 32 columns (`portable.quantize_activations`, like
+        llama.cpp's q8_0): integer products, so about 2x the rate of the widening linear_i8
+    torch.ops.gpt2chat.linear_i4_q8(x, weight, scale, out_features, bias=None, small_m_max=-1)
+        weight: uint8 [ceil(N/4), ceil(K/32), 64], two int4 a byte (`pack_int4`); scale: fp16 bits, int16
+        [ceil(N/4), ceil(K/32), 4]; W = (q - 8) * scale, one scale per 32 weights of a row (llama.cpp's
+        q4_0 blocks); x rounded to int8 blocks as for linear_i8_q8
 
 Every op has three kernels:
 - a fake (meta) kernel, so `torch.compile(fullgraph=True)` traces a model that calls it;
-- the native CPU kernel (csrc/linear.cpp: AVX2 + FMA + F16C, threaded over torch's own threads), compiled
+- the native CPU kernel (csrc/linear.cpp and csrc/quantized.cpp: AVX2 + FMA + F16C, threaded over torch's own threads), compiled
   by g++ on first use (`load()`, see build.py) and used for fp32 activations on the CPU;
 - the portable kernel (portable.py: plain torch), used on every other device and on the CPU when the native
   one cannot be had: no compiler, a CPU without AVX2, or `GPT2CHAT_KERNELS=portable` (which also skips the
   build). Then `load()` logs one warning line that says why, and everything still works, only slower.
 `small_m_max` (-1 = the built-in default) is for benchmarks: up to that many input rows the native kernel
-makes one pass over the weight, past it it hands the product to sgemm (widening fp16 / int8 by tiles).
+makes one pass over the weight, past it it hands the product to sgemm (widening fp16 / int8 / int4 by
+tiles). The portable kernels compute the same numbers (up to the order of fp32 additions) on every path.
 
 This package knows nothing about models; `gpt2chat.quantize` builds the modules that call these ops.
 """
@@ -32,9 +40,20 @@ import torch
 
 from gpt2chat.kernels import portable
 from gpt2chat.kernels.build import KernelBuildError, library_path, unsupported_reason
-from gpt2chat.kernels.packing import INT8_GROUP, gather_rows, pack_rows, unpack_rows
+from gpt2chat.kernels.packing import (
+    INT4_ZERO,
+    INT8_GROUP,
+    gather_int4_rows,
+    gather_rows,
+    pack_int4,
+    pack_rows,
+    unpack_int4,
+    unpack_int4_scales,
+    unpack_rows,
+)
 
-__all__ = ["load", "backend", "KernelBuildError", "pack_rows", "unpack_rows", "gather_rows", "INT8_GROUP"]
+__all__ = ["load", "backend", "KernelBuildError", "pack_rows", "unpack_rows", "gather_rows", "INT8_GROUP",
+           "pack_int4", "unpack_int4", "unpack_int4_scales", "gather_int4_rows", "INT4_ZERO"]  # fmt: skip
 
 _log = logging.getLogger(__name__)
 _LIB = torch.library.Library("gpt2chat", "DEF")
@@ -43,11 +62,18 @@ _SCHEMAS = {
     "linear_f16": "linear_f16(Tensor x, Tensor weight, int out_features, Tensor? bias=None, int small_m_max=-1) "
                   "-> Tensor",
     "linear_i8": "linear_i8(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int small_m_max=-1) -> Tensor",
+    "linear_i8_q8": "linear_i8_q8(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, int small_m_max=-1) "
+                    "-> Tensor",
+    "linear_i4_q8": "linear_i4_q8(Tensor x, Tensor weight, Tensor scale, int out_features, Tensor? bias=None, "
+                    "int small_m_max=-1) -> Tensor",
 }
 _FAKES = {  # the output's shape: x's with the last dimension replaced by N
     "linear_f32": lambda x, weight, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], weight.shape[0])),
     "linear_f16": lambda x, weight, out_features, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], out_features)),
     "linear_i8": lambda x, weight, scale, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], scale.shape[0])),
+    "linear_i8_q8": lambda x, weight, scale, bias=None, small_m_max=-1: x.new_empty((*x.shape[:-1], scale.shape[0])),
+    "linear_i4_q8": lambda x, weight, scale, out_features, bias=None, small_m_max=-1:
+        x.new_empty((*x.shape[:-1], out_features)),
 }  # fmt: skip
 
 for _name, _schema in _SCHEMAS.items():

@@ -1,4 +1,4 @@
-"""Compile csrc/linear.cpp into a shared library once, into a cache folder, and say why when we cannot.
+"""Compile csrc/*.cpp into one shared library once, into a cache folder, and say why when we cannot.
 
 The library is built by one `g++` call (no ninja, no Python headers: it registers torch ops and has no
 Python bindings) against the running torch's headers and libraries. Its file name carries a hash of the
@@ -20,7 +20,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "linear.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))  # linear.cpp (fp32 activations), quantized.cpp (int8 activations)
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 CPU_FLAGS = ("avx2", "fma", "f16c")
 CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG", "-w"]
 BUILD_TIMEOUT_S = 600
@@ -69,7 +71,7 @@ def _command(compiler: str, output: Path) -> list[str]:
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     lib_dir = cpp_extension.library_paths()[0]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [compiler, *CXX_FLAGS, abi, *includes, str(SOURCE), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
+    return [compiler, *CXX_FLAGS, abi, *includes, *map(str, SOURCES), f"-L{lib_dir}", "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{lib_dir}", "-o", str(output)]  # fmt: skip
 
 
@@ -81,7 +83,8 @@ def library_path() -> Path:
 
     compiler = _compiler()
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for source in (*SOURCES, *HEADERS):
+        digest.update(source.name.encode() + source.read_bytes())
     digest.update(" ".join([compiler, *CXX_FLAGS, torch.__version__]).encode())
     folder = cache_dir()
     target = folder / f"gpt2chat_linear-{digest.hexdigest()[:16]}.so"
@@ -106,9 +109,9 @@ def _compile(compiler: str, target: Path) -> None:
         result = subprocess.run(_command(compiler, tmp), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise KernelBuildError(f"{Path(compiler).name} failed on {SOURCE.name}: {last}")
+            raise KernelBuildError(f"{Path(compiler).name} failed on {CSRC.name}/*.cpp: {last}")
         os.replace(tmp, target)
     except subprocess.TimeoutExpired as exc:
-        raise KernelBuildError(f"compiling {SOURCE.name} took over {BUILD_TIMEOUT_S} s") from exc
+        raise KernelBuildError(f"compiling {CSRC.name}/*.cpp took over {BUILD_TIMEOUT_S} s") from exc
     finally:
         tmp.unlink(missing_ok=True)

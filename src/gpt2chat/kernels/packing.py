@@ -40,3 +40,51 @@ def gather_rows(packed: torch.Tensor, in_features: int, ids: torch.Tensor) -> to
     """Rows `ids` (any shape) of the packed weight: [*ids.shape, K] (the embedding lookup of a tied head)."""
     rows = packed[ids // ROWS, :, ids % ROWS]  # [*ids.shape, chunks, 8]
     return rows.flatten(-2)[..., :in_features]
+
+
+# ------------------------------------------------------------------------------------------- int4
+# int4 weights, [ceil(N/4), ceil(K/32), 64] bytes: the 32 columns of one group of a block of 4 rows in one
+# 64-byte line; byte h*32 + r*8 + c holds column 16h + c of row r in its low nibble and column 16h + 8 + c
+# in its high one, as q in [0, 15] (the weight is (q - 8) * scale). Scales: fp16 bit patterns in an int16
+# tensor [ceil(N/4), ceil(K/32), 4]. Padding rows have scale 0, padding columns q = 8 (weight 0).
+# csrc/quantized.cpp says why this shape.
+INT4_ZERO = 8
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q uint8 [N, K] in 0..15, scale float16 [N, ceil(K/32)]) -> (packed uint8, scales int16) as above."""
+    n, k = q.shape
+    blocks, groups = -(-n // ROWS), -(-k // INT8_GROUP)
+    padded = q.new_full((blocks * ROWS, groups * INT8_GROUP), INT4_ZERO, dtype=torch.uint8)
+    padded[:n, :k] = q
+    # (block, row, group, half, nibble, column) -> (block, group, half, row, column, nibble)
+    parts = padded.view(blocks, ROWS, groups, 2, 2, COLS).permute(0, 2, 3, 1, 5, 4)
+    packed = (parts[..., 0] | (parts[..., 1] << 4)).reshape(blocks, groups, 2 * ROWS * COLS)
+    scales = scale.new_zeros(blocks * ROWS, groups, dtype=torch.float16)
+    scales[:n] = scale
+    return packed.contiguous(), scales.view(blocks, ROWS, groups).permute(0, 2, 1).contiguous().view(torch.int16)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The packed int4 weight back as q uint8 [4 * blocks, K] (padding rows included)."""
+    blocks, groups, _ = packed.shape
+    parts = packed.view(blocks, groups, 2, ROWS, COLS)
+    nibbles = torch.stack((parts & 0x0F, parts >> 4), dim=-1)  # (block, group, half, row, column, nibble)
+    rows = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(blocks * ROWS, groups * INT8_GROUP)
+    return rows[:, :in_features]
+
+
+def unpack_int4_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The packed scales back as float16 [4 * blocks, groups]."""
+    blocks, groups, _ = scales.shape
+    return scales.view(torch.float16).permute(0, 2, 1).reshape(blocks * ROWS, groups)
+
+
+def gather_int4_rows(packed: torch.Tensor, scales: torch.Tensor, in_features: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of a packed int4 weight as float32 [*ids.shape, K] (a tied head's embedding)."""
+    blocks, groups, _ = packed.shape
+    block, row = ids // ROWS, ids % ROWS
+    lines = packed.view(blocks, groups, 2, ROWS, COLS)[block, :, :, row]  # [*ids, groups, 2, 8]
+    q = torch.stack((lines & 0x0F, lines >> 4), dim=-2).flatten(-4)[..., :in_features]  # [*ids, K]
+    scale = scales.view(torch.float16)[block, :, row].float()  # [*ids, groups]
+    return (q.float() - INT4_ZERO) * scale.repeat_interleave(INT8_GROUP, dim=-1)[..., :in_features]

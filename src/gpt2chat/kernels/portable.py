@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gpt2chat.kernels.packing import INT8_GROUP, ROWS, unpack_rows
+from gpt2chat.kernels.packing import INT4_ZERO, INT8_GROUP, ROWS, unpack_int4, unpack_int4_scales, unpack_rows
 
 CHUNK_ELEMENTS = 1 << 23  # widened weights per chunk: 32 MB in fp32
 
@@ -58,3 +58,38 @@ def linear_i8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
         return unpack_rows(weight, k, a, b).to(x.dtype) * scale[a:b].repeat_interleave(INT8_GROUP, dim=1)[:, :k]
 
     return _chunked(x, scale.shape[0], widen, bias)
+
+
+# ------------------------------------------------------------------- int8 activations (q8 blocks)
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 along the last dimension and back: q * d with d = max|x| / 127,
+    q = round(x * (127 / max|x|)) (ties to even), what csrc/quantized.cpp multiplies with, bit for bit."""
+    k = x.shape[-1]
+    groups = -(-k // INT8_GROUP)
+    blocks = F.pad(x.float(), (0, groups * INT8_GROUP - k)).unflatten(-1, (groups, INT8_GROUP))
+    top = blocks.abs().amax(dim=-1, keepdim=True)
+    levels = torch.full_like(top, 127.0)  # tensor / tensor: `127.0 / top` is reciprocal(top) * 127 in torch
+    inverse = torch.where(top > 0, levels / top, torch.zeros_like(top))
+    q = torch.round(blocks * inverse)
+    return (q * (top / levels)).flatten(-2)[..., :k].to(x.dtype)
+
+
+def linear_i8_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 small_m_max: int = -1) -> torch.Tensor:
+    """`linear_i8` of the activations rounded to int8 blocks of 32 (`quantize_activations`)."""
+    return linear_i8(quantize_activations(x), weight, scale, bias)
+
+
+def linear_i4_q8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_features: int,
+                 bias: torch.Tensor | None = None, small_m_max: int = -1) -> torch.Tensor:
+    """y = q8(x) W^T + b for int4 weights (packing.pack_int4: W = (q - 8) * scale, one fp16 scale per 32)."""
+    x = quantize_activations(x)
+    k = x.shape[-1]
+    scales = unpack_int4_scales(scale).to(x.dtype)
+
+    def widen(a: int, b: int) -> torch.Tensor:
+        q = unpack_int4(weight[a // ROWS : -(-b // ROWS)], k)[: b - a]
+        per_weight = scales[a:b].repeat_interleave(INT8_GROUP, dim=1)[:, :k]
+        return (q.to(x.dtype) - INT4_ZERO) * per_weight
+
+    return _chunked(x, out_features, widen, bias)

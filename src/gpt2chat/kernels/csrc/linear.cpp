@@ -24,22 +24,14 @@
 //    cache and multiplied by sgemm into the output columns of that tile.
 // Threads: at::parallel_for over blocks of output rows (torch's own OpenMP pool and thread count).
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <optional>
+#include "common.h"
 
 namespace {
 
-constexpr int64_t kThreadWork = 1 << 15;  // weights per thread below which threading does not pay
-constexpr int64_t kTileBytes = 4 << 20;   // fp32 bytes of a widened weight tile (fits the 32 MB L3)
+using gpt2chat_kernels::hsum;
+using gpt2chat_kernels::kThreadWork;
 
 // Default small_m_max per weight form: up to this many input rows the one-pass kernel beat sgemm on the
 // 124M shapes (`python benchmarks/kernels.py --crossover`; single-core CPU time, this 2-core Zen 3).
@@ -53,13 +45,6 @@ struct Scales {
   int64_t groups = 0;  // per row
   float at(int64_t n, int64_t chunk) const { return p[n * groups + chunk / kGroupChunks]; }
 };
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // How each stored form becomes fp32 (8 at a time, and one at a time for the K % 8 tail), and where its
 // rows are: row(w, n, K) points at column 0 of row n; column chunk j (8 columns) is `kStep * j` further.
@@ -238,19 +223,8 @@ void widen_rows(const typename W::T* w, int64_t n0, int64_t n1, int64_t K, const
 template <class W>
 void many_rows(const at::Tensor& x2d, const typename W::T* w, int64_t N, int64_t K, const Scales& scale,
                const std::optional<at::Tensor>& bias, at::Tensor& y2d) {
-  const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(N, kTileBytes / (4 * K)));
-  at::Tensor buffer = at::empty({tile, K}, x2d.options());
-  for (int64_t n0 = 0; n0 < N; n0 += tile) {
-    const int64_t n1 = std::min(N, n0 + tile);
-    widen_rows<W>(w, n0, n1, K, scale, buffer.data_ptr<float>());
-    at::Tensor wt = buffer.narrow(0, 0, n1 - n0).t();
-    at::Tensor out = y2d.narrow(1, n0, n1 - n0);
-    if (bias.has_value()) {
-      at::addmm_out(out, bias->narrow(0, n0, n1 - n0), x2d, wt);
-    } else {
-      at::mm_out(out, x2d, wt);
-    }
-  }
+  gpt2chat_kernels::widened_sgemm(
+      x2d, N, K, [&](int64_t n0, int64_t n1, float* dst) { widen_rows<W>(w, n0, n1, K, scale, dst); }, bias, y2d);
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t N,

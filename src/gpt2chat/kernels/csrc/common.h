@@ -1,0 +1,49 @@
+// What linear.cpp (fp32 / fp16 / int8 weights, fp32 activations) and quantized.cpp (int8 / int4 weights
+// times int8 activation blocks) share: the threading grain, the horizontal sum, and the prefill path that
+// widens a tile of compact weights to fp32 and hands it to sgemm.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace gpt2chat_kernels {
+
+constexpr int64_t kThreadWork = 1 << 15;  // weights per thread below which threading does not pay
+constexpr int64_t kTileBytes = 4 << 20;   // fp32 bytes of a widened weight tile (fits the 32 MB L3)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y2d = x2d W^T (+ bias) for a compact weight: `widen(n0, n1, dst)` writes rows [n0, n1) of W as fp32
+// into dst [n1 - n0, K]; the tiles stay in cache and sgemm multiplies each into its output columns.
+template <class Widen>
+void widened_sgemm(const at::Tensor& x2d, int64_t N, int64_t K, Widen widen, const std::optional<at::Tensor>& bias,
+                   at::Tensor& y2d) {
+  const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(N, kTileBytes / (4 * K)));
+  at::Tensor buffer = at::empty({tile, K}, x2d.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    widen(n0, n1, buffer.data_ptr<float>());
+    at::Tensor wt = buffer.narrow(0, 0, n1 - n0).t();
+    at::Tensor out = y2d.narrow(1, n0, n1 - n0);
+    if (bias.has_value()) {
+      at::addmm_out(out, bias->narrow(0, n0, n1 - n0), x2d, wt);
+    } else {
+      at::mm_out(out, x2d, wt);
+    }
+  }
+}
+
+}  // namespace gpt2chat_kernels
