@@ -3,11 +3,11 @@
 A GPT-2 head is 50,257 wide, so the logits of 8 x 1,024 scored positions are 1.6 GB in fp32, and autograd
 keeps about as much again (the log-softmax output) for the backward. Here the head projection
 (`hidden @ weight.T`, the tied embedding), the log-softmax and their backward run over a few hundred
-positions at a time (`chunk_rows`, ~32 MiB of fp32 logits), and only `[positions]`-sized tensors outlive a
+positions at a time (`chunk_rows`, ~64 MiB of fp32 logits), and only `[positions]`-sized tensors outlive a
 chunk. Two autograd functions, one per shape of use:
 
-- :func:`chunked_nll_sum`: ``-sum log p(target)`` as one scalar (SFT, ORPO's NLL can't use it: it needs
-  per-sequence sums). The loss is linear in each token's log-prob with the same weight, so the gradient
+- :func:`chunked_nll_sum`: ``-sum log p(target)`` as one scalar (SFT; ORPO needs the chosen replies' sums
+  per sequence, so it takes the next one). The loss is linear in each token's log-prob with the same weight, so the gradient
   is known in the forward: each chunk's ``softmax - onehot`` goes straight into ``grad_hidden`` ([N, D])
   and ``grad_weight`` ([V, D]), and the backward only scales them. Three matmuls, as without chunking.
 - :func:`chunked_token_logps`: ``log p(target)`` per position ([N], DPO / ORPO, whose weight per token
@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# fp32 logits held per chunk: 2**23 elements = 32 MiB, 166 positions of GPT-2's vocabulary
-CHUNK_ELEMENTS = 2**23
+# fp32 logits held per chunk: 2**24 elements = 64 MiB, 333 positions of GPT-2's vocabulary (smaller chunks
+# measured up to ~15% slower on the CPU: matmuls of fewer rows)
+CHUNK_ELEMENTS = 2**24
 
 
 def _rows_per_chunk(vocab: int, chunk_rows: int | None) -> int:
@@ -47,24 +48,58 @@ def _head_weight(weight: torch.Tensor, dtype: torch.dtype, pad_multiple: int) ->
     return F.pad(weight, (0, 0, 0, pad)) if pad else weight
 
 
-def _chunk_log_softmax(hidden_chunk: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
-    """fp32 log-softmax over the real vocabulary of one chunk's logits ([n, V])."""
-    logits = (hidden_chunk @ weight.t())[:, :vocab].float()
-    return logits - logits.logsumexp(dim=1, keepdim=True)
+class _ChunkBuffers:
+    """One pass's chunk-sized buffers, allocated once and reused by every chunk: a fresh `[rows, vocab]`
+    tensor per chunk (and per elementwise op) costs page faults on the CPU and allocator churn on CUDA, and
+    made the chunked head ~20% slower than the unchunked one before the buffers were reused."""
 
+    def __init__(self, rows: int, head: torch.Tensor, vocab: int, grad_weight: torch.Tensor | None):
+        self.head, self.vocab = head, vocab
+        self.matmul = torch.empty(rows, head.shape[0], device=head.device, dtype=head.dtype)
+        half = head.dtype != torch.float32
+        self.fp32 = torch.empty(rows, vocab, device=head.device, dtype=torch.float32) if half else None
+        self.weight_update = torch.empty_like(head[:vocab]) if half and grad_weight is not None else None
+        self.grad_weight = grad_weight
 
-def _accumulate_grads(grad_logits: torch.Tensor, hidden_chunk: torch.Tensor, weight: torch.Tensor,
-                      grad_weight: torch.Tensor | None) -> torch.Tensor | None:
-    """`grad_logits` ([n, V] fp32) back through the head: returns the chunk's grad of hidden; adds into
-    `grad_weight` ([V, D] fp32) in place when given."""
-    vocab = grad_logits.shape[1]
-    grad_logits = grad_logits.to(weight.dtype)
-    if grad_weight is not None:
-        if grad_weight.dtype == grad_logits.dtype:
-            grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+    def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
+        """fp32 logits `[n, vocab]` of one chunk (a view of a buffer, overwritten by the next chunk)."""
+        n = hidden_chunk.shape[0]
+        out = self.matmul[:n]
+        torch.mm(hidden_chunk, self.head.t(), out=out)
+        if self.fp32 is None:
+            return out[:, : self.vocab]
+        return self.fp32[:n].copy_(out[:, : self.vocab])
+
+    def backward(self, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor, grad_hidden: torch.Tensor | None) -> None:
+        """`grad_logits` (fp32 `[n, vocab]`) back through the head: into `grad_hidden` (`[n, D]`, a slice of
+        the whole gradient) and added to `grad_weight` (`[V, D]` fp32)."""
+        n = grad_logits.shape[0]
+        if self.fp32 is not None:                       # matmuls in the compute dtype, as autocast's backward
+            grad_logits = self.matmul[:n, : self.vocab].copy_(grad_logits)
+        if grad_hidden is not None:
+            torch.mm(grad_logits, self.head[: self.vocab], out=grad_hidden)
+        if self.grad_weight is None:
+            return
+        if self.weight_update is None:
+            self.grad_weight.addmm_(grad_logits.t(), hidden_chunk)
         else:
-            grad_weight += (grad_logits.t() @ hidden_chunk).float()
-    return grad_logits @ weight[:vocab]
+            self.grad_weight += torch.mm(grad_logits.t(), hidden_chunk, out=self.weight_update)
+
+
+def _log_softmax_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target) [n], log-sum-exp [n, 1]) of fp32 `logits`, which are left holding `exp(logits - max)`
+    (in place: no chunk-sized temporaries)."""
+    target_logits = logits.gather(1, targets)
+    maxes = logits.amax(dim=1, keepdim=True)
+    sums = logits.sub_(maxes).exp_().sum(dim=1, keepdim=True)
+    lse = sums.log_().add_(maxes)
+    return (target_logits - lse).squeeze(1), lse
+
+
+def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, need_h: bool, need_w: bool):
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+    return grad_h, grad_w
 
 
 class _NLLSum(torch.autograd.Function):
@@ -75,25 +110,23 @@ class _NLLSum(torch.autograd.Function):
         device = hidden.device.type
         dtype = _compute_dtype(hidden, weight)
         vocab = weight.shape[0]
+        rows = _rows_per_chunk(vocab, chunk_rows)
         with torch.autocast(device, enabled=False):
             head = _head_weight(weight, dtype, pad_multiple)
             h = hidden.to(dtype)
+            grad_h, grad_w = _grad_buffers(h, weight, grad_hidden_on, grad_weight_on)
+            buffers = _ChunkBuffers(min(rows, h.shape[0]), head, vocab, grad_w)
             total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-            grad_h = torch.empty_like(h) if grad_hidden_on else None
-            grad_w = torch.zeros(vocab, weight.shape[1], device=weight.device,
-                                 dtype=torch.float32) if grad_weight_on else None
-            rows = _rows_per_chunk(vocab, chunk_rows)
             for start in range(0, h.shape[0], rows):
                 h_chunk, t_chunk = h[start:start + rows], targets[start:start + rows, None]
-                logp = _chunk_log_softmax(h_chunk, head, vocab)
-                total -= logp.gather(1, t_chunk).sum()
+                logits = buffers.logits(h_chunk)
+                logp, _ = _log_softmax_stats(logits, t_chunk)
+                total -= logp.sum()
                 if grad_h is None and grad_w is None:
                     continue
-                grad_logits = logp.exp_()                                    # d(-log p_t)/d logits
+                grad_logits = logits.div_(logits.sum(dim=1, keepdim=True))   # softmax; minus onehot: d(-log p_t)/d logits
                 grad_logits.scatter_add_(1, t_chunk, torch.full_like(t_chunk, -1, dtype=grad_logits.dtype))
-                chunk_grad = _accumulate_grads(grad_logits, h_chunk, head, grad_w)
-                if grad_h is not None:
-                    grad_h[start:start + rows] = chunk_grad
+                buffers.backward(grad_logits, h_chunk, grad_h[start:start + rows] if grad_h is not None else None)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.flags = (grad_h is not None, grad_w is not None, hidden.dtype, weight.dtype)
         return total
@@ -119,35 +152,35 @@ class _TokenLogps(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             head = _head_weight(weight, dtype, pad_multiple)
             h = hidden.to(dtype)
+            buffers = _ChunkBuffers(min(rows, h.shape[0]), head, vocab, None)
             logps = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+            lses = torch.empty(h.shape[0], 1, device=h.device, dtype=torch.float32)
             for start in range(0, h.shape[0], rows):
-                logp = _chunk_log_softmax(h[start:start + rows], head, vocab)
-                logps[start:start + rows] = logp.gather(1, targets[start:start + rows, None]).squeeze(1)
-        ctx.save_for_backward(hidden, weight, targets)
+                logits = buffers.logits(h[start:start + rows])
+                logps[start:start + rows], lses[start:start + rows] = _log_softmax_stats(
+                    logits, targets[start:start + rows, None])
+        ctx.save_for_backward(hidden, weight, targets, lses)
         ctx.options = (dtype, rows, pad_multiple)
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lses = ctx.saved_tensors
         dtype, rows, pad_multiple = ctx.options
         need_h, need_w = ctx.needs_input_grad[:2]
         vocab = weight.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             head = _head_weight(weight, dtype, pad_multiple)
             h = hidden.to(dtype)
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros(vocab, weight.shape[1], device=weight.device,
-                                 dtype=torch.float32) if need_w else None
+            grad_h, grad_w = _grad_buffers(h, weight, need_h, need_w)
+            buffers = _ChunkBuffers(min(rows, h.shape[0]), head, vocab, grad_w)
             grad_logps = grad_logps.float()
             for start in range(0, h.shape[0], rows):
                 h_chunk, t_chunk = h[start:start + rows], targets[start:start + rows, None]
                 g = grad_logps[start:start + rows, None]
-                grad_logits = _chunk_log_softmax(h_chunk, head, vocab).exp_().mul_(-g)   # -g * softmax
-                grad_logits.scatter_add_(1, t_chunk, g)                                  # + g * onehot
-                chunk_grad = _accumulate_grads(grad_logits, h_chunk, head, grad_w)
-                if grad_h is not None:
-                    grad_h[start:start + rows] = chunk_grad
+                grad_logits = buffers.logits(h_chunk).sub_(lses[start:start + rows]).exp_().mul_(-g)  # -g softmax
+                grad_logits.scatter_add_(1, t_chunk, g)                                               # + g onehot
+                buffers.backward(grad_logits, h_chunk, grad_h[start:start + rows] if grad_h is not None else None)
         return (grad_h.to(hidden.dtype) if grad_h is not None else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None)
 
