@@ -1,23 +1,31 @@
-"""Training throughput: our trainer against TRL's SFTTrainer and DPOTrainer on the GPT-2 124M shape.
+"""Training speed and memory: our trainer against TRL's SFTTrainer and DPOTrainer on the GPT-2 124M shape.
 
-    python -m benchmarks.train [--shared ../shared] [--steps 3] [--repeats 2] [--batch-size 1] [--grad-accum 2]
+    python -m benchmarks.train [--shared ../shared] [--kinds sft,dpo] [--steps 3] [--repeats 1] [--seq 1024]
+    python -m benchmarks.train --budget-gib 8 [--budget-batches 1,2]      # the largest batch in a budget
 
 Same random weights (one checkpoint folder both load), same tokenized real data (OASST1 validation +
 Alpaca subset for SFT, UltraFeedback train-1k for DPO, from ../shared/data; skipped cleanly without it),
-sequence length 512, same effective batch (batch_size x grad_accum rows or pairs per step), same threads.
-Each measurement is one child process (so peak RSS belongs to one trainer); ours and TRL's children
-alternate. A run's rate is its total work over its total time, first step dropped (warmup); the table gives
-the median over repeats.
+sequence length `--seq` (1,024: GPT-2's context), same effective batch (batch_size x grad_accum rows or
+pairs per step), same threads. Each measurement is one child process, so its peak memory is its own: peak
+RSS on the CPU, `torch.cuda.max_memory_allocated` with `--device cuda`; "training" is the peak minus what
+the process held just before training (weights, data, libraries). Children alternate (`round_robin`). A
+run's rate is its total work over its total time, first step dropped (warmup); medians over repeats.
 
-- SFT: trained (non-pad) tokens / s. Ours packs short examples into 512-token rows. TRL runs twice: packed
-  (`packing=True`, its best-fit-decreasing packing into 512-token padding-free rows: the like-for-like
-  figure) and with its default (one example per row, padded). Both use assistant-only loss from the same masks.
-- Precision: fp32 on both sides. TRL's configs default to `bf16=True` and `gradient_checkpointing=True`; on
-  this CPU (no bf16 matmul units), bf16 autocast makes matmuls ~100x slower, and our trainer neither autocasts on CPU nor
-  recomputes activations, so both are switched off for TRL (otherwise the comparison measures those).
+Runners: `ours` (the chunked head, `gpt2chat.chunked_head`), `ours-unchunked` (the same trainer with the
+`[scored positions, vocab]` logits of before issue 24: the speed and memory it replaces, in the same run),
+and TRL 1.16 with its memory options: its fused, chunked LM head is always on in 1.16 (`add_fused_lm_head`;
+on a CPU it scores every position, on CUDA only the labelled ones), SFT with `packing=True` (best-fit
+decreasing into padding-free rows), DPO with `precompute_ref_log_probs=True` (its `padding_free` is
+disabled in 1.16: "temporarily unavailable after a refactor"). `--runners ...,trl` adds TRL SFT unpacked.
+
+- SFT: trained (non-pad) tokens / s, assistant-only loss from the same masks; ours packs into `--seq` rows.
 - DPO: pairs / s, reference log-probs precomputed before training in both (not timed).
+- Precision: fp32 on the CPU (no bf16 units; TRL's `bf16=True` default would make matmuls ~100x slower),
+  bf16 autocast on CUDA on both sides; no gradient checkpointing on either side.
 - MFU: model FLOPs (6 N per token run + attention, `gpt2chat.evaluate.flops`) / the best fp32 matmul rate
   measured before and after the runs (1024^3, the best of 5 x 5 timings).
+- `--budget-gib G`: each runner's peak at two batch sizes (2 steps each, so the optimizer state is in it),
+  memory as an affine function of the batch, and the largest batch of `--seq` tokens under G.
 Prints a table and one JSON line.
 """
 
@@ -37,8 +45,8 @@ from benchmarks.peers import train_trl
 from benchmarks.timing import round_robin
 
 REPO = Path(__file__).resolve().parents[1]
-SEQ = 512
-RUNNERS = {"sft": ("ours", "trl-packed", "trl"), "dpo": ("ours", "trl")}
+RUNNERS = {"sft": ("ours", "ours-unchunked", "trl-packed"), "dpo": ("ours", "ours-unchunked", "trl")}
+ALL_RUNNERS = {"sft": (*RUNNERS["sft"], "trl"), "dpo": RUNNERS["dpo"]}
 
 
 def shared_specs(shared: Path) -> dict[str, list[str]] | None:
@@ -50,42 +58,59 @@ def shared_specs(shared: Path) -> dict[str, list[str]] | None:
     return {"sft": sft, "dpo": dpo}
 
 
-def load_examples(kind: str, specs: list[str], tokenizer, n: int):
+def load_examples(kind: str, specs: list[str], tokenizer, n: int, seq: int):
     from gpt2chat.data import Budgets, build_preference_examples, build_sft_examples
 
     if kind == "sft":
-        train, _, _ = build_sft_examples(specs, tokenizer, "llama3-context", Budgets.sft(SEQ), val_fraction=0.0)
+        train, _, _ = build_sft_examples(specs, tokenizer, "llama3-context", Budgets.sft(seq), val_fraction=0.0)
     else:
-        budgets = Budgets(max_prompt_length=256, max_response_length=256, max_length=SEQ)
+        budgets = Budgets(max_prompt_length=seq // 2, max_response_length=seq // 2, max_length=seq)
         train, _, _ = build_preference_examples(specs, tokenizer, "llama3-context", budgets, val_fraction=0.0)
     return train[:n]
 
 
 # ---------------------------------------------------------------------- children
-def run_ours(kind: str, ckpt: str, specs: list[str], args) -> dict:
+def unchunked_head(model, batch, autocast, loss):
+    """The head before issue 24: `[N, vocab]` logits of the scored positions, scored by `token_logps`."""
+    from gpt2chat.chunked_head import chunked_nll_sum
+    from gpt2chat.losses import token_logps
+    from gpt2chat.train.objectives import attention_plan
+
+    with autocast():
+        logits = model(batch.input_ids, attention_plan(model, batch), select=batch.scored.index)
+    logps = token_logps(logits, batch.scored.targets)
+    return -logps.sum() if loss is chunked_nll_sum else logps
+
+
+def run_ours(kind: str, ckpt: str, specs: list[str], args, chunked: bool = True) -> dict:
     import torch
 
     from gpt2chat.checkpoint import load_model
+    from gpt2chat.train import objectives
     from gpt2chat.train.batching import BatchPlan
     from gpt2chat.train.config import TrainConfig
     from gpt2chat.train.distributed import DistState
     from gpt2chat.train.objectives import DPOObjective, SFTObjective
-    from gpt2chat.train.trainer import Trainer
+    from gpt2chat.train.trainer import Trainer, autocast_for
 
-    model, tokenizer = load_model(ckpt, device="cpu")
+    if not chunked:
+        objectives.through_head = unchunked_head
+    device = torch.device(args.device)
+    model, tokenizer = load_model(ckpt, device=device)
     rows = args.batch_size * args.grad_accum * args.steps
-    examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1))
+    examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1), args.seq)
     cfg = TrainConfig(objective="sft" if kind == "sft" else "dpo", data=["bench"], out=tempfile.mkdtemp(),
                       lr=1e-5, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
-                      max_length=SEQ, pack=True, schedule="constant", progress=False, save_every=0).validate()
+                      max_length=args.seq, pack=True, schedule="constant", progress=False, save_every=0).validate()
     plan = BatchPlan(examples, "sft" if kind == "sft" else "preference", batch_size=cfg.batch_size,
-                     grad_accum=cfg.grad_accum, world_size=1, seed=0, max_length=SEQ,
+                     grad_accum=cfg.grad_accum, world_size=1, seed=0, max_length=args.seq,
                      pad_id=tokenizer.pad_token_id, pack=True)
-    objective = SFTObjective() if kind == "sft" else DPOObjective(beta=0.1)
+    autocast = autocast_for(cfg, device)             # bf16 on CUDA, none on the CPU (as TRL's runs)
+    objective = SFTObjective(autocast) if kind == "sft" else DPOObjective(beta=0.1, autocast=autocast)
     model.train()
-    trainer = Trainer(cfg, model, objective, plan, None, DistState(), torch.device("cpu"),
-                      write_model=lambda m, f: None)
+    trainer = Trainer(cfg, model, objective, plan, None, DistState(), device, write_model=lambda m, f: None)
     trainer._save = lambda *a, **k: None          # no checkpoint writing inside the timed loop
+    start_memory(device)
     result = trainer.fit()
     steps = result.history[1:]
     return rates(kind, [r["step_time_s"] for r in steps], [r["tokens"] for r in steps], args)
@@ -109,10 +134,45 @@ def run_trl(kind: str, ckpt: str, specs: list[str], args, packed: bool = False) 
     _, tokenizer = load_model(ckpt, device="cpu")
     model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=torch.float32)
     rows = args.batch_size * args.grad_accum * args.steps
-    examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1))  # the same pool as ours
+    examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1), args.seq)  # ours' pool
+    start_memory(torch.device(args.device))
     clock = train_trl(kind, model, ckpt, tokenizer, examples, out=tempfile.mkdtemp(), batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, steps=args.steps, seq=SEQ, device="cpu", packed=packed)
+                      grad_accum=args.grad_accum, steps=args.steps, seq=args.seq, device=args.device, packed=packed)
     return rates(kind, clock.seconds[1:], clock.tokens[1:], args)
+
+
+_SETUP_MB: list[float] = []
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MiB), from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        line = next(ln for ln in status if ln.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def start_memory(device) -> None:
+    """The memory a run has before training (weights, data, libraries), so that peak - setup is training's own."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _SETUP_MB.append(torch.cuda.memory_allocated(device) / 2**20)
+    else:
+        _SETUP_MB.append(rss_mb())
+
+
+def peak_memory(device) -> dict:
+    """Peak memory of the run: `max_memory_allocated` on CUDA, the process's peak RSS on the CPU (MiB)."""
+    import torch
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    setup = _SETUP_MB[-1] if _SETUP_MB else 0.0
+    return {"peak_mb": peak, "setup_mb": setup, "training_mb": peak - setup}
 
 
 def child(args) -> int:
@@ -121,25 +181,60 @@ def child(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = json.loads(args.specs)
-    if args.who == "ours":
-        result = run_ours(args.kind, args.ckpt, specs[args.kind], args)
+    if args.who.startswith("ours"):
+        result = run_ours(args.kind, args.ckpt, specs[args.kind], args, chunked=args.who == "ours")
     else:
         result = run_trl(args.kind, args.ckpt, specs[args.kind], args, packed=args.who == "trl-packed")
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(peak_memory(torch.device(args.device)))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 
 # ---------------------------------------------------------------------- driver
+def run_child(who: str, kind: str, ckpt: Path, specs: dict, args, batch_size: int, steps: int, env: dict) -> dict:
+    """One measurement in its own process (its peak RSS is its own)."""
+    command = [sys.executable, "-m", "benchmarks.train", "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
+               "--specs", json.dumps(specs), "--steps", str(steps), "--batch-size", str(batch_size),
+               "--grad-accum", str(args.grad_accum), "--threads", str(args.threads), "--seq", str(args.seq),
+               "--device", args.device]
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, cwd=REPO)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{who} {kind} run failed")
+    result = json.loads(line.removeprefix("RESULT "))
+    print(f"  {kind} {who} batch {batch_size}: {result}", file=sys.stderr, flush=True)
+    return result
+
+
+def budget_fit(points: dict[int, float], budget_mb: float) -> dict:
+    """The largest batch (rows of `--seq` tokens) whose peak fits `budget_mb`, from peaks measured at two or
+    more batch sizes: memory is an affine function of the batch (weights + optimizer + per-row activations)."""
+    sizes = sorted(points)
+    (b0, m0), (b1, m1) = (sizes[0], points[sizes[0]]), (sizes[-1], points[sizes[-1]])
+    per_row = (m1 - m0) / (b1 - b0)
+    fixed = m0 - per_row * b0
+    return {"measured": {str(b): round(m) for b, m in points.items()}, "fixed_mb": fixed, "per_row_mb": per_row,
+            "max_batch": int((budget_mb - fixed) // per_row) if per_row > 0 else None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is warmup)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=1024, help="sequence length (GPT-2's context at most)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (max_memory_allocated)")
     parser.add_argument("--kinds", default="sft,dpo")
+    parser.add_argument("--runners", default=None, help="comma list (default: ours, ours-unchunked and TRL's "
+                        "memory-saving setup; 'trl' for SFT adds TRL unpacked)")
+    parser.add_argument("--budget-gib", type=float, default=0.0,
+                        help="instead of the speed table: the largest batch of --seq tokens that trains in this "
+                             "much memory, for each runner, from peaks at --budget-batches (2 steps each)")
+    parser.add_argument("--budget-batches", default="1,2")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--who", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
@@ -162,53 +257,66 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     ckpt = init_checkpoint("gpt2", workdir / "gpt2-random", template="llama3-context", seed=0)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    kinds = args.kinds.split(",")
+
+    def runners_of(kind: str) -> list[str]:
+        chosen = args.runners.split(",") if args.runners else list(RUNNERS[kind])
+        return [who for who in chosen if who in ALL_RUNNERS[kind]]
+
+    if args.budget_gib:
+        batches = [int(b) for b in args.budget_batches.split(",")]
+        fits: dict[str, dict] = {}
+        for kind in kinds:
+            points: dict[str, dict[int, float]] = {who: {} for who in runners_of(kind)}
+            for batch in batches:
+                for _, who in round_robin(runners_of(kind), 1):
+                    points[who][batch] = run_child(who, kind, ckpt, specs, args, batch, 2, env)["peak_mb"]
+            fits[kind] = {who: budget_fit(p, args.budget_gib * 1024) for who, p in points.items()}
+            for who, fit in fits[kind].items():
+                print(f"{kind} {who:>15}: peaks {fit['measured']} MiB, {fit['per_row_mb']:.0f} MiB per "
+                      f"{args.seq}-token row -> {fit['max_batch']} x {args.seq} in {args.budget_gib:g} GiB")
+        print(json.dumps({"benchmark": "train-budget", "seq_len": args.seq, "budget_gib": args.budget_gib,
+                          "device": args.device, **fits}))
+        return 0
 
     def best_peak() -> float:
         # one 1024^3 matmul timing swings 80-135 GFLOP/s on a shared 2-core VM: keep the best of several
-        return max(measure_peaks("cpu", torch.float32, repeats=5)["matmul_flops_per_s"] for _ in range(5))
+        return max(measure_peaks(args.device, torch.float32, repeats=5)["matmul_flops_per_s"] for _ in range(5))
 
     peak = best_peak()
-    flops_per_token = training_flops_per_token(get_preset("gpt2"), SEQ)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    flops_per_token = training_flops_per_token(get_preset("gpt2"), args.seq)
     results: dict[str, dict[str, list[dict]]] = {}
-    for kind in args.kinds.split(","):
-        runners = RUNNERS[kind]
-        results[kind] = {who: [] for who in runners}
-        for repeat, who in round_robin(runners, args.repeats):
-            command = [sys.executable, "-m", "benchmarks.train", "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
-                       "--specs", json.dumps(specs), "--steps", str(args.steps), "--batch-size",
-                       str(args.batch_size), "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
-            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if done.returncode != 0 or line is None:
-                print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{who} {kind} run failed")
-            results[kind][who].append(json.loads(line.removeprefix("RESULT ")))
-            print(f"  {kind} {who} repeat {repeat}: {results[kind][who][-1]}", file=sys.stderr, flush=True)
+    for kind in kinds:
+        results[kind] = {who: [] for who in runners_of(kind)}
+        for _, who in round_robin(runners_of(kind), args.repeats):
+            results[kind][who].append(run_child(who, kind, ckpt, specs, args, args.batch_size, args.steps, env))
 
     peak = max(peak, best_peak())        # before and after the runs
-    summary: dict[str, object] = {"benchmark": "train", "shape": "gpt2 124M random", "seq_len": SEQ,
+    memory = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
+    summary: dict[str, object] = {"benchmark": "train", "shape": "gpt2 124M random", "seq_len": args.seq,
                                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
-                                  "repeats": args.repeats, "threads": args.threads,
-                                  "matmul_peak_gflops": peak / 1e9, "torch": torch.__version__}
-    print(f"\nGPT-2 124M (random), seq {SEQ}, {args.batch_size} x {args.grad_accum} per step, "
-          f"{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'':14}{'run':>12}{'value':>10}{'ours / it':>10}{'MFU':>8}{'tokens/step':>13}{'s/step':>8}{'peak RSS':>10}")
+                                  "repeats": args.repeats, "threads": args.threads, "device": args.device,
+                                  "memory": memory, "matmul_peak_gflops": peak / 1e9, "torch": torch.__version__}
+    print(f"\nGPT-2 124M (random), seq {args.seq}, {args.batch_size} x {args.grad_accum} per step, {args.device}, "
+          f"{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s; memory = {memory}")
+    print(f"{'':14}{'run':>15}{'value':>9}{'ours/it':>8}{'MFU':>7}{'tok/step':>9}{'s/step':>7}"
+          f"{'peak':>8}{'ours/it':>8}{'training':>9}{'ours/it':>8}")
     for kind, by in results.items():
         metric = "tokens_per_s" if kind == "sft" else "pairs_per_s"
         label = "SFT tokens/s" if kind == "sft" else "DPO pairs/s"
-        ours = statistics.median(r[metric] for r in by["ours"])
+        ours = {key: statistics.median(r[key] for r in by["ours"]) for key in (metric, "peak_mb", "training_mb")}
         summary[kind] = {"metric": metric, "runs": by}
         for who, runs in by.items():
-            value = statistics.median(r[metric] for r in runs)
-            row = {"value": value, "ours_over_this": ours / value,
-                   "mfu": statistics.median(r["tokens_per_s"] for r in runs) * flops_per_token / peak,
-                   "tokens_per_step": statistics.median(r["tokens_per_step"] for r in runs),
-                   "step_s": statistics.median(r["step_s"] for r in runs),
-                   "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+            row = {key: statistics.median(r[key] for r in runs) for key in (metric, "peak_mb", "training_mb",
+                                                                               "tokens_per_step", "step_s")}
+            row["mfu"] = statistics.median(r["tokens_per_s"] for r in runs) * flops_per_token / peak
+            for key in (metric, "peak_mb", "training_mb"):
+                row[f"ours_over_this_{key}"] = ours[key] / row[key]
             summary[kind][who] = row
-            print(f"{label:14}{who:>12}{value:10.2f}{row['ours_over_this']:10.2f}{row['mfu']:8.1%}"
-                  f"{row['tokens_per_step']:13.0f}{row['step_s']:8.2f}{row['peak_rss_mb']:9.0f}M")
+            print(f"{label:14}{who:>15}{row[metric]:9.2f}{row[f'ours_over_this_{metric}']:8.2f}{row['mfu']:7.1%}"
+                  f"{row['tokens_per_step']:9.0f}{row['step_s']:7.1f}{row['peak_mb']:7.0f}M"
+                  f"{row['ours_over_this_peak_mb']:8.2f}{row['training_mb']:8.0f}M{row['ours_over_this_training_mb']:8.2f}")
     print(json.dumps(summary))
     return 0
 

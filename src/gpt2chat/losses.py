@@ -6,8 +6,9 @@ detached 0-dim tensors (no host sync is forced; call ``float()`` when logging). 
 so that logs compare directly.
 
 The causal shift (logits at position t predict the token at t + 1) happens in exactly one place:
-:func:`scored_tokens`, and log-probabilities of scored tokens come from one primitive: :func:`token_logps`,
-used by the objectives here, by the trainer and by evaluation. Every mask passed to this module is aligned with the **tokens** (``labels`` /
+:func:`scored_tokens`, and log-probabilities of scored tokens come from one primitive on logits:
+:func:`token_logps`, used by the losses here and by evaluation. Training does not materialise the logits:
+`gpt2chat.chunked_head` computes the same values (and gradients) from the hidden states chunk by chunk. Every mask passed to this module is aligned with the **tokens** (``labels`` /
 ``input_ids``), not with the predictions: ``mask[b, t] == 1`` means "token t of row b is scored", the
 same convention as the ``assistant_mask`` produced by the chat templates and TRL's ``completion_mask``.
 Position 0 has no prediction and is never scored.

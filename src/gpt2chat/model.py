@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +185,7 @@ class GPT(nn.Module):
         *,
         logits_to_keep: int = 0,
         select: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits of `input_ids` ([B, T]) attending as `plan` says (default: plain causal).
 
@@ -192,6 +193,8 @@ class GPT(nn.Module):
         (`[B, N, vocab]`, e.g. 1 for a prefill); or `select`, a LongTensor of flat indices `row * T + t`
         (`[N, vocab]`), so that a loss that scores a few positions projects only those through the
         vocabulary, inside the forward, where DDP, FSDP's gathered weights and `torch.compile` see it.
+        `head(hidden, lm_head.weight)` replaces the head: the losses of `gpt2chat.chunked_head` project
+        and score those positions chunk by chunk, so no `[N, vocab]` logits exist (training returns a loss).
         """
         if select is not None and logits_to_keep:
             raise ValueError("give logits_to_keep or select, not both")
@@ -200,7 +203,18 @@ class GPT(nn.Module):
             hidden = hidden.flatten(0, 1).index_select(0, select)
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if head is not None:
+            if type(self.lm_head) is not nn.Linear:
+                raise ValueError(f"head= needs the plain tied lm_head, this model has {type(self.lm_head).__name__}")
+            return head(hidden.flatten(0, -2), self.lm_head.weight)
         return self._project(hidden)
+
+    def head_multiple(self, device: torch.device) -> int:
+        """The width the LM head's matmul is padded to while training (0: none): `vocab_multiple`, or 64 on
+        CUDA and off elsewhere when it is None."""
+        if self.vocab_multiple is not None:
+            return self.vocab_multiple
+        return 64 if torch.device(device).type == "cuda" else 0
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head. With gradients on, it multiplies by the tied weight padded with zero rows to a multiple
@@ -208,9 +222,7 @@ class GPT(nn.Module):
         slices the logits back: the same logits, and nothing stored padded. `vocab_multiple` None means 64 on
         CUDA and off elsewhere; 0 is off. Inference keeps the plain head: padding copies the weight every call,
         which a memory-bound decode step cannot afford."""
-        multiple = self.vocab_multiple
-        if multiple is None:
-            multiple = 64 if hidden.is_cuda else 0
+        multiple = self.head_multiple(hidden.device)
         pad = -self.config.vocab_size % multiple if multiple else 0
         if not (pad and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear):
             return self.lm_head(hidden)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 
-from gpt2chat.losses import dpo_loss, orpo_loss, sft_loss, sum_per_sequence, token_logps
+from gpt2chat.chunked_head import chunked_nll_sum, chunked_token_logps
+from gpt2chat.losses import dpo_loss, orpo_loss, sum_per_sequence
 from gpt2chat.model import AttentionPlan, attention_kernel
 from gpt2chat.train.batching import Batch
 
@@ -36,15 +38,19 @@ def attention_plan(model: torch.nn.Module, batch: Batch) -> AttentionPlan | None
     return AttentionPlan.packed(config, batch.segment_ids, batch.position_ids, kernel=kernel)
 
 
-def scored_logits(model: torch.nn.Module, batch: Batch, autocast) -> torch.Tensor:
-    """Logits `[N, vocab]` of the positions that predict the batch's scored tokens, and of no others.
+def through_head(model: torch.nn.Module, batch: Batch, autocast, loss) -> torch.Tensor:
+    """`loss(hidden, head weight, targets=..., pad_multiple=...)` over the positions that predict the batch's
+    scored tokens, and no others: a `gpt2chat.chunked_head` loss, so no `[N, vocab]` logits are kept.
 
-    For chat data (prompts, padding, rejected prompts) that skips a large part of the `[tokens, vocab]`
-    matmul and its softmax, the biggest cost of a small GPT-2. The selection happens in the model's
-    forward, so it works the same under DDP, FSDP and `torch.compile`.
+    For chat data (prompts, padding, rejected prompts) selecting the scored positions skips a large part of
+    the `[tokens, vocab]` matmul and its softmax, the biggest cost of a small GPT-2; chunking the rest keeps
+    its memory to one chunk. Both happen in the model's forward, so they work the same under DDP, FSDP and
+    `torch.compile`.
     """
+    multiple = getattr(model, "module", model).head_multiple(batch.input_ids.device)
+    head = partial(loss, targets=batch.scored.targets, pad_multiple=multiple)
     with autocast():
-        return model(batch.input_ids, attention_plan(model, batch), select=batch.scored.index)
+        return model(batch.input_ids, attention_plan(model, batch), select=batch.scored.index, head=head)
 
 
 def chosen_targets(batch: Batch) -> int:
@@ -56,7 +62,7 @@ def chosen_targets(batch: Batch) -> int:
 
 def sequence_sums(model, batch: Batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and scored-token counts per sequence ([S], [S]; S = 2 per pair)."""
-    logps = token_logps(scored_logits(model, batch, autocast), batch.scored.targets)
+    logps = through_head(model, batch, autocast, chunked_token_logps)
     return sum_per_sequence(logps, batch.scored.sequence, batch.n_sequences)
 
 
@@ -105,9 +111,9 @@ class SFTObjective(Objective):
     name = "sft"
 
     def micro_loss(self, model, batch, totals, split="train"):
-        loss, _ = sft_loss(scored_logits(model, batch, self.autocast), batch.scored.targets,
-                           num_items=totals["targets"])
-        return loss, {}
+        # sft_loss's sum over the scored tokens, divided by the step's count (`totals`), as one chunked pass
+        nll_sum = through_head(model, batch, self.autocast, chunked_nll_sum)
+        return nll_sum / totals["targets"], {}
 
 
 class DPOObjective(Objective):
