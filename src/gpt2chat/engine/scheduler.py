@@ -75,7 +75,7 @@ def token_logprobs(logits: torch.Tensor, token_ids, tops: Sequence[int | None]) 
 class _Row:
     """One request in a cache row: how far its prompt is cached, what it feeds next, how far it may go."""
 
-    __slots__ = ("request", "prompt", "params", "cached", "next_token", "limit", "draws")
+    __slots__ = ("request", "prompt", "params", "cached", "next_token", "limit", "draws", "constraint")
 
     def __init__(self, request: Request, context: int):
         self.request = request
@@ -86,6 +86,7 @@ class _Row:
         # prompt + reply never exceed the context
         self.limit = min(self.params.max_new_tokens, context - len(self.prompt))
         self.draws = 0  # tokens sampled so far: the counter of the row's seeded draws
+        self.constraint = self.params.constraint.start() if self.params.constraint is not None else None
 
     @property
     def prefilling(self) -> bool:
@@ -267,7 +268,7 @@ class Scheduler:
         if self._seen is not None and any(p.repetition_penalty != 1.0 for p in params):
             seen = self._seen.index_select(0, torch.tensor(indices, device=self._seen.device))
         draws = [row.draws for row in rows]
-        next_ids = sample_next(logits, seen, params, draws)
+        next_ids = sample_next(logits, seen, params, draws, [row.constraint for row in rows])
         if seen is not None:
             self._seen[torch.tensor(indices, device=device), next_ids] = True
         entries = token_logprobs(logits, next_ids, [p.logprobs for p in params])
