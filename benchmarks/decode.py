@@ -12,8 +12,8 @@ weights read per token. The read bandwidth is the project's one measurement
 (`gpt2chat.evaluate.flops.measure_peaks`: the best of several `tensor.sum()` passes over 1 GiB, a read only,
 not a copy), taken before and after the runs; the better of the two is the bound.
 
-    python benchmarks/decode.py                        # 124M, 5 rounds
-    python benchmarks/decode.py --arch tiny --repeats 2 --new-tokens 32 --prefill-lengths 32,128 --skip-transformers
+    python -m benchmarks.decode                        # 124M, 5 rounds
+    python -m benchmarks.decode --arch tiny --repeats 2 --new-tokens 32 --prefill-lengths 32,128 --skip-transformers
 
 Prints one JSON line per side, then a markdown table. llama.cpp rows need `llama-cpp-python` and the
 converter (`--convert`, default: the copy unpacked under /work/llamacpp, or $GPT2CHAT_CONVERT_HF_TO_GGUF)
@@ -22,22 +22,20 @@ with the `gguf` package; they are skipped with a note when either is missing.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
-# a sibling benchmark named like a standard module would shadow it when run as a script
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+from benchmarks.timing import round_robin
 
 DEFAULT_CONVERTER = "/work/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
 PREFILL_LENGTHS = "32,512"
@@ -142,9 +140,9 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
     for mode in (None, "fp16", "int8"):
         model, _ = load_for_inference(folder, quantize=mode, device="cpu")  # the layout the CLI and server use
         name = f"ours {mode or 'fp32'}"
-        sides.append(Ours(name, Engine(model), decode_read_bytes(model)))
+        sides.append(Ours(name, Engine(model, prompt_cache=False), decode_read_bytes(model)))  # prefill timed cold
         if mode is None and not args.skip_compiled:
-            sides.append(Ours(f"{name} compiled", Engine(model, compile=True), decode_read_bytes(model)))
+            sides.append(Ours(f"{name} compiled", Engine(model, compile=True, prompt_cache=False), decode_read_bytes(model)))
     fp32_bytes = sides[0].read_bytes
     if not args.skip_transformers:
         sides.append(Transformers(folder, fp32_bytes))
@@ -190,13 +188,11 @@ def run(args) -> tuple[list[dict], list[str]]:
         decode = {side.name: [] for side in sides}
         prefill = {(side.name, n): [] for side in sides for n in lengths}
         tokens = {}
-        for repeat in range(args.repeats):
-            shift = repeat % len(sides)
-            for side in sides[shift:] + sides[:shift]:
-                rate, tokens[side.name] = side.decode(prompt, args.new_tokens)
-                decode[side.name].append(rate)
-                for n in lengths:
-                    prefill[(side.name, n)].append(side.prefill(prefill_prompts[n]))
+        for _, side in round_robin(sides, args.repeats):
+            rate, tokens[side.name] = side.decode(prompt, args.new_tokens)
+            decode[side.name].append(rate)
+            for n in lengths:
+                prefill[(side.name, n)].append(side.prefill(prefill_prompts[n]))
         for side in sides:
             if hasattr(side, "close"):
                 side.close()

@@ -4,7 +4,7 @@ For each model and GGUF type: the max abs logit difference and the teacher-force
 same 256 positions of OASST1 validation text, llama.cpp (llama-cpp-python) against our fp32 forward. One
 JSON line per row. Accuracy, not speed: nothing here is timed.
 
-    .venv/bin/python benchmarks/export_agreement.py [--models tiny,tiny-std0.05,gpt2] [--shared ../shared]
+    .venv/bin/python -m benchmarks.export_agreement [--models tiny,tiny-std0.05,gpt2] [--shared ../shared]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.peers import llama_cpp_logits
 from gpt2chat.checkpoint import init_checkpoint, load_model
 from gpt2chat.export import write_gguf
 
@@ -43,11 +44,7 @@ def main() -> None:
                 ours = model(torch.tensor([ids]))[0].numpy()
             for quant, kv in CASES:
                 path = write_gguf(model, tok, Path(tmp) / f"{label}-{quant}.gguf", quant=quant)
-                llm = llama_cpp.Llama(str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False,
-                                      n_threads=2, type_k=kv_types[kv], type_v=kv_types[kv])  # fmt: skip
-                llm.eval(ids)
-                theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
-                llm.close()
+                theirs = llama_cpp_logits(path, ids, type_k=kv_types[kv], type_v=kv_types[kv])
                 print(json.dumps({"model": label, "gguf": quant, "kv_cache": kv, "positions": len(ids),
                                   "logit_absmax": round(float(np.abs(ours).max()), 3),
                                   "max_abs_diff": float(f"{np.abs(theirs - ours).max():.3g}"),

@@ -1,7 +1,7 @@
 """The GPU check: one command that proves the CUDA path works and measures it, on one device, in minutes.
 
-    python benchmarks/gpu_check.py [--out runs/gpu_check] [--budget-s 470] [--parts NAME,...] [--repeats 1]
-    python benchmarks/gpu_check.py --smoke          # the same code on CPU, tiny shape, small counts (CI)
+    python -m benchmarks.gpu_check [--out runs/gpu_check] [--budget-s 470] [--parts NAME,...] [--repeats 1]
+    python -m benchmarks.gpu_check --smoke          # the same code on CPU, tiny shape, small counts (CI)
 
 Parts, in order (each guarded: a failure, a missing package or a time-out is a row of the table, and the
 next part still runs; each has a time budget, cut to what is left of `--budget-s`):
@@ -22,19 +22,17 @@ Writes OUT/gpu_check.md (the table) and OUT/gpu_check.jsonl (one JSON object per
 every part so a run cut short still leaves its rows; prints the table at the end. Exits 1 when a
 correctness row failed, 0 otherwise. Optional packages (trl, fastapi, uvicorn) are imported only by the
 parts that need them, which report "not installed" without them (benchmarks/README.md says how to bring
-them as wheels). The module is long because it is one command by design; the speed parts live beside it.
+them as wheels). The speed parts live in benchmarks/gpu_speed.py, the rows and state both use in
+benchmarks/gpu_table.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -42,76 +40,27 @@ import time
 import traceback
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-OK, FAIL, MISSING, TIMEOUT, SKIPPED = "ok", "FAIL", "not installed", "timeout", "skipped"
-
-
-class NotInstalled(Exception):
-    """A part needs an optional package that is not importable here."""
-
-
-class PartTimeout(Exception):
-    """A part ran past its time budget."""
-
-
-def need(*modules: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise NotInstalled(", ".join(missing))
-
-
-@dataclass
-class Check:
-    """What every part shares: settings of this run, the device, folders, results so far."""
-
-    smoke: bool
-    out: Path
-    work: Path
-    repeats: int
-    deadline: float
-    device: torch.device = field(init=False)
-    dtype: torch.dtype = field(init=False)  # what training autocasts to and inference runs in
-    rows: list[dict] = field(default_factory=list)
-    peaks: dict | None = None
-    trained: Path | None = None  # the SFT model of the training part, for the parts after it
-    measured: dict = field(default_factory=dict)  # our speed results, for the TRL rows' ratios
-    _base: dict[str, Path] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.device = torch.device("cpu" if self.smoke else "cuda")
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        small, medium = ("tiny", "tiny") if self.smoke else ("gpt2", "gpt2-medium")
-        self.shapes = {"small": small, "medium": medium}
-        self.seq = 128 if self.smoke else 1024
-
-    def label(self, shape: str) -> str:
-        return {"gpt2": "124M", "gpt2-medium": "355M"}.get(shape, shape)
-
-    def base(self, shape: str | None = None) -> Path:
-        """A random-weight checkpoint folder of `shape` (default: the small one), built once."""
-        from gpt2chat.checkpoint import init_checkpoint
-
-        shape = shape or self.shapes["small"]
-        if shape not in self._base:
-            self._base[shape] = init_checkpoint(shape, self.work / f"base-{shape}", template="llama3-context",
-                                                seed=0)
-        return self._base[shape]
-
-    def seconds_left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-def row(part: str, check: str, status: str, result: str = "", target: str = "", detail: str = "", **data) -> dict:
-    return {"part": part, "check": check, "status": status, "result": result, "target": target,
-            "detail": detail, "data": data}
-
-
-def verdict(passed: bool) -> str:
-    return OK if passed else FAIL
+from benchmarks import gpu_speed
+from benchmarks.gpu_table import (
+    FAIL,
+    MISSING,
+    OK,
+    SKIPPED,
+    TIMEOUT,
+    Check,
+    NotInstalled,
+    PartTimeout,
+    need,
+    row,
+    verdict,
+)
+from benchmarks.peers import hf_greedy, hf_model
+from benchmarks.serve_process import ServeProcess
 
 
 # ---------------------------------------------------------------------- correctness parts
@@ -157,26 +106,6 @@ def part_peak(check: Check) -> list[dict]:
     rows.append(row("peak", "read bandwidth", OK, f"{best['read_bytes_per_s'] / 1e9:.0f} GB/s",
                     detail=f"float32 sum() over {best['read_bytes'] / 2**20:.0f} MiB, best of the timings"))
     return rows
-
-
-def hf_model(folder: Path, dtype: torch.dtype, device: torch.device, **config):
-    """`AutoModelForCausalLM` of `folder` in `dtype` on `device` (`dtype=` since transformers 4.56)."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return AutoModelForCausalLM.from_pretrained(folder, **{key: dtype}, **config).to(device).eval()
-
-
-def hf_greedy(model, prompts: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
-    """transformers' greedy `generate`, exactly `new_tokens` per row (no end-of-text stop)."""
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = pad_id
-    with torch.inference_mode():
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    return out[:, prompts.shape[1]:]
 
 
 def part_parity(check: Check) -> list[dict]:
@@ -428,43 +357,19 @@ def part_generate(check: Check) -> list[dict]:
 def part_serve(check: Check) -> list[dict]:
     need("fastapi", "uvicorn")
     folder = check.trained or check.base()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = check.work / "serve.log"
-    command = [sys.executable, "-m", "gpt2chat", "serve", "--model", str(folder), "--port", str(port)]
-    if check.smoke:
-        command += ["--device", "cpu"]
-    base = f"http://127.0.0.1:{port}"
-    with open(log, "w") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            started = time.perf_counter()
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"gpt2chat serve exited ({server.returncode}): {log.read_text()[-400:]}")
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                if time.perf_counter() - started > 120:
-                    raise RuntimeError(f"gpt2chat serve did not answer /health in 120 s: {log.read_text()[-400:]}")
-                time.sleep(0.5)
-            ready = time.perf_counter() - started
-            body = json.dumps({"model": "gpt2chat", "max_tokens": 16, "temperature": 0,
-                               "messages": [{"role": "user", "content": "Hi there!"}]}).encode()
-            request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            tick = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=60) as response:
-                answer = json.loads(response.read())
-            seconds = time.perf_counter() - tick
-        finally:
-            server.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=20)
-            if server.poll() is None:
-                server.kill()
+    options = ["--model-name", "gpt2chat"] + (["--device", "cpu"] if check.smoke else [])
+    with ServeProcess(folder, check.work / "serve.log", *options) as server:
+        started = time.perf_counter()
+        server.wait_ready(timeout=120)
+        ready = time.perf_counter() - started
+        body = json.dumps({"model": "gpt2chat", "max_tokens": 16, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Hi there!"}]}).encode()
+        request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        tick = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        seconds = time.perf_counter() - tick
     content = answer["choices"][0]["message"]["content"]
     tokens = answer["usage"]["completion_tokens"]
     return [row("serve", "POST /v1/chat/completions to `gpt2chat serve`",
@@ -530,11 +435,6 @@ def write(check: Check) -> None:
 
 
 def parts() -> list[tuple[str, float, Callable[[Check], list[dict]]]]:
-    # gpu_speed imports its helpers from this module: run as a script, this module is __main__, so it is
-    # registered under its own name too, or gpu_speed would get a second copy of it
-    sys.modules.setdefault("gpu_check", sys.modules[__name__])
-    import gpu_speed
-
     return [
         ("env", 15, part_env),
         ("peak", 30, part_peak),

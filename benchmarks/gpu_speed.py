@@ -1,4 +1,4 @@
-"""The speed parts of the GPU check (benchmarks/gpu_check.py runs them; this file is not a command).
+"""The speed parts of the GPU check (`python -m benchmarks.gpu_check` runs them; this module is not a command).
 
 - speed-sft: SFT trained (non-pad) tokens/s and MFU of our trainer, 124M and 355M, sequence length 1024,
   packed (FlexAttention), bf16 autocast, dropout 0; the 124M shape with and without compiled blocks; and
@@ -26,11 +26,12 @@ import json
 import random
 import statistics
 import tempfile
-import time
 
 import torch
 
-from gpu_check import OK, Check, hf_greedy, hf_model, need, row, verdict
+from benchmarks.gpu_table import OK, Check, need, row, verdict
+from benchmarks.peers import hf_greedy, hf_model, train_trl
+from benchmarks.timing import round_robin, seconds_of
 
 TEMPLATE = "llama3-context"
 
@@ -80,17 +81,6 @@ def synthetic_pairs(check: Check, tokenizer, n: int) -> list:
     train, _, _ = build_preference_examples([f"ultrafeedback:{path}"], tokenizer, TEMPLATE,
                                             Budgets(max_length=check.seq), val_fraction=0.0, use_cache=False)
     return train
-
-
-def seconds_of(function, device: torch.device) -> float:
-    """Wall time of one call, the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------- our trainer
@@ -239,81 +229,18 @@ def part_dpo(check: Check) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- TRL
-class _StepTimes:
-    """A transformers TrainerCallback's worth of step timing, and the tokens each step's batches held."""
-
-    def __init__(self, device: torch.device):
-        from transformers import TrainerCallback
-
-        times = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                times.started = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.seconds.append(time.perf_counter() - times.started)
-                times.tokens.append(times.pending)
-                times.pending = 0
-
-        self.seconds: list[float] = []
-        self.tokens: list[int] = []
-        self.pending = 0
-        self.started = 0.0
-        self.callback = Callback()
-
-    def count(self, collate):
-        def counting(features):
-            batch = collate(features)
-            mask = batch.get("attention_mask")
-            self.pending += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-            return batch
-
-        return counting
-
-
 def run_trl(check: Check, kind: str, examples: list, batch_size: int, steps: int, warmup: int,
             packed: bool = True) -> dict:
-    from datasets import Dataset
-
     from gpt2chat.checkpoint import load_model
     from gpt2chat.evaluate.flops import training_flops_per_token
 
     folder = check.base()
     _, tokenizer = load_model(folder, device="cpu")
-    from transformers import AutoTokenizer
-
-    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
-    hf_tokenizer.pad_token_id = tokenizer.pad_token_id
     model = hf_model(folder, torch.float32, check.device, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model.train()
-    times = _StepTimes(check.device)
-    common = dict(output_dir=tempfile.mkdtemp(dir=check.work), per_device_train_batch_size=batch_size,
-                  gradient_accumulation_steps=1, max_steps=warmup + steps, learning_rate=1e-5,
-                  lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
-                  use_cpu=check.device.type == "cpu", bf16=check.device.type == "cuda", gradient_checkpointing=False,
-                  dataloader_num_workers=0, disable_tqdm=True, max_length=check.seq, seed=0)
-    if kind == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                                     "assistant_masks": [e.assistant_mask for e in examples]})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, packing=packed), train_dataset=dataset,
-                             processing_class=hf_tokenizer, callbacks=[times.callback])
-    else:
-        from trl import DPOConfig, DPOTrainer
-
-        # TRL tokenizes text: the rendered text of the same examples (control tokens are added tokens of the
-        # saved tokenizer, so they come back as the same ids)
-        dataset = Dataset.from_dict({"prompt": [tokenizer.decode(e.prompt_ids) for e in examples],
-                                     "chosen": [tokenizer.decode(e.chosen_ids) for e in examples],
-                                     "rejected": [tokenizer.decode(e.rejected_ids) for e in examples]})
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1, precompute_ref_log_probs=True),
-                             train_dataset=dataset, processing_class=hf_tokenizer, callbacks=[times.callback])
-    trainer.data_collator = times.count(trainer.data_collator)
-    trainer.train()
+    times = train_trl(kind, model, folder, tokenizer, examples, out=tempfile.mkdtemp(dir=check.work),
+                      batch_size=batch_size, grad_accum=1, steps=warmup + steps, seq=check.seq, device=check.device,
+                      packed=packed)
     seconds, tokens = sum(times.seconds[warmup:]), sum(times.tokens[warmup:])
     n = len(times.seconds[warmup:])
     result = {"tokens_per_s": tokens / seconds, "step_s": seconds / n, "tokens_per_step": tokens / n,
@@ -321,7 +248,7 @@ def run_trl(check: Check, kind: str, examples: list, batch_size: int, steps: int
     if check.peaks:
         flops = training_flops_per_token(model.config, check.seq)
         result["mfu"] = result["tokens_per_s"] * flops / check.peaks["matmul_flops_per_s"]
-    del trainer, model
+    del model
     return result
 
 
@@ -383,10 +310,8 @@ def part_decode(check: Check) -> list[dict]:
         runs["transformers"] = lambda p=theirs_prompts: hf_greedy(theirs, p, new_tokens, tokenizer.pad_token_id)
         tokens = {name: run() for name, run in runs.items()}  # warm-up (and compile), and the tokens compared
         seconds: dict[str, list[float]] = {name: [] for name in runs}
-        for repeat in range(repeats):
-            order = list(runs) if repeat % 2 == 0 else list(runs)[::-1]
-            for name in order:
-                seconds[name].append(seconds_of(runs[name], check.device))
+        for _, name in round_robin(list(runs), repeats):
+            seconds[name].append(seconds_of(runs[name], check.device))
         rate = {name: batch * new_tokens / statistics.median(values) for name, values in seconds.items()}
         best = max(engines, key=lambda name: rate[name])
         detail = (f"{prompt_tokens}-token prompts, {new_tokens} new tokens, prefill included, median of {repeats}; "

@@ -11,7 +11,7 @@ seed 0). Rows:
 - llama.cpp f32 / q8_0: llama-cpp-python on `write_gguf(model, tok, quant=...)`, f32 KV cache, each row of
   ids evaluated from an empty cache. f32 shows the pipeline itself adds ~nothing.
 
-    .venv/bin/python benchmarks/quantize_error.py              # needs llama-cpp-python for its last rows
+    .venv/bin/python -m benchmarks.quantize_error              # needs llama-cpp-python for its last rows
 
 Accuracy only, nothing timed. One JSON line per row after the table.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.peers import llama_cpp_logits
 from gpt2chat.checkpoint import init_checkpoint, load_model
 from gpt2chat.quantize import Int8Linear, convert_for_inference
 
@@ -53,17 +54,12 @@ def _one_kind_error(model: nn.Module, suffix: str, ids: torch.Tensor, reference:
 
 
 def _llama_cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Each row of `ids` from an empty cache, f32 KV cache."""
     import llama_cpp
-    import numpy as np
 
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # fmt: skip
-    rows = []
-    for row in ids.tolist():
-        llm.reset()
-        llm.eval(row)
-        rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float64)))
-    return torch.stack(rows)
+    f32 = llama_cpp.GGML_TYPE_F32
+    return torch.stack([torch.from_numpy(llama_cpp_logits(path, row, n_ctx=64, n_batch=64, type_k=f32, type_v=f32))
+                        for row in ids.tolist()]).double()
 
 
 def main() -> None:

@@ -8,31 +8,23 @@ time of the level), time to first token (request sent -> first content chunk) p5
 be 0), then the ratio of each level's tokens/s to the first level's. Targets: 16 concurrent 128-token
 streams >= 8x one stream, TTFT p99 <= 1 s. One JSON line per level on stdout, a Markdown table at the end.
 
-    python benchmarks/serve.py                       # 124M, 1 and 16 clients, 128-token replies
-    python benchmarks/serve.py --shapes tiny --clients 1,4,16 --max-tokens 32
+    python -m benchmarks.serve                       # 124M, 1 and 16 clients, 128-token replies
+    python -m benchmarks.serve --shapes tiny --clients 1,4,16 --max-tokens 32
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path, and a sibling benchmark named like a standard
-# module (benchmarks/tokenize.py) would shadow it: drop the folder from the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
+from benchmarks.serve_process import ServeProcess
 
 PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
@@ -46,33 +38,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(checkpoint: Path, port: int, max_batch: int, device: str | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gpt2chat", "serve", "--model", str(checkpoint), "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", "64", "--max-tokens-limit", "1024"]
+def start_server(checkpoint: Path, log: Path, max_batch: int, device: str | None) -> ServeProcess:
+    options = ["--max-batch", str(max_batch), "--max-queue", "64", "--max-tokens-limit", "1024"]
     if device:
-        command += ["--device", device]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("GPT2CHAT_API_KEY", None)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("the server did not come up in 300 s")
-        time.sleep(0.5)
+        options += ["--device", device]
+    return ServeProcess(checkpoint, log, *options, env={"GPT2CHAT_API_KEY": None}).wait_ready(timeout=300)
 
 
 async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int,
@@ -146,9 +116,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpt2chat-bench-") as tmp:
         for shape in args.shapes.split(","):
             checkpoint = init_checkpoint(shape, Path(tmp) / shape, seed=0)
-            port = free_port()
-            server = start_server(checkpoint, port, args.max_batch, args.device)
-            url = f"http://127.0.0.1:{port}"
+            server = start_server(checkpoint, Path(tmp) / f"serve-{shape}.log", args.max_batch, args.device)
+            url = server.url
             try:
                 asyncio.run(run_level(url, 2, 1, 8, args.temperature))  # warm-up: first allocations, code paths
                 for clients in levels:
@@ -157,11 +126,7 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             finally:
-                server.send_signal(signal.SIGINT)
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+                server.stop()
 
     print("\n| shape | clients | requests | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | errors | vs 1 client |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,6 +1,6 @@
 """Tokenizing real data into SFT examples: wall time, examples/s, tokens/s, cold vs cached, ours vs naive.
 
-    python benchmarks/tokenize_data.py [--shared ../shared] [--repeats 3] [--template llama3-context]
+    python -m benchmarks.tokenize_data [--shared ../shared] [--repeats 3] [--template llama3-context]
 
 Data: the 5k Alpaca subset plus the OASST1 validation file from ../shared/data (one example per assistant
 turn, budgets 512). Rows, same process, interleaved, medians of `--repeats`:

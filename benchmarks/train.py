@@ -1,6 +1,6 @@
 """Training throughput: our trainer against TRL's SFTTrainer and DPOTrainer on the GPT-2 124M shape.
 
-    python benchmarks/train.py [--shared ../shared] [--steps 3] [--repeats 2] [--batch-size 1] [--grad-accum 2]
+    python -m benchmarks.train [--shared ../shared] [--steps 3] [--repeats 2] [--batch-size 1] [--grad-accum 2]
 
 Same random weights (one checkpoint folder both load), same tokenized real data (OASST1 validation +
 Alpaca subset for SFT, UltraFeedback train-1k for DPO, from ../shared/data; skipped cleanly without it),
@@ -23,23 +23,20 @@ Prints a table and one JSON line.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` for a script run from this folder
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != _HERE]
-sys.modules.pop("tokenize", None) if getattr(sys.modules.get("tokenize"), "__file__", "").startswith(_HERE) else None
+from benchmarks.peers import train_trl
+from benchmarks.timing import round_robin
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
 SEQ = 512
 RUNNERS = {"sft": ("ours", "trl-packed", "trl"), "dpo": ("ours", "trl")}
 
@@ -103,76 +100,19 @@ def rates(kind: str, times: list[float], tokens: list[int], args) -> dict:
             "tokens_per_s": sum(tokens) / seconds, "pairs_per_s": pairs / seconds if kind == "dpo" else None}
 
 
-class _StepClock:
-    """TRL callback: wall time of each optimizer step."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                clock.started = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                clock.times.append(time.perf_counter() - clock.started)
-                clock.step_tokens.append(clock.pending)
-                clock.pending = 0
-
-        self.times: list[float] = []
-        self.step_tokens: list[int] = []
-        self.pending = 0
-        self.started = 0.0
-        self.callback = Callback()
-
-
 def run_trl(kind: str, ckpt: str, specs: list[str], args, packed: bool = False) -> dict:
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from gpt2chat.checkpoint import load_model
 
     _, tokenizer = load_model(ckpt, device="cpu")
-    hf_tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    hf_tokenizer.pad_token_id = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=torch.float32)
     rows = args.batch_size * args.grad_accum * args.steps
     examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1))  # the same pool as ours
-    clock = _StepClock()
-    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
-                  gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=1e-5,
-                  lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no",
-                  use_cpu=True, bf16=False, gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, max_length=SEQ, seed=0)
-    if kind == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                                     "assistant_masks": [e.assistant_mask for e in examples]})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, packing=packed), train_dataset=dataset,
-                             processing_class=hf_tokenizer, callbacks=[clock.callback])
-    else:
-        from trl import DPOConfig, DPOTrainer
-
-        # TRL's DPOTrainer tokenizes text itself: give it the rendered text of the same examples
-        # (control tokens are added tokens of the HF tokenizer, so they come back as the same ids).
-        dataset = Dataset.from_dict({"prompt": [tokenizer.decode(e.prompt_ids) for e in examples],
-                                     "chosen": [tokenizer.decode(e.chosen_ids) for e in examples],
-                                     "rejected": [tokenizer.decode(e.rejected_ids) for e in examples]})
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=0.1, precompute_ref_log_probs=True),
-                             train_dataset=dataset, processing_class=hf_tokenizer, callbacks=[clock.callback])
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        mask = batch.get("attention_mask")
-        clock.pending += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        return batch
-
-    trainer.data_collator = counting_collator
-    trainer.train()
-    return rates(kind, clock.times[1:], clock.step_tokens[1:], args)
+    clock = train_trl(kind, model, ckpt, tokenizer, examples, out=tempfile.mkdtemp(), batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, steps=args.steps, seq=SEQ, device="cpu", packed=packed)
+    return rates(kind, clock.seconds[1:], clock.tokens[1:], args)
 
 
 def child(args) -> int:
@@ -193,7 +133,7 @@ def child(args) -> int:
 # ---------------------------------------------------------------------- driver
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is warmup)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -234,19 +174,17 @@ def main() -> int:
     for kind in args.kinds.split(","):
         runners = RUNNERS[kind]
         results[kind] = {who: [] for who in runners}
-        for repeat in range(args.repeats):
-            order = runners if repeat % 2 == 0 else runners[::-1]
-            for who in order:
-                command = [sys.executable, os.path.abspath(__file__), "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
-                           "--specs", json.dumps(specs), "--steps", str(args.steps), "--batch-size",
-                           str(args.batch_size), "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
-                done = subprocess.run(command, env=env, capture_output=True, text=True)
-                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if done.returncode != 0 or line is None:
-                    print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"{who} {kind} run failed")
-                results[kind][who].append(json.loads(line.removeprefix("RESULT ")))
-                print(f"  {kind} {who} repeat {repeat}: {results[kind][who][-1]}", file=sys.stderr, flush=True)
+        for repeat, who in round_robin(runners, args.repeats):
+            command = [sys.executable, "-m", "benchmarks.train", "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
+                       "--specs", json.dumps(specs), "--steps", str(args.steps), "--batch-size",
+                       str(args.batch_size), "--grad-accum", str(args.grad_accum), "--threads", str(args.threads)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{who} {kind} run failed")
+            results[kind][who].append(json.loads(line.removeprefix("RESULT ")))
+            print(f"  {kind} {who} repeat {repeat}: {results[kind][who][-1]}", file=sys.stderr, flush=True)
 
     peak = max(peak, best_peak())        # before and after the runs
     summary: dict[str, object] = {"benchmark": "train", "shape": "gpt2 124M random", "seq_len": SEQ,

@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=16)
 
 
 class ScriptedStream:
-    """What Engine.stream returns, with a fixed reply; stops at a stop token like the engine does."""
+    """What Engine.submit returns, with a fixed reply; stops at a stop token like the engine does."""
 
     def __init__(self, tokens, params):
         self.tokens, self.params = tokens, params
@@ -31,7 +31,7 @@ class ScriptedStream:
             yield token
         self.finish_reason = "length"
 
-    def close(self):
+    def cancel(self):
         self.closed = True
 
 
@@ -42,7 +42,7 @@ class ScriptedEngine:
         self.streams = []
         self.config = SimpleNamespace(n_positions=n_positions)
 
-    def stream(self, prompt_ids, params):
+    def submit(self, prompt_ids, params):
         self.prompts.append(list(prompt_ids))
         stream = ScriptedStream(self.replies.pop(0), params)
         self.streams.append(stream)

@@ -77,7 +77,7 @@ def test_generate_seeded_sampling_repeats(tiny_checkpoint, capsys):
         (["--top-k", "-2"], "top_k"),
         (["--repetition-penalty", "0"], "repetition_penalty"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
-        (["--prompt", "word " * 300], "tokens but the model's context is 256"),
+        (["--prompt", "word " * 300], "tokens, but the model's context is 256"),
         (["--prompt", ""], "empty"),
     ],
 )
@@ -212,6 +212,18 @@ def test_chat_exit_command_in_process(tiny_checkpoint, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "system message cleared" in out
     assert "assistant>" not in out  # /exit stopped before the last line was sent
+
+
+def test_chat_says_when_old_turns_were_dropped_to_fit(tiny_checkpoint, monkeypatch, capsys):
+    import io
+
+    long_line = "tell me about the sea and the ships on it " * 8  # ~80 tokens: three turns overflow 256
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n" + f"{long_line}\n" * 3 + "/exit\n"))
+    assert main(["chat", "--model", str(tiny_checkpoint), "--preset", "greedy", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    notices = [line for line in out.splitlines() if "no longer fit the model's context of 256 tokens" in line]
+    assert notices, out  # the user is told, not left to wonder why the model forgot
+    assert out.index(notices[0]) > out.index("assistant>")  # not before the first turns, which fitted
 
 
 # ---------------------------------------------------------------------- --quantize

@@ -76,7 +76,7 @@ def test_seeded_sampling_equals_transformers_and_repeats(engine, hf_model):
     seeded = params.replace(seed=123)
     first = engine.generate([prompt], seeded)[0].token_ids
     assert engine.generate([prompt], seeded)[0].token_ids == first
-    assert list(engine.stream(prompt, seeded)) == first
+    assert list(engine.submit(prompt, seeded)) == first
 
 
 def test_rows_of_different_lengths_equal_single_rows(engine):
@@ -100,7 +100,7 @@ def test_stop_token_ends_row_and_is_not_output(engine):
 
 
 def test_stream_matches_generate_and_reports_finish(engine):
-    stream = engine.stream(PROMPTS[2], GREEDY)
+    stream = engine.submit(PROMPTS[2], GREEDY)
     assert stream.finish_reason is None
     tokens = list(stream)
     assert tokens == engine.generate([PROMPTS[2]], GREEDY)[0].token_ids
@@ -109,7 +109,7 @@ def test_stream_matches_generate_and_reports_finish(engine):
 
 
 def test_interleaved_streams_do_not_share_cache(engine):
-    a, b = engine.stream(PROMPTS[0], GREEDY), engine.stream(PROMPTS[1], GREEDY)
+    a, b = iter(engine.submit(PROMPTS[0], GREEDY)), iter(engine.submit(PROMPTS[1], GREEDY))
     got_a, got_b = [], []
     for token_a, token_b in zip(a, b, strict=True):
         got_a.append(token_a)
@@ -331,7 +331,7 @@ def test_logprobs_equal_log_softmax_of_the_models_logits(model, engine, params):
     assert len(result.prompt_logprobs) == len(prompt) and result.prompt_logprobs[0] is None
     for i in range(1, len(prompt)):
         assert_entry(result.prompt_logprobs[i], logp[i - 1], prompt[i], params.prompt_logprobs)
-    stream = engine.stream(prompt, params)
+    stream = engine.submit(prompt, params)
     assert list(stream) == result.token_ids
     assert [e.logprob for e in stream.logprobs] == pytest.approx(
         [e.logprob for e in result.logprobs], abs=1e-5
@@ -415,7 +415,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding(mode
     long_prompt = [(7 * i) % 500 for i in range(200)]
     expected = engine.generate([long_prompt], GREEDY)[0].token_ids
     chunked = Engine(model, prefill_tokens=8)
-    running = chunked.stream(PROMPTS[0], GREEDY)
+    running = iter(chunked.submit(PROMPTS[0], GREEDY))
     first = [next(running)]
     waiting = chunked.submit(long_prompt, GREEDY)
     for _ in range(10):  # each next() is one step: one token for the stream, 8 prompt tokens for the other
@@ -456,15 +456,17 @@ def test_more_prompts_than_rows_queue_and_equal_single_rows(model, engine):
 
 def test_closed_stream_frees_its_row_at_once(model):
     engine = Engine(model, max_batch_size=1)
-    stream = engine.stream(PROMPTS[0], GREEDY)
-    next(stream)
+    stream = engine.submit(PROMPTS[0], GREEDY)
+    tokens = iter(stream)
+    next(tokens)
     assert engine.scheduler.active_count == 1
-    stream.close()
+    stream.cancel()
     assert engine.scheduler.active_count == 0 and stream.finish_reason == "cancelled"
-    assert list(stream) == []
-    abandoned = engine.stream(PROMPTS[1], GREEDY)
+    assert list(tokens) == []
+    abandoned = iter(engine.submit(PROMPTS[1], GREEDY))
     next(abandoned)
-    del abandoned  # dropped unread: its row goes back at the next step, no more tokens computed for it
+    del abandoned  # dropped unread: the reader is closed, which cancels the request and frees its row
+    assert engine.scheduler.active_count == 0
     assert engine.generate([PROMPTS[2]], GREEDY)[0].token_ids
     assert engine.scheduler.active_count == 0
 
@@ -483,27 +485,36 @@ def test_finished_or_cancelled_batched_row_is_free_when_the_request_ends(model):
         assert running.completion_tokens < long.max_new_tokens
 
 
-def fail_next_decode(runner):
-    decode = runner.decode
+def fail_once(owner, name: str) -> None:
+    """Make `owner.name(...)` raise RuntimeError("boom") once, then work again."""
+    method = getattr(owner, name)
 
-    def fail_once(*args):
-        runner.decode = decode
+    def failing(*args, **kwargs):
+        setattr(owner, name, method)
         raise RuntimeError("boom")
 
-    runner.decode = fail_once
+    setattr(owner, name, failing)
+
+
+def test_a_batched_decode_that_fails_once_is_retried_row_by_row(model, engine):
+    expected = [r.token_ids for r in engine.generate(PROMPTS[:2], GREEDY)]
+    flaky = Engine(model)
+    fail_once(flaky.runner, "decode")
+    results = flaky.generate(PROMPTS[:2], GREEDY)  # each row decoded alone once: nobody fails
+    assert [r.token_ids for r in results] == expected
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, engine):
     expected = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
     broken = Engine(model)
-    fail_next_decode(broken.runner)
+    fail_once(broken.scheduler, "_prefill")  # a failure of the step itself, not of one forward
     with pytest.raises(RuntimeError, match="boom"):
         broken.generate([PROMPTS[0], PROMPTS[1]], GREEDY)
-    assert broken.scheduler.active_count == 0
+    assert broken.scheduler.active_count == 0 and broken.scheduler.pending_count == 0
     assert broken.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected
 
     with BatchedEngine(model, max_batch_size=2) as batched:
-        fail_next_decode(batched.runner)
+        fail_once(batched.scheduler, "_prefill")
         failing = batched.submit(PROMPTS[0], GREEDY)
         with pytest.raises(RuntimeError, match="boom"):
             list(failing)

@@ -147,3 +147,34 @@ def test_reference_equal_to_policy_and_seeded_sampling_are_deterministic(setup):
     second = evaluate_models([setup["sft"]], setup["root"] / "s2", **kwargs)
     assert first["side_by_side"]["items"] == second["side_by_side"]["items"]
     assert first["models"][0]["generation"]["samples"] == second["models"][0]["generation"]["samples"]
+
+
+def test_a_conversation_too_long_for_the_context_is_skipped_with_its_reason_not_the_end_of_the_report(setup):
+    """`gpt2chat eval` on data with a prompt no turn-dropping can fit (the tiny model's 256 positions) once
+    exited 2 ("prompt 2 of 16: the prompt is too long"); now the row is passed over and counted, every
+    section still reports, and the perplexity columns cover the same rows."""
+    root = setup["root"]
+    rows = [{"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+            {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "Ok."}]},
+            {"messages": [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes. " * 300}]},
+            {"messages": [{"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye!"}]}]
+    data = root / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {**FAST, "gen_rows": 4, "prompts": ["word " * 400, "Hello"], "skip": ("speed",)}
+    report = evaluate_models([setup["sft"]], root / "long-out", data=f"messages:{data}", pref_data=setup["pairs"],
+                             **config)
+    entry = report["models"][0]
+    gen = entry["generation"]
+    assert gen["replies"] == 3 and gen["skipped"] == 1
+    assert gen["skip_reasons"] == {"prompt over the 256-token context even with its old turns dropped": 1}
+    assert "1 passed over: 1 prompt over the 256-token context" in gen["measured_on"]
+    ppl = entry["perplexity"]
+    # the long question is scored with its text cut as training cuts it; the reply of 300 "Yes." cannot fit
+    assert {view: ppl[view]["sequences"] for view in ("assistant", "rendered", "plain")} == {
+        "assistant": 3, "rendered": 3, "plain": 3}  # one row set: the plain column skips what the others skip
+    for view in ("assistant", "rendered", "plain"):
+        assert ppl[view]["skipped"] == 1 and ppl[view]["skip_reasons"] == {"reply over max_length": 1}
+    assert "1 skipped: 1 reply over max_length" in ppl["measured_on"]
+    side = report["side_by_side"]
+    assert side["items"][0]["replies"][entry["label"]].startswith("(skipped: prompt over the 256-token context")
+    assert (root / "long-out" / "report.md").is_file()

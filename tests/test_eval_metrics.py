@@ -135,3 +135,8 @@ def test_a_long_conversation_loses_its_oldest_turns_never_the_front_of_its_token
     assert assistant.sources == ["long", "short"] and assistant.truncated == 1 and assistant.skipped == 1
     assert assistant.sequences[0] == list(fits) == assistant.sequences[1]
     assert sets["rendered"].sequences == assistant.sequences
+    # one row set: the plain column skips the row the others cannot score, and every skip has its reason
+    assert sets["plain"].sources == sets["rendered"].sources == ["long", "short"]
+    for view in sets.values():
+        assert view.skip_reasons == {"reply over max_length": 1}
+    assert assistant.skipped_text() == "1 skipped: 1 reply over max_length"

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.peers import llama_cpp_logits
 from gpt2chat.checkpoint import init_checkpoint, load_model, save_pretrained
 from gpt2chat.engine import Engine
 from gpt2chat.export import export_gguf, gguf_chat_template, write_gguf
@@ -80,12 +81,6 @@ def _llama(path: Path, **kwargs):
         llm.close()
 
 
-def _llama_logits(path: Path, ids: list[int], **kwargs) -> np.ndarray:
-    with _llama(path, n_ctx=len(ids), n_batch=len(ids), logits_all=True, **kwargs) as llm:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
 def _our_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].float().numpy()
@@ -116,7 +111,7 @@ def test_f32_logits_equal_ours(scaled, shared_dir):
     ids = _real_text_ids(shared_dir, tok, 256)
     ours = _our_logits(model, ids)
     # an f32 KV cache: llama.cpp's default f16 cache would round every key and value
-    theirs = _llama_logits(files["f32"], ids, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    theirs = llama_cpp_logits(files["f32"], ids, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     assert np.abs(ours).max() > 1.0  # logits that actually vary
     assert np.abs(theirs - ours).max() <= 2e-3
 
@@ -125,7 +120,7 @@ def test_f16_logits_close_to_ours(scaled, shared_dir):
     _, model, tok, files = scaled
     ids = _real_text_ids(shared_dir, tok, 256)
     ours = _our_logits(model, ids)
-    theirs = _llama_logits(files["f16"], ids)
+    theirs = llama_cpp_logits(files["f16"], ids)
     assert np.abs(theirs - ours).max() / np.abs(ours).max() <= 2e-2
 
 
@@ -136,7 +131,7 @@ def test_q8_0_top1_agrees_with_ours(scaled, shared_dir, tmp_path):
     model, tok = load_model(init_checkpoint("tiny", tmp_path / "init", seed=0))
     ids = _real_text_ids(shared_dir, tok, 256)
     q8 = write_gguf(model, tok, tmp_path / "q8_0.gguf", quant="q8_0")
-    theirs = _llama_logits(q8, ids)
+    theirs = llama_cpp_logits(q8, ids)
     assert (theirs.argmax(-1) == _our_logits(model, ids).argmax(-1)).mean() >= 0.95
     # 8.5 bits per weight against 16; the f32 norms, biases and position table keep it above half
     assert files["q8_0"].stat().st_size < 0.7 * files["f16"].stat().st_size
@@ -389,8 +384,8 @@ def test_against_llama_cpp_converter(scaled, shared_dir, tmp_path):
     ids = _real_text_ids(shared_dir, tok, 256)
     ours = _our_logits(model, ids)
     f32_cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-    diff_ours = np.abs(_llama_logits(files["f32"], ids, **f32_cache) - ours).max()
-    diff_theirs = np.abs(_llama_logits(theirs_path, ids, **f32_cache) - ours).max()
+    diff_ours = np.abs(llama_cpp_logits(files["f32"], ids, **f32_cache) - ours).max()
+    diff_theirs = np.abs(llama_cpp_logits(theirs_path, ids, **f32_cache) - ours).max()
     assert diff_ours <= diff_theirs + 1e-6 and diff_ours <= 2e-3
 
     ours_fields, theirs_fields = _fields(files["f32"]), _fields(theirs_path)
@@ -409,10 +404,10 @@ def test_gpt2_124m_shape(tmp_path, shared_dir):
     ours = _our_logits(model, ids)
     f32 = write_gguf(model, tok, tmp_path / "f32.gguf", quant="f32")
     f32_cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-    assert np.abs(_llama_logits(f32, ids, **f32_cache) - ours).max() <= 2e-3
+    assert np.abs(llama_cpp_logits(f32, ids, **f32_cache) - ours).max() <= 2e-3
     f32.unlink()
     f16 = write_gguf(model, tok, tmp_path / "f16.gguf", quant="f16")
-    assert np.abs(_llama_logits(f16, ids) - ours).max() / np.abs(ours).max() <= 2e-2
+    assert np.abs(llama_cpp_logits(f16, ids) - ours).max() / np.abs(ours).max() <= 2e-2
     f16.unlink()
     q8 = write_gguf(model, tok, tmp_path / "q8.gguf", quant="q8_0")
-    assert (_llama_logits(q8, ids).argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+    assert (llama_cpp_logits(q8, ids).argmax(-1) == ours.argmax(-1)).mean() >= 0.95

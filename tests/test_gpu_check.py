@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py on CPU (`--smoke`): the table and JSON lines it writes, and its guards.
+"""`python -m benchmarks.gpu_check` on CPU (`--smoke`): the table and JSON lines it writes, and its guards.
 
 The check itself is meant for a CUDA device; `--smoke` runs the same code on CPU with the tiny shape, so
 that what the GPU run will execute has run here first. The default run covers the parts that fit in a
@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 FAST_PARTS = ("env", "peak", "parity", "losses", "speed-sft", "decode", "roundtrip", "generate")
 
 
 def run_smoke(out: Path, parts: tuple[str, ...] | None = None) -> tuple[subprocess.CompletedProcess, list[dict], str]:
-    command = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--budget-s", "1200"]
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out), "--budget-s", "1200"]
     if parts:
         command += ["--parts", ",".join(parts)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
@@ -71,9 +70,8 @@ def test_smoke_runs_every_part(tmp_path):
 
 
 @pytest.fixture
-def gpu_check(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import gpu_check
+def gpu_check():
+    from benchmarks import gpu_check
 
     return gpu_check
 

@@ -26,7 +26,7 @@ from schemathesis.generation import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 from gpt2chat.serve.app import create_app  # noqa: E402
-from test_serve_helpers import ServerThread, openai_error_shape, tiny_service, wait_until  # noqa: E402
+from serve_support import ServerThread, openai_error_shape, tiny_service, wait_until  # noqa: E402
 
 EXAMPLES = int(os.environ.get("GPT2CHAT_FUZZ_EXAMPLES", "15"))
 

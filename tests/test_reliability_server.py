@@ -6,7 +6,7 @@ is freed, so the next request is served); more than --max-connections requests a
 OpenAI's shape while /health still answers. Security: the API key from the flag, a file or the
 environment, compared as digests, never in any log line; every route but /health and the page needs it;
 no CORS header unless --cors-origin; a warning when listening beyond loopback without a key.
-The paced stand-in engine is used where a test needs replies slower than it can watch.
+Replies that must outlast what a test watches run on the real scheduler with each step slowed (`serve_support.pace`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import pytest
 
 from gpt2chat.cli import main
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import (
+from serve_support import (
     ServerThread,
-    StandInEngine,
     assert_openai_error,
-    standin_service,
     tiny_service,
     wait_until,
 )
@@ -42,10 +40,11 @@ def all_free(service) -> bool:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_past_its_timeout_ends_with_what_it_has_and_frees_its_row(stream):
-    engine = StandInEngine(step_s=0.05)  # 20 tokens/s: 64 tokens would take 3.2 s
-    service = standin_service(engine, max_batch_size=1, max_queue=0, request_timeout_s=0.6)
-    body = {"messages": USER, "max_tokens": 64, "stream": stream, "stream_options": {"include_usage": True}}
+def test_a_request_past_its_timeout_ends_with_what_it_has_and_frees_its_row(stream, tiny_checkpoint):
+    # the real scheduler, each step held 50 ms: 64 tokens would take 3.2 s
+    service = tiny_service(tiny_checkpoint, step_s=0.05, max_batch_size=1, max_queue=0, request_timeout_s=0.6)
+    body = {"messages": USER, "max_tokens": 64, "stream": stream, "stream_options": {"include_usage": True},
+            "temperature": 0, "stop": ["\u0000never"]}
     if not stream:
         body.pop("stream_options")
     with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
@@ -115,29 +114,6 @@ def _send_and_never_read(port: int, body: bytes) -> socket.socket:
     return client
 
 
-def test_a_streaming_client_that_stops_reading_is_dropped_after_the_stall_timeout():
-    import json
-
-    engine = StandInEngine(step_s=0.001)
-    service = standin_service(engine, max_batch_size=1, max_queue=0, max_tokens_limit=4000, stall_timeout_s=0.5)
-    srv = ServerThread(create_app(service))
-    srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it: a slow link
-    with srv:
-        # ~1 KiB per event (top logprobs): far more than the socket buffers hold
-        body = json.dumps({"messages": USER, "max_tokens": 4000, "stream": True, "logprobs": True,
-                           "top_logprobs": 5}).encode()
-        stuck = _send_and_never_read(srv.port, body)
-        try:
-            assert wait_until(lambda: engine.submitted == 1, timeout=5)
-            # it holds the server's only place until the stall timeout drops it
-            assert wait_until(lambda: all_free(service), timeout=10), (engine.active_count, service.outstanding)
-            reply = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=10)
-            assert reply.status_code == 200
-        finally:
-            stuck.close()
-    service.close()
-
-
 def test_with_the_real_engine_a_client_that_stops_reading_holds_its_place_only_until_the_stall_timeout(
         tiny_checkpoint):
     import json
@@ -165,27 +141,31 @@ def test_with_the_real_engine_a_client_that_stops_reading_holds_its_place_only_u
     service.close()
 
 
-def test_a_slow_reader_that_keeps_reading_is_not_dropped():
-    engine = StandInEngine(step_s=0.02)
-    service = standin_service(engine, stall_timeout_s=0.3)
+def test_a_slow_reader_that_keeps_reading_is_not_dropped(tiny_checkpoint):
+    import json
+
+    service = tiny_service(tiny_checkpoint, step_s=0.02, stall_timeout_s=0.3)
     with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions",
-                         json={"messages": USER, "max_tokens": 30, "stream": True}) as response:
-            events = 0
+                         json={"messages": USER, "max_tokens": 30, "stream": True, "temperature": 0,
+                               "stop": ["\u0000never"], "stream_options": {"include_usage": True}}) as response:
+            events = []
             for line in response.iter_lines():
                 if line.startswith("data: "):
-                    events += 1
-                    time.sleep(0.05)  # slower than the tokens come, but it never stops reading
-        assert events >= 30  # role chunk + every token + finish + [DONE]
+                    events.append(line.removeprefix("data: "))
+                    time.sleep(0.05)  # slower than the tokens come (1.5 s in all), but it never stops reading
+        assert events[-1] == "[DONE]"  # the whole answer arrived: it was not dropped at 0.3 s
+        usage = json.loads(events[-2])["usage"]
+        finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-2]]
+        assert finish[-1] in ("stop", "length") and usage["completion_tokens"] > 10
     service.close()
 
 
 # ---- connections --------------------------------------------------------------------------------------
 
 
-def test_requests_beyond_max_connections_get_503_and_health_still_answers():
-    engine = StandInEngine(step_s=0.05)
-    service = standin_service(engine, max_connections=2)
+def test_requests_beyond_max_connections_get_503_and_health_still_answers(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, step_s=0.05, max_connections=2)
     with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         streams = [http.stream("POST", "/v1/chat/completions",
                                json={"messages": USER, "max_tokens": 64, "stream": True}) for _ in range(2)]
@@ -240,7 +220,7 @@ def test_bad_security_and_limit_options_are_one_line_errors_before_loading(argv,
     assert len(err.strip().splitlines()) == 1
 
 
-def test_keys_are_compared_as_equal_length_digests(monkeypatch):
+def test_keys_are_compared_as_equal_length_digests(monkeypatch, tiny_checkpoint):
     from gpt2chat.serve import auth
 
     compared: list[tuple[int, int]] = []
@@ -251,7 +231,7 @@ def test_keys_are_compared_as_equal_length_digests(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(auth.hmac, "compare_digest", recording)
-    service = standin_service()
+    service = tiny_service(tiny_checkpoint)
     with ServerThread(create_app(service, api_key="k" * 40)) as srv:
         for given in ["", "Bearer x", "Bearer " + "k" * 39, "Bearer " + "k" * 400, "Bearer " + "k" * 40]:
             httpx.get(f"{srv.url}/v1/models", headers={"Authorization": given} if given else {}, timeout=10)
@@ -259,10 +239,10 @@ def test_keys_are_compared_as_equal_length_digests(monkeypatch):
     service.close()
 
 
-def test_every_route_but_health_and_the_page_needs_the_key():
+def test_every_route_but_health_and_the_page_needs_the_key(tiny_checkpoint):
     from starlette.routing import Mount
 
-    service = standin_service()
+    service = tiny_service(tiny_checkpoint)
     app = create_app(service, api_key="sekrit")
     public = {"/health", "/"}
     checked = 0
@@ -271,7 +251,7 @@ def test_every_route_but_health_and_the_page_needs_the_key():
             if isinstance(route, Mount):
                 assert http.get(f"{route.path}/index.html").status_code == 200  # the page's files
                 continue
-            path = route.path.replace("{model_id:path}", "stand-in").replace("{model_id}", "stand-in")
+            path = route.path.replace("{model_id:path}", "tiny").replace("{model_id}", "tiny")
             for method in sorted(route.methods - {"HEAD"}):
                 body = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": USER}
                 kwargs = {"json": {**body, "max_tokens": 1}} if method == "POST" else {}
@@ -341,8 +321,8 @@ PREFLIGHT = {"Origin": "https://chat.example.com", "Access-Control-Request-Metho
              "Access-Control-Request-Headers": "authorization,content-type"}
 
 
-def test_no_cors_headers_unless_an_origin_is_named():
-    service = standin_service()
+def test_no_cors_headers_unless_an_origin_is_named(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint)
     with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=10) as http:
         for response in (http.options("/v1/chat/completions", headers=PREFLIGHT),
                          http.get("/v1/models", headers={"Origin": "https://chat.example.com"})):

@@ -40,7 +40,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gpt2chat.engine.request import Request
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, tiny_service, wait_until
+from serve_support import ServerThread, tiny_service, wait_until
 
 CLIENTS = 64
 ROWS = 16  # cache rows for 64 clients: most requests queue, so disconnects land in the queue, in prefill, mid-stream

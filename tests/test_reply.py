@@ -1,6 +1,7 @@
 """reply.py, the one text side: stop strings with hold-back, the reply decoder (UTF-8, reply prefix),
-the one truncation policy, stop ids from the template, token spellings; and the report card's replies,
-which must go through the same policy (never cutting the front of a rendered prompt)."""
+stop ids from the template, token spellings; and the report card's replies, which must go through the
+one truncation policy (gpt2chat.context_fit, tested in test_context_fit.py: never cutting the front of a
+rendered prompt)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,27 @@ import json
 
 import pytest
 
+from chat_samples import conversation
+from gpt2chat.context_fit import PromptTooLongError
+from gpt2chat.pipeline import ReplyStream
 from gpt2chat.reply import (
-    PromptTooLongError,
     ReplyDecoder,
     StopStrings,
-    decode_reply,
-    fit_messages,
-    reply_reserve,
     stop_token_ids,
-    stream_reply,
     token_text,
 )
-from gpt2chat.templates import get_template, render_chat
 from gpt2chat.tokenizer import Tokenizer
+
+
+def stream_reply(decoder, ids):
+    return ReplyStream(decoder).pieces(ids)
+
+
+def decode_reply(tokenizer, ids, stop_strings=(), reply_prefix=""):
+    """A whole reply's text through the one per-token loop, and whether a stop string ended it."""
+    stream = ReplyStream(ReplyDecoder(tokenizer, stop_strings, reply_prefix))
+    return "".join(stream.pieces(ids)), stream.done
+
 
 # ---- stop strings -------------------------------------------------------------------------------------
 
@@ -119,66 +128,6 @@ def test_stop_ids_come_from_the_template_and_match_the_saved_generation_config(t
     assert sorted(ids) == sorted(saved if isinstance(saved, list) else [saved])
     assert tok.token_to_id("<|eot_id|>") in ids and tok.eos_token_id in ids
     assert stop_token_ids(Tokenizer.gpt2()) == (50256,)  # no template: end-of-text alone
-
-
-# ---- the truncation policy -----------------------------------------------------------------------------
-
-
-def conversation(turns: int, words: int = 12) -> list[dict]:
-    messages = [{"role": "system", "content": "Be brief."}]
-    for turn in range(turns):
-        messages += [{"role": "user", "content": f"question {turn} " + "word " * words},
-                     {"role": "assistant", "content": f"answer {turn} " + "word " * words}]
-    return messages + [{"role": "user", "content": "last question"}]
-
-
-@pytest.mark.parametrize("template", ["llama3-context", "user-assistant", "plain"])
-def test_oldest_turns_go_first_and_the_prompt_is_a_whole_rendering(chat_tokenizer, template):
-    spec = get_template(template)
-    messages = conversation(6)
-    full = render_chat(chat_tokenizer, messages, spec, add_generation_prompt=True)[0]
-    context = len(full) // 2
-    fitted = fit_messages(chat_tokenizer, spec, messages, context=context, reserve=10)
-    assert len(fitted.ids) <= context - 10
-    assert fitted.messages[0]["role"] == "system" and fitted.messages[-1]["content"] == "last question"
-    assert fitted.messages[1]["role"] == "user"  # the kept history starts on a user turn
-    # whole turns went, oldest first: the kept ones are the newest, in order
-    kept_questions = [m["content"].split()[1] for m in fitted.messages if m["content"].startswith("question")]
-    assert kept_questions == [str(t) for t in range(6 - len(kept_questions), 6)]
-    assert fitted.dropped_turns == 6 - len(kept_questions) > 0
-    # exactly the template's rendering of the kept messages: nothing cut off the front
-    assert fitted.ids == render_chat(chat_tokenizer, fitted.messages, spec, add_generation_prompt=True)[0]
-
-
-def test_nothing_is_dropped_when_it_fits_or_when_truncation_is_off(chat_tokenizer):
-    spec = get_template("llama3-context")
-    messages = conversation(2)
-    fitted = fit_messages(chat_tokenizer, spec, messages, context=1024, reserve=100)
-    assert fitted.dropped_turns == 0 and fitted.messages == messages
-    with pytest.raises(PromptTooLongError, match="send truncate"):
-        fit_messages(chat_tokenizer, spec, conversation(6), context=100, truncate=False, hint=" (or send truncate)")
-
-
-def test_a_reply_without_its_question_at_the_front_is_a_turn_of_its_own(chat_tokenizer):
-    spec = get_template("llama3-context")
-    messages = [{"role": "assistant", "content": "Welcome! " * 20}, *conversation(1)[1:]]
-    fitted = fit_messages(chat_tokenizer, spec, messages, context=60, reserve=1)
-    assert [m["role"] for m in fitted.messages] == ["user", "assistant", "user"] and fitted.dropped_turns == 1
-    fitted = fit_messages(chat_tokenizer, spec, messages, context=30, reserve=1)
-    assert [m["role"] for m in fitted.messages] == ["user"] and fitted.dropped_turns == 2
-
-
-def test_a_last_message_that_alone_does_not_fit_is_an_error(chat_tokenizer):
-    spec = get_template("llama3-context")
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "word " * 200}]
-    with pytest.raises(PromptTooLongError, match="context is 64 tokens"):
-        fit_messages(chat_tokenizer, spec, messages, context=64)
-
-
-def test_the_reserve_is_the_reply_budget_capped_at_a_quarter_of_the_context():
-    assert reply_reserve(1024, 64) == 64
-    assert reply_reserve(1024, 1000) == 256
-    assert reply_reserve(2, 5) == 1
 
 
 # ---- the report card's replies ---------------------------------------------------------------------------

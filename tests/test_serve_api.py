@@ -1,8 +1,8 @@
 """The HTTP API's contract, over a real uvicorn server and the real engine on the tiny model: OpenAI
 response and SSE shapes, replies equal to the engine's own greedy output, stop strings and logprobs through
 hold-back, every malformed request answered 4xx with one plain sentence in an OpenAI-style body, fields we
-do not implement refused by name, limits (context, max tokens, body size, queue) and API keys. The paced
-stand-in engine appears only where a test needs a reply slower than a test can watch (the queue)."""
+do not implement refused by name, limits (context, max tokens, body size, queue) and API keys. Where a test
+needs a reply slower than it can watch (the queue), each engine step is slowed (`serve_support.pace`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import httpx
 import pytest
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import (
+from serve_support import (
     ServerThread,
-    StandInEngine,
     assert_openai_error,
-    standin_service,
     tiny_service,
     wait_until,
 )
@@ -52,7 +50,7 @@ def reference(server):
 
     def run(what, max_tokens: int, logprobs: int | None = None):
         ids = service.render_messages(what) if isinstance(what, list) else service.tokenizer.encode(what)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.stop_token_ids,
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.pipeline.stop_ids,
                                 logprobs=logprobs)
         return engine.generate([ids], params)[0]
 
@@ -148,9 +146,16 @@ def test_completion_logprobs_have_openais_columns(client, server, reference):
         assert len(top) in (1, 2) and max(top.values()) == entry.top[0][1]  # the most likely + the chosen
 
 
-def test_unknown_model_name_is_served_like_llama_cpp(client):
-    body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "model": "gpt-4o"}).json()
-    assert body["model"] == "gpt-4o" and body["choices"][0]["finish_reason"] in ("stop", "length")
+@pytest.mark.parametrize("route, body", [("/v1/chat/completions", {"messages": USER}),
+                                         ("/v1/completions", {"prompt": "Hi"})])
+def test_another_model_name_is_a_404_as_openai_and_vllm_answer(client, route, body):
+    error = assert_openai_error(client.post(route, json={**body, "max_tokens": 2, "model": "gpt-4o"}), 404)
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
+    assert "'gpt-4o'" in error["message"] and "'tiny'" in error["message"]
+    for named in ({"model": "tiny"}, {}, {"model": ""}):  # vLLM: no model (or "") is the served one
+        answered = client.post(route, json={**body, "max_tokens": 2, **named})
+        assert answered.status_code == 200 and answered.json()["model"] == "tiny"
+    assert assert_openai_error(client.get("/v1/models/gpt-4o"), 404)["code"] == "model_not_found"
 
 
 def test_streaming_chat_follows_openai_chunks(client, server, reference):
@@ -181,6 +186,28 @@ def test_stream_options_include_usage_adds_a_usage_chunk(client, reference):
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["completion_tokens"] == len(expected.token_ids) + (expected.finish_reason == "stop")
     assert all(c["usage"] is None for c in chunks)
+
+
+def test_usage_reports_the_prompt_tokens_the_cache_supplied_streamed_and_whole(client):
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`: the engine's count for this request. A prompt
+    sent again (a retry, a regenerate) is served from the cache but for its last token."""
+    messages = [{"role": "system", "content": "You answer in one word about caches."},
+                {"role": "user", "content": "Which prefix of this prompt was cached?"}]
+    request = {"messages": messages, "max_tokens": 2, "temperature": 0}
+    body = client.post("/v1/chat/completions", json=request).json()
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert set(body["usage"]["prompt_tokens_details"]) == {"cached_tokens"}
+    again = client.post("/v1/chat/completions", json=request).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt_tokens - 1
+    events = sse_events(client.post("/v1/chat/completions", json={
+        **request, "stream": True, "stream_options": {"include_usage": True}}))
+    usage = events[-2]["usage"]
+    assert usage["prompt_tokens"] == prompt_tokens
+    assert usage["prompt_tokens_details"] == {"cached_tokens": prompt_tokens - 1}
+    # another question under the same system message shares at least the system message's tokens
+    other = [messages[0], {"role": "user", "content": "Name a cache."}]
+    shared = client.post("/v1/chat/completions", json={**request, "messages": other}).json()["usage"]
+    assert 8 < shared["prompt_tokens_details"]["cached_tokens"] < shared["prompt_tokens"] - 1
 
 
 def test_n_choices_stream_and_non_stream(client):
@@ -271,6 +298,8 @@ def test_every_rejected_body_gets_one_plain_sentence(client, body):
 @pytest.mark.parametrize("body, param, message", [
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop",
      "stop must be a string or a list of at most 4 strings; got a list of 5 items."),
+    ({"messages": USER, "stop": [1]}, "stop[0]", "stop[0] must be a string; got 1."),
+    ({"messages": USER, "stop": ["a", None]}, "stop[1]", "stop[1] must be a string; got null."),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type", 'messages[0].content[0].type must be "text" (this server reads text parts only); '
      'got "image_url".'),
@@ -286,6 +315,16 @@ def test_every_rejected_body_gets_one_plain_sentence(client, body):
 def test_validation_errors_name_the_field_and_what_it_accepts(client, body, param, message):
     error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
     assert (error["param"], error["message"]) == (param, message)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_that_is_not_utf8_is_named_so(client, route):
+    content = b'{"messages": [{"role": "user", "content": "caf\xe9"}], "prompt": "x"}'  # Latin-1, not UTF-8
+    error = assert_openai_error(client.post(route, content=content, headers={"content-type": "application/json"}),
+                                400)
+    offset = content.index(b"\xe9")
+    assert error["message"] == (f"the request body is not valid UTF-8: byte 0xe9 at offset {offset} cannot be "
+                                "decoded (send the JSON encoded as UTF-8)")
 
 
 UNSUPPORTED_CHAT = {
@@ -385,12 +424,12 @@ def test_bug_is_a_500_with_an_openai_body(server, client, monkeypatch):
 # ---- limits that depend on load ---------------------------------------------------------------------------
 
 
-def test_queue_full_is_429_and_disconnect_frees_the_slot():
-    engine = StandInEngine(step_s=0.05)
-    service = standin_service(engine, max_batch_size=1, max_queue=0)
+def test_queue_full_is_429_and_disconnect_frees_the_slot(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, step_s=0.05, max_batch_size=1, max_queue=0)
+    engine = service.engine
     with ServerThread(create_app(service)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         with c.stream("POST", "/v1/chat/completions",
-                      json={"messages": USER, "max_tokens": 64, "stream": True}) as stream:
+                      json={"messages": USER, "max_tokens": 64, "stream": True, "temperature": 0}) as stream:
             lines = stream.iter_lines()  # keep a reference: a dropped iterator closes the connection
             next(lines)  # the reply has started: its slot is taken
             assert engine.active_count == 1 and service.outstanding == 1
@@ -405,12 +444,13 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot():
     service.close()
 
 
-def test_non_streaming_client_that_gives_up_frees_the_slot():
-    engine = StandInEngine(step_s=0.05)
-    service = standin_service(engine)
+def test_non_streaming_client_that_gives_up_frees_the_slot(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, step_s=0.05)
+    engine = service.engine
     with ServerThread(create_app(service)) as srv:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 64}, timeout=0.5)
+            httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": USER, "max_tokens": 64, "temperature": 0},
+                       timeout=0.5)
         assert wait_until(lambda: engine.active_count == 0 and service.outstanding == 0, timeout=2.0)
     service.close()
 

@@ -3,46 +3,19 @@ from the environment, and clear one-line errors (exit 2) for bad options."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
+from benchmarks.serve_process import ServeProcess
 from gpt2chat.cli import main
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: ~10 s idle, much more on a loaded machine
 def test_serve_process_listens_on_loopback_and_takes_the_key_from_the_environment(tiny_checkpoint, tmp_path):
-    port = free_port()
-    env = {**os.environ, "GPT2CHAT_API_KEY": "env-key", "HF_HUB_OFFLINE": "1"}
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2chat", "serve", "--model", str(tiny_checkpoint), "--port", str(port),
-         "--max-batch", "2", "--device", "cpu"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
+    with ServeProcess(tiny_checkpoint, tmp_path / "serve.log", "--max-batch", "2", "--device", "cpu",
+                      env={"GPT2CHAT_API_KEY": "env-key"}) as server:
+        url = server.url
+        server.wait_ready(timeout=120)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer env-key"}).json()
         assert models["data"][0]["id"] == tiny_checkpoint.name
@@ -52,14 +25,7 @@ def test_serve_process_listens_on_loopback_and_takes_the_key_from_the_environmen
         # bound to 127.0.0.1 only: another address of the host (127.0.0.2 also reaches this machine, and a
         # server on 0.0.0.0 would answer there) is refused
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"http://127.0.0.2:{port}/health", timeout=5)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            httpx.get(f"http://127.0.0.2:{server.port}/health", timeout=5)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -100,5 +66,28 @@ def test_serve_options_build_a_quantized_service_that_answers(tiny_checkpoint):
 
         text, generation = asyncio.run(reply())
         assert 1 <= generation.completion_tokens <= 4 and generation.finish_reason in ("stop", "length")
+    finally:
+        service.close()
+
+
+def test_the_served_name_is_the_run_for_a_final_folder_and_the_hub_id_as_given(tmp_path):
+    from gpt2chat.cli.serve import served_name
+
+    for folder, name in [(tmp_path / "sft-tiny" / "final", "sft-tiny"), (tmp_path / "dpo" / "adapter", "dpo"),
+                         (tmp_path / "my-model", "my-model")]:
+        folder.mkdir(parents=True)
+        assert served_name(str(folder) + "/", folder) == name
+    assert served_name("openai-community/gpt2", tmp_path / "hub-cache" / "snapshot") == "openai-community/gpt2"
+
+
+def test_model_name_flag_names_the_served_model(tiny_checkpoint):
+    from gpt2chat.cli import build_parser
+    from gpt2chat.cli.serve import _build_service
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint), "--model-name", "helper-7",
+                                      "--device", "cpu"])
+    service = _build_service(args, args.model_name)
+    try:
+        assert service.model_name == "helper-7"
     finally:
         service.close()

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from gpt2chat.serve.app import create_app
-from test_serve_helpers import ServerThread, tiny_service, wait_until
+from serve_support import ServerThread, tiny_service, wait_until
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 

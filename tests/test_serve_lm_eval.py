@@ -16,7 +16,7 @@ import pytest
 
 from gpt2chat.serve.app import create_app
 from lm_eval_tasks import write_multiple_choice_task
-from test_serve_helpers import ServerThread, tiny_service
+from serve_support import ServerThread, tiny_service
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -50,7 +50,7 @@ def test_lm_eval_through_the_server_equals_lm_eval_in_process(tiny_checkpoint, t
     try:
         with ServerThread(create_app(service)) as server:
             served = run("local-completions",
-                         f"model={tiny_checkpoint},base_url={server.url}/v1/completions,"
+                         f"model={service.model_name},base_url={server.url}/v1/completions,"
                          f"tokenizer={tiny_checkpoint},tokenizer_backend=huggingface,tokenized_requests=True,"
                          "num_concurrent=1,max_retries=1", tmp_path / "tasks", task)
     finally:

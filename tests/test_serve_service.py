@@ -1,6 +1,6 @@
 """ChatService pieces without HTTP, on the real engine: chat replies lose the template's reply prefix and
 stop strings (raw completions do not), context truncation from the oldest turns with the real
-llama3-context template; and queue admission, where the paced stand-in keeps requests running."""
+llama3-context template; and queue admission, where slowed engine steps keep requests running."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from gpt2chat.serve.service import GenerationSettings, PromptTooLongError, ServerBusyError, TooManyTokensError
-from test_serve_helpers import standin_service, tiny_service
+from serve_support import tiny_service
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def engine_reply(service, prompt_ids, max_tokens):
     from gpt2chat.engine import Engine
     from gpt2chat.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.stop_token_ids)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=service.pipeline.stop_ids)
     return Engine(service.model, device="cpu").generate([prompt_ids], params)[0]
 
 
@@ -52,8 +52,8 @@ def test_chat_replies_lose_the_reply_prefix_and_stop_strings_raw_completions_kee
     assert service.outstanding == 0
 
 
-def test_limits_on_tokens_and_queue():
-    service = standin_service(max_batch_size=1, max_queue=1, max_tokens_limit=16)
+def test_limits_on_tokens_and_queue(tiny_checkpoint):
+    service = tiny_service(tiny_checkpoint, step_s=0.05, max_batch_size=1, max_queue=1, max_tokens_limit=16)
     try:
         with pytest.raises(TooManyTokensError, match="max_tokens=17"):
             service.settings(10, 17)

@@ -294,7 +294,7 @@ def test_cli_telegram_without_token_exits_2(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_service(tiny_checkpoint):
-    from test_serve_helpers import tiny_service as build
+    from serve_support import tiny_service as build
 
     service = build(tiny_checkpoint, max_tokens_limit=1024)
     yield service
@@ -322,7 +322,7 @@ def test_local_backend_answers_two_chats_with_the_tiny_model(tiny_service):
 def test_remote_backend_talks_to_a_running_server(tiny_service):
     from gpt2chat.serve.app import create_app
     from gpt2chat.serve.telegram_bot import RemoteBackend, ReplySettings
-    from test_serve_helpers import ServerThread
+    from serve_support import ServerThread
 
     with ServerThread(create_app(tiny_service, api_key="k")) as srv:
         good = TelegramChatBot(RemoteBackend(srv.url, "k", ReplySettings(max_tokens=6)))

@@ -139,6 +139,16 @@ def test_set_reaches_any_key_and_unknown_set_keys_fail(capsys):
     assert "unknown option 'warmup_ratoi' (did you mean 'warmup_ratio'?)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("typed, ours", [("learning_rate", "lr"), ("gradient_accumulation_steps", "grad_accum"),
+                                         ("per_device_train_batch_size", "batch_size"), ("num_train_epochs", "epochs"),
+                                         ("max_seq_length", "max_length"), ("output_dir", "out")])
+def test_a_transformers_or_trl_name_points_to_ours(typed, ours, tmp_path, capsys):
+    assert main(["sft", "--data", "sample", "--set", f"{typed}=1"]) == 2
+    assert f"unknown option {typed!r} (did you mean {ours!r}?)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=rf"\[dpo\] unknown key '{typed}' \(did you mean '{ours}'\?\)"):
+        read_recipe(write(tmp_path, f"[dpo]\n{typed} = 1\n"))
+
+
 def test_pipeline_rejects_unknown_eval_keys_before_training(tmp_path, capsys):
     path = write(tmp_path, 'model = "init:tiny"\n[sft]\ndata = ["sample"]\n[eval]\nmax_row = 3\n')
     code = main(["pipeline", "--config", str(path), "--out", str(tmp_path / "run")])

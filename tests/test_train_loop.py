@@ -17,7 +17,14 @@ from gpt2chat.config import get_preset
 from gpt2chat.losses import sequence_logps, sft_loss
 from gpt2chat.model import GPT
 from gpt2chat.train import training_state
-from gpt2chat.train.batching import BatchPlan, collate_preferences, collate_sft, epoch_order, pack_rows
+from gpt2chat.train.batching import (
+    BatchPlan,
+    collate_preferences,
+    collate_sft,
+    epoch_order,
+    pack_rows,
+    sft_rows,
+)
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.distributed import DistState
 from gpt2chat.train.metrics import read_metrics
@@ -308,3 +315,52 @@ def test_preference_plan_shares_prompts_by_default_and_counts_the_tokens_it_runs
     prompts = sum(len(pairs[row[0]].prompt_ids) for row in rows)
     assert separate.step_totals(0, 0)["tokens"] - shared.step_totals(0, 0)["tokens"] == prompts
     assert shared.step_totals(0, 0)["targets"] == separate.step_totals(0, 0)["targets"]
+
+
+CONTEXT = 24  # a tiny position table: rows of every max_length up to it, padding included, must fit
+
+
+def rows_up_to(max_length: int, kind: str) -> list:
+    """Examples of every length class at `max_length`: ones that fill it, short ones beside them (in this
+    order a batch pads a short row to the width of a long one), a prompt that is most of the row."""
+    long, half = max_length, max_length // 2
+    if kind == "sft":
+        return [Ex(list(range(1, 1 + n)), [0] * k + [1] * (n - k))
+                for n, k in ((long, half), (3, 1), (long - 1, 2), (half, half - 1), (2, 1))]
+    return [Pair(list(range(1, 1 + p)), [60 + k % 3 for k in range(c)], [70 + k % 9 for k in range(r)])
+            for p, c, r in ((1, long - 1, long - 1), (1, 1, 1), (half, long - half, long - half), (2, 2, long - 2),
+                            (3, 2, 2), (long - 2, 1, 2))]
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-neo"])
+@pytest.mark.parametrize("objective_name", ["sft", "sft-packed", "dpo", "orpo", "orpo-two-rows"])
+def test_every_objective_batch_size_and_max_length_up_to_the_context_trains(arch, objective_name):
+    """Batches of 1 to 4 rows at every max_length up to the context run (padding positions stay inside the
+    position table; shared-prompt rows are nearly twice max_length wide) and a batch's loss is the sum of its
+    rows' losses alone: padding changes nothing for the real tokens."""
+    torch.manual_seed(0)
+    model = GPT(get_preset(arch, vocab_size=VOCAB, n_positions=CONTEXT))
+    kind = "sft" if objective_name.startswith("sft") else "preference"
+    for max_length in (CONTEXT // 2, CONTEXT // 2 + 1, CONTEXT - 1, CONTEXT):
+        examples = rows_up_to(max_length, kind)
+        for batch_size in (1, 2, 4):
+            plan = BatchPlan(examples, kind, batch_size=batch_size, grad_accum=1, world_size=1, seed=0,
+                             max_length=max_length, pad_id=PAD, pack=objective_name == "sft-packed",
+                             share_prompt=objective_name != "orpo-two-rows", vocab_size=VOCAB, context=CONTEXT)
+            if objective_name.startswith("sft"):
+                objective = SFTObjective()
+            elif objective_name == "dpo":
+                objective = DPOObjective(0.1)
+                objective.ref_logps["train"] = torch.linspace(-30.0, -10.0, 2 * len(examples)).view(-1, 2)
+            else:
+                objective = ORPOObjective(0.1)
+            totals = {"targets": 100, "pairs": len(examples)}
+            rows = sft_rows(examples, list(range(len(examples))), max_length, plan.pack)  # in order: mixed widths
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                batch = plan.collate(chunk)
+                assert int(batch.input_ids.shape[1]) <= (2 * max_length if kind != "sft" else max_length)
+                with torch.no_grad():
+                    together = float(objective.micro_loss(model, batch, totals)[0])
+                    alone = sum(float(objective.micro_loss(model, plan.collate([row]), totals)[0]) for row in chunk)
+                assert together == pytest.approx(alone, abs=1e-5), (max_length, batch_size, chunk)

@@ -18,16 +18,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from benchmarks.serve_process import ServeProcess
 from gpt2chat.serve import schemas
 
 try:
@@ -40,61 +38,6 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parents[1]
 ENDLESS_CONTEXT = 16384  # room for a reply that is still streaming while a test acts on it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServeProcess:
-    """`python -m gpt2chat serve` on a free loopback port; the log goes to a file shown on failure."""
-
-    def __init__(self, checkpoint: Path, log_path: Path, *options: str):
-        self.port = free_port()
-        self.log_path = log_path
-        self.log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gpt2chat", "serve", "--model", str(checkpoint), "--port", str(self.port),
-             "--device", "cpu", *options],
-            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=self.log, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=5).json()
-
-    def wait_ready(self, timeout: float = 300) -> ServeProcess:
-        deadline = time.monotonic() + timeout  # a fresh interpreter importing torch on a loaded machine
-        while True:
-            assert self.process.poll() is None, self.log_path.read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up:\n" + self.log_path.read_text()
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def interrupt(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-
-    def stop(self) -> None:
-        self.interrupt()
-        if self.process.poll() is None:
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 def build_endless_checkpoint(out: Path) -> Path:
@@ -136,9 +79,10 @@ def servers(browser, tiny_checkpoint, tmp_path_factory):
     """Both servers start at once (each imports torch): `main` on the tiny model (context 256), `busy` on
     the endless model with one row and no queue (--max-batch 1 --max-queue 0)."""
     logs = tmp_path_factory.mktemp("serve-logs")
-    main = ServeProcess(tiny_checkpoint, logs / "main.log", "--max-batch", "4", "--model-name", "tiny-random")
+    main = ServeProcess(tiny_checkpoint, logs / "main.log", "--device", "cpu", "--max-batch", "4",
+                        "--model-name", "tiny-random")
     endless = build_endless_checkpoint(tmp_path_factory.mktemp("endless"))
-    busy = ServeProcess(endless, logs / "busy.log", "--max-batch", "1", "--max-queue", "0",
+    busy = ServeProcess(endless, logs / "busy.log", "--device", "cpu", "--max-batch", "1", "--max-queue", "0",
                         "--max-tokens-limit", str(ENDLESS_CONTEXT))
     try:
         yield {"main": main, "busy": busy}

@@ -1,9 +1,10 @@
 """A multi-turn chat on top of the engine: text in, streamed text out, history carried as context.
 
-`ChatSession` keeps the system message and the history, builds each prompt with the one truncation policy
-(`gpt2chat.reply.fit_messages`: the oldest turns go first when the context is full), streams the reply's
-tokens from the engine and shows them through `gpt2chat.reply.ReplyDecoder` (UTF-8 safe, reply prefix
-removed, stop strings cut and never shown). Stop ids come from the template (`reply.stop_token_ids`).
+`ChatSession` keeps the system message and the history and runs each turn through the one text pipeline
+(`gpt2chat.pipeline.TextPipeline`): the prompt is fitted to the context (the oldest turns go first, and
+`last_dropped_turns` says how many went, so a front end can tell the user), the template's stop ids are
+added to the sampling parameters, and the reply's tokens are shown through a `ReplyStream` (UTF-8 safe,
+reply prefix removed, stop strings cut and never shown).
 
 This module knows conversations; it knows nothing about terminals, HTTP or how tokens are computed.
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from gpt2chat.context_fit import reply_reserve as default_reply_reserve
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.reply import ReplyDecoder, chat_template, fit_messages, stop_token_ids, stream_reply
-from gpt2chat.reply import reply_reserve as default_reply_reserve
+from gpt2chat.pipeline import TextPipeline
 from gpt2chat.sampling import SAMPLING_PRESETS, SamplingParams
 from gpt2chat.templates import ChatTemplate
 from gpt2chat.tokenizer import Tokenizer
@@ -25,11 +26,11 @@ DEFAULT_CHAT_PARAMS = SAMPLING_PRESETS["chat"]
 
 
 class ChatSession:
-    """One conversation with a model. `engine` is an `Engine` (`.stream`) or a `BatchedEngine` (`.submit`).
+    """One conversation with a model. `engine` is an `Engine` or a `BatchedEngine`.
 
     `params` default to seed 004's sampling preset; the template's stop tokens are always added to them.
     `reply_reserve` tokens of the context are kept free for the reply when old turns must be dropped
-    (default `gpt2chat.reply.reply_reserve`: the reply's budget, at most a quarter of the context).
+    (default `gpt2chat.context_fit.reply_reserve`: the reply's budget, at most a quarter of the context).
     """
 
     def __init__(
@@ -43,17 +44,18 @@ class ChatSession:
     ):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.template = chat_template(tokenizer, template)
+        self.pipeline = TextPipeline.for_chat(tokenizer, engine.config.n_positions, template)
+        self.template = self.pipeline.template
+        self.context = self.pipeline.context
         params = params or DEFAULT_CHAT_PARAMS
-        stops = tuple(dict.fromkeys([*params.stop_token_ids, *stop_token_ids(tokenizer, self.template)]))
-        self.params = params.replace(stop_token_ids=stops)
-        self.context = engine.config.n_positions
+        self.params = params.replace(stop_token_ids=self.pipeline.params(params, 0).stop_token_ids)
         if reply_reserve is None:
             reply_reserve = default_reply_reserve(self.context, self.params.max_new_tokens)
         self.reply_reserve = max(1, min(reply_reserve, self.context - 1))
         self.system = system or None
         self._history: list[dict] = []
         self.trimmed_turns = 0  # turns dropped so far to fit the context
+        self.last_dropped_turns = 0  # turns the last prompt dropped (0: the whole history fitted)
         self.last_finish_reason: str | None = None
 
     # ------------------------------------------------------------------ state
@@ -66,6 +68,7 @@ class ChatSession:
         """Forget the conversation (the system message stays)."""
         self._history.clear()
         self.trimmed_turns = 0
+        self.last_dropped_turns = 0
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
@@ -79,8 +82,8 @@ class ChatSession:
     def prompt_ids(self, text: str) -> list[int]:
         """The prompt for `text` as the next user message; the oldest turns are dropped (from the history
         too) until it fits. Nothing changes when even the message alone is too long."""
-        fitted = fit_messages(self.tokenizer, self.template, self.messages(text), context=self.context,
-                              reserve=self.reply_reserve)
+        fitted = self.pipeline.fit(self.messages(text), self.params.max_new_tokens, reserve=self.reply_reserve)
+        self.last_dropped_turns = fitted.dropped_turns
         if fitted.dropped_turns:
             self._history = [m for m in fitted.messages[:-1] if m["role"] != "system"]
             self.trimmed_turns += fitted.dropped_turns
@@ -94,30 +97,16 @@ class ChatSession:
         if not isinstance(text, str):
             raise Gpt2ChatError(f"a chat message must be text, got {type(text).__name__}")
         prompt = self.prompt_ids(text)
-        if hasattr(self.engine, "stream"):
-            tokens = self.engine.stream(prompt, self.params)
-        else:
-            tokens = self.engine.submit(prompt, self.params)
+        tokens = self.engine.submit(prompt, self.pipeline.params(self.params, len(prompt)))
         return self._reply(text, tokens)
 
     def _reply(self, text: str, tokens) -> Iterator[str]:
-        decoder = ReplyDecoder(self.tokenizer, self.template.stop_strings, self.template.reply_prefix)
+        reply = self.pipeline.reply()
         try:
-            yield from stream_reply(decoder, tokens)
+            yield from reply.pieces(tokens)
         finally:
-            self._close(tokens)
-            self.last_finish_reason = "stop" if decoder.stopped else getattr(tokens, "finish_reason", None)
+            if tokens.finish_reason is None:
+                tokens.cancel()  # stop the engine working on a reply nobody reads any more
+            self.last_finish_reason = "stop" if reply.done else tokens.finish_reason
             self._history.append({"role": "user", "content": text})
-            self._history.append({"role": "assistant", "content": decoder.text.strip()})
-
-    @staticmethod
-    def _close(tokens) -> None:
-        """Stop the engine working on a reply nobody reads any more."""
-        if getattr(tokens, "finish_reason", None) is not None:
-            return
-        for name in ("cancel", "close"):
-            method = getattr(tokens, name, None)
-            if method is not None:
-                method()
-                return
-
+            self._history.append({"role": "assistant", "content": reply.text.strip()})

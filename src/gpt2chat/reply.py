@@ -1,52 +1,37 @@
 """The text side of generation, shared by every front end: prompts that fit, stop ids, replies as text.
 
 One copy of each rule, used by `ChatSession`, the HTTP server, the Telegram bot, the report card's replies
-and `gpt2chat generate`:
+and `gpt2chat generate` (fitting the conversation into the context is `gpt2chat.context_fit`'s, shared with
+training):
 
 * `stop_token_ids(tokenizer, template)`: the ids that end a reply (the template's end-of-turn tokens,
   end-of-text among them); without a template, end-of-text alone.
-* `fit_messages(...)`: the one context-truncation policy. The conversation is rendered through the
-  template; while it leaves less than `reserve` tokens for the reply, the oldest turn (a user message and
-  the replies after it) is dropped. System messages and the last message are never dropped, and tokens are
-  never cut off the front of a rendered prompt (that would cut a control token or the system message).
-  When even the shortest conversation leaves no room, `PromptTooLongError`.
 * `ReplyDecoder`: the token ids of one reply in, the text to show out: UTF-8-safe incremental decoding
   (a character split over tokens is held back until whole), the template's reply prefix removed, and stop
   strings cut with hold-back (text that could still become a stop string is not shown until it cannot).
 * `token_text(tokenizer, id)`: how one token is spelled where a client sees single tokens (logprobs).
+
+`gpt2chat.pipeline` assembles these into the one pipeline the front ends use (and its `ReplyStream`, the
+one per-token loop around a `ReplyDecoder`).
 
 It knows tokenizers and templates; it knows nothing about how tokens are computed, HTTP or terminals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.templates import ChatTemplate, get_template
 from gpt2chat.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
-    "PromptTooLongError",
-    "FittedPrompt",
     "ReplyDecoder",
     "StopStrings",
     "chat_template",
-    "decode_reply",
-    "fit_messages",
-    "reply_reserve",
     "stop_token_ids",
-    "stream_reply",
     "token_text",
 ]
-
-
-class PromptTooLongError(Gpt2ChatError):
-    """The prompt leaves no room for a reply in the model's context (HTTP 400, OpenAI's code)."""
-
-    code = "context_length_exceeded"
-    param = "messages"
 
 
 def chat_template(tokenizer: Tokenizer, template: str | ChatTemplate | None = None) -> ChatTemplate:
@@ -72,56 +57,6 @@ def stop_token_ids(tokenizer: Tokenizer, template: str | ChatTemplate | None = N
     if name:
         ids += get_template(name).stop_token_ids(tokenizer)
     return tuple(dict.fromkeys(int(i) for i in ids))
-
-
-def reply_reserve(context: int, max_new_tokens: int) -> int:
-    """Tokens of the context kept free for the reply when old turns must go: the reply's budget, but at
-    most a quarter of the context (a long budget must not push the whole history out)."""
-    return max(1, min(max_new_tokens, context // 4, context - 1))
-
-
-@dataclass(frozen=True)
-class FittedPrompt:
-    ids: list[int]  # the rendered prompt, ending with the template's generation prompt
-    messages: list[dict]  # the messages it was rendered from (the input less the dropped turns)
-    dropped_turns: int  # how many turns (a user message and the replies after it) were dropped
-
-
-def fit_messages(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[dict], *, context: int,
-                 reserve: int = 1, truncate: bool = True, hint: str = "") -> FittedPrompt:
-    """Render `messages` with the generation prompt so that at least one token (`reserve` when it can
-    drop turns) is left for the reply; see the module docstring for the policy. `truncate=False` never
-    drops anything. `hint` is added to the error message (how the caller can ask for truncation)."""
-    kept = [dict(m) for m in messages]
-    dropped = 0
-    while True:
-        ids, _ = template.render(tokenizer, kept, add_generation_prompt=True)
-        if not truncate or len(ids) <= context - reserve:
-            break
-        turn = _oldest_turn(kept)
-        if turn is None:
-            break
-        del kept[turn]
-        dropped += 1
-    if len(ids) >= context:
-        cut = f" after dropping the {dropped} oldest turn{'s' if dropped != 1 else ''}" if dropped else ""
-        raise PromptTooLongError(
-            f"the prompt is too long: {len(ids)} tokens{cut}, but the model's context is {context} tokens "
-            f"and at least one must be left for the reply: shorten the messages{hint}"
-        )
-    return FittedPrompt(list(ids), kept, dropped)
-
-
-def _oldest_turn(messages: list[dict]) -> slice | None:
-    """The oldest droppable turn: the first non-system message up to the next user message, never
-    reaching the last message. None when there is nothing left to drop."""
-    start = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
-    if start is None:
-        return None
-    end = start + 1
-    while end < len(messages) - 1 and messages[end].get("role") != "user":
-        end += 1
-    return slice(start, end)
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -222,24 +157,3 @@ class ReplyDecoder:
         out, self.stopped = self._stops.push(text)
         self.text += out
         return out
-
-
-def stream_reply(decoder: ReplyDecoder, token_ids: Iterable[int]) -> Iterator[str]:
-    """The pieces of text `decoder` shows for a stream of token ids, ending early at a stop string."""
-    for token_id in token_ids:
-        piece = decoder.push(token_id)
-        if piece:
-            yield piece
-        if decoder.stopped:
-            return
-    tail = decoder.finish()
-    if tail:
-        yield tail
-
-
-def decode_reply(tokenizer: Tokenizer, token_ids: Iterable[int], stop_strings: Iterable[str] = (),
-                 reply_prefix: str = "") -> tuple[str, bool]:
-    """A whole reply's text and whether a stop string ended it (what streaming would have shown)."""
-    decoder = ReplyDecoder(tokenizer, stop_strings, reply_prefix)
-    text = "".join(stream_reply(decoder, token_ids))
-    return text, decoder.stopped

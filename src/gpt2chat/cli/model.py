@@ -101,12 +101,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser, default_new_tokens: int,
     group.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
 
 
-def sampling_params(args: argparse.Namespace, stop_token_ids=()):
-    """SamplingParams from a preset plus the flags given; bad values raise Gpt2ChatError naming the field."""
+def sampling_params(args: argparse.Namespace):
+    """SamplingParams from a preset plus the flags given (no stop ids: the text pipeline adds them);
+    bad values raise Gpt2ChatError naming the field."""
     from gpt2chat.sampling import SamplingParams, get_preset
 
     base = get_preset(args.preset) if args.preset else SamplingParams()
-    changes = {"max_new_tokens": args.max_new_tokens, "stop_token_ids": tuple(stop_token_ids)}
+    changes = {"max_new_tokens": args.max_new_tokens}
     for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         value = getattr(args, name)
         if value is not None:
@@ -132,18 +133,21 @@ def run_init(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- generate
 def run_generate(args: argparse.Namespace) -> int:
-    from gpt2chat.reply import ReplyDecoder, stop_token_ids, stream_reply
+    from gpt2chat.pipeline import TextPipeline
 
     sampling_params(args)  # check the flags before loading anything
-    _, engine, tokenizer = _load(args)
-    # the checkpoint's stop ids: what its generation_config.json lists, so transformers' generate agrees
-    params = sampling_params(args, [] if args.ignore_eos else stop_token_ids(tokenizer))
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
+    if not args.prompt:
         raise Gpt2ChatError("--prompt is empty: give some text to continue")
+    _, engine, tokenizer = _load(args)
+    # a raw continuation: no template; the checkpoint's stop ids are what its generation_config.json lists,
+    # so transformers' generate agrees
+    pipeline = TextPipeline.for_model(engine.model, tokenizer, chat=False)
+    prompt = pipeline.encode(args.prompt)
+    params = pipeline.params(sampling_params(args), len(prompt), stop=not args.ignore_eos)
     out = sys.stdout
     # a raw continuation shows control tokens as text, as `tokenizer.decode` does
-    for piece in stream_reply(ReplyDecoder(tokenizer, skip_special_tokens=False), engine.stream(prompt, params)):
+    reply = pipeline.reply(chat=False, show_control_tokens=True)
+    for piece in reply.pieces(engine.submit(prompt, params)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -195,6 +199,10 @@ def run_chat(args: argparse.Namespace) -> int:
         except Gpt2ChatError as exc:  # e.g. a message too long for the context: say so, keep chatting
             print(f"error: {exc}")
             continue
+        if session.last_dropped_turns:
+            turns = session.last_dropped_turns
+            print(f"(the {turns} oldest turn{'s' if turns != 1 else ''} no longer fit the model's context of "
+                  f"{session.context} tokens and {'were' if turns != 1 else 'was'} dropped; /reset starts afresh)")
         out.write("assistant> ")
         out.flush()
         try:

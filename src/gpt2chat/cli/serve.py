@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="let web pages from ORIGIN (e.g. https://chat.example.com) call the API; repeat for "
                             "more (default: none, no CORS headers are sent)")
-    serve.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model's name in /v1/models; requests naming another model get 404 (default: the "
+                            "hub id, or the checkpoint folder's name: a training run's OUT for OUT/final)")
     serve.add_argument("--max-body-bytes", type=int, default=LIMITS.max_body_bytes,
                        help="largest request body (default %(default)s bytes)")
     serve.add_argument("--max-connections", type=int, default=LIMITS.max_connections,
@@ -136,13 +138,24 @@ def _cors_origins(origins: list[str]) -> list[str]:
     return list(origins)
 
 
+def served_name(model: str, folder: Path) -> str:
+    """The name a checkpoint is served under: a hub id as given; else the folder's name, or for a training
+    run's `OUT/final` (and `OUT/adapter`) the run's name, OUT: every run's model folder is called final."""
+    if not Path(model).expanduser().is_dir():
+        return model
+    folder = folder.resolve()
+    if folder.name in ("final", "adapter") and folder.parent.name:
+        return folder.parent.name
+    return folder.name or "gpt2chat"
+
+
 def _build_service(args: argparse.Namespace, model_name: str | None = None):
     from gpt2chat.cli.model import load_inference_model
     from gpt2chat.serve.service import ChatService
 
     limits = _limits(args)  # check the options before loading anything
-    _, model, tokenizer, device, dtype = load_inference_model(args)
-    name = model_name or Path(str(args.model).rstrip("/")).name or "gpt2chat"
+    folder, model, tokenizer, device, dtype = load_inference_model(args)
+    name = model_name or served_name(str(args.model), folder)
     return ChatService(model, tokenizer, template=args.template, model_name=name, limits=limits, device=device,
                        dtype=dtype)
 

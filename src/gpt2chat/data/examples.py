@@ -4,7 +4,8 @@ Rendering is the template's job (`templates.render_chat`: history as context, th
 reply and its end-of-turn token). This module decides *what* to render and what to cut:
 
 - SFT: one example per assistant turn (with its history) or only the last one. When an example is over budget
-  the context is cut from the oldest turn first (then the system message); the reply is kept whole. A last
+  its context loses whole turns, oldest first, by the rule chat and serving use too (`gpt2chat.context_fit`:
+  system messages and the last user turn are never dropped); the reply is kept whole. A last
   user turn that alone is still too long has its text cut at a token boundary as `Budgets.prompt_truncation`
   says (keep its end, its start, or drop the example). An example whose reply cannot fit is dropped.
 - Preferences: the prompt is cut the same way to `max_prompt_length` (the last user turn by
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from gpt2chat.context_fit import candidates
 from gpt2chat.data.types import (
     Budgets,
     Conversation,
@@ -130,19 +132,6 @@ def _render(tokenizer, messages: list[dict], template, add_generation_prompt: bo
     return list(ids), list(mask)
 
 
-def context_candidates(messages: list[dict]):
-    """`messages` (ending with the turn to keep), then with the oldest history turn pairs dropped one by one,
-    then without the system message. The last user turn (and a trailing reply) are always kept."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    body = messages[len(system):]
-    keep = 2 if body and body[-1]["role"] == "assistant" else 1
-    history, tail = body[:-keep], body[-keep:]
-    for start in range(0, len(history) + 1, 2):
-        yield system + history[start:] + tail
-    if system:
-        yield tail
-
-
 def cut_last_user_turn(tokenizer, messages: list[dict], template, add_generation_prompt: bool, mode: str,
                        overflow) -> tuple[list[dict], list[int], list[int]] | None:
     """`messages` with the text of its last user turn cut at a token boundary, keeping its end ("keep_end")
@@ -178,7 +167,7 @@ def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets, sou
     """Render one target (ends with the reply to train on) inside the budgets -> (example, None) or (None, reason)."""
     first = True
     candidate = messages
-    for candidate in context_candidates(messages):
+    for candidate, _ in candidates(messages):
         ids, mask = _render(tokenizer, candidate, template, False)
         if first:
             first = False
@@ -235,7 +224,7 @@ def preference_example(tokenizer, pair: PreferencePair, template, budgets: Budge
                        truncations: Counter | None = None) -> tuple[PreferenceExample | None, str | None]:
     """One pair inside the budgets -> (example, None) or (None, reason)."""
     prompt_ids = prompt = None
-    for candidate in context_candidates(pair.prompt):
+    for candidate, _ in candidates(pair.prompt):
         ids, _ = _render(tokenizer, candidate, template, True)
         if budgets.max_prompt_length is None or len(ids) <= budgets.max_prompt_length:
             prompt_ids, prompt = ids, candidate

@@ -12,10 +12,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from gpt2chat.engine.base import EngineBase
 from gpt2chat.engine.request import QueueFullError, Request
-from gpt2chat.engine.runner import ModelRunner
-from gpt2chat.engine.scheduler import Scheduler, check_prompt
-from gpt2chat.engine.sync import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.model import GPT
 from gpt2chat.sampling import SamplingParams
@@ -23,26 +21,20 @@ from gpt2chat.sampling import SamplingParams
 __all__ = ["BatchedEngine"]
 
 
-class BatchedEngine:
-    """Continuous batching over `max_batch_size` cache rows, served by a background thread.
-
-    `max_len` bounds each row (default: the model's context); `max_queue` bounds the requests waiting for
-    a row once every row is taken (`submit` raises `QueueFullError` beyond it); `prefill_tokens` is the most prompt tokens one step
-    prefills. `device` / `dtype` are checked against the model's, never applied.
+class BatchedEngine(EngineBase):
+    """Continuous batching over `max_batch_size` cache rows, served by a background thread (arguments:
+    `EngineBase`). `max_queue` bounds the requests waiting for a row once every row is taken (`submit`
+    raises `QueueFullError` beyond it).
     """
 
     def __init__(self, model: GPT, max_batch_size: int = 16, max_queue: int = 64, device=None, dtype=None,
                  max_len: int | None = None, prefill_tokens: int = 512,
-                 compile: bool = False):  # fmt: skip
-        if max_batch_size < 1 or max_queue < 0:
-            raise Gpt2ChatError("max_batch_size must be >= 1 and max_queue >= 0")
-        self.device, self.dtype = model_device_dtype(model, device, dtype)
-        self.model, self.config = model, model.config
-        self.max_batch_size = max_batch_size
+                 compile: bool = False, prompt_cache: bool = True):  # fmt: skip
+        if max_queue < 0:
+            raise Gpt2ChatError("max_queue must be >= 0")
+        super().__init__(model, device, dtype, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens,
+                         max_len=max_len, compile=compile, prompt_cache=prompt_cache)  # fmt: skip
         self.max_queue = max_queue
-        self.context = min(self.config.n_positions, max_len or self.config.n_positions)
-        self.runner = ModelRunner(model, max_batch_size, self.context, compile)
-        self.scheduler = Scheduler(self.runner, max_batch_size, self.context, prefill_tokens)
         self._inbox: list[Request] = []  # submitted, not yet handed to the scheduler (its thread owns it)
         self._cond = threading.Condition()
         self._closed = False
@@ -52,8 +44,7 @@ class BatchedEngine:
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
         """Queue one prompt -> its `Request`; `QueueFullError` when `max_queue` requests already wait."""
-        prompt = check_prompt(prompt_ids, self.context, self.config.vocab_size)
-        request = Request(prompt, params or SamplingParams(), channel=True)
+        request = Request(self.check_prompt(prompt_ids), params or SamplingParams())
         request._on_cancel = self._wake
         with self._cond:
             if self._closed:

@@ -1,9 +1,9 @@
 """One generation request as the engine's clients see it: its tokens, log-probabilities, timing and end.
 
-A `Request` is filled by the scheduler (`_deliver`, `_finish`) and read by whoever submitted it: blocking
-or `async for` iteration over its token ids when a background thread runs the scheduler (`BatchedEngine`),
-or `token_ids` after the caller's own thread stepped the scheduler (`Engine`). Leaving an iteration early
-(break, exception, client gone) cancels the request.
+A `Request` is filled by the scheduler (`_deliver`, `_finish`) and read by whoever submitted it, the same
+way for both engines: blocking or `async for` iteration over its token ids, or `result()`. One reading
+rule (`_take`) serves both loops. Leaving an iteration early (break, exception, client gone) cancels the
+request.
 
 This module knows nothing about models, tensors or text.
 """
@@ -11,10 +11,9 @@ This module knows nothing about models, tensors or text.
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from gpt2chat.errors import Gpt2ChatError
@@ -53,30 +52,36 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per prompt token
     ttft_s: float | None = None  # call -> first token sampled
     decode_s: float | None = None  # first -> last token sampled
+    cached_tokens: int = 0  # prompt tokens whose keys / values came from the prompt cache
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
 
-_END = object()
-
-
 class Request:
-    """One prompt's generation; iterate it (blocking or `async for`) to get its token ids as they come.
+    """One prompt's generation, the same object for both engines: iterate it (blocking `for` or `async for`)
+    for its token ids as they come, or call `result()` for all of them.
+
+    `BatchedEngine` fills it from its own thread; an `Engine` request advances its engine one step each
+    time its reader needs a token, in the reader's thread. Leaving an iteration early (break, exception,
+    client gone) cancels the request, which frees its row before any more work is done for it. A request
+    that failed raises its error at the end of its tokens.
 
     Fields a client reads: `token_ids`, `finish_reason` (None while running), `logprobs` (entry i is there
     before token i is delivered), `prompt_logprobs` (set before the first token), `ttft_s` (submit -> first
-    token sampled), `decode_s` (first -> last token sampled), `prompt_tokens`, `completion_tokens`.
+    token sampled), `decode_s` (first -> last token sampled), `prompt_tokens`, `completion_tokens`,
+    `cached_tokens` (prompt tokens the prompt cache supplied; set before the first token), `error`.
     """
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, *, channel: bool = False):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, *, step: Callable[[], None] | None = None):
         self.prompt_ids = prompt_ids
         self.params = params
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = []
         self.finish_reason: str | None = None
+        self.cached_tokens = 0  # prompt tokens taken from the prompt cache (set when a row is given)
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -84,10 +89,10 @@ class Request:
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self._on_cancel: Callable[[Request], None] | None = None  # set by the driver that owns the request
-        # token ids for an iterating consumer in another thread (None: the owner reads token_ids itself)
-        self._tokens: queue.SimpleQueue | None = queue.SimpleQueue() if channel else None
-        self._lock = threading.Lock()
-        self._async: tuple | None = None  # (loop, asyncio.Queue) once iterated with `async for`
+        # `step` advances the engine in the reader's thread (Engine); None: another thread fills the request
+        self._step = step
+        self._changed = threading.Event()  # set by the filling thread after each token and at the end
+        self._async: tuple | None = None  # (loop, asyncio.Event) once iterated with `async for`
         self._iterated = False
 
     def __repr__(self) -> str:
@@ -127,12 +132,21 @@ class Request:
         if self._on_cancel is not None:
             self._on_cancel(self)
 
+    close = cancel
+
     def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the request ends (an `Engine` request is stepped to its end); whether it has."""
+        while self._step is not None and not self._done.is_set():
+            self._step()
         return self._done.wait(timeout)
 
     def result(self) -> GenerationResult:
+        """Every token and its end, once the request is done (waits for it); raises the request's error."""
+        self.wait()
+        if self.error is not None:
+            raise self.error
         return GenerationResult(self.token_ids, self.finish_reason, self.prompt_tokens, self.logprobs,
-                                self.prompt_logprobs, self.ttft_s, self.decode_s)  # fmt: skip
+                                self.prompt_logprobs, self.ttft_s, self.decode_s, self.cached_tokens)  # fmt: skip
 
     # ------------------------------------------------------------------ called by the scheduler
     def _sampled(self, now: float) -> None:
@@ -145,84 +159,86 @@ class Request:
         if logprob is not None:
             self.logprobs.append(logprob)
         self.token_ids.append(token)
-        if self._tokens is not None:
-            self._push(token)
+        self._notify()
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._done.is_set():
             return
         self.finish_reason = reason
         self.error = error
-        if self._tokens is not None:
-            if error is not None:
-                self._push(error)
-            self._push(_END)
         self._done.set()
+        self._notify()
 
-    def _push(self, item) -> None:
-        with self._lock:
-            if self._async is None:
-                self._tokens.put(item)
-                return
-            loop, async_queue = self._async
-        try:
-            loop.call_soon_threadsafe(async_queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self._cancelled.set()
+    def _notify(self) -> None:
+        self._changed.set()
+        waiter = self._async
+        if waiter is not None:
+            loop, event = waiter
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                self._cancelled.set()
 
-    # ------------------------------------------------------------------ consumer side
+    # ------------------------------------------------------------------ reader side
+    def _take(self, read: int) -> tuple[list[int], bool]:
+        """The tokens delivered after the first `read` ones, and whether they are the last; at the end of a
+        failed request's tokens, its error is raised. The one reading rule both loops below follow."""
+        done = self._done.is_set()  # read before the tokens: every token comes before the end
+        tokens = self.token_ids[read:]
+        if done and not tokens and self.error is not None:
+            raise self.error
+        return tokens, done and not tokens
+
     def _claim(self) -> None:
-        if self._tokens is None:
-            raise RuntimeError("this request is read through its engine (Engine.stream), not iterated")
         if self._iterated:
             raise RuntimeError("a Request can be iterated only once")
         self._iterated = True
 
     def __iter__(self) -> Iterator[int]:
         self._claim()
-        return self._blocking_tokens()
+        return self._tokens()
 
-    def _blocking_tokens(self) -> Iterator[int]:
-        finished = False
-        try:
-            while True:
-                item = self._tokens.get()
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-        finally:
-            if not finished:
-                self.cancel()
-
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[int]:
         self._claim()
         return self._async_tokens()
 
-    async def _async_tokens(self):
-        loop = asyncio.get_running_loop()
-        async_queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            while True:  # tokens that arrived before the async consumer did
-                try:
-                    async_queue.put_nowait(self._tokens.get_nowait())
-                except queue.Empty:
-                    break
-            self._async = (loop, async_queue)
-        finished = False
+    def _tokens(self) -> Iterator[int]:
+        read = 0
         try:
             while True:
-                item = await async_queue.get()
-                if item is _END:
-                    finished = True
+                tokens, last = self._take(read)
+                for token in tokens:
+                    read += 1
+                    yield token
+                if last:
                     return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
+                if not tokens:
+                    if self._step is not None:
+                        self._step()
+                    else:
+                        self._changed.wait()
+                        self._changed.clear()
         finally:
-            if not finished:
-                self.cancel()
+            self.cancel()  # nothing if it ended; a reader that left early frees the row
+
+    async def _async_tokens(self) -> AsyncIterator[int]:
+        """The same loop as `_tokens`, waiting on the event loop (an `Engine` request steps in it)."""
+        event = asyncio.Event()
+        self._async = (asyncio.get_running_loop(), event)
+        read = 0
+        try:
+            while True:
+                tokens, last = self._take(read)
+                for token in tokens:
+                    read += 1
+                    yield token
+                if last:
+                    return
+                if not tokens:
+                    if self._step is not None:
+                        self._step()
+                    else:
+                        await event.wait()
+                        event.clear()
+        finally:
+            self.cancel()

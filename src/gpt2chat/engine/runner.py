@@ -73,6 +73,12 @@ class ModelRunner:
         self.cache = grown
 
     @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy the keys / values of positions 0 .. length - 1 of cache row `source` into row `target`."""
+        for tensor in self.cache.k + self.cache.v:
+            tensor[target, :, :length] = tensor[source, :, :length]
+
+    @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> list[torch.Tensor]:
         """Cache every chunk's tokens in one forward; per chunk the logits [1, V] of its last position
         ([T, V] of every position with `all_logits`).
@@ -105,17 +111,18 @@ class ModelRunner:
         return min(self.cache.batch_size, _next_power_of_two(rows))
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Feed `tokens[r]` at `positions[r]` of cache rows 0 .. len(tokens) - 1 -> logits [rows, V]."""
+    def decode(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:
+        """Feed `tokens[i]` at `positions[i]` of cache row `rows[i]` (default: rows 0 .. len(tokens) - 1)
+        -> logits [len(tokens), V]. Given `rows`, the step is the eager one."""
         step = torch.tensor(tokens, device=self.device)
-        if self._compiled is not None:
+        if self._compiled is not None and rows is None:
             key_len = min(self.cache.max_len, max(_MIN_CACHE_LEN, _next_power_of_two(max(positions) + 1)))
             try:
                 return self._compiled(step, torch.tensor(positions, device=self.device), key_len)
             except Exception as error:  # noqa: BLE001 - any compiler failure: the eager step gives the same tokens
                 _log.warning("gpt2chat: the compiled decode step failed (%s); decoding eagerly from now on", error)
                 self._compiled = None
-        plan = AttentionPlan.for_cache(self.config, self.cache, positions, 1)
+        plan = AttentionPlan.for_cache(self.config, self.cache, positions, 1, rows=rows)
         return self.model(step.unsqueeze(1), plan)[:, -1]
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:

@@ -3,12 +3,17 @@
 `Scheduler.step()` does one round of work for every request it holds:
 
 1. requests cancelled since the last step give their rows back (no more work is done for them);
-2. waiting requests are admitted into free cache rows (lowest row first, so busy rows stay packed at the top);
+2. waiting requests are admitted into free cache rows: the row that already holds the longest prefix of
+   the prompt (`prompt_cache`: taken in place, or copied from a busy row), else an empty row (lowest
+   first, so busy rows stay packed at the top), else the least recently used one;
 3. up to `prefill_tokens` prompt tokens of the admitted rows run in one batched prefill (a long prompt is
    cut into chunks over several steps, so the streams already running never wait for a whole long prompt);
 4. one decode step feeds every running row its last token;
 5. every row with fresh logits (a prompt that completed, a decoded row) is sampled in one call, and its
-   token is delivered; a row that stops or reaches its limit is freed at once.
+   token is delivered; a row that stops or reaches its limit is freed at once (its tokens stay cached).
+
+A batched forward or draw that raises is retried row by row: a row that fails alone ends with "error"
+(its reader gets the exception), the others go on in the same step.
 
 The synchronous `Engine` calls `step()` in the caller's thread; `BatchedEngine` calls it in its own thread.
 Both see the same behaviour, because there is no other loop. The model is reached only through the
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt2chat.engine.prompt_cache import PromptCache
 from gpt2chat.engine.request import Request, TokenLogprob
 from gpt2chat.engine.runner import ModelRunner, PrefillChunk
 from gpt2chat.errors import Gpt2ChatError
@@ -73,15 +79,17 @@ def token_logprobs(logits: torch.Tensor, token_ids, tops: Sequence[int | None]) 
 
 
 class _Row:
-    """One request in a cache row: how far its prompt is cached, what it feeds next, how far it may go."""
+    """One request in a cache row: the tokens cached there, what it feeds next, how far it may go."""
 
-    __slots__ = ("request", "prompt", "params", "cached", "next_token", "limit", "draws", "constraint")
+    __slots__ = ("request", "prompt", "params", "ids", "next_token", "limit", "draws", "constraint")
 
-    def __init__(self, request: Request, context: int):
+    def __init__(self, request: Request, context: int, ids: list[int]):
         self.request = request
         self.prompt = request.prompt_ids
         self.params: SamplingParams = request.params
-        self.cached = 0  # positions of this row's cache filled
+        # token ids whose keys / values the row holds, in order (the prompt cache's list for this row:
+        # a reused prefix, then prompt chunks and fed tokens as they are cached)
+        self.ids = ids
         self.next_token: int | None = None  # sampled, not yet fed back (set once the prompt is cached)
         # prompt + reply never exceed the context
         self.limit = min(self.params.max_new_tokens, context - len(self.prompt))
@@ -89,8 +97,13 @@ class _Row:
         self.constraint = self.params.constraint.start() if self.params.constraint is not None else None
 
     @property
+    def cached(self) -> int:
+        """Positions of this row's cache filled."""
+        return len(self.ids)
+
+    @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
+        return len(self.ids) < len(self.prompt)
 
 
 class Scheduler:
@@ -98,9 +111,11 @@ class Scheduler:
 
     `max_rows`: cache rows, the most requests decoded together. `prefill_tokens`: the most prompt tokens
     one step prefills (the chunk budget). `context`: the longest prompt + reply a row holds.
+    `prompt_cache`: reuse the longest cached prefix of each prompt (`gpt2chat.engine.prompt_cache`).
     """
 
-    def __init__(self, runner: ModelRunner, max_rows: int, context: int, prefill_tokens: int = 512):
+    def __init__(self, runner: ModelRunner, max_rows: int, context: int, prefill_tokens: int = 512,
+                 prompt_cache: bool = True):  # fmt: skip
         if max_rows < 1 or prefill_tokens < 1:
             raise Gpt2ChatError("max_rows and prefill_tokens must be >= 1")
         self.runner = runner
@@ -109,6 +124,7 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.rows: list[_Row | None] = [None] * max_rows
         self.pending: deque[Request] = deque()
+        self.prompt_cache = PromptCache(max_rows, enabled=prompt_cache)
         self._seen: torch.Tensor | None = None  # [max_rows, V] tokens each row's repetition penalty sees
 
     # ------------------------------------------------------------------ state
@@ -154,8 +170,10 @@ class Scheduler:
         logits_parts: list[torch.Tensor] = []
         decoding = [index for index, row in enumerate(self.rows) if row is not None and row.next_token is not None]
         if decoding:
-            logits_parts.append(self._decode(decoding))
-            sampled_rows += decoding
+            decoded, logits = self._decode(decoding)
+            if decoded:
+                logits_parts.append(logits)
+                sampled_rows += decoded
         finished_prompts, prompt_logits = self._prefill()
         if finished_prompts:
             logits_parts.append(prompt_logits)
@@ -175,16 +193,23 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self.pending:
-            free = next((index for index, row in enumerate(self.rows) if row is None), None)
-            if free is None:
+            free_rows = [index for index, row in enumerate(self.rows) if row is None]
+            if not free_rows:
                 return
             request = self.pending.popleft()
-            row = self.rows[free] = _Row(request, self.context)
-            self.runner.reserve(free + 1, len(row.prompt) + row.limit)
+            prompt = request.prompt_ids
+            placement = self.prompt_cache.place(prompt, free_rows, reuse_allowed=request.params.prompt_logprobs is None)
+            index = placement.row
+            limit = min(request.params.max_new_tokens, self.context - len(prompt))
+            self.runner.reserve(index + 1, len(prompt) + limit)
+            if placement.source != index:
+                self.runner.copy_prefix(placement.source, index, placement.reuse)
+            row = self.rows[index] = _Row(request, self.context, self.prompt_cache.admit(placement, len(prompt)))
+            request.cached_tokens = placement.reuse
             if row.params.repetition_penalty != 1.0:
                 seen = self._seen_rows()
-                seen[free] = False
-                seen[free, torch.tensor(row.prompt, device=seen.device)] = True
+                seen[index] = False
+                seen[index, torch.tensor(row.prompt, device=seen.device)] = True
 
     def _seen_rows(self) -> torch.Tensor:
         if self._seen is None:
@@ -195,31 +220,58 @@ class Scheduler:
     def _free(self, index: int, reason: str, error: BaseException | None = None) -> None:
         row = self.rows[index]
         self.rows[index] = None
+        # a failed request's row may hold keys / values a failed forward half wrote: keep nothing of it
+        self.prompt_cache.release(index, keep=reason != "error")
         if row is not None:
             row.request._finish(reason, error)
 
-    def _decode(self, decoding: list[int]) -> torch.Tensor:
+    def _fail(self, indices: list[int], errors: dict[int, BaseException]) -> list[int]:
+        """Free the rows in `errors` with finish_reason "error" -> the rows of `indices` that did not fail."""
+        for index, error in errors.items():
+            self._free(index, "error", error)
+        return [index for index in indices if index not in errors]
+
+    def _decode(self, decoding: list[int]) -> tuple[list[int], torch.Tensor | None]:
         """One decode step over rows 0 .. the last decoding row (or a few more, see `decode_width`) ->
-        logits [len(decoding), V]. Rows in that range that are not decoding get a dummy token at their own
-        next position, which their next prefill chunk or admission overwrites."""
+        the rows decoded and their logits [rows, V]. Rows in that range that are not decoding get a dummy
+        token at a position nothing reads: a prefilling row's next position (its next chunk overwrites it),
+        a free row's first position past its cached tokens.
+
+        If the step fails, every row is decoded alone: a row that fails alone fails ("error"), the others go on."""
         width = self.runner.decode_width(decoding[-1] + 1)
+        cache_len = self.runner.cache.max_len
         tokens, positions = [0] * width, [0] * width
         for index in range(width):
             row = self.rows[index]
             if row is None:
+                position = min(len(self.prompt_cache.tokens[index]), cache_len - 1)
+                self.prompt_cache.limit_row(index, position)
+                positions[index] = position
                 continue
             positions[index] = row.cached  # a row still prefilling writes a slot its next chunk overwrites
             if row.next_token is not None:
                 tokens[index] = row.next_token
-        logits = self.runner.decode(tokens, positions)
+        try:
+            logits = self.runner.decode(tokens, positions)
+            if decoding != list(range(width)):
+                logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
+        except Exception:  # noqa: BLE001 - find the rows it concerns
+            parts, errors = {}, {}
+            for index in decoding:
+                try:
+                    parts[index] = self.runner.decode([tokens[index]], [positions[index]], rows=[index])
+                except Exception as error:  # noqa: BLE001 - it fails that request only
+                    errors[index] = error
+            decoding = self._fail(decoding, errors)
+            logits = torch.cat([parts[index] for index in decoding]) if decoding else None
         for index in decoding:
-            self.rows[index].cached += 1
-        if decoding != list(range(width)):
-            logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
-        return logits
+            row = self.rows[index]
+            row.ids.append(row.next_token)
+        return decoding, logits
 
     def _prefill(self) -> tuple[list[int], torch.Tensor | None]:
-        """Up to `prefill_tokens` prompt tokens of the rows still prefilling, in one batched forward.
+        """Up to `prefill_tokens` prompt tokens of the rows still prefilling, in one batched forward (if it
+        fails, each chunk alone: a chunk that fails alone fails its request, the others go on).
 
         Returns the rows whose prompt is now fully cached and the logits of their last prompt position."""
         budget = self.prefill_tokens
@@ -237,11 +289,21 @@ class Scheduler:
             ))  # fmt: skip
         if not chunks:
             return [], None
-        outputs = self.runner.prefill(chunks)
+        try:
+            outputs = self.runner.prefill(chunks)
+        except Exception:  # noqa: BLE001 - find the chunks it concerns
+            outputs, errors = [], {}
+            for chunk in chunks:
+                try:
+                    outputs.append(self.runner.prefill([chunk])[0])
+                except Exception as error:  # noqa: BLE001 - it fails that request only
+                    errors[chunk.row] = error
+            self._fail([chunk.row for chunk in chunks], errors)
+            chunks = [chunk for chunk in chunks if chunk.row not in errors]
         finished, last_logits = [], []
         for chunk, logits in zip(chunks, outputs, strict=True):
             row = self.rows[chunk.row]
-            row.cached += len(chunk.token_ids)
+            row.ids.extend(chunk.token_ids)
             if chunk.all_logits:
                 self._score_prompt(row, chunk, logits)
             if not row.prefilling:
@@ -260,21 +322,35 @@ class Scheduler:
             tops = [row.params.prompt_logprobs] * len(targets)
             row.request.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, tops))
 
-    def _sample_and_deliver(self, indices: list[int], logits: torch.Tensor) -> None:
-        rows = [self.rows[index] for index in indices]
-        params = [row.params for row in rows]
-        device = logits.device
+    def _choose(self, indices: list[int], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each row of `indices` from its logits, and its logprob entry (if asked)."""
+        params = [self.rows[index].params for index in indices]
         seen = None
         if self._seen is not None and any(p.repetition_penalty != 1.0 for p in params):
             seen = self._seen.index_select(0, torch.tensor(indices, device=self._seen.device))
-        draws = [row.draws for row in rows]
-        next_ids = sample_next(logits, seen, params, draws, [row.constraint for row in rows])
-        if seen is not None:
-            self._seen[torch.tensor(indices, device=device), next_ids] = True
+        next_ids = sample_next(logits, seen, params, [self.rows[index].draws for index in indices],
+                               [self.rows[index].constraint for index in indices])
         entries = token_logprobs(logits, next_ids, [p.logprobs for p in params])
-        tokens = next_ids.tolist()
+        if seen is not None:
+            self._seen[torch.tensor(indices, device=self._seen.device), next_ids.to(self._seen.device)] = True
+        return next_ids.tolist(), entries
+
+    def _sample_and_deliver(self, indices: list[int], logits: torch.Tensor) -> None:
+        try:
+            tokens, entries = self._choose(indices, logits)
+        except Exception:  # noqa: BLE001 - sample each row alone: a row that fails alone fails its request
+            chosen, errors = {}, {}
+            for position, index in enumerate(indices):
+                try:
+                    chosen[index] = self._choose([index], logits[position : position + 1])
+                except Exception as error:  # noqa: BLE001
+                    errors[index] = error
+            indices = self._fail(indices, errors)
+            tokens = [chosen[index][0][0] for index in indices]
+            entries = [chosen[index][1][0] for index in indices]
         now = time.perf_counter()
-        for index, row, token, entry in zip(indices, rows, tokens, entries, strict=True):
+        for index, token, entry in zip(indices, tokens, entries, strict=True):
+            row = self.rows[index]
             request = row.request
             request._sampled(now)
             row.draws += 1

@@ -10,6 +10,7 @@ then `add_utilisation` against the run's peaks). Each figure carries a `measured
 from __future__ import annotations
 
 import gc
+from collections import Counter
 
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import metrics
@@ -97,12 +98,13 @@ def _perplexity(model, tokenizer, template, config, conversations, info, where) 
         tokens = sum(c for _, c in scored[view])
         result[view] = {"ppl": metrics.perplexity(total_logp, tokens), "nll": -total_logp / tokens,
                         "tokens": tokens, "sequences": len(scored[view]), "truncated": scoring_set.truncated,
-                        "skipped": scoring_set.skipped}
+                        "skipped": scoring_set.skipped, "skip_reasons": dict(scoring_set.skip_reasons)}
     result["measured_on"] = (
-        f"{info['spec']}: {result['assistant']['sequences']} conversations ({info['used']} used of "
-        f"{info['kept']} kept, {info['rows_read']} rows read), {result['assistant']['truncated']} with their oldest "
-        f"turns dropped to fit {context} tokens, {result['assistant']['skipped']} skipped; assistant = last reply + end-of-turn through template {template}; plain = that "
-        f"reply as plain text after <|endoftext|>; {where}")
+        f"{info['spec']}: {result['assistant']['sequences']} conversations, the same in every column "
+        f"({info['used']} used of {info['kept']} kept, {info['rows_read']} rows read), "
+        f"{result['assistant']['truncated']} with their oldest turns dropped to fit {context} tokens, "
+        f"{sets['assistant'].skipped_text()}; assistant = last reply + end-of-turn through template {template}; "
+        f"plain = that reply as plain text after <|endoftext|>; {where}")
     return result
 
 
@@ -132,28 +134,59 @@ def _preference(model, tokenizer, template, label, config, pairs, info, referenc
     return {
         "accuracy": scores.accuracy, "mean_margin": scores.mean_margin,
         "mean_chosen_reward": scores.mean_chosen_reward, "mean_rejected_reward": scores.mean_rejected_reward,
-        "pairs": scores.pairs, "ties": scores.ties, "skipped": chosen.skipped, "mode": scores.mode,
+        "pairs": scores.pairs, "ties": scores.ties, "skipped": chosen.skipped,
+        "skip_reasons": dict(chosen.skip_reasons), "mode": scores.mode,
         "beta": config.beta if reference is not None else None,
         "reference": reference.path if reference is not None else None,
-        "measured_on": (f"{info['spec']}: {scores.pairs} pairs ({chosen.skipped} skipped; replies cut to "
+        "measured_on": (f"{info['spec']}: {scores.pairs} pairs ({chosen.skipped_text()}; replies cut to "
                         f"{config.max_reply_tokens} tokens, {chosen.truncated + rejected.truncated} replies cut), "
                         f"template {template}; {reward}; {where}"),
     }
 
 
-def generation_rows(conversations, limit: int) -> tuple[list[list[dict]], list[str]]:
-    """(prompt messages ending in a user turn, the reference reply) of the first `limit` usable conversations."""
+def generation_rows(conversations, limit: int, reason_to_skip=None, skipped: Counter | None = None
+                    ) -> tuple[list[list[dict]], list[str]]:
+    """(prompt messages ending in a user turn, the reference reply) of the first `limit` usable conversations.
+
+    `reason_to_skip(prompt)` (optional) names why a prompt cannot be used (None: it can); such rows are
+    passed over and counted by reason in `skipped`."""
     prompts, references = [], []
     for conversation in conversations:
         messages = conversation.messages
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None or last == 0 or messages[last - 1].get("role") != "user":
             continue
+        reason = reason_to_skip(messages[:last]) if reason_to_skip is not None else None
+        if reason is not None:
+            if skipped is not None:
+                skipped[reason] += 1
+            continue
         prompts.append(messages[:last])
         references.append(messages[last]["content"])
         if len(prompts) == limit:
             break
     return prompts, references
+
+
+def prompt_fit_check(model, tokenizer, template: str, config):
+    """`prompt -> None or the reason it cannot be answered`: whether the prompt fits the model's context
+    by the one rule (`gpt2chat.context_fit`, with the reserve `generate_replies` keeps for the reply), so
+    that a row too long for the context is skipped and counted instead of stopping the report."""
+    from gpt2chat.context_fit import PromptTooLongError, fit_messages, reply_reserve
+    from gpt2chat.reply import chat_template
+
+    spec = chat_template(tokenizer, template)
+    context = int(model.config.n_positions)
+    reserve = reply_reserve(context, max(1, min(config.max_new_tokens, context - 1)))
+
+    def reason(messages: list[dict]) -> str | None:
+        try:
+            fit_messages(tokenizer, spec, messages, context=context, reserve=reserve)
+        except PromptTooLongError:
+            return f"prompt over the {context}-token context even with its old turns dropped"
+        return None
+
+    return reason
 
 
 def _decoding(config) -> str:
@@ -171,17 +204,33 @@ def _generate(model, tokenizer, template, config, prompts, desc):
 
 
 def _generation(model, tokenizer, template, config, conversations, info, where) -> dict | None:
-    prompts, references = generation_rows(conversations, config.gen_rows)
+    skipped: Counter = Counter()
+    prompts, references = generation_rows(conversations, config.gen_rows,
+                                          prompt_fit_check(model, tokenizer, template, config), skipped)
     if not prompts:
         return None
     replies = _generate(model, tokenizer, template, config, prompts, "replies for BLEU")
     figures = metrics.reply_metrics(replies, references)
     figures["samples"] = [{"prompt": p[-1]["content"], "reference": r, "reply": g}
                           for p, r, g in zip(prompts, references, replies, strict=True)]
+    figures["skipped"] = sum(skipped.values())
+    figures["skip_reasons"] = dict(skipped)
+    passed = "; ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     figures["measured_on"] = (f"{info['spec']}: the last assistant reply of the first {len(prompts)} usable "
-                              f"conversations, {_decoding(config)}, at most {config.max_new_tokens} new tokens, "
+                              f"conversations ({sum(skipped.values())} passed over"
+                              f"{': ' + passed if passed else ''}), "
+                              f"{_decoding(config)}, at most {config.max_new_tokens} new tokens, "
                               f"template {template}; sacrebleu corpus BLEU (13a); {where}")
     return figures
+
+
+def _side_by_side(model, tokenizer, template, config, prompts) -> list[str]:
+    """One reply per prompt; a prompt this model's context cannot hold gets the reason instead."""
+    reason_of = prompt_fit_check(model, tokenizer, template, config)
+    reasons = [reason_of(prompt) for prompt in prompts]
+    fitting = [prompt for prompt, reason in zip(prompts, reasons, strict=True) if reason is None]
+    replies = iter(_generate(model, tokenizer, template, config, fitting, "side-by-side replies") if fitting else [])
+    return [next(replies) if reason is None else f"(skipped: {reason})" for reason in reasons]
 
 
 def _compute(model, config) -> tuple[int, dict]:
@@ -243,7 +292,7 @@ def speed_entries(paths: list[str], config, *, device, dtype) -> list[tuple[dict
     for group in groups:
         models = [_inference_model(p, config, device, dtype) for p in group]
         try:
-            engines = [Engine(m, device=device, dtype=_compute_dtype(m)) for m in models]
+            engines = [Engine(m, device=device, dtype=_compute_dtype(m), prompt_cache=False) for m in models]  # cold prefill
             for model, speed in zip(models, measure_speeds(engines, **kwargs), strict=True):
                 speed["weight_bytes"] = decode_read_bytes(model)
                 speed["weights"] = weight_format(model)
@@ -314,8 +363,7 @@ def evaluate_one(path, label, config, *, device, dtype, env, conversations, conv
             entry["generation"] = _generation(model, tokenizer, template, config, conversations,
                                               conversation_info, where)
         if prompts:
-            entry["side_by_side_replies"] = _generate(model, tokenizer, template, config, prompts,
-                                                      "side-by-side replies")
+            entry["side_by_side_replies"] = _side_by_side(model, tokenizer, template, config, prompts)
     finally:
         _free(model)
     if harness_tasks:

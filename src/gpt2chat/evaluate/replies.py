@@ -1,10 +1,10 @@
 """Replies of a checkpoint to chat prompts, through its own template: for BLEU rows and side-by-side.
 
-Prompts are message lists ending in a user turn. Each is fitted to the context by the one truncation
-policy (`gpt2chat.reply.fit_messages`: oldest turns first, never tokens off the front), the engine decodes
-(greedy, or seeded sampling) until the template's stop ids or the token budget, and the text is decoded
-the way every front end shows it (`gpt2chat.reply.decode_reply`: reply prefix removed, cut at the
-template's stop strings). The engine works on ids, this module on conversations.
+Prompts are message lists ending in a user turn. They go through the one text pipeline every front end
+uses (`gpt2chat.pipeline.TextPipeline`): fitted to the context (oldest turns first, never tokens off the
+front), decoded by the engine (greedy, or seeded sampling) until the template's stop ids or the token
+budget, and shown as every front end shows a reply (reply prefix removed, cut at the template's stop
+strings). The engine works on ids, this module on conversations.
 """
 
 from __future__ import annotations
@@ -27,29 +27,27 @@ def generate_replies(model, tokenizer, template: str, prompts: Sequence[list[dic
     from tqdm.auto import tqdm
 
     from gpt2chat.engine import Engine
-    from gpt2chat.reply import chat_template, decode_reply, fit_messages, reply_reserve, stop_token_ids
+    from gpt2chat.pipeline import TextPipeline
     from gpt2chat.sampling import SamplingParams
 
-    spec = chat_template(tokenizer, template)
-    context = int(model.config.n_positions)
-    max_new_tokens = max(1, min(max_new_tokens, context - 1))
-    reserve = reply_reserve(context, max_new_tokens)
+    pipeline = TextPipeline.for_model(model, tokenizer, template)
+    max_new_tokens = max(1, min(max_new_tokens, pipeline.context - 1))
     prompt_ids = []
     for index, messages in enumerate(prompts):
         try:
-            prompt_ids.append(fit_messages(tokenizer, spec, messages, context=context, reserve=reserve).ids)
+            prompt_ids.append(pipeline.fit(messages, max_new_tokens).ids)
         except Gpt2ChatError as exc:
             raise type(exc)(f"prompt {index + 1} of {len(prompts)}: {exc}") from exc
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_token_ids=stop_token_ids(tokenizer, spec),
-                            seed=seed if temperature > 0 else None)
+    base = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed if temperature > 0 else None)
     parameter = next(model.parameters())
     engine = Engine(model, device=parameter.device, dtype=parameter.dtype)
     replies: list[str] = []
     torch.manual_seed(seed)
     starts = range(0, len(prompt_ids), max(1, batch_size))
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        for result in engine.generate(prompt_ids[start : start + batch_size], params):
-            text, _ = decode_reply(tokenizer, result.token_ids, spec.stop_strings, spec.reply_prefix)
+        batch = prompt_ids[start : start + batch_size]
+        for result in engine.generate(batch, [pipeline.params(base, len(ids)) for ids in batch]):
+            text, _ = pipeline.decode(result.token_ids)
             replies.append(text.strip())
     return replies

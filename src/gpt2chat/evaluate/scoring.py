@@ -10,8 +10,9 @@ Knows nothing about files, metrics' formulas or reports.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "score_sequences",
@@ -88,56 +89,68 @@ class ScoringSet:
     sources: list[str]
     truncated: int = 0
     skipped: int = 0
+    skip_reasons: Counter = field(default_factory=Counter)  # why rows were skipped: reason -> rows
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skip_reasons[reason] += 1
+
+    def skipped_text(self) -> str:
+        """'3 skipped: 2 reply over max_length, 1 no assistant reply' (or '0 skipped')."""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.skip_reasons.most_common())
+        return f"{self.skipped} skipped" + (f": {reasons}" if reasons else "")
 
 
 def conversation_sets(conversations, tokenizer, template: str, context: int) -> dict[str, ScoringSet]:
-    """Three views of held-out conversations for perplexity.
+    """Three views of held-out conversations for perplexity, over one set of rows.
 
     - `assistant`: the last reply with its history, built by training's own SFT example builder
-      (`gpt2chat.data.examples.sft_example`), scored on the assistant mask (last reply + end-of-turn);
+      (`gpt2chat.data.examples.sft_example`, whose context rule is `gpt2chat.context_fit`'s), scored on the
+      assistant mask (last reply + end-of-turn);
     - `rendered`: the same ids, every token scored (template tokens included);
     - `plain`: the last assistant reply alone as plain text after `<|endoftext|>`, no template.
     Longer than `context`: the rendering loses its oldest turns as in training (`truncated` counts them;
-    tokens are never cut off its front), one whose reply alone does not fit is `skipped`; the plain reply
-    keeps its first `context` tokens.
+    tokens are never cut off its front); the plain reply keeps its first `context` tokens. A conversation
+    that one view cannot score (no assistant reply, a reply that alone does not fit, ...) is skipped in all
+    three, with its reason in `skip_reasons`, so the columns compare the same rows.
     """
     from gpt2chat.data.examples import sft_example
     from gpt2chat.data.types import Budgets
     from gpt2chat.templates import render_chat
 
     budgets = Budgets(max_length=context)
-    assistant = ScoringSet([], [], [])
-    rendered = ScoringSet([], [], [])
-    plain = ScoringSet([], [], [])
+    sets = {view: ScoringSet([], [], []) for view in ("assistant", "rendered", "plain")}
     for conversation in conversations:
         messages = conversation.messages
-        ids, mask = render_chat(tokenizer, messages, template=template)
-        cut = len(ids) > context
-        if cut:      # the builder's first candidate is this rendering; the others drop turns
-            example, _ = sft_example(tokenizer, messages, template, budgets, conversation.source)
-            ids, mask = (example.input_ids, example.assistant_mask) if example is not None else ([], [])
-        ids, mask = list(ids), [int(m) for m in mask]
-        if sum(mask[1:]) == 0:
-            assistant.skipped += 1
-            rendered.skipped += 1
-        else:
-            for target, target_mask in ((assistant, mask), (rendered, [0] + [1] * (len(ids) - 1))):
-                target.sequences.append(ids)
-                target.masks.append(target_mask)
-                target.sources.append(conversation.source)
-                target.truncated += int(cut)
         replies = [m["content"] for m in messages if m.get("role") == "assistant"]
-        reply_ids = tokenizer.encode(replies[-1]) if replies else []
+        reply_ids = tokenizer.encode(replies[-1]) if replies and replies[-1] else []
+        reason = None
         if not reply_ids:
-            plain.skipped += 1
+            reason = "no assistant reply to score"
+        else:
+            ids, mask = render_chat(tokenizer, messages, template=template)
+            cut = len(ids) > context
+            if cut:  # the builder's first candidate is this rendering; the others drop turns
+                example, reason = sft_example(tokenizer, messages, template, budgets, conversation.source)
+                ids, mask = (example.input_ids, example.assistant_mask) if example is not None else ([], [])
+            ids, mask = list(ids), [int(m) for m in mask]
+            if reason is None and sum(mask[1:]) == 0:
+                reason = "empty loss mask"
+        if reason is not None:
+            for scoring_set in sets.values():
+                scoring_set.skip(reason)
             continue
         sequence = [tokenizer.eos_token_id, *reply_ids]
-        plain.truncated += int(len(sequence) > context)
-        sequence = sequence[:context]
-        plain.sequences.append(sequence)
-        plain.masks.append([0] + [1] * (len(sequence) - 1))
-        plain.sources.append(conversation.source)
-    return {"assistant": assistant, "rendered": rendered, "plain": plain}
+        views = (("assistant", ids, mask, cut), ("rendered", ids, [0] + [1] * (len(ids) - 1), cut),
+                 ("plain", sequence[:context], [0] + [1] * (min(len(sequence), context) - 1),
+                  len(sequence) > context))
+        for view, view_ids, view_mask, truncated in views:
+            target = sets[view]
+            target.sequences.append(view_ids)
+            target.masks.append(view_mask)
+            target.sources.append(conversation.source)
+            target.truncated += int(truncated)
+    return sets
 
 
 def preference_sets(pairs, tokenizer, template: str, context: int, max_reply_tokens: int = 256
@@ -147,8 +160,6 @@ def preference_sets(pairs, tokenizer, template: str, context: int, max_reply_tok
     `max_reply_tokens` and to what the context leaves, the oldest turns of a prompt too long for the context
     dropped. A pair that cannot be scored is skipped and counted in `chosen.skipped`; `truncated` counts the
     replies cut."""
-    from collections import Counter
-
     from gpt2chat.data.examples import build_preferences
     from gpt2chat.data.types import Budgets
 
@@ -156,7 +167,8 @@ def preference_sets(pairs, tokenizer, template: str, context: int, max_reply_tok
     cuts: Counter = Counter()
     budgets = Budgets(max_prompt_length=context - 1, max_response_length=max_reply_tokens, max_length=context)
     examples = build_preferences(tokenizer, list(pairs), template, budgets, drops, cuts)
-    chosen = ScoringSet([], [], [], truncated=cuts["chosen reply cut"], skipped=sum(drops.values()))
+    chosen = ScoringSet([], [], [], truncated=cuts["chosen reply cut"], skipped=sum(drops.values()),
+                        skip_reasons=Counter(drops))
     rejected = ScoringSet([], [], [], truncated=cuts["rejected reply cut"])
     for example in examples:
         prompt = list(example.prompt_ids)

@@ -18,12 +18,11 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2chat import __version__
 from gpt2chat.serve import schemas
 from gpt2chat.serve.auth import ApiKeyMiddleware
-from gpt2chat.serve.errors import ERROR_TYPES, error_response, install_error_handlers
+from gpt2chat.serve.errors import ERROR_TYPES, ModelNotFoundError, error_response, install_error_handlers
 from gpt2chat.serve.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from gpt2chat.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from gpt2chat.serve.service import ChatService, Generation, ServiceError
@@ -50,7 +49,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
 
 
-def _refuse_unsupported(body: schemas._SamplingRequest) -> None:
+def _check_request(body: schemas._SamplingRequest, service: ChatService) -> None:
+    # vLLM's rule: no model (or "") is the served one, any other name is a 404 like OpenAI's
+    if body.model and body.model != service.model_name:
+        raise ModelNotFoundError(body.model, service.model_name)
     refused = body.unsupported()
     if refused is not None:
         field, why = refused
@@ -83,13 +85,13 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
     @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_name:
-            raise StarletteHTTPException(404, f"model '{model_id}' does not exist; this server has '{service.model_name}'")
+            raise ModelNotFoundError(model_id, service.model_name)
         return _model_card(service)
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion,
               responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES})
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Any:
-        _refuse_unsupported(body)
+        _check_request(body, service)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         max_tokens = body.requested_max_tokens()
@@ -97,8 +99,7 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
         settings = service.settings(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.stop_list(),
                                     body.seed, logprobs=body.top_logprob_count())
         generations = service.start(prompt_ids, settings, n=body.n, chat=True)
-        # like llama.cpp: any model name is served by our model
-        answer = Answer("chat.completion", body.model or service.model_name, generations, service.tokenizer,
+        answer = Answer("chat.completion", service.model_name, generations, service.tokenizer,
                         logprobs=body.logprobs, include_usage=body.include_usage())
         if body.stream:
             return streaming_response(chat_events(answer), generations, service.limits.stall_timeout_s)
@@ -110,7 +111,7 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
     @app.post("/v1/completions", response_model=schemas.Completion,
               responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES})
     async def completions(body: schemas.CompletionRequest, request: Request) -> Any:
-        _refuse_unsupported(body)
+        _check_request(body, service)
         prompts = [service.encode_text_prompt(p) for p in body.prompts()]
         if len(prompts) * body.n > schemas.MAX_CHOICES:
             raise ServiceError(f"{len(prompts)} prompts x n={body.n} is more than {schemas.MAX_CHOICES} "
@@ -128,7 +129,7 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
                 generation.cancel()
             raise
         echoes = [Echo.of(service.tokenizer, g.prompt_ids) for g in generations] if body.echo else []
-        answer = Answer("text_completion", body.model or service.model_name, generations, service.tokenizer,
+        answer = Answer("text_completion", service.model_name, generations, service.tokenizer,
                         logprobs=body.logprobs is not None, include_usage=body.include_usage(), echoes=echoes)
         if body.stream:
             return streaming_response(completion_events(answer), generations, service.limits.stall_timeout_s)

@@ -30,7 +30,19 @@ log = logging.getLogger("gpt2chat.serve")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
-__all__ = ["error_response", "install_error_handlers", "validation_message"]
+__all__ = ["ModelNotFoundError", "error_response", "install_error_handlers", "validation_message"]
+
+
+class ModelNotFoundError(Gpt2ChatError):
+    """A request naming a model this server does not serve: 404 `model_not_found`, as OpenAI and vLLM answer."""
+
+    status_code = 404
+    param = "model"
+    code = "model_not_found"
+
+    def __init__(self, asked: str, served: str):
+        super().__init__(f"the model '{asked}' does not exist: this server serves '{served}' "
+                         "(send that name, or leave model out)")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -48,6 +60,11 @@ def install_error_handlers(app: FastAPI, body_models: dict[str, type[BaseModel]]
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
+            bad = exc.__cause__
+            return error_response(400, f"the request body is not valid {bad.encoding.upper()}: byte "
+                                       f"0x{bad.object[bad.start]:02x} at offset {bad.start} cannot be decoded "
+                                       "(send the JSON encoded as UTF-8)")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Gpt2ChatError)
@@ -103,6 +120,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None) -> tuple[str
     for part in loc:
         if isinstance(part, int):  # an element of a list field: what one element may be
             path += f"[{part}]"
+            depth += 1  # `stop[0]` says more than `stop` does
             extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
             allowed = extra.get("item", allowed)
             continue

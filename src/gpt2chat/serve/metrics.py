@@ -3,14 +3,17 @@
 What is counted: HTTP requests by route and status (`MetricsMiddleware`); prompt and completion tokens,
 time to first token and the time per output token of every generation when it ends (a `ChatService`
 observer; the timings are the engine's own `ttft_s` / `decode_s`); and, read from the engine at each
-scrape, the requests running and waiting and the cache rows in use out of the rows there are.
+scrape, the requests running and waiting, the cache rows in use out of the rows there are, and the prompt
+cache's counters (`gpt2chat_prompt_cache_*_total`: requests looked up, hits, prompt tokens reused out of
+prompt tokens admitted, evictions; the hit rate is `hits / queries`, the token hit rate
+`cached_tokens / prompt_tokens`).
 This module knows nothing about tokens or templates.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpt2chat.serve.service import ChatService, Generation
@@ -18,6 +21,13 @@ from gpt2chat.serve.service import ChatService, Generation
 __all__ = ["ServerMetrics", "MetricsMiddleware", "CONTENT_TYPE_LATEST"]
 
 PREFIX = "gpt2chat"
+CACHE_COUNTERS = {
+    "queries": "requests that looked up the prompt cache (every request given a cache row)",
+    "hits": "requests that reused a cached prompt prefix",
+    "cached_tokens": "prompt tokens whose keys / values came from the prompt cache",
+    "prompt_tokens": "prompt tokens of the requests that looked up the prompt cache",
+    "evictions": "prompt cache entries dropped to give their row to an unrelated request",
+}
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -41,6 +51,10 @@ class _EngineCollector:
         }
         for name, (documentation, value) in values.items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
+        stats = getattr(engine, "cache_stats", None)
+        if stats is not None:
+            for name, documentation in CACHE_COUNTERS.items():
+                yield CounterMetricFamily(f"{PREFIX}_prompt_cache_{name}", documentation, value=getattr(stats, name))
 
 
 class ServerMetrics:

@@ -97,7 +97,7 @@ def _set(value: Any) -> bool:
 
 
 class _SamplingRequest(_Lenient):
-    model: StrictStr | None = _allowed("a string (any name is served by this server's model)")
+    model: StrictStr | None = _allowed("a string: the served model's name (/v1/models)")
     temperature: Temperature | None = _allowed("a number from 0 to 2")
     top_p: TopP | None = _allowed("a number above 0 and at most 1")
     max_tokens: PositiveTokens | None = _allowed("a whole number of at least 1")
@@ -207,12 +207,20 @@ class CompletionRequest(_SamplingRequest):
 
 
 # ---- responses -------------------------------------------------------------------------------------
+# The one definition of every answer's shape: `streaming.py` builds these models and serializes them with
+# `exclude_unset=True` (a field it does not set is left out, as OpenAI leaves it out: a chunk's delta
+# carries only what it adds, `usage` is there only when the client asked for it).
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens read from the prompt cache instead of computed")
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -263,6 +271,7 @@ class ChatCompletion(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    refusal: None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,10 +1,10 @@
 """The bridge between the HTTP front ends and the engine: conversations in, streamed text out.
 
-`ChatService` fits OpenAI-style messages to the context (the one policy, `gpt2chat.reply.fit_messages`),
-enforces the request limits (`ServerLimits`: tokens per request, requests running and waiting), submits
-token ids to the `BatchedEngine` (continuous batching: concurrent requests share decode steps) and turns
-each token stream back into text with `gpt2chat.reply.ReplyDecoder`. A `Generation` also keeps the
-engine's logprobs (`TokenLogprob`s, per the engine's contract) for the token ids it delivered.
+`ChatService` runs requests through the one text pipeline (`gpt2chat.pipeline.TextPipeline`: messages fitted
+to the context, raw prompts checked, stop ids, the reply's `ReplyStream`), enforces the request limits
+(`ServerLimits`: tokens per request, requests running and waiting) and submits token ids to the
+`BatchedEngine` (continuous batching: concurrent requests share decode steps). A `Generation` also keeps
+the engine's logprobs (`TokenLogprob`s, per the engine's contract) for the token ids it delivered.
 
 It knows nothing about HTTP, JSON or Telegram: errors are `Gpt2ChatError`s with a `status_code` (400
 unless said otherwise), `param` and `code` that the front ends map to their answers.
@@ -20,9 +20,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2chat.context_fit import PromptTooLongError
+from gpt2chat.engine import QueueFullError
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.reply import PromptTooLongError, ReplyDecoder, chat_template, fit_messages, reply_reserve
-from gpt2chat.reply import stop_token_ids as template_stop_ids
+from gpt2chat.pipeline import ReplyStream, TextPipeline
+from gpt2chat.sampling import SamplingParams
 from gpt2chat.serve.limits import ServerLimits
 
 log = logging.getLogger("gpt2chat.serve")
@@ -75,29 +77,31 @@ class GenerationSettings:
 class Generation:
     """One running request: iterate (async) for text pieces; then read finish_reason and token counts.
 
-    `token_ids` are the tokens the engine delivered (never a stop token); `logprobs[i]` is token i's
-    `TokenLogprob` when logprobs were asked for, and `text_offsets[i]` where token i starts in the raw
-    decoded continuation. At `deadline` (a `time.monotonic()` value) the generation ends with what it
-    has (finish_reason "length") and `limit_hit` says "request_timeout"; a front end that drops a client
-    for a limit says which in `limit_hit` before it cancels."""
+    `token_ids` are the tokens the engine delivered (never a stop token the engine was told about);
+    `logprobs[i]` is token i's `TokenLogprob` when logprobs were asked for, and `text_offsets[i]` where
+    token i starts in the raw decoded continuation. At `deadline` (a `time.monotonic()` value) the
+    generation ends with what it has (finish_reason "length") and `limit_hit` says "request_timeout"; a
+    front end that drops a client for a limit says which in `limit_hit` before it cancels."""
 
-    def __init__(self, service: ChatService, engine_request: Any, prompt_ids: list[int],
-                 decoder: ReplyDecoder, first_choice: bool = True, stop_ids: frozenset[int] = frozenset(),
-                 deadline: float | None = None):
+    def __init__(self, service: ChatService, engine_request: Any, prompt_ids: list[int], reply: ReplyStream,
+                 first_choice: bool = True, deadline: float | None = None):
         self._service = service
         self.deadline = deadline
         self.limit_hit: str | None = None
-        # stop ids the engine was not given (completions' logprobs report the stop token, as OpenAI does)
-        self._stop_ids = stop_ids
-        self._stop_token = False
         self.first_choice = first_choice  # the n choices of one prompt share it: usage counts it once
         self._request = engine_request
-        self.decoder = decoder
+        self.reply = reply
         self.prompt_ids = prompt_ids
-        self.token_ids: list[int] = []
-        self.text_offsets: list[int] = []
         self.finish_reason: str | None = None
         self._released = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.reply.token_ids
+
+    @property
+    def text_offsets(self) -> list[int]:
+        return self.reply.text_offsets
 
     @property
     def prompt_tokens(self) -> int:
@@ -106,28 +110,32 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         """Tokens the model produced for this reply, the stop token that ended it included."""
-        return len(self.token_ids) + (getattr(self._request, "finish_reason", None) == "stop")
+        return len(self.token_ids) + (self._request.finish_reason == "stop")
 
     @property
     def logprobs(self) -> list:
-        return list(getattr(self._request, "logprobs", None) or [])[: len(self.token_ids)]
+        return self._request.logprobs[: len(self.token_ids)]
 
     @property
     def prompt_logprobs(self) -> list:
-        return list(getattr(self._request, "prompt_logprobs", None) or [])
+        return list(self._request.prompt_logprobs)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine's prompt cache supplied (known once the request has a row)."""
+        return self._request.cached_tokens
 
     @property
     def ttft_s(self) -> float | None:
-        return getattr(self._request, "ttft_s", None)
+        return self._request.ttft_s
 
     @property
     def decode_s(self) -> float | None:
-        return getattr(self._request, "decode_s", None)
+        return self._request.decode_s
 
     async def _tokens(self) -> AsyncIterator[int]:
         """The engine's token ids until it ends or the deadline passes (then the row is freed at once)."""
-        tokens = aiter(self._request)
-        try:
+        async with contextlib.aclosing(aiter(self._request)) as tokens:
             while True:
                 left = None if self.deadline is None else self.deadline - time.monotonic()
                 try:
@@ -142,32 +150,14 @@ class Generation:
                                 self._service.limits.request_timeout_s, len(self.token_ids))
                     return
                 yield token_id
-        finally:
-            close = getattr(tokens, "aclose", None)
-            if close is not None:
-                await close()
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
-            async with contextlib.aclosing(self._tokens()) as tokens:
-                async for token_id in tokens:
-                    self.text_offsets.append(self.decoder.decoded_chars)
-                    self.token_ids.append(token_id)
-                    if token_id in self._stop_ids:
-                        self._stop_token = True
-                        break
-                    text = self.decoder.push(token_id)
-                    if text:
-                        yield text
-                    if self.decoder.stopped:
-                        break
-            if not self.decoder.stopped:
-                tail = self.decoder.finish()
-                if tail:
-                    yield tail
-            reason = getattr(self._request, "finish_reason", None)
-            stopped = self.decoder.stopped or self._stop_token or reason == "stop"
-            self.finish_reason = "stop" if stopped else "length"
+            async with contextlib.aclosing(self._tokens()) as tokens, \
+                    contextlib.aclosing(self.reply.apieces(tokens)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            self.finish_reason = self.reply.finish_reason(self._request.finish_reason)
         finally:
             self.cancel()
 
@@ -179,7 +169,7 @@ class Generation:
         if self._released:
             return
         self._released = True
-        if getattr(self._request, "finish_reason", None) is None:
+        if self._request.finish_reason is None:
             self._request.cancel()
         self._service._finished(self)
 
@@ -194,10 +184,11 @@ class ChatService:
                  limits: ServerLimits | None = None, engine: Any = None, device: Any = None, dtype: Any = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.template = chat_template(tokenizer, template)
+        self.pipeline = TextPipeline.for_model(model, tokenizer, template)
+        self.template = self.pipeline.template
         self.model_name = model_name
         self.limits = limits or ServerLimits()
-        self.context_length = int(model.config.n_positions)
+        self.context_length = self.pipeline.context
         if engine is None:
             from gpt2chat.engine import BatchedEngine
 
@@ -207,7 +198,6 @@ class ChatService:
                                    max_queue=self.limits.capacity, device=device, dtype=dtype)
         self.engine = engine
         self.outstanding = 0  # requests submitted and not yet finished or cancelled
-        self.stop_token_ids = template_stop_ids(tokenizer, self.template)
         self.observers: list[Callable[[Generation], None]] = []
 
     # ---- prompts ---------------------------------------------------------------------------------
@@ -216,31 +206,13 @@ class ChatService:
                         max_tokens: int | None = None) -> list[int]:
         """Messages -> prompt ids ending with the assistant header; drops the oldest turns if `truncate`
         (keeping room for `max_tokens`, at most a quarter of the context)."""
-        reserve = reply_reserve(self.context_length, max_tokens or self.limits.max_tokens_limit)
         hint = "" if truncate else ' (or send "truncate": true to drop the oldest turns)'
-        return fit_messages(self.tokenizer, self.template, messages, context=self.context_length,
-                            reserve=reserve, truncate=truncate, hint=hint).ids
+        return self.pipeline.fit(messages, max_tokens or self.limits.max_tokens_limit, truncate=truncate,
+                                 hint=hint).ids
 
     def encode_text_prompt(self, prompt: str | list[int]) -> list[int]:
         """A plain completion prompt (no template) -> ids, checked against the vocabulary and context."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            vocab = min(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", len(self.tokenizer))))
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ServiceError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                   param="prompt")
-            ids = list(prompt)
-        if not ids:
-            ids = [self.tokenizer.eos_token_id]  # OpenAI's models also start an empty prompt from <|endoftext|>
-        if len(ids) >= self.context_length:
-            error = PromptTooLongError(
-                f"the prompt is too long: {len(ids)} tokens, but the model's context is {self.context_length} "
-                "tokens and at least one must be left for the reply: shorten it")
-            error.param = "prompt"
-            raise error
-        return ids
+        return self.pipeline.encode(prompt)
 
     # ---- limits ----------------------------------------------------------------------------------
 
@@ -283,45 +255,34 @@ class ChatService:
               chat: bool = True) -> list[Generation]:
         """Submits `n` sampled continuations of one prompt; all or none are admitted. `chat` replies
         lose the template's reply prefix and stop at its stop strings too; raw completions do not."""
-        from gpt2chat.sampling import SamplingParams
-
         self._reserve(n)
-        stop_strings = [*settings.stop_strings, *(self.template.stop_strings if chat else ())]
-        reply_prefix = self.template.reply_prefix if chat else ""
         # A scored text completion reports its stop token with its logprob (OpenAI's and vLLM's shape, what
-        # lm-eval's echo scoring counts on): the engine is not told to stop there, the Generation stops.
+        # lm-eval's echo scoring counts on): the engine is not told to stop there, the reply stream stops.
         scored = not chat and settings.logprobs is not None
-        engine_stops = () if scored else self.stop_token_ids
-        own_stops = frozenset(self.stop_token_ids) if scored else frozenset()
         prompt = list(prompt_ids)  # one list shared by the n choices: usage counts the prompt once
         deadline = time.monotonic() + self.limits.request_timeout_s
+        base = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                              top_p=settings.top_p, logprobs=settings.logprobs,
+                              prompt_logprobs=settings.prompt_logprobs)
         generations: list[Generation] = []
         try:
             for index in range(n):
-                params = SamplingParams(
-                    max_new_tokens=settings.max_new_tokens,
-                    temperature=settings.temperature,
-                    top_p=settings.top_p,
-                    stop_token_ids=engine_stops,
-                    seed=None if settings.seed is None else (settings.seed + index) % SEED_MODULUS,
-                    logprobs=settings.logprobs,
-                    prompt_logprobs=settings.prompt_logprobs,
-                )
+                seed = None if settings.seed is None else (settings.seed + index) % SEED_MODULUS
+                params = self.pipeline.params(base.replace(seed=seed), len(prompt), stop=not scored)
                 request = self.engine.submit(prompt, params)
                 # each Generation owns one reserved slot and releases it when it ends or is cancelled
-                decoder = ReplyDecoder(self.tokenizer, stop_strings, reply_prefix, skip_special_tokens=True)
-                generations.append(Generation(self, request, prompt, decoder, first_choice=index == 0,
-                                              stop_ids=own_stops, deadline=deadline))
+                reply = self.pipeline.reply(chat=chat, stop_strings=settings.stop_strings,
+                                            text_stop_ids=self.pipeline.stop_ids if scored else ())
+                generations.append(Generation(self, request, prompt, reply, first_choice=index == 0,
+                                              deadline=deadline))
         except BaseException as exc:
             self.outstanding = max(0, self.outstanding - (n - len(generations)))
             for generation in generations:
                 generation.cancel()
-            if type(exc).__name__ == "QueueFullError":
+            if isinstance(exc, QueueFullError):
                 raise ServerBusyError(str(exc)) from exc
             raise
         return generations
 
     def close(self) -> None:
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()

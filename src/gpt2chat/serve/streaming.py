@@ -3,7 +3,7 @@
 `chat_events` / `completion_events` yield the SSE stream of a chat or text completion (a role chunk, text
 chunks with the logprobs of the tokens they carry, a finish chunk per choice, the usage chunk when asked
 for, `[DONE]`); `chat_body` / `completion_body` build the non-streamed answer from the same pieces, so both
-agree token for token. `streaming_response` reports a failure after the headers in-band, as OpenAI does,
+agree token for token. Every answer is one of the response models of `schemas` (their one definition). `streaming_response` reports a failure after the headers in-band, as OpenAI does,
 and `collect_unless_disconnected` frees every row when the client leaves before the answer is ready.
 This module knows nothing about validation or the engine beyond `Generation`.
 """
@@ -11,7 +11,6 @@ This module knows nothing about validation or the engine beyond `Generation`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from gpt2chat import __version__
 from gpt2chat.serve import schemas
@@ -54,10 +54,14 @@ class Answer:
     def chat(self) -> bool:
         return self.object_name == "chat.completion"
 
-    def usage(self) -> dict[str, int]:
-        prompt = sum({id(g.prompt_ids): g.prompt_tokens for g in self.generations}.values())
+    def usage(self) -> schemas.Usage:
+        """Token counts; a prompt the n choices share counts once (its first choice's cached tokens)."""
+        prompts = {id(g.prompt_ids): g for g in reversed(self.generations)}.values()
+        prompt = sum(g.prompt_tokens for g in prompts)
+        cached = sum(g.cached_tokens for g in prompts)
         completion = sum(g.completion_tokens for g in self.generations)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return schemas.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                             prompt_tokens_details=schemas.PromptTokensDetails(cached_tokens=cached))
 
     def new_logprobs(self, index: int) -> dict[str, Any] | None:
         """The logprobs of choice `index`'s tokens not yet sent (None when they were not asked for)."""
@@ -109,20 +113,22 @@ def merge_logprobs(first: dict[str, Any] | None, second: dict[str, Any] | None) 
 # ---- SSE ------------------------------------------------------------------------------------------------
 
 
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(payload: BaseModel) -> str:
+    """One server-sent event carrying a response model (the fields it set; see `schemas`)."""
+    return f"data: {payload.model_dump_json(exclude_unset=True)}\n\n"
 
 
 def _chunk_writer(answer: Answer) -> Callable[..., str]:
     """`chunk(choices, usage=None)` -> one SSE event of a streamed answer (usage only when asked for)."""
+    model = schemas.ChatCompletionChunk if answer.chat else schemas.Completion
     object_name = "chat.completion.chunk" if answer.chat else "text_completion"
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        payload: dict[str, Any] = {"id": answer.completion_id, "object": object_name, "created": answer.created,
-                                   "model": answer.model, "system_fingerprint": FINGERPRINT, "choices": choices}
+    def chunk(choices: list[Any], usage: schemas.Usage | None = None) -> str:
+        fields: dict[str, Any] = {"id": answer.completion_id, "object": object_name, "created": answer.created,
+                                  "model": answer.model, "system_fingerprint": FINGERPRINT, "choices": choices}
         if answer.include_usage:
-            payload["usage"] = usage
-        return sse(payload)
+            fields["usage"] = usage
+        return sse(model(**fields))
 
     return chunk
 
@@ -161,17 +167,18 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, str
 
 async def chat_events(answer: Answer) -> AsyncIterator[str]:
     chunk = _chunk_writer(answer)
+    Choice, Delta = schemas.ChatChunkChoice, schemas.ChunkDelta  # noqa: N806
     for index in range(len(answer.generations)):
-        yield chunk([{"index": index, "delta": {"role": "assistant", "content": "", "refusal": None},
-                      "logprobs": None, "finish_reason": None}])
+        yield chunk([Choice(index=index, delta=Delta(role="assistant", content="", refusal=None), logprobs=None,
+                            finish_reason=None)])
     async for index, text in _merged(answer.generations):
         logprobs = answer.new_logprobs(index)
         if text is not None or (logprobs and logprobs["content"]):
-            yield chunk([{"index": index, "delta": {"content": text or ""}, "logprobs": logprobs,
-                          "finish_reason": None}])
+            yield chunk([Choice(index=index, delta=Delta(content=text or ""), logprobs=logprobs,
+                                finish_reason=None)])
         if text is None:
-            yield chunk([{"index": index, "delta": {}, "logprobs": None,
-                          "finish_reason": answer.generations[index].finish_reason}])
+            yield chunk([Choice(index=index, delta=Delta(), logprobs=None,
+                                finish_reason=answer.generations[index].finish_reason)])
     if answer.include_usage:
         yield chunk([], answer.usage())
     yield "data: [DONE]\n\n"
@@ -179,6 +186,7 @@ async def chat_events(answer: Answer) -> AsyncIterator[str]:
 
 async def completion_events(answer: Answer) -> AsyncIterator[str]:
     chunk = _chunk_writer(answer)
+    Choice = schemas.CompletionChoice  # noqa: N806
     echoed = [not answer.echoes] * len(answer.generations)
     async for index, text in _merged(answer.generations):
         generation = answer.generations[index]
@@ -186,12 +194,12 @@ async def completion_events(answer: Answer) -> AsyncIterator[str]:
         if not echoed[index]:  # after the first token: the prompt's logprobs are known by then
             echoed[index] = True
             echo = answer.echoes[index]
-            yield chunk([{"index": index, "text": echo.text, "finish_reason": None,
-                          "logprobs": echo.logprobs(answer.tokenizer, generation) if answer.logprobs else None}])
+            yield chunk([Choice(index=index, text=echo.text, finish_reason=None,
+                                logprobs=echo.logprobs(answer.tokenizer, generation) if answer.logprobs else None)])
         if text is not None or (logprobs and logprobs["tokens"]):
-            yield chunk([{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": None}])
+            yield chunk([Choice(index=index, text=text or "", logprobs=logprobs, finish_reason=None)])
         if text is None:
-            yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": generation.finish_reason}])
+            yield chunk([Choice(index=index, text="", logprobs=None, finish_reason=generation.finish_reason)])
     if answer.include_usage:
         yield chunk([], answer.usage())
     yield "data: [DONE]\n\n"
@@ -242,7 +250,8 @@ def streaming_response(events: AsyncIterator[str], generations: list[Generation]
             raise
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
             log.exception("error while streaming a reply")
-            yield sse(schemas.error_body(f"internal error while generating: {exc}", "server_error"))
+            yield sse(schemas.ErrorBody(error=schemas.ErrorDetail(
+                message=f"internal error while generating: {exc}", type="server_error", param=None, code=None)))
         finally:
             for generation in generations:
                 generation.cancel()
@@ -278,25 +287,23 @@ async def collect_unless_disconnected(request: Request, generations: list[Genera
             generation.cancel()
 
 
-def _envelope(answer: Answer, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": answer.completion_id, "object": answer.object_name, "created": answer.created,
-            "model": answer.model, "system_fingerprint": FINGERPRINT, "choices": choices, "usage": answer.usage()}
+def chat_body(answer: Answer, texts: list[str]) -> schemas.ChatCompletion:
+    return schemas.ChatCompletion(
+        id=answer.completion_id, created=answer.created, model=answer.model, system_fingerprint=FINGERPRINT,
+        usage=answer.usage(), choices=[
+            schemas.ChatChoice(index=i, message=schemas.AssistantMessage(content=text),
+                               logprobs=answer.new_logprobs(i), finish_reason=g.finish_reason)
+            for i, (g, text) in enumerate(zip(answer.generations, texts, strict=True))])
 
 
-def chat_body(answer: Answer, texts: list[str]) -> dict[str, Any]:
-    return _envelope(answer, [
-        {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-         "logprobs": answer.new_logprobs(i), "finish_reason": g.finish_reason}
-        for i, (g, text) in enumerate(zip(answer.generations, texts, strict=True))])
-
-
-def completion_body(answer: Answer, texts: list[str]) -> dict[str, Any]:
+def completion_body(answer: Answer, texts: list[str]) -> schemas.Completion:
     choices = []
     for i, (generation, text) in enumerate(zip(answer.generations, texts, strict=True)):
         echo = answer.echoes[i] if answer.echoes else None
         logprobs = answer.new_logprobs(i)
         if echo is not None and answer.logprobs:
             logprobs = merge_logprobs(echo.logprobs(answer.tokenizer, generation), logprobs)
-        choices.append({"index": i, "text": (echo.text if echo else "") + text, "logprobs": logprobs,
-                        "finish_reason": generation.finish_reason})
-    return _envelope(answer, choices)
+        choices.append(schemas.CompletionChoice(index=i, text=(echo.text if echo else "") + text,
+                                                logprobs=logprobs, finish_reason=generation.finish_reason))
+    return schemas.Completion(id=answer.completion_id, created=answer.created, model=answer.model,
+                              system_fingerprint=FINGERPRINT, choices=choices, usage=answer.usage())

@@ -6,7 +6,7 @@ world_size` rows, cut into micro-batches; process `rank` takes micro-batches `ra
 
 Packing puts several short SFT examples in one row (best fit decreasing, rows nearly full): positions restart at 0 for each example and
 `segment_ids` keep examples from attending to each other. Padding uses the tokenizer's pad id (never
-end-of-text), and pad positions never carry a loss.
+end-of-text), pad positions never carry a loss, and pads sit at position 0 (any valid index would do).
 
 Preference pairs share their prompt by default: one row `prompt, chosen, rejected` per pair, the rejected
 reply attending to the prompt but not to the chosen reply, its positions restarting where the prompt ends
@@ -160,8 +160,7 @@ def collate_sft(examples: list, rows: list[list[int]], pad_id: int, max_length: 
         input_ids[b, :n] = torch.tensor(ids)
         loss_mask[b, :n] = torch.tensor(mask)
         attention_mask[b, :n] = 1
-        position_ids[b, :n] = torch.tensor(positions)
-        position_ids[b, n:] = torch.arange(width - n)
+        position_ids[b, :n] = torch.tensor(positions)   # pads stay at position 0 (see `_collate_shared_prompt`)
         segment_ids[b, :n] = torch.tensor(segments)
     scored = scored_tokens(input_ids, loss_mask)
     if not pack:
@@ -216,7 +215,8 @@ def _collate_shared_prompt(examples: list, indices: list[int], pad_id: int) -> B
         loss_mask[b, p:total] = 1
         attention_mask[b, :total] = 1
         position_ids[b, :total] = torch.tensor([*range(p + c), *range(p, p + r)])
-        position_ids[b, total:] = torch.arange(width - total)
+        # pads stay at position 0: a row is up to p + c + r wide, nearly twice max_length, so counting on
+        # through the pads would run past the position table; nothing real attends to a pad (segment 0)
         branch_ids[b, p : p + c] = 1
         branch_ids[b, p + c : total] = 2
         segment_ids[b, total:] = 0

@@ -200,8 +200,22 @@ def _non_negative(cfg: TrainConfig, *keys: str) -> None:
             _bad(key, value, ">= 0")
 
 
+# The names Hugging Face's TrainingArguments / TRL's configs give our fields: a user coming from them types
+# these, and they are too far from ours for spelling similarity to find (`learning_rate` vs `lr`).
+PEER_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+              "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
+              "max_seq_length": "max_length", "max_completion_length": "max_response_length",
+              "output_dir": "out", "lr_scheduler_type": "schedule", "max_grad_value": "max_grad_norm",
+              "logging_steps": "eval_every", "eval_steps": "eval_every", "save_steps": "save_every",
+              "save_total_limit": "keep_last", "packing": "pack", "resume_from_checkpoint": "resume",
+              "model_name_or_path": "model", "r": "lora_r", "target_modules": "lora_targets",
+              "precompute_ref_log_probs": "precompute_ref", "adam_epsilon": "adam_eps", "bf16": "precision"}
+
+
 def suggest(key: str, valid: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    """' (did you mean NAME?)' for the valid name nearest to `key` (a peer's name for it first), or ''."""
+    peer = PEER_NAMES.get(key.lower().replace("-", "_"))
+    close = [peer] if peer in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

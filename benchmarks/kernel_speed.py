@@ -14,10 +14,10 @@ within every repeat; the table gives medians over repeats. Rates: GB/s of weight
 format: 4, 2 or 1 byte a weight, + int8's scales) and GFLOP/s (2 M N K per call). The read bound is the
 best of several `tensor.sum()` passes over 1 GiB; the matmul bound the best of several 1024^3 sgemms.
 
-    python benchmarks/kernels.py                         # all shapes, M = 1, 16, 64, 512
-    python benchmarks/kernels.py --rows 1 --repeats 15   # decode only
-    python benchmarks/kernels.py --crossover             # M = 2..512: one-pass kernel vs sgemm paths
-    python benchmarks/kernels.py --threads 1 --clock thread   # CPU time of one core: steadier under load
+    python -m benchmarks.kernel_speed                         # all shapes, M = 1, 16, 64, 512
+    python -m benchmarks.kernel_speed --rows 1 --repeats 15   # decode only
+    python -m benchmarks.kernel_speed --crossover             # M = 2..512: one-pass kernel vs sgemm paths
+    python -m benchmarks.kernel_speed --threads 1 --clock thread   # CPU time of one core: steadier under load
 
 Prints markdown tables, then one JSON line per (shape, M, candidate).
 """

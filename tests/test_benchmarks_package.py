@@ -1,0 +1,43 @@
+"""`benchmarks/` as a package: every module imports under its package name (no import circles, nothing that
+needs `sys.path` surgery), no module is named like a package a benchmark imports, and the shared
+interleaving order is what GUIDE.md asks for."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import benchmarks
+from benchmarks.timing import round_robin
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_benchmark_module_imports_under_the_package(name):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.__doc__, f"benchmarks/{name}.py has no module docstring"
+    assert "sys.path" not in Path(module.__file__).read_text(), f"benchmarks/{name}.py edits sys.path"
+
+
+def test_no_module_is_named_like_a_top_level_package():
+    # run as a script, a file here would shadow a package of that name (benchmarks/kernels.py hid the
+    # `kernels` package that transformers imports); as a package it cannot, but keep the names apart anyway
+    taken = set(sys.stdlib_module_names) | {m.name for m in pkgutil.iter_modules()}
+    assert "kernels" in taken or importlib.util.find_spec("kernels") is None
+    assert not set(MODULES) & taken, set(MODULES) & taken
+
+
+def test_round_robin_runs_every_side_once_a_round_and_rotates_the_first():
+    order = list(round_robin("abc", 4))
+    assert [r for r, _ in order] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    rounds = ["".join(side for r, side in order if r == i) for i in range(4)]
+    assert rounds == ["abc", "bca", "cab", "abc"]
+    assert Counter(side for _, side in order) == {"a": 4, "b": 4, "c": 4}
+    assert list(round_robin([], 3)) == []
