@@ -1,8 +1,13 @@
-"""Logits -> next token: greedy, temperature, top-k, top-p and repetition penalty.
+"""Logits -> next token: logit bias, grammar masks, greedy, temperature, top-k, top-p and repetition penalty.
 
 Pure tensor functions with the semantics of `transformers`' logits processors, applied in the order
 `generate` applies them: repetition penalty (over prompt + generated tokens), temperature, top-k, top-p,
 then a draw. Temperature 0 means greedy: argmax of the (penalised) logits.
+
+Before those, two restrictions a row may carry (`sample_next` applies them, so every caller shares them):
+OpenAI's `logit_bias` (added to the row's logits, -100 .. 100) and a grammar (`gpt2chat.grammar`): tokens
+the row's `ConstraintState` does not allow are set to -inf, and the state advances with the token drawn.
+Rows with and without either share one call; a row's restriction touches no other row.
 
 Several rows are sampled at once, each with its own `SamplingParams`, which is what the engine needs when
 requests with different settings share one decode step. A seeded row draws its uniform from a counter-based
@@ -25,6 +30,8 @@ from gpt2chat.errors import Gpt2ChatError
 if TYPE_CHECKING:
     import torch
 
+    from gpt2chat.grammar import Constraint, ConstraintState
+
 __all__ = [
     "SamplingParams",
     "SAMPLING_PRESETS",
@@ -37,6 +44,7 @@ __all__ = [
 
 
 MAX_LOGPROBS = 20  # most alternatives a logprobs entry lists (OpenAI's limit for top_logprobs)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one logit_bias value: -100 (never) .. 100 (always)
 
 
 def _is_number(value) -> bool:
@@ -61,6 +69,10 @@ class SamplingParams:
     # None = off, 0 = the chosen token's only, k = also the k most likely tokens (k <= MAX_LOGPROBS)
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for every prompt position after the first
+    # (token_id, bias) pairs added to the logits before anything else (a {id: bias} mapping is taken too)
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    # the grammar the reply must match (gpt2chat.grammar.Constraint); each request row starts its own state
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         def bad(name: str, rule: str):
@@ -94,6 +106,17 @@ class SamplingParams:
             bad("stop_token_ids", "a sequence of token ids")
         if any(t < 0 for t in stops):
             bad("stop_token_ids", "non-negative token ids")
+        bias = self.logit_bias
+        pairs = bias.items() if isinstance(bias, dict) else bias
+        try:
+            pairs = tuple((int(t), float(b)) for t, b in pairs)
+        except (TypeError, ValueError):
+            bad("logit_bias", "a mapping of token ids to numbers")
+        if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in pairs):
+            bad("logit_bias", f"token ids >= 0 mapped to numbers from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}")
+        object.__setattr__(self, "logit_bias", pairs)
+        if self.constraint is not None and not hasattr(self.constraint, "start"):
+            bad("constraint", "None or a gpt2chat.grammar.Constraint")
         object.__setattr__(self, "stop_token_ids", stops)
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -287,18 +310,93 @@ def _inverse_cdf_draw(probs, uniforms) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
-def sample_next(logits, seen, params, draws=None) -> torch.Tensor:
+def _bias_rows(scores, rows: list[SamplingParams]) -> torch.Tensor:
+    """`scores` [B, V] float with each row's logit_bias added (ids past the vocabulary cannot be drawn)."""
+    import torch
+
+    vocab = scores.size(-1)
+    row_ids, token_ids, values = [], [], []
+    for row, p in enumerate(rows):
+        for token, value in p.logit_bias:
+            if token < vocab:
+                row_ids.append(row)
+                token_ids.append(token)
+                values.append(value)
+    if not row_ids:
+        return scores
+    device = scores.device
+    index = (torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device))
+    return scores.index_put(index, torch.tensor(values, dtype=scores.dtype, device=device), accumulate=True)
+
+
+_BIT_SHIFTS: dict = {}
+
+
+def grammar_masks(states: list[ConstraintState], stops: list[tuple[int, ...]], vocab: int, device) -> torch.Tensor:
+    """Allowed-token masks bool [len(states), vocab] on `device` for the next step of each state.
+
+    The grammar engine writes one bit per token on the host (int32 words); the words travel to the device
+    (vocab / 8 bytes per row) and are unpacked there."""
+    import torch
+
+    n_words = (max(vocab, *(s.constraint.width for s in states)) + 31) // 32
+    words = torch.zeros(len(states), n_words, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    for k, (state, stop) in enumerate(zip(states, stops, strict=True)):
+        state.fill(words[k], stop)
+    words = words.to(device, non_blocking=True)
+    shifts = _BIT_SHIFTS.get(words.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[words.device] = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(len(states), -1)[:, :vocab].bool()
+
+
+def restrict_logits(logits, rows: list[SamplingParams], constraints) -> torch.Tensor:
+    """Logits [B, V] after each row's logit_bias and grammar mask (the input itself when no row has one).
+
+    `constraints`: None or one `ConstraintState` (or None) per row."""
+    import torch
+
+    constrained = [] if constraints is None else [row for row, state in enumerate(constraints) if state is not None]
+    if not constrained and not any(p.logit_bias for p in rows):
+        return logits
+    scores = _bias_rows(logits.float(), rows)
+    if constrained:
+        allowed = grammar_masks([constraints[row] for row in constrained],
+                                [rows[row].stop_token_ids for row in constrained], scores.size(-1), scores.device)
+        if len(constrained) == scores.size(0):
+            scores = scores.masked_fill(~allowed, -math.inf)
+        else:
+            index = torch.tensor(constrained, device=scores.device)
+            scores = scores.index_copy(0, index, scores.index_select(0, index).masked_fill(~allowed, -math.inf))
+    return scores
+
+
+def sample_next(logits, seen, params, draws=None, constraints=None) -> torch.Tensor:
     """Pick the next token of each row: LongTensor [B] on the logits' device.
 
     logits: [B, V] for the last position. seen: what the repetition penalty looks at (see
     `process_logits`), or None. params: one `SamplingParams` or one per row. draws: the number of tokens
     each row has drawn before this one (an int64 tensor [B] or a list; default 0): with the row's seed it
-    picks the row's uniform, so a seeded row is reproducible. No host synchronisation on a GPU.
+    picks the row's uniform, so a seeded row is reproducible. constraints: None, or per row a
+    `ConstraintState` (made by `params.constraint.start()` when the request starts) or None; each state
+    is advanced with its row's token unless that token is one of the row's stop tokens. No host
+    synchronisation on a GPU unless a row has a grammar (its state needs the token on the host).
     """
+    rows = _rows(params, logits.size(0))
+    next_ids = _draw(restrict_logits(logits, rows, constraints), seen, rows, draws)
+    if constraints is not None and any(state is not None for state in constraints):
+        tokens = next_ids.tolist()
+        for state, token, p in zip(constraints, tokens, rows, strict=True):
+            if state is not None and token not in p.stop_token_ids:
+                state.advance(token)
+    return next_ids
+
+
+def _draw(logits, seen, rows: list[SamplingParams], draws) -> torch.Tensor:
     import torch
 
     batch = logits.size(0)
-    rows = _rows(params, batch)
     needs_penalty = seen is not None and any(p.repetition_penalty != 1.0 for p in rows)
     if all(p.greedy for p in rows) and not needs_penalty:
         return logits.argmax(dim=-1)

@@ -81,7 +81,7 @@ def token_logprobs(logits: torch.Tensor, token_ids, tops: Sequence[int | None]) 
 class _Row:
     """One request in a cache row: the tokens cached there, what it feeds next, how far it may go."""
 
-    __slots__ = ("request", "prompt", "params", "ids", "next_token", "limit", "draws")
+    __slots__ = ("request", "prompt", "params", "ids", "next_token", "limit", "draws", "constraint")
 
     def __init__(self, request: Request, context: int, ids: list[int]):
         self.request = request
@@ -94,6 +94,7 @@ class _Row:
         # prompt + reply never exceed the context
         self.limit = min(self.params.max_new_tokens, context - len(self.prompt))
         self.draws = 0  # tokens sampled so far: the counter of the row's seeded draws
+        self.constraint = self.params.constraint.start() if self.params.constraint is not None else None
 
     @property
     def cached(self) -> int:
@@ -343,7 +344,8 @@ class Scheduler:
         seen = None
         if self._seen is not None and any(p.repetition_penalty != 1.0 for p in params):
             seen = self._seen.index_select(0, torch.tensor(indices, device=self._seen.device))
-        next_ids = sample_next(logits, seen, params, [self.rows[index].draws for index in indices])
+        next_ids = sample_next(logits, seen, params, [self.rows[index].draws for index in indices],
+                               [self.rows[index].constraint for index in indices])
         entries = token_logprobs(logits, next_ids, [p.logprobs for p in params])
         if seen is not None:
             self._seen[torch.tensor(indices, device=self._seen.device), next_ids.to(self._seen.device)] = True
