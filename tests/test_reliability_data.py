@@ -131,6 +131,6 @@ def test_a_training_run_applies_the_configured_truncation(tok, tmp_path, mode):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"messages": row.messages}) + "\n" for row in rows))
     cfg = TrainConfig(data=[f"messages:{path}"], max_length=80, val_fraction=0.0, prompt_truncation=mode).validate()
-    train, _, stats = build_data(cfg, tok, DistState())
+    train, _, stats = build_data(cfg, tok, DistState(), cfg.max_length)
     assert len(train) == (2 if mode == "keep_end" else 1)
     assert bool(stats.get("truncated")) == (mode == "keep_end")

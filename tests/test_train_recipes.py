@@ -208,3 +208,28 @@ def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path):
     # the resumed adapter (and the model merged from it) are those of the uninterrupted run
     same_weights(tmp_path / "whole" / "adapter", out / "adapter", ("adapter_model.safetensors",))
     same_weights(tmp_path / "whole" / "final", out / "final")
+
+
+def test_no_command_on_a_tiny_model_needs_max_length_and_one_validation_fraction_serves_all():
+    """The default max_length is 512 or the model's context when shorter (the config keeps None, so a resumed
+    run matches its checkpoint); `gpt2chat data stats` holds out the share training does."""
+    from gpt2chat.cli import build_parser
+    from gpt2chat.data.mixing import build_sft_examples
+    from gpt2chat.train.config import TrainConfig, effective_max_length
+
+    cfg = TrainConfig(data=["sample"]).validate()
+    assert cfg.max_length is None
+    assert effective_max_length(cfg, 256) == 256 and effective_max_length(cfg, 1024) == 512
+    assert effective_max_length(TrainConfig(data=["sample"], max_length=100).validate(), 256) == 100
+    stats_args = build_parser().parse_args(["data", "stats", "--data", "sample"])
+    assert stats_args.val_fraction == cfg.val_fraction
+    import inspect
+    assert inspect.signature(build_sft_examples).parameters["val_fraction"].default == cfg.val_fraction
+
+
+@pytest.mark.parametrize("command", ["sft", "orpo"])
+def test_a_tiny_model_trains_without_max_length(command, tmp_path):
+    out = tmp_path / command
+    code = main([command, "--model", "init:tiny", "--data", "sample", "--max-steps", "1", "--batch-size", "2",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0 and (out / "final" / "config.json").is_file()

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from gpt2chat.data.types import VAL_FRACTION  # a plain module: no heavy import
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="inspect datasets and their tokenized examples")
@@ -27,7 +29,8 @@ def register(subparsers) -> None:
 
     stats = commands.add_parser("stats", help="counts, skips by reason, token lengths, loss fraction")
     _common(stats)
-    stats.add_argument("--val-fraction", type=float, default=0.05, help="validation share (default 0.05)")
+    stats.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                       help="validation share (default %(default)s, as training's)")
     stats.add_argument("--seed", type=int, default=0)
     stats.add_argument("--no-dedup", action="store_true", help="keep exact duplicate conversations")
     stats.add_argument("--no-cache", action="store_true", help="tokenize again even when cached")

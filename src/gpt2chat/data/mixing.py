@@ -45,7 +45,7 @@ from gpt2chat.data.formats import FormatOptions
 from gpt2chat.data.load import as_spec, load_conversations, load_preferences
 from gpt2chat.data.report import example_stats, preference_stats
 from gpt2chat.data.rows import Spec, location_fingerprint
-from gpt2chat.data.types import Budgets, DataError, PreferenceExample, SFTExample
+from gpt2chat.data.types import VAL_FRACTION, Budgets, DataError, PreferenceExample, SFTExample
 
 _SPACES = re.compile(r"\s+")
 
@@ -161,7 +161,7 @@ def _weighted(spec: Spec, source_train: list, source_val: list, rng: random.Rand
 
 
 def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Budgets | None = None, *,
-                       val_fraction: float = 0.05, seed: int = 0, per_turn: bool = True, dedup: bool = True,
+                       val_fraction: float = VAL_FRACTION, seed: int = 0, per_turn: bool = True, dedup: bool = True,
                        strict: bool = False, options: FormatOptions | None = None, cache_dir=None,
                        use_cache: bool = True) -> tuple[list[SFTExample], list[SFTExample], dict]:
     """Specs -> (train, val, stats) SFT examples. `stats["cache"]` says "hit" or "miss"."""
@@ -225,7 +225,7 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
 
 
 def build_preference_examples(specs, tokenizer, template="llama3-context", budgets: Budgets | None = None, *,
-                              val_fraction: float = 0.05, seed: int = 0, dedup: bool = True, strict: bool = False,
+                              val_fraction: float = VAL_FRACTION, seed: int = 0, dedup: bool = True, strict: bool = False,
                               options: FormatOptions | None = None, cache_dir=None,
                               use_cache: bool = True) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
     """Specs -> (train, val, stats) preference examples (budgets default to seed 002's 96 / 64 / 160)."""

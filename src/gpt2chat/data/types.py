@@ -66,6 +66,9 @@ class PreferenceExample:
     source: str
 
 
+VAL_FRACTION = 0.02  # the share held out for validation: training's and `gpt2chat data stats`' one default
+
+
 @dataclass(frozen=True)
 class Budgets:
     """Token budgets. `None` means no limit for that part.

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2chat.data.types import PROMPT_TRUNCATIONS  # the data builders' choices (a plain module, no I/O)
+from gpt2chat.data.types import (  # the data builders' (a plain module, no I/O)
+    PROMPT_TRUNCATIONS,
+    VAL_FRACTION,
+)
 from gpt2chat.errors import Gpt2ChatError
 
 OBJECTIVES = ("sft", "dpo", "orpo")
@@ -40,6 +43,15 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
     return field(default=default, default_factory=factory, metadata={"help": help, "cli": cli})
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
+def effective_max_length(cfg: TrainConfig, context: int) -> int:
+    """The max_length a run uses: the configured one, else 512 or the model's context when that is shorter
+    (the config keeps None, so a resumed run's fingerprint matches)."""
+    return cfg.max_length if cfg.max_length is not None else min(DEFAULT_MAX_LENGTH, context)
+
+
 @dataclass
 class TrainConfig:
     """Everything one training stage needs. Field names are the TOML keys, and each field is a CLI flag of
@@ -51,9 +63,10 @@ class TrainConfig:
     template: str = option("llama3-context", "chat template (llama3-context, user-assistant, plain, guanaco)")
     data: list[str] = option(factory=list, help="dataset spec FORMAT:LOCATION[@WEIGHT] (repeatable; 'sample' = "
                              "the packaged sample)", action="append", metavar="SPEC")
-    val_fraction: float = option(0.02, "fraction of examples held out for validation")
+    val_fraction: float = option(VAL_FRACTION, "fraction of examples held out for validation")
     max_examples: int | None = option(None, "use at most this many training examples")
-    max_length: int = option(512, "tokens per example (SFT) or per prompt + reply (DPO / ORPO)")
+    max_length: int | None = option(None, "tokens per example (SFT) or per prompt + reply (DPO / ORPO) "
+                                    f"(default: {DEFAULT_MAX_LENGTH}, or the model's context when shorter)")
     max_prompt_length: int | None = option(None, "prompt budget in tokens (oldest turns dropped first)")
     max_response_length: int | None = option(None, "reply budget in tokens")
     prompt_truncation: str = option("keep_end", "a last user turn over the budget: keep_end (cut its start, "
@@ -116,8 +129,8 @@ class TrainConfig:
         """Raise `ConfigError` naming the first impossible value; return self."""
         if self.objective not in OBJECTIVES:
             _bad("objective", self.objective, f"one of {', '.join(OBJECTIVES)}")
-        _positive(self, "lr", "batch_size", "grad_accum", "max_length", "beta", "keep_last")
-        _positive_or_none(self, "max_steps", "max_examples", "max_prompt_length", "max_response_length",
+        _positive(self, "lr", "batch_size", "grad_accum", "beta", "keep_last")
+        _positive_or_none(self, "max_length", "max_steps", "max_examples", "max_prompt_length", "max_response_length",
                           "stop_after_steps")
         _non_negative(self, "warmup_steps", "eval_every", "save_every", "eval_batches", "weight_decay",
                       "lora_r")
@@ -153,7 +166,7 @@ class TrainConfig:
             raise ConfigError("out: an output folder is required")
         for budget in ("max_prompt_length", "max_response_length"):
             value = getattr(self, budget)
-            if value is not None and value >= self.max_length:
+            if value is not None and self.max_length is not None and value >= self.max_length:
                 _bad(budget, value, f"< max_length ({self.max_length})")
         return self
 

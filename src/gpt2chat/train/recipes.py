@@ -17,7 +17,7 @@ from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.train import distributed as dist_utils
 from gpt2chat.train import training_state
 from gpt2chat.train.batching import BatchPlan, check_context
-from gpt2chat.train.config import TrainConfig, build_config, read_recipe, recipe_stages
+from gpt2chat.train.config import TrainConfig, build_config, effective_max_length, read_recipe, recipe_stages
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
 from gpt2chat.train.trainer import Trainer, TrainResult, autocast_for, check_resume_state
 
@@ -122,13 +122,13 @@ def _specs(cfg: TrainConfig, preference: bool) -> list[str]:
     return [sample if spec == SAMPLE else spec for spec in cfg.data]
 
 
-def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState):
+def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState, max_length: int):
     from gpt2chat import data
 
     preference = cfg.objective != "sft"
     builder = data.build_preference_examples if preference else data.build_sft_examples
     budgets = data.Budgets(max_prompt_length=cfg.max_prompt_length, max_response_length=cfg.max_response_length,
-                           max_length=cfg.max_length, prompt_truncation=cfg.prompt_truncation)
+                           max_length=max_length, prompt_truncation=cfg.prompt_truncation)
     train, val, stats = builder(_specs(cfg, preference), tokenizer, cfg.template, budgets,
                                 val_fraction=cfg.val_fraction, seed=cfg.seed)
     if cfg.max_examples:
@@ -174,7 +174,8 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     base = resolve_base(cfg, dist)
     source = str(resume_path) if resume_path is not None and not cfg.lora_r else base
     model, tokenizer = load_base(source, cfg, dist)
-    check_context(cfg.max_length, model.config.n_positions, source)     # before any data work
+    max_length = effective_max_length(cfg, model.config.n_positions)
+    check_context(max_length, model.config.n_positions, source)     # before any data work
     dropout = cfg.dropout if cfg.dropout is not None else (0.0 if cfg.objective != "sft" else None)
     if dropout is not None:
         set_dropout(model, dropout)
@@ -193,13 +194,13 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
     model.train()
     if dist.active and not dist.is_main:
         dist_utils.barrier(dist)              # rank 0 tokenizes (and fills the data cache) first
-    train, val, stats = build_data(cfg, tokenizer, dist)
+    train, val, stats = build_data(cfg, tokenizer, dist, max_length)
     if dist.is_main:
         record_split(cfg, base, stats)
     if dist.active and dist.is_main:
         dist_utils.barrier(dist)
     kind = "sft" if cfg.objective == "sft" else "preference"
-    common = {"seed": cfg.seed, "max_length": cfg.max_length, "pad_id": tokenizer.pad_token_id,
+    common = {"seed": cfg.seed, "max_length": max_length, "pad_id": tokenizer.pad_token_id,
               "vocab_size": model.config.vocab_size, "context": model.config.n_positions}
     train_plan = BatchPlan(train, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                            world_size=dist.world_size, pack=cfg.pack, share_prompt=cfg.share_prompt, **common)
