@@ -271,10 +271,10 @@ def test_a_failing_draw_fails_only_its_request(model, cold, monkeypatch):
 
     real = scheduler.sample_next
 
-    def refusing_top_k_7(logits, seen, params, draws):
+    def refusing_top_k_7(logits, seen, params, draws, *rest):
         if any(p.top_k == 7 for p in params):
             raise ValueError("cannot draw for this request")
-        return real(logits, seen, params, draws)
+        return real(logits, seen, params, draws, *rest)
 
     monkeypatch.setattr(scheduler, "sample_next", refusing_top_k_7)
     engine = Engine(model, max_batch_size=3)

@@ -247,8 +247,8 @@ def test_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_unknown_type(checkpoint, tmp_path, capsys):
-    with pytest.raises(ExportError, match="unknown GGUF type 'q4_0'.*f32, f16, q8_0"):
-        export_gguf(checkpoint, tmp_path / "m.gguf", quant="q4_0")
+    with pytest.raises(ExportError, match="unknown GGUF type 'q5_k'.*f32, f16, q8_0, q4_0"):
+        export_gguf(checkpoint, tmp_path / "m.gguf", quant="q5_k")
     with pytest.raises(SystemExit) as exit_info:  # argparse: a usage error, exit 2
         main(["export", "--model", str(checkpoint), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--type", "q4"])
     assert exit_info.value.code == 2
