@@ -134,3 +134,19 @@ def test_a_training_run_applies_the_configured_truncation(tok, tmp_path, mode):
     train, _, stats = build_data(cfg, tok, DistState(), cfg.max_length)
     assert len(train) == (2 if mode == "keep_end" else 1)
     assert bool(stats.get("truncated")) == (mode == "keep_end")
+
+
+def test_training_says_what_it_dropped_and_strict_stops_at_the_row(tok, tmp_path, capsys):
+    from gpt2chat.errors import Gpt2ChatError
+    from gpt2chat.train.distributed import DistState
+    from gpt2chat.train.recipes import build_data
+
+    rows = [conv("A short question?", "A short reply."), conv("Another?", "word " * 200)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": row.messages}) + "\n" for row in rows))
+    cfg = TrainConfig(data=[f"messages:{path}"], max_length=80, val_fraction=0.0).validate()
+    train, _, _ = build_data(cfg, tok, DistState(), cfg.max_length)
+    assert len(train) == 1 and "dropped      1  reply over max_length" in capsys.readouterr().out
+    strict = TrainConfig(data=[f"messages:{path}"], max_length=80, val_fraction=0.0, strict=True).validate()
+    with pytest.raises(Gpt2ChatError, match=r"chats.jsonl:2: reply over max_length.*strict"):
+        build_data(strict, tok, DistState(), strict.max_length)

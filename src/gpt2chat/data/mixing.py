@@ -75,6 +75,18 @@ def pair_hashes(prompt: list[dict], chosen: str, rejected: str) -> list[str]:
     return [content_hash([*prompt, {"role": "assistant", "content": reply}]) for reply in (chosen, rejected)]
 
 
+def _stop_at_first_drop(items: list, source_of, build) -> None:
+    """strict: DataError naming the first item the budgets drop and why (built again one at a time, which
+    only a failing strict run pays for)."""
+    for item in items:
+        drops: Counter = Counter()
+        build(item, drops)
+        if drops:
+            reason = next(iter(drops))
+            raise DataError(f"{source_of(item) or 'a row'}: {reason} (strict: stopped at the first dropped row; "
+                            "raise the budgets or leave strict off to drop such rows)")
+
+
 def split_indices(n: int, val_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
     order = list(range(n))
     rng.shuffle(order)
@@ -209,6 +221,9 @@ def build_sft_examples(specs, tokenizer, template="llama3-context", budgets: Bud
                                  truncations=stats["truncated"])
         source_val = build_sft(fast, [], template, budgets, per_turn, drops, targets=split_targets["val"],
                                truncations=stats["truncated"])
+        if strict and drops:
+            _stop_at_first_drop(split_targets["train"] + split_targets["val"], lambda item: item[1],
+                                lambda item, d: build_sft(fast, [], template, budgets, per_turn, d, targets=[item]))
         stats["dropped"].update(drops)
         weighted, source_val = _weighted(spec, source_train, source_val, rng)
         train.extend(weighted)
@@ -261,6 +276,9 @@ def build_preference_examples(specs, tokenizer, template="llama3-context", budge
                                          stats["truncated"])
         source_val = build_preferences(fast, [pairs[i] for i in val_idx], template, budgets, drops,
                                        stats["truncated"])
+        if strict and drops:
+            _stop_at_first_drop([pairs[i] for i in train_idx + val_idx], lambda pair: pair.source,
+                                lambda pair, d: build_preferences(fast, [pair], template, budgets, d))
         stats["dropped"].update(drops)
         weighted, source_val = _weighted(spec, source_train, source_val, rng)
         train.extend(weighted)

@@ -64,6 +64,23 @@ def _length_line(name: str, summary: dict) -> str:
     return f"  {name:<16} {cells}  mean {summary['mean']}"
 
 
+def format_kept(stats: dict) -> list[str]:
+    """What a build kept, and the rows and examples it skipped, dropped and cut, by reason (for `data stats`
+    and for every training run, which prints and records them)."""
+    skipped: dict[str, int] = {}
+    for source in stats.get("sources", []):
+        for reason, count in source.get("dropped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    lines = [f"examples: {stats['train_examples']} train, {stats['val_examples']} val"]
+    for verb, table in (("skipped", skipped), ("dropped", stats.get("dropped", {}))):
+        for reason, count in sorted(table.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {verb} {count:>6}  {reason}")
+    for reason, count in sorted(stats.get("truncated", {}).items()):
+        why = " (to the response budget)" if reason.endswith("reply cut") else ""
+        lines.append(f"  cut     {count:>6}  {reason}{why}")
+    return lines
+
+
 def format_stats(stats: dict) -> str:
     lines = [f"kind: {stats['kind']}   template: {stats['template']}   cache: {stats.get('cache', '-')}"]
     lines.append("sources:")
@@ -80,12 +97,7 @@ def format_stats(stats: dict) -> str:
             lines.append(f"    dropped {count:>6}  {reason} (examples)")
         for message in source.get("problems", [])[:5]:
             lines.append(f"      e.g. {message}")
-    lines.append(f"examples: {stats['train_examples']} train, {stats['val_examples']} val")
-    for reason, count in sorted(stats.get("dropped", {}).items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"  dropped {count:>6}  {reason}")
-    for reason, count in sorted(stats.get("truncated", {}).items()):
-        why = " (to the response budget)" if reason.endswith("reply cut") else ""
-        lines.append(f"  cut     {count:>6}  {reason}{why}")
+    lines += format_kept(stats)
     lines.append(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} "
                  f"({100 * stats['loss_fraction']:.1f}%)")
     lines.append("token lengths:")

@@ -64,6 +64,8 @@ class TrainConfig:
     data: list[str] = option(factory=list, help="dataset spec FORMAT:LOCATION[@WEIGHT] (repeatable; 'sample' = "
                              "the packaged sample)", action="append", metavar="SPEC")
     val_fraction: float = option(VAL_FRACTION, "fraction of examples held out for validation")
+    strict: bool = option(False, "stop at the first row that is malformed or dropped (over a budget), naming "
+                          "its file, line and reason (default: skip it and count it)")
     max_examples: int | None = option(None, "use at most this many training examples")
     max_length: int | None = option(None, "tokens per example (SFT) or per prompt + reply (DPO / ORPO) "
                                     f"(default: {DEFAULT_MAX_LENGTH}, or the model's context when shorter)")
@@ -122,7 +124,7 @@ class TrainConfig:
     # keys that do not change what is trained: a resumed run may change them
     NON_TRAINING_KEYS = (
         "out", "eval_every", "eval_batches", "save_every", "keep_last", "resume",
-        "progress", "stop_after_steps", "device", "compile", "share_prompt",
+        "progress", "stop_after_steps", "device", "compile", "share_prompt", "strict",
     )
 
     def validate(self) -> TrainConfig:

@@ -124,13 +124,15 @@ def _specs(cfg: TrainConfig, preference: bool) -> list[str]:
 
 def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState, max_length: int):
     from gpt2chat import data
+    from gpt2chat.data.report import format_kept
 
     preference = cfg.objective != "sft"
     builder = data.build_preference_examples if preference else data.build_sft_examples
     budgets = data.Budgets(max_prompt_length=cfg.max_prompt_length, max_response_length=cfg.max_response_length,
                            max_length=max_length, prompt_truncation=cfg.prompt_truncation)
     train, val, stats = builder(_specs(cfg, preference), tokenizer, cfg.template, budgets,
-                                val_fraction=cfg.val_fraction, seed=cfg.seed)
+                                val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+    _say(dist, "\n".join(f"[{cfg.objective}] {line}" for line in format_kept(stats)))
     if cfg.max_examples:
         train = train[: cfg.max_examples]
     if not train:
@@ -140,8 +142,12 @@ def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState, max_leng
 
 
 def record_split(cfg: TrainConfig, base: str, stats: dict) -> None:
-    """OUT/heldout/: the validation rows and the training rows' content hashes, for `gpt2chat eval`."""
+    """OUT/heldout/: the validation rows and the training rows' content hashes, for `gpt2chat eval`; OUT/data.json:
+    what the data build kept, skipped, dropped and cut, by reason (`gpt2chat data stats --json`'s numbers)."""
     from gpt2chat.evaluate.heldout import write_split
+    from gpt2chat.files import write_json_atomic
+
+    write_json_atomic(Path(cfg.out) / "data.json", {k: v for k, v in stats.items() if k != "split"})
 
     split = stats["split"]
     write_split(cfg.out, stage=cfg.objective, kind="conversations" if cfg.objective == "sft" else "pairs",
