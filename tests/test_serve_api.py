@@ -431,8 +431,8 @@ def test_queue_full_is_429_and_disconnect_frees_the_slot(tiny_checkpoint):
         with c.stream("POST", "/v1/chat/completions",
                       json={"messages": USER, "max_tokens": 64, "stream": True, "temperature": 0}) as stream:
             lines = stream.iter_lines()  # keep a reference: a dropped iterator closes the connection
-            next(lines)  # the reply has started: its slot is taken
-            assert engine.active_count == 1 and service.outstanding == 1
+            next(lines)  # the reply has started (its first chunk may precede the engine's admission)
+            assert wait_until(lambda: engine.active_count == 1, timeout=2.0) and service.outstanding == 1
             error = assert_openai_error(c.post("/v1/chat/completions", json={"messages": USER}), 429)
             assert error["type"] == "rate_limit_error"
             assert engine.active_count == 1 and service.outstanding == 1  # still running
