@@ -193,9 +193,10 @@ def _grad_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
 def part_losses(check: Check) -> list[dict]:
     import copy
 
+    from gpt2chat.attention_plan import AttentionPlan
     from gpt2chat.config import get_preset
     from gpt2chat.losses import sft_loss
-    from gpt2chat.model import GPT, AttentionPlan
+    from gpt2chat.model import GPT
     from gpt2chat.train.batching import BatchPlan
     from gpt2chat.train.objectives import DPOObjective, ORPOObjective
 

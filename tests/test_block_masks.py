@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2chat.attention_plan import AttentionPlan
 from gpt2chat.block_masks import row_masks
 from gpt2chat.config import get_preset
-from gpt2chat.model import GPT, AttentionPlan, attention_kernel
+from gpt2chat.model import GPT, attention_kernel
 
 BLOCK = 16
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2chat.attention_plan import AttentionPlan, ContextLengthError
 from gpt2chat.config import PRESETS, ConfigError, ModelConfig, get_preset
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.model import GPT, AttentionPlan, ContextLengthError, KVCache
+from gpt2chat.kv_cache import KVCache
+from gpt2chat.model import GPT
 
 transformers = pytest.importorskip("transformers")
 

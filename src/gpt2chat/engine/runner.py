@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2chat.model import GPT, AttentionPlan, KVCache
+from gpt2chat.attention_plan import AttentionPlan
+from gpt2chat.kv_cache import KVCache
+from gpt2chat.model import GPT
 
 __all__ = ["ModelRunner", "PrefillChunk"]
 

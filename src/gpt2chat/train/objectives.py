@@ -18,9 +18,10 @@ from functools import partial
 
 import torch
 
+from gpt2chat.attention_plan import AttentionPlan
 from gpt2chat.chunked_head import chunked_nll_sum, chunked_token_logps
 from gpt2chat.losses import dpo_loss, orpo_loss, sum_per_sequence
-from gpt2chat.model import AttentionPlan, attention_kernel
+from gpt2chat.model import attention_kernel
 from gpt2chat.train.batching import Batch
 
 
