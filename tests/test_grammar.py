@@ -155,7 +155,7 @@ def test_schema_the_engine_cannot_compile_is_named(schema, words):
 
 def test_masks_never_allow_control_or_padding_ids(setup):
     _, tokenizer, width = setup
-    from gpt2chat.sampling import grammar_masks
+    from gpt2chat.grammar import grammar_masks
 
     state = Constraint.json_schema({"type": "string"}, tokenizer, width).start()
     state.advance(tokenizer.encode('"')[0])

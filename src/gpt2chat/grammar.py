@@ -10,6 +10,8 @@ benchmarks/grammar_engines.py). Two objects:
   request row. `fill(bitmask_row)` writes the allowed tokens of the next step (one bit per token id), and
   `advance(token)` moves on with the token the sampler drew.
 
+`grammar_masks(states, ...)` turns the states of several rows into one bool `[rows, vocab]` tensor.
+
 The end of the grammar is where stop tokens become allowed: while the grammar is incomplete no stop token
 may be drawn, and once it is complete (`accepting`) the row's stop tokens are allowed (and, when nothing
 more can follow, they are all that is). The text side never sees any of this: it gets token ids as usual.
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
     from gpt2chat.tokenizer import Tokenizer
 
-__all__ = ["Constraint", "ConstraintState", "GrammarError", "JSON_SEPARATORS"]
+__all__ = ["Constraint", "ConstraintState", "GrammarError", "JSON_SEPARATORS", "grammar_masks"]
 
 # JSON as `json.dumps` writes it (", " and ": ", no other whitespace): the layout GPT-2 saw most in its text,
 # one fixed spelling per value, and no way to spend a reply on whitespace
@@ -153,6 +155,28 @@ class ConstraintState:
         """Consume the token the sampler drew (a token the mask allowed)."""
         self.tokens += 1
         self.matcher.consume_token(int(token))
+
+
+_BIT_SHIFTS: dict = {}
+
+
+def grammar_masks(states: list[ConstraintState], stops: list[tuple[int, ...]], vocab: int, device) -> torch.Tensor:
+    """Allowed-token masks bool [len(states), vocab] on `device` for the next step of each state.
+
+    The grammar engine writes one bit per token on the host (int32 words); the words travel to the device
+    (vocab / 8 bytes per row) and are unpacked there."""
+    import torch
+
+    n_words = (max(vocab, *(s.constraint.width for s in states)) + 31) // 32
+    words = torch.zeros(len(states), n_words, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+    for k, (state, stop) in enumerate(zip(states, stops, strict=True)):
+        state.fill(words[k], stop)
+    words = words.to(device, non_blocking=True)
+    shifts = _BIT_SHIFTS.get(words.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[words.device] = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(len(states), -1)[:, :vocab].bool()
 
 
 def _bit(j: int) -> int:

@@ -30,7 +30,7 @@ from gpt2chat.errors import Gpt2ChatError
 if TYPE_CHECKING:
     import torch
 
-    from gpt2chat.grammar import Constraint, ConstraintState
+    from gpt2chat.grammar import Constraint
 
 __all__ = [
     "SamplingParams",
@@ -329,28 +329,6 @@ def _bias_rows(scores, rows: list[SamplingParams]) -> torch.Tensor:
     return scores.index_put(index, torch.tensor(values, dtype=scores.dtype, device=device), accumulate=True)
 
 
-_BIT_SHIFTS: dict = {}
-
-
-def grammar_masks(states: list[ConstraintState], stops: list[tuple[int, ...]], vocab: int, device) -> torch.Tensor:
-    """Allowed-token masks bool [len(states), vocab] on `device` for the next step of each state.
-
-    The grammar engine writes one bit per token on the host (int32 words); the words travel to the device
-    (vocab / 8 bytes per row) and are unpacked there."""
-    import torch
-
-    n_words = (max(vocab, *(s.constraint.width for s in states)) + 31) // 32
-    words = torch.zeros(len(states), n_words, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
-    for k, (state, stop) in enumerate(zip(states, stops, strict=True)):
-        state.fill(words[k], stop)
-    words = words.to(device, non_blocking=True)
-    shifts = _BIT_SHIFTS.get(words.device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[words.device] = torch.arange(32, dtype=torch.int32, device=words.device)
-    bits = (words.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(len(states), -1)[:, :vocab].bool()
-
-
 def restrict_logits(logits, rows: list[SamplingParams], constraints) -> torch.Tensor:
     """Logits [B, V] after each row's logit_bias and grammar mask (the input itself when no row has one).
 
@@ -362,6 +340,8 @@ def restrict_logits(logits, rows: list[SamplingParams], constraints) -> torch.Te
         return logits
     scores = _bias_rows(logits.float(), rows)
     if constrained:
+        from gpt2chat.grammar import grammar_masks
+
         allowed = grammar_masks([constraints[row] for row in constrained],
                                 [rows[row].stop_token_ids for row in constrained], scores.size(-1), scores.device)
         if len(constrained) == scores.size(0):
