@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace gpt2chat_kernels {
 
@@ -44,6 +45,27 @@ void widened_sgemm(const at::Tensor& x2d, int64_t N, int64_t K, Widen widen, con
       at::mm_out(out, x2d, wt);
     }
   }
+}
+
+// The frame every linear op shares: `x` as a contiguous [M, K] matrix and an [M, N] output, filled by
+// `product(x2d, y2d)` unless the product is trivial (no rows or outputs; K == 0 leaves the bias, or zeros);
+// returns the output in x's shape with N features.
+template <class Product>
+at::Tensor linear_frame(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias, Product product) {
+  const int64_t K = x.size(-1);
+  at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2d.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y2d = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) {
+    if (K == 0) {
+      if (bias.has_value()) y2d.copy_(bias->expand({M, N})); else y2d.zero_();
+    } else {
+      product(x2d, y2d);
+    }
+  }
+  return y2d.view(out_shape);
 }
 
 }  // namespace gpt2chat_kernels

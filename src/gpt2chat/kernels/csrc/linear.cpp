@@ -32,6 +32,7 @@ namespace {
 
 using gpt2chat_kernels::hsum;
 using gpt2chat_kernels::kThreadWork;
+using gpt2chat_kernels::linear_frame;
 
 // Default small_m_max per weight form: up to this many input rows the one-pass kernel beat sgemm on the
 // 124M shapes (`python benchmarks/kernels.py --crossover`; single-core CPU time, this 2-core Zen 3).
@@ -252,28 +253,19 @@ void check_packed(const at::Tensor& x, const at::Tensor& weight, int64_t N, cons
 template <class W>
 at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, int64_t N, const Scales& scale,
                        const std::optional<at::Tensor>& bias, int64_t small_m_max, int64_t default_small) {
-  const int64_t K = x.size(-1);
-  at::Tensor x2d = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2d.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y2d = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y2d.view(out_shape);
-  if (K == 0) {
-    if (bias.has_value()) y2d.copy_(bias->expand({M, N})); else y2d.zero_();
-    return y2d.view(out_shape);
-  }
-  const auto* w = reinterpret_cast<const typename W::T*>(weight.data_ptr());
-  const int64_t limit = small_m_max < 0 ? default_small : small_m_max;
-  if (M <= limit) {
-    few_rows<W>(x2d.data_ptr<float>(), M, K, w, N, scale, bias.has_value() ? bias->data_ptr<float>() : nullptr,
-                y2d.data_ptr<float>());
-  } else if (std::is_same<W, F32>::value) {
-    if (bias.has_value()) at::addmm_out(y2d, *bias, x2d, weight.t()); else at::mm_out(y2d, x2d, weight.t());
-  } else {
-    many_rows<W>(x2d, w, N, K, scale, bias, y2d);
-  }
-  return y2d.view(out_shape);
+  return linear_frame(x, N, bias, [&](const at::Tensor& x2d, at::Tensor& y2d) {
+    const int64_t M = x2d.size(0), K = x2d.size(1);
+    const auto* w = reinterpret_cast<const typename W::T*>(weight.data_ptr());
+    const int64_t limit = small_m_max < 0 ? default_small : small_m_max;
+    if (M <= limit) {
+      few_rows<W>(x2d.data_ptr<float>(), M, K, w, N, scale, bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                  y2d.data_ptr<float>());
+    } else if (std::is_same<W, F32>::value) {
+      if (bias.has_value()) at::addmm_out(y2d, *bias, x2d, weight.t()); else at::mm_out(y2d, x2d, weight.t());
+    } else {
+      many_rows<W>(x2d, w, N, K, scale, bias, y2d);
+    }
+  });
 }
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

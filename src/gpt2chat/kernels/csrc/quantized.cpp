@@ -31,6 +31,7 @@
 namespace {
 
 using gpt2chat_kernels::kThreadWork;
+using gpt2chat_kernels::linear_frame;
 
 constexpr int64_t kBlock = 32;          // activation / weight block (columns per scale)
 constexpr int64_t kSmallMaxQuant = 64;  // one-pass integer kernel up to this many input rows
@@ -205,35 +206,26 @@ void check_input(const at::Tensor& x, const at::Tensor& weight, const std::optio
   }
 }
 
-// Shapes the output and hands the one-pass kernel (`few`) or the prefill path (`many`) the 2-D input.
+// Hands the one-pass kernel (`few`) or the prefill path (`many`) the quantized 2-D input.
 template <class Few, class Many>
 at::Tensor run(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias, int64_t small_m_max, Few few,
                Many many) {
-  const int64_t K = x.size(-1);
-  at::Tensor x2d = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2d.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y2d = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y2d.view(out_shape);
-  if (K == 0) {
-    if (bias.has_value()) y2d.copy_(bias->expand({M, N})); else y2d.zero_();
-    return y2d.view(out_shape);
-  }
-  const QuantizedRows xq = quantize_rows(x2d.data_ptr<float>(), M, K);
-  if (M <= (small_m_max < 0 ? kSmallMaxQuant : small_m_max)) {
-    const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    float* y = y2d.data_ptr<float>();
-    const int64_t blocks = (N + 3) / 4;
-    const int64_t grain = std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, 4 * K * M));
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) few(blk, xq, b, y);
-    });
-  } else {
-    at::Tensor xd = dequantized(xq, K, x.options());
-    many(xd, y2d);
-  }
-  return y2d.view(out_shape);
+  return linear_frame(x, N, bias, [&](const at::Tensor& x2d, at::Tensor& y2d) {
+    const int64_t M = x2d.size(0), K = x2d.size(1);
+    const QuantizedRows xq = quantize_rows(x2d.data_ptr<float>(), M, K);
+    if (M <= (small_m_max < 0 ? kSmallMaxQuant : small_m_max)) {
+      const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+      float* y = y2d.data_ptr<float>();
+      const int64_t blocks = (N + 3) / 4;
+      const int64_t grain = std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, 4 * K * M));
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) few(blk, xq, b, y);
+      });
+    } else {
+      at::Tensor xd = dequantized(xq, K, x.options());
+      many(xd, y2d);
+    }
+  });
 }
 
 at::Tensor linear_i8_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
