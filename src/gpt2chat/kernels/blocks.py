@@ -26,37 +26,43 @@ def _blocks(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(rows, groups, INT8_GROUP)
 
 
+def _quantize_rows(weight: torch.Tensor, q_dtype: torch.dtype, scale_dtype: torch.dtype,
+                   round_blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [N, K], scale [N, ceil(K / 32)]) from `round_blocks(blocks fp32 [R, G, 32]) -> (q [R, G, 32],
+    scale [R, G])`, applied ROWS_PER_STEP rows at a time."""
+    weight = weight.detach()
+    rows, cols = weight.shape
+    quantized = torch.empty(weight.shape, dtype=q_dtype, device=weight.device)
+    scale = torch.empty(rows, -(-cols // INT8_GROUP), dtype=scale_dtype, device=weight.device)
+    for start in range(0, rows, ROWS_PER_STEP):
+        q, block_scale = round_blocks(_blocks(weight[start : start + ROWS_PER_STEP]))
+        quantized[start : start + ROWS_PER_STEP] = q.flatten(1)[:, :cols]
+        scale[start : start + ROWS_PER_STEP] = block_scale
+    return quantized, scale
+
+
+def _round_int8(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    step = blocks.abs().amax(dim=2) / 127.0
+    step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero block stays zero
+    return torch.round(blocks / step[..., None]).clamp_(-127, 127).to(torch.int8), step
+
+
+def _round_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    peak = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))  # signed, first of equals
+    d = peak / torch.full_like(peak, -8.0)  # tensor / tensor: true division, as numpy does
+    inverse = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+    q = torch.trunc(blocks * inverse + 8.5).clamp_(0, 15).to(torch.uint8)
+    return q, d.squeeze(2).to(torch.float16)
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per block of 32 weights of a row: (q int8 [N, K], scale float32 [N, ceil(K / 32)])
     with weight[n, k] ~ q[n, k] * scale[n, k // 32]. Blocks rather than one scale per row: on the 124M
     shape they cut the logit error from 2.4% to 1.6% (benchmarks/README.md, kernels section)."""
-    weight = weight.detach()
-    rows, cols = weight.shape
-    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(rows, -(-cols // INT8_GROUP), dtype=torch.float32, device=weight.device)
-    for start in range(0, rows, ROWS_PER_STEP):
-        blocks = _blocks(weight[start : start + ROWS_PER_STEP])
-        step = blocks.abs().amax(dim=2) / 127.0
-        step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero block stays zero
-        q = torch.round(blocks / step[..., None]).clamp_(-127, 127).to(torch.int8)
-        quantized[start : start + ROWS_PER_STEP] = q.flatten(1)[:, :cols]
-        scale[start : start + ROWS_PER_STEP] = step
-    return quantized, scale
+    return _quantize_rows(weight, torch.int8, torch.float32, _round_int8)
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 per block of 32 weights of a row: (q uint8 [N, K] in 0..15, scale float16 [N, ceil(K / 32)])
     with weight[n, k] ~ (q[n, k] - 8) * scale[n, k // 32] (the module docstring gives the rounding)."""
-    weight = weight.detach()
-    rows, cols = weight.shape
-    quantized = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
-    scale = torch.empty(rows, -(-cols // INT8_GROUP), dtype=torch.float16, device=weight.device)
-    for start in range(0, rows, ROWS_PER_STEP):
-        blocks = _blocks(weight[start : start + ROWS_PER_STEP])
-        peak = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))  # signed, first of equals
-        d = peak / torch.full_like(peak, -8.0)  # tensor / tensor: true division, as numpy does
-        inverse = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
-        q = torch.trunc(blocks * inverse + 8.5).clamp_(0, 15).to(torch.uint8)
-        quantized[start : start + ROWS_PER_STEP] = q.flatten(1)[:, :cols]
-        scale[start : start + ROWS_PER_STEP] = d.squeeze(2).to(torch.float16)
-    return quantized, scale
+    return _quantize_rows(weight, torch.uint8, torch.float16, _round_q4_0)
