@@ -43,6 +43,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return init_checkpoint("tiny", out, template="llama3-context", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    """The tiny checkpoint's model on the CPU, loaded once per test module."""
+    from gpt2chat.checkpoint import load_model
+
+    model, _ = load_model(tiny_checkpoint, device="cpu")
+    return model
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer():
     """GPT-2's tokenizer with the control tokens of the llama3-context and user-assistant templates."""

@@ -22,16 +22,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    from gpt2chat.checkpoint import load_model
-
-    model, _ = load_model(tiny_checkpoint, device="cpu")
-    return model
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model)
+def engine(tiny_model):
+    return Engine(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +134,13 @@ def test_bad_prompts(engine):
 # ---------------------------------------------------------------------- continuous batching
 
 
-def test_batched_greedy_equals_single(model, engine):
+def test_batched_greedy_equals_single(tiny_model, engine):
     requests_spec = [
         (p, GREEDY.replace(max_new_tokens=n))
         for p, n in zip(PROMPTS * 2, [24, 9, 17, 30, 5, 24, 12, 20], strict=True)
     ]
     expected = [engine.generate([p], params)[0].token_ids for p, params in requests_spec]
-    with BatchedEngine(model, max_batch_size=3) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=3) as batched:
         requests = [batched.submit(p, params) for p, params in requests_spec]
         outputs = [list(request) for request in requests]
         assert outputs == expected
@@ -161,11 +153,11 @@ def test_batched_greedy_equals_single(model, engine):
         assert batched.active_count == 0
 
 
-def test_batched_stop_token_and_seeded_sampling(model, engine):
+def test_batched_stop_token_and_seeded_sampling(tiny_model, engine):
     full = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
     stop_params = GREEDY.replace(stop_token_ids=(full[3],))
     sampled = SamplingParams(temperature=1.0, top_k=20, seed=5, max_new_tokens=15)
-    with BatchedEngine(model, max_batch_size=4) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=4) as batched:
         stopping = batched.submit(PROMPTS[0], stop_params)
         sampling = [batched.submit(PROMPTS[1], sampled) for _ in range(2)]
         assert list(stopping) == full[: full.index(full[3])]
@@ -174,9 +166,9 @@ def test_batched_stop_token_and_seeded_sampling(model, engine):
     assert draws[0] == draws[1] == engine.generate([PROMPTS[1]], sampled)[0].token_ids
 
 
-def test_cancel_frees_the_slot(model):
+def test_cancel_frees_the_slot(tiny_model):
     long = SamplingParams(temperature=0, max_new_tokens=200)
-    with BatchedEngine(model, max_batch_size=1) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=1) as batched:
         first = batched.submit(PROMPTS[0], long)
         iterator = iter(first)
         next(iterator)
@@ -190,8 +182,8 @@ def test_cancel_frees_the_slot(model):
         assert waiting.finish_reason == "length"
 
 
-def test_a_free_row_takes_a_request_even_with_no_queue(model):
-    with BatchedEngine(model, max_batch_size=1, max_queue=0) as batched:
+def test_a_free_row_takes_a_request_even_with_no_queue(tiny_model):
+    with BatchedEngine(tiny_model, max_batch_size=1, max_queue=0) as batched:
         first = batched.submit([11], SamplingParams(temperature=0, max_new_tokens=200))
         next(iter(first))
         with pytest.raises(QueueFullError):
@@ -201,9 +193,9 @@ def test_a_free_row_takes_a_request_even_with_no_queue(model):
         assert len(list(batched.submit([12], GREEDY))) == GREEDY.max_new_tokens
 
 
-def test_queue_full_raises(model):
+def test_queue_full_raises(tiny_model):
     long = SamplingParams(temperature=0, max_new_tokens=240)
-    with BatchedEngine(model, max_batch_size=1, max_queue=1) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=1, max_queue=1) as batched:
         running = batched.submit([11], long)
         next(iter(running))  # admitted: it holds the only row
         queued = batched.submit([12], GREEDY)
@@ -214,13 +206,13 @@ def test_queue_full_raises(model):
         assert len(list(queued)) == GREEDY.max_new_tokens
 
 
-def test_submit_refuses_bad_prompt(model):
-    with BatchedEngine(model, max_batch_size=1) as batched:
+def test_submit_refuses_bad_prompt(tiny_model):
+    with BatchedEngine(tiny_model, max_batch_size=1) as batched:
         with pytest.raises(Gpt2ChatError, match="context"):
             batched.submit([11] * 400, GREEDY)
 
 
-def test_async_iteration_gives_the_same_tokens(model, engine):
+def test_async_iteration_gives_the_same_tokens(tiny_model, engine):
     expected = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
 
     async def main(batched):
@@ -229,11 +221,11 @@ def test_async_iteration_gives_the_same_tokens(model, engine):
 
         return await asyncio.gather(*(collect(p) for p in PROMPTS))
 
-    with BatchedEngine(model, max_batch_size=2) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=2) as batched:
         assert asyncio.run(main(batched)) == expected
 
 
-def test_async_iteration_does_not_block_the_loop(model):
+def test_async_iteration_does_not_block_the_loop(tiny_model):
     """While one coroutine waits for tokens, others run: here one cancels the stream mid-way. If waiting
     blocked the event loop, the consumer would run to the end (240 tokens) before the canceller ran."""
     long = SamplingParams(temperature=0, max_new_tokens=240)
@@ -254,14 +246,14 @@ def test_async_iteration_does_not_block_the_loop(model):
         await task
         return seen_while_running, got, request.finish_reason
 
-    with BatchedEngine(model, max_batch_size=1) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=1) as batched:
         seen, got, reason = asyncio.run(main(batched))
     assert 3 <= seen < long.max_new_tokens
     assert reason == "cancelled" and len(got) < long.max_new_tokens
 
 
-def test_close_cancels_unfinished(model):
-    batched = BatchedEngine(model, max_batch_size=1)
+def test_close_cancels_unfinished(tiny_model):
+    batched = BatchedEngine(tiny_model, max_batch_size=1)
     requests = [
         batched.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=200)) for _ in range(3)
     ]
@@ -277,24 +269,24 @@ def test_close_cancels_unfinished(model):
 def test_building_and_using_an_engine_leaves_the_model_as_it_was(tiny_checkpoint):
     from gpt2chat.checkpoint import load_model
 
-    model, _ = load_model(tiny_checkpoint, device="cpu")
-    before = {name: (p.detach().clone(), p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
-    Engine(model).generate(PROMPTS, GREEDY)
-    with BatchedEngine(model, max_batch_size=2) as batched:
+    tiny_model, _ = load_model(tiny_checkpoint, device="cpu")
+    before = {name: (p.detach().clone(), p.data_ptr(), p.stride()) for name, p in tiny_model.named_parameters()}
+    Engine(tiny_model).generate(PROMPTS, GREEDY)
+    with BatchedEngine(tiny_model, max_batch_size=2) as batched:
         list(batched.submit(PROMPTS[0], GREEDY))
-    for name, p in model.named_parameters():
+    for name, p in tiny_model.named_parameters():
         value, pointer, stride = before[name]
         assert torch.equal(p, value) and p.data_ptr() == pointer and p.stride() == stride, name
-    assert not model.training and model.lm_head.weight is model.transformer.wte.weight
+    assert not tiny_model.training and tiny_model.lm_head.weight is tiny_model.transformer.wte.weight
 
 
 # ---------------------------------------------------------------------- logprobs and timing
 
 
-def reference_logprobs(model, prompt, tokens):
-    """log_softmax of the model's logits over prompt + reply in one plain forward (no cache)."""
+def reference_logprobs(tiny_model, prompt, tokens):
+    """log_softmax of the tiny_model's logits over prompt + reply in one plain forward (no cache)."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens]))[0]
+        logits = tiny_model(torch.tensor([prompt + tokens]))[0]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -321,10 +313,10 @@ def assert_entry(entry, logp_row, token, k):
     SamplingParams(temperature=1.3, top_k=5, repetition_penalty=1.5, seed=3, max_new_tokens=12,
                    logprobs=0, prompt_logprobs=0),
 ], ids=["greedy", "sampled"])  # fmt: skip
-def test_logprobs_equal_log_softmax_of_the_models_logits(model, engine, params):
+def test_logprobs_equal_log_softmax_of_the_models_logits(tiny_model, engine, params):
     prompt = PROMPTS[2]
     (result,) = engine.generate([prompt], params)
-    logp = reference_logprobs(model, prompt, result.token_ids)
+    logp = reference_logprobs(tiny_model, prompt, result.token_ids)
     assert len(result.logprobs) == len(result.token_ids) == params.max_new_tokens
     for i, (entry, token) in enumerate(zip(result.logprobs, result.token_ids, strict=True)):
         assert_entry(entry, logp[len(prompt) - 1 + i], token, params.logprobs)
@@ -349,10 +341,10 @@ def test_logprobs_off_by_default_and_stop_token_has_no_entry(engine):
     assert result.prompt_logprobs == []
 
 
-def test_batched_logprobs_arrive_before_their_token(model, engine):
+def test_batched_logprobs_arrive_before_their_token(tiny_model, engine):
     params = GREEDY.replace(logprobs=2, prompt_logprobs=1, max_new_tokens=10)
     expected = engine.generate([PROMPTS[0]], params)[0]
-    with BatchedEngine(model, max_batch_size=2) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=2) as batched:
         other = batched.submit(PROMPTS[1], GREEDY)  # shares the decode steps, asks for nothing
         request = batched.submit(PROMPTS[0], params)
         tokens = []
@@ -369,8 +361,8 @@ def test_batched_logprobs_arrive_before_their_token(model, engine):
     assert other.logprobs == [] and other.prompt_logprobs == []
 
 
-def test_timing_counts_from_submit_including_the_wait_for_a_row(model):
-    with BatchedEngine(model, max_batch_size=1) as batched:
+def test_timing_counts_from_submit_including_the_wait_for_a_row(tiny_model):
+    with BatchedEngine(tiny_model, max_batch_size=1) as batched:
         first = batched.submit(PROMPTS[0], GREEDY.replace(max_new_tokens=40))
         second = batched.submit(PROMPTS[1], GREEDY)
         list(first), list(second)
@@ -380,14 +372,14 @@ def test_timing_counts_from_submit_including_the_wait_for_a_row(model):
     first_last = first.submitted_at + first.ttft_s + first.decode_s
     assert second.submitted_at + second.ttft_s >= first_last
     start = time.perf_counter()
-    (result,) = Engine(model).generate([PROMPTS[0]], GREEDY)
+    (result,) = Engine(tiny_model).generate([PROMPTS[0]], GREEDY)
     wall = time.perf_counter() - start
     assert 0 < result.ttft_s < wall and 0 < result.decode_s < wall
 
 
-def test_counters(model):
+def test_counters(tiny_model):
     long = SamplingParams(temperature=0, max_new_tokens=200)
-    with BatchedEngine(model, max_batch_size=1, max_queue=4) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=1, max_queue=4) as batched:
         assert (batched.active_count, batched.pending_count, batched.max_batch_size) == (0, 0, 1)
         running = batched.submit([11], long)
         next(iter(running))
@@ -400,10 +392,10 @@ def test_counters(model):
 # ---------------------------------------------------------------------- the scheduler
 
 
-def test_chunked_prefill_equals_whole_prefill(model, engine):
+def test_chunked_prefill_equals_whole_prefill(tiny_model, engine):
     params = GREEDY.replace(logprobs=2, prompt_logprobs=2)
     whole = engine.generate(PROMPTS, params)
-    chunked = Engine(model, prefill_tokens=3).generate(PROMPTS, params)  # every prompt over several steps
+    chunked = Engine(tiny_model, prefill_tokens=3).generate(PROMPTS, params)  # every prompt over several steps
     for a, b in zip(whole, chunked, strict=True):
         assert a.token_ids == b.token_ids
         assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-4)
@@ -411,10 +403,10 @@ def test_chunked_prefill_equals_whole_prefill(model, engine):
         assert_same_entries(a.prompt_logprobs[1:], b.prompt_logprobs[1:])
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding(model, engine):
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding(tiny_model, engine):
     long_prompt = [(7 * i) % 500 for i in range(200)]
     expected = engine.generate([long_prompt], GREEDY)[0].token_ids
-    chunked = Engine(model, prefill_tokens=8)
+    chunked = Engine(tiny_model, prefill_tokens=8)
     running = iter(chunked.submit(PROMPTS[0], GREEDY))
     first = [next(running)]
     waiting = chunked.submit(long_prompt, GREEDY)
@@ -428,13 +420,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_decoding(mode
     assert waiting.token_ids == expected
 
 
-def test_new_prompts_of_different_lengths_are_prefilled_in_one_forward(model, engine):
+def test_new_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_model, engine):
     prefills = []
-    hook = model.register_forward_hook(
+    hook = tiny_model.register_forward_hook(
         lambda module, args, out: prefills.append(args[0].shape) if args[0].shape[-1] > 1 else None
     )
     try:
-        together = Engine(model, max_batch_size=4).generate(PROMPTS, GREEDY.replace(max_new_tokens=3))
+        together = Engine(tiny_model, max_batch_size=4).generate(PROMPTS, GREEDY.replace(max_new_tokens=3))
     finally:
         hook.remove()
     assert prefills == [(1, sum(len(p) for p in PROMPTS))]  # one packed row, no padding
@@ -443,19 +435,19 @@ def test_new_prompts_of_different_lengths_are_prefilled_in_one_forward(model, en
     ]
 
 
-def test_more_prompts_than_rows_queue_and_equal_single_rows(model, engine):
+def test_more_prompts_than_rows_queue_and_equal_single_rows(tiny_model, engine):
     mixed = [GREEDY, GREEDY.replace(repetition_penalty=1.4), SamplingParams(top_k=8, seed=4, max_new_tokens=24),
              GREEDY.replace(max_new_tokens=7)] * 2  # fmt: skip
     prompts = PROMPTS * 2
-    small = Engine(model, max_batch_size=3)
+    small = Engine(tiny_model, max_batch_size=3)
     together = small.generate(prompts, mixed)
     for prompt, params, result in zip(prompts, mixed, together, strict=True):
         assert result.token_ids == engine.generate([prompt], params)[0].token_ids
     assert small.scheduler.active_count == 0 and small.scheduler.pending_count == 0
 
 
-def test_closed_stream_frees_its_row_at_once(model):
-    engine = Engine(model, max_batch_size=1)
+def test_closed_stream_frees_its_row_at_once(tiny_model):
+    engine = Engine(tiny_model, max_batch_size=1)
     stream = engine.submit(PROMPTS[0], GREEDY)
     tokens = iter(stream)
     next(tokens)
@@ -471,9 +463,9 @@ def test_closed_stream_frees_its_row_at_once(model):
     assert engine.scheduler.active_count == 0
 
 
-def test_finished_or_cancelled_batched_row_is_free_when_the_request_ends(model):
+def test_finished_or_cancelled_batched_row_is_free_when_the_request_ends(tiny_model):
     long = SamplingParams(temperature=0, max_new_tokens=200)
-    with BatchedEngine(model, max_batch_size=2) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=2) as batched:
         done = batched.submit(PROMPTS[0], GREEDY)
         list(done)
         assert batched.active_count == 0  # the row is freed before the end of the stream is delivered
@@ -496,24 +488,24 @@ def fail_once(owner, name: str) -> None:
     setattr(owner, name, failing)
 
 
-def test_a_batched_decode_that_fails_once_is_retried_row_by_row(model, engine):
+def test_a_batched_decode_that_fails_once_is_retried_row_by_row(tiny_model, engine):
     expected = [r.token_ids for r in engine.generate(PROMPTS[:2], GREEDY)]
-    flaky = Engine(model)
+    flaky = Engine(tiny_model)
     fail_once(flaky.runner, "decode")
     results = flaky.generate(PROMPTS[:2], GREEDY)  # each row decoded alone once: nobody fails
     assert [r.token_ids for r in results] == expected
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, engine):
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny_model, engine):
     expected = engine.generate([PROMPTS[0]], GREEDY)[0].token_ids
-    broken = Engine(model)
+    broken = Engine(tiny_model)
     fail_once(broken.scheduler, "_prefill")  # a failure of the step itself, not of one forward
     with pytest.raises(RuntimeError, match="boom"):
         broken.generate([PROMPTS[0], PROMPTS[1]], GREEDY)
     assert broken.scheduler.active_count == 0 and broken.scheduler.pending_count == 0
     assert broken.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected
 
-    with BatchedEngine(model, max_batch_size=2) as batched:
+    with BatchedEngine(tiny_model, max_batch_size=2) as batched:
         fail_once(batched.scheduler, "_prefill")
         failing = batched.submit(PROMPTS[0], GREEDY)
         with pytest.raises(RuntimeError, match="boom"):
@@ -522,23 +514,23 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, engine)
         assert list(batched.submit(PROMPTS[0], GREEDY)) == expected
 
 
-def test_the_engine_never_moves_the_model(model):
+def test_the_engine_never_moves_the_model(tiny_model):
     with pytest.raises(Gpt2ChatError, match="bfloat16"):
-        Engine(model, dtype=torch.bfloat16)
-    model.train()
+        Engine(tiny_model, dtype=torch.bfloat16)
+    tiny_model.train()
     try:
         with pytest.raises(Gpt2ChatError, match="eval"):
-            BatchedEngine(model)
+            BatchedEngine(tiny_model)
     finally:
-        model.eval()
+        tiny_model.eval()
 
 
 # ---------------------------------------------------------------------- the static-shape decode step
 
 
-def static_engine(model, **kwargs) -> Engine:
+def static_engine(tiny_model, **kwargs) -> Engine:
     """An engine whose decode step is the static-shape one (the graph torch.compile gets), run eagerly."""
-    engine = Engine(model, **kwargs)
+    engine = Engine(tiny_model, **kwargs)
     engine.runner._compiled = engine.runner._static_step
     return engine
 
@@ -547,20 +539,20 @@ def static_engine(model, **kwargs) -> Engine:
 def test_static_decode_step_equals_the_eager_one(tmp_path, arch):
     from gpt2chat.checkpoint import init_checkpoint, load_model
 
-    model, _ = load_model(init_checkpoint(arch, tmp_path / arch, seed=1), device="cpu")
+    tiny_model, _ = load_model(init_checkpoint(arch, tmp_path / arch, seed=1), device="cpu")
     long_prompt = [(11 * i) % 300 for i in range(40)]  # longer than tiny-neo's local window (16)
     prompts = [*PROMPTS, long_prompt]
     params = GREEDY.replace(max_new_tokens=30, logprobs=1)
-    eager = Engine(model).generate(prompts, params)
-    static = static_engine(model, max_batch_size=3).generate(prompts, params)  # 5 prompts over 3 rows
+    eager = Engine(tiny_model).generate(prompts, params)
+    static = static_engine(tiny_model, max_batch_size=3).generate(prompts, params)  # 5 prompts over 3 rows
     for a, b in zip(eager, static, strict=True):
         assert a.token_ids == b.token_ids
         assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-4)
 
 
-def test_a_failing_compiled_step_falls_back_to_eager(model, engine, caplog):
+def test_a_failing_compiled_step_falls_back_to_eager(tiny_model, engine, caplog):
     expected = engine.generate(PROMPTS, GREEDY)
-    fallback = Engine(model)
+    fallback = Engine(tiny_model)
 
     def broken(*args):
         raise RuntimeError("no compiler here")
@@ -573,9 +565,9 @@ def test_a_failing_compiled_step_falls_back_to_eager(model, engine, caplog):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_eager_tokens(model, engine):
+def test_compiled_decode_step_gives_the_eager_tokens(tiny_model, engine):
     pytest.importorskip("torch._inductor")
     expected = engine.generate(PROMPTS, GREEDY)
-    compiled = Engine(model, compile=True)
+    compiled = Engine(tiny_model, compile=True)
     assert [r.token_ids for r in compiled.generate(PROMPTS, GREEDY)] == [r.token_ids for r in expected]
     assert compiled.runner._compiled is not None  # it did not fall back

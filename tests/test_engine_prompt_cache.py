@@ -18,17 +18,9 @@ PENALISED = SamplingParams(temperature=0.8, repetition_penalty=1.3, seed=2, max_
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    from gpt2chat.checkpoint import load_model
-
-    model, _ = load_model(tiny_checkpoint, device="cpu")
-    return model
-
-
-@pytest.fixture(scope="module")
-def cold(model):
+def cold(tiny_model):
     """The reference: the same engine with the prompt cache off."""
-    return Engine(model, prompt_cache=False)
+    return Engine(tiny_model, prompt_cache=False)
 
 
 def assert_like_cold(result, reference):
@@ -52,8 +44,8 @@ def test_common_prefix():
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED, PENALISED], ids=["greedy", "seeded", "penalised"])
-def test_each_turn_reuses_the_history_and_equals_a_cold_run(model, cold, params):
-    engine = Engine(model, max_batch_size=2)
+def test_each_turn_reuses_the_history_and_equals_a_cold_run(tiny_model, cold, params):
+    engine = Engine(tiny_model, max_batch_size=2)
     history = list(SYSTEM)
     for turn in range(4):
         prompt = history + user_turn(turn)
@@ -67,8 +59,8 @@ def test_each_turn_reuses_the_history_and_equals_a_cold_run(model, cold, params)
     assert (stats.queries, stats.hits, stats.evictions) == (4, 3, 0)
 
 
-def test_the_same_prompt_twice_prefills_only_its_last_token(model, cold):
-    engine = Engine(model)
+def test_the_same_prompt_twice_prefills_only_its_last_token(tiny_model, cold):
+    engine = Engine(tiny_model)
     prompt = SYSTEM + user_turn(0)
     first, second = (engine.generate([prompt], GREEDY)[0] for _ in range(2))
     assert second.cached_tokens == len(prompt) - 1
@@ -76,8 +68,8 @@ def test_the_same_prompt_twice_prefills_only_its_last_token(model, cold):
     assert first.token_ids == second.token_ids
 
 
-def test_prompt_logprobs_are_computed_not_reused(model, cold):
-    engine = Engine(model)
+def test_prompt_logprobs_are_computed_not_reused(tiny_model, cold):
+    engine = Engine(tiny_model)
     prompt = SYSTEM + user_turn(1)
     engine.generate([prompt], GREEDY)
     params = GREEDY.replace(prompt_logprobs=2)
@@ -90,9 +82,9 @@ def test_prompt_logprobs_are_computed_not_reused(model, cold):
         [e.logprob for e in reference.prompt_logprobs[1:]], abs=1e-5)
 
 
-def test_a_system_prompt_held_by_a_running_row_is_copied_to_new_rows(model, cold):
+def test_a_system_prompt_held_by_a_running_row_is_copied_to_new_rows(tiny_model, cold):
     long = GREEDY.replace(max_new_tokens=60)
-    with BatchedEngine(model, max_batch_size=3) as engine:
+    with BatchedEngine(tiny_model, max_batch_size=3) as engine:
         running = engine.submit(SYSTEM + user_turn(0), long)
         tokens = iter(running)
         next(tokens)  # its prompt is cached in its row and it keeps decoding
@@ -105,11 +97,11 @@ def test_a_system_prompt_held_by_a_running_row_is_copied_to_new_rows(model, cold
     assert rest and running.result().token_ids == cold.generate([SYSTEM + user_turn(0)], long)[0].token_ids
 
 
-def test_requests_arriving_together_with_one_system_prompt_compute_it_once(model, cold):
-    engine = Engine(model, max_batch_size=4)
+def test_requests_arriving_together_with_one_system_prompt_compute_it_once(tiny_model, cold):
+    engine = Engine(tiny_model, max_batch_size=4)
     prompts = [SYSTEM + user_turn(i) for i in range(4)]
     fed = []
-    hook = model.register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
+    hook = tiny_model.register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
     try:
         results = engine.generate(prompts, GREEDY)
     finally:
@@ -121,10 +113,10 @@ def test_requests_arriving_together_with_one_system_prompt_compute_it_once(model
     assert prefilled <= len(prompts[0]) + 3 * 3  # the system prompt once, then each one's own tokens
 
 
-def test_more_conversations_than_rows_evict_and_stay_exact(model, cold):
+def test_more_conversations_than_rows_evict_and_stay_exact(tiny_model, cold):
     """Five conversations over two rows, turn by turn: each turn finds its history evicted or in place;
     the replies are those of a cold run either way, and eviction is counted."""
-    engine = Engine(model, max_batch_size=2)
+    engine = Engine(tiny_model, max_batch_size=2)
     histories = [[50 + c, *SYSTEM[:10], 60 + c] for c in range(5)]  # distinct from their first token on
     cached = []
     for turn in range(3):
@@ -142,10 +134,10 @@ def test_more_conversations_than_rows_evict_and_stay_exact(model, cold):
     assert stats.prompt_tokens > stats.cached_tokens
 
 
-def test_a_free_row_inside_a_decode_step_keeps_its_cached_tokens(model, cold):
+def test_a_free_row_inside_a_decode_step_keeps_its_cached_tokens(tiny_model, cold):
     """Row 0's request ends while row 1 decodes on: the decode steps cover row 0 too (a dummy token) and
     must not overwrite the history it keeps for the next turn."""
-    engine = Engine(model, max_batch_size=2)
+    engine = Engine(tiny_model, max_batch_size=2)
     first = SYSTEM + user_turn(0)
     short, long = engine.submit(first, GREEDY.replace(max_new_tokens=3)), engine.submit([7, 8, 9], GREEDY.replace(max_new_tokens=40))
     short.wait()
@@ -160,8 +152,8 @@ def test_a_free_row_inside_a_decode_step_keeps_its_cached_tokens(model, cold):
     assert_like_cold(result, cold.generate([next_turn], GREEDY)[0])
 
 
-def test_a_cancelled_request_frees_its_row_for_anyone(model, cold):
-    with BatchedEngine(model, max_batch_size=1) as engine:
+def test_a_cancelled_request_frees_its_row_for_anyone(tiny_model, cold):
+    with BatchedEngine(tiny_model, max_batch_size=1) as engine:
         leaving = engine.submit(SYSTEM + user_turn(0), GREEDY.replace(max_new_tokens=200))
         tokens = iter(leaving)
         next(tokens)
@@ -222,9 +214,9 @@ def poison_forwards(runner):
 
 
 @pytest.mark.parametrize("engine_class", [Engine, BatchedEngine])
-def test_a_failing_prefill_fails_only_its_request(model, cold, engine_class):
+def test_a_failing_prefill_fails_only_its_request(tiny_model, cold, engine_class):
     prompts = [SYSTEM + user_turn(0), [POISON, 5, 6], [1, 2, 3, 4]]
-    engine = engine_class(model, max_batch_size=3)
+    engine = engine_class(tiny_model, max_batch_size=3)
     try:
         poison_forwards(engine.runner)
         requests = [engine.submit(p, GREEDY) for p in prompts]
@@ -239,11 +231,11 @@ def test_a_failing_prefill_fails_only_its_request(model, cold, engine_class):
 
 
 @pytest.mark.parametrize("engine_class", [Engine, BatchedEngine])
-def test_a_failing_decode_fails_only_its_request(model, cold, engine_class):
+def test_a_failing_decode_fails_only_its_request(tiny_model, cold, engine_class):
     """The request that feeds POISON back (its first reply token, forced by a stop-free greedy run whose
     first token we make POISON through the logits) fails at its first decode; the others decode on."""
     prompts = [SYSTEM + user_turn(0), [40, 41, 42], [1, 2, 3, 4]]
-    engine = engine_class(model, max_batch_size=3)
+    engine = engine_class(tiny_model, max_batch_size=3)
     try:
         poison_forwards(engine.runner)
         victim_first = cold.generate([prompts[1]], GREEDY)[0].token_ids[0]
@@ -266,7 +258,7 @@ def test_a_failing_decode_fails_only_its_request(model, cold, engine_class):
         getattr(engine, "close", lambda: None)()
 
 
-def test_a_failing_draw_fails_only_its_request(model, cold, monkeypatch):
+def test_a_failing_draw_fails_only_its_request(tiny_model, cold, monkeypatch):
     import gpt2chat.engine.scheduler as scheduler
 
     real = scheduler.sample_next
@@ -277,7 +269,7 @@ def test_a_failing_draw_fails_only_its_request(model, cold, monkeypatch):
         return real(logits, seen, params, draws, *rest)
 
     monkeypatch.setattr(scheduler, "sample_next", refusing_top_k_7)
-    engine = Engine(model, max_batch_size=3)
+    engine = Engine(tiny_model, max_batch_size=3)
     prompts = [SYSTEM, [1, 2, 3], [4, 5]]
     params = [GREEDY, SEEDED.replace(top_k=7), SEEDED]
     requests = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
