@@ -78,6 +78,23 @@ def token_logprobs(logits: torch.Tensor, token_ids, tops: Sequence[int | None]) 
     return entries
 
 
+def _reply_limit(request: Request, context: int) -> int:
+    """The most tokens `request` may generate: its max_new_tokens, and prompt + reply never exceed the context."""
+    return min(request.params.max_new_tokens, context - len(request.prompt_ids))
+
+
+def _each_alone(keys: Sequence[int], run) -> tuple[dict, dict[int, BaseException]]:
+    """`run(key)` for each key on its own, after a batched step that raised -> (results by key, errors by
+    key): the keys whose work fails alone are the ones that failure concerns."""
+    results, errors = {}, {}
+    for key in keys:
+        try:
+            results[key] = run(key)
+        except Exception as error:  # noqa: BLE001 - it fails that request only
+            errors[key] = error
+    return results, errors
+
+
 class _Row:
     """One request in a cache row: the tokens cached there, what it feeds next, how far it may go."""
 
@@ -91,8 +108,7 @@ class _Row:
         # a reused prefix, then prompt chunks and fed tokens as they are cached)
         self.ids = ids
         self.next_token: int | None = None  # sampled, not yet fed back (set once the prompt is cached)
-        # prompt + reply never exceed the context
-        self.limit = min(self.params.max_new_tokens, context - len(self.prompt))
+        self.limit = _reply_limit(request, context)
         self.draws = 0  # tokens sampled so far: the counter of the row's seeded draws
         self.constraint = self.params.constraint.start() if self.params.constraint is not None else None
 
@@ -204,8 +220,7 @@ class Scheduler:
             prompt = request.prompt_ids
             placement = self.prompt_cache.place(prompt, free_rows, reuse_allowed=request.params.prompt_logprobs is None)
             index = placement.row
-            limit = min(request.params.max_new_tokens, self.context - len(prompt))
-            self.runner.reserve(index + 1, len(prompt) + limit)
+            self.runner.reserve(index + 1, len(prompt) + _reply_limit(request, self.context))
             if placement.source != index:
                 self.runner.copy_prefix(placement.source, index, placement.reuse)
             row = self.rows[index] = _Row(request, self.context, self.prompt_cache.admit(placement, len(prompt)))
@@ -272,12 +287,8 @@ class Scheduler:
             if decoding != list(range(width)):
                 logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
         except Exception:  # noqa: BLE001 - find the rows it concerns
-            parts, errors = {}, {}
-            for index in decoding:
-                try:
-                    parts[index] = self.runner.decode([tokens[index]], [positions[index]], rows=[index])
-                except Exception as error:  # noqa: BLE001 - it fails that request only
-                    errors[index] = error
+            parts, errors = _each_alone(
+                decoding, lambda index: self.runner.decode([tokens[index]], [positions[index]], rows=[index]))
             decoding = self._fail(decoding, errors)
             logits = torch.cat([parts[index] for index in decoding]) if decoding else None
         for index in decoding:
@@ -308,14 +319,10 @@ class Scheduler:
         try:
             outputs = self.runner.prefill(chunks)
         except Exception:  # noqa: BLE001 - find the chunks it concerns
-            outputs, errors = [], {}
-            for chunk in chunks:
-                try:
-                    outputs.append(self.runner.prefill([chunk])[0])
-                except Exception as error:  # noqa: BLE001 - it fails that request only
-                    errors[chunk.row] = error
-            self._fail([chunk.row for chunk in chunks], errors)
-            chunks = [chunk for chunk in chunks if chunk.row not in errors]
+            by_row = {chunk.row: chunk for chunk in chunks}
+            parts, errors = _each_alone(list(by_row), lambda row: self.runner.prefill([by_row[row]])[0])
+            chunks = [by_row[row] for row in self._fail(list(by_row), errors)]
+            outputs = [parts[chunk.row] for chunk in chunks]
         finished, last_logits = [], []
         for chunk, logits in zip(chunks, outputs, strict=True):
             row = self.rows[chunk.row]
@@ -355,12 +362,9 @@ class Scheduler:
         try:
             tokens, entries = self._choose(indices, logits)
         except Exception:  # noqa: BLE001 - sample each row alone: a row that fails alone fails its request
-            chosen, errors = {}, {}
-            for position, index in enumerate(indices):
-                try:
-                    chosen[index] = self._choose([index], logits[position : position + 1])
-                except Exception as error:  # noqa: BLE001
-                    errors[index] = error
+            position = {index: k for k, index in enumerate(indices)}
+            chosen, errors = _each_alone(
+                indices, lambda index: self._choose([index], logits[position[index] : position[index] + 1]))
             indices = self._fail(indices, errors)
             tokens = [chosen[index][0][0] for index in indices]
             entries = [chosen[index][1][0] for index in indices]
