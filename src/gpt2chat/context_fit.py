@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from gpt2chat.errors import Gpt2ChatError
 
-__all__ = ["FittedPrompt", "PromptTooLongError", "candidates", "fit_messages", "reply_reserve"]
+__all__ = ["FittedPrompt", "PromptTooLongError", "candidates", "fit_messages", "prompt_too_long", "reply_reserve"]
 
 
 class PromptTooLongError(Gpt2ChatError):
@@ -104,8 +104,14 @@ def fit_messages(tokenizer, template, messages: Sequence[dict], *, context: int,
             break
     if len(ids) >= context:
         cut = f" after dropping the {dropped} oldest turn{'s' if dropped != 1 else ''}" if dropped else ""
-        raise PromptTooLongError(
-            f"the prompt is too long: {len(ids)} tokens{cut}, but the model's context is {context} tokens "
-            f"and at least one must be left for the reply: shorten the messages{hint}"
-        )
+        raise prompt_too_long(len(ids), context, f"the messages{hint}", cut)
     return FittedPrompt(list(ids), kept, dropped)
+
+
+def prompt_too_long(length: int, context: int, what: str, cut: str = "") -> PromptTooLongError:
+    """The error for a prompt of `length` tokens that leaves no room for a reply in `context` (`what`: what
+    the user should shorten; `cut`: what was already dropped)."""
+    return PromptTooLongError(
+        f"the prompt is too long: {length} tokens{cut}, but the model's context is {context} tokens "
+        f"and at least one must be left for the reply: shorten {what}"
+    )

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
 from typing import Any
 
-from gpt2chat.context_fit import FittedPrompt, PromptTooLongError, fit_messages, reply_reserve
+from gpt2chat.context_fit import FittedPrompt, fit_messages, prompt_too_long, reply_reserve
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.reply import ReplyDecoder, chat_template, stop_token_ids
 from gpt2chat.sampling import SamplingParams
@@ -169,9 +169,7 @@ class TextPipeline:
         if not ids:
             ids = [self.tokenizer.eos_token_id]
         if len(ids) >= self.context:
-            error = PromptTooLongError(
-                f"the prompt is too long: {len(ids)} tokens, but the model's context is {self.context} "
-                "tokens and at least one must be left for the reply: shorten it")
+            error = prompt_too_long(len(ids), self.context, "it")
             error.param = "prompt"
             raise error
         return ids
