@@ -47,7 +47,7 @@ class ModelNotFoundError(Gpt2ChatError):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     type_ = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse(schemas.error_body(message, type_, param, code), status_code=status)
+    return JSONResponse(schemas.error_body(message, type_, param, code).model_dump(), status_code=status)
 
 
 def install_error_handlers(app: FastAPI, body_models: dict[str, type[BaseModel]]) -> None:

@@ -339,5 +339,5 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code))

@@ -250,8 +250,7 @@ def streaming_response(events: AsyncIterator[str], generations: list[Generation]
             raise
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
             log.exception("error while streaming a reply")
-            yield sse(schemas.ErrorBody(error=schemas.ErrorDetail(
-                message=f"internal error while generating: {exc}", type="server_error", param=None, code=None)))
+            yield sse(schemas.error_body(f"internal error while generating: {exc}", "server_error"))
         finally:
             for generation in generations:
                 generation.cancel()
