@@ -8,8 +8,8 @@ gap between two tokens of one stream: how long a prefill stalled the running str
 whose history is resent every turn, 1 token asked per turn (time to first token per turn), with the prompt
 cache on and off, interleaved. One JSON line per measure. Medians over `--repeats` where repeated.
 
-    python benchmarks/engine.py                      # 124M, 1 and 16 streams, 128 tokens
-    python benchmarks/engine.py --shape tiny --tokens 32 --requests 1
+    python -m benchmarks.engine                      # 124M, 1 and 16 streams, 128 tokens
+    python -m benchmarks.engine --shape tiny --tokens 32 --requests 1
 """
 
 from __future__ import annotations
