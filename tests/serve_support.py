@@ -99,3 +99,28 @@ def tiny_service(checkpoint, step_s: float = 0.0, **limits):
         pace(model, step_s)
     limits = ServerLimits(**{"max_batch_size": 4, "max_queue": 4, "max_tokens_limit": 64, **limits})
     return ChatService(model, tokenizer, model_name="tiny", limits=limits, device="cpu")
+
+
+class PrefillGate:
+    """Holds every forward over more than one position (a prefill) until `open()`; decode steps pass."""
+
+    def __init__(self, model):
+        self.entered = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
+        forward = model.forward
+
+        def gated(input_ids, *args, **kwargs):
+            if input_ids.shape[-1] > 1 and not self._open.is_set():
+                self.entered.set()
+                self._open.wait(timeout=60)
+            return forward(input_ids, *args, **kwargs)
+
+        model.forward = gated  # the instance's forward: what nn.Module.__call__ runs
+
+    def close(self) -> None:
+        self.entered.clear()
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()

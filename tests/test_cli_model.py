@@ -233,7 +233,7 @@ def test_chat_says_when_old_turns_were_dropped_to_fit(tiny_checkpoint, monkeypat
 def test_generate_quantized_prints_what_the_quantized_engine_makes(tiny_checkpoint, capsys, mode):
     from gpt2chat.engine import Engine
     from gpt2chat.quantize import load_for_inference, weight_format
-    from gpt2chat.reply import stop_token_ids
+    from gpt2chat.reply_text import stop_token_ids
     from gpt2chat.sampling import SamplingParams
 
     assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12",

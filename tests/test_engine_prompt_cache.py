@@ -170,7 +170,7 @@ def test_a_cancelled_request_frees_its_row_for_anyone(tiny_model, cold):
 def test_cache_counters_on_metrics(tiny_checkpoint):
     from prometheus_client.parser import text_string_to_metric_families
 
-    from gpt2chat.serve.metrics import ServerMetrics
+    from gpt2chat.serve.prometheus import ServerMetrics
     from serve_support import tiny_service
 
     service = tiny_service(tiny_checkpoint)

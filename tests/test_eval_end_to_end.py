@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2chat.cli import main
-from gpt2chat.evaluate.runner import evaluate_models
+from gpt2chat.evaluate.report_card import evaluate_models
 
 FAST = dict(speed_prompt_tokens=8, speed_decode_steps=64, speed_repeats=3, peak_matmul_size=64,
             peak_read_bytes=1 << 20, peak_repeats=1, max_new_tokens=4, gen_rows=2, heldout_prompts=0, progress=False)

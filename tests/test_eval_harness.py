@@ -61,7 +61,7 @@ def _our_loglikelihood(model, tokenizer, context: str, continuation: str) -> flo
 def test_lm_eval_runs_a_local_task_on_our_checkpoint_offline(real_lm_eval, tiny_checkpoint, tmp_path, monkeypatch,
                                                              no_network):
     from gpt2chat.checkpoint import load_model
-    from gpt2chat.evaluate.runner import evaluate_models
+    from gpt2chat.evaluate.report_card import evaluate_models
 
     task = write_multiple_choice_task(tmp_path / "tasks")
     outputs = []
@@ -194,7 +194,7 @@ def test_parse_tasks():
 
 
 def test_evaluate_models_reports_unreachable_harness_datasets(monkeypatch, tiny_checkpoint, tmp_path, capsys):
-    from gpt2chat.evaluate.runner import evaluate_models
+    from gpt2chat.evaluate.report_card import evaluate_models
 
     def simple_evaluate(**kwargs):
         raise ConnectionError("Couldn't reach 'cais/mmlu' on the Hub (LocalEntryNotFoundError)")

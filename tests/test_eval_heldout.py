@@ -13,7 +13,7 @@ from gpt2chat.cli import main
 from gpt2chat.data.mixing import content_hash, pair_hashes, training_hashes
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import heldout
-from gpt2chat.evaluate.runner import evaluate_models
+from gpt2chat.evaluate.report_card import evaluate_models
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICK = dict(skip=("speed", "side"), max_new_tokens=2, gen_rows=1, progress=False)

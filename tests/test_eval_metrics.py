@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gpt2chat.evaluate.metrics import (
+from gpt2chat.evaluate.reply_metrics import (
     corpus_bleu,
     distinct_n,
     perplexity,

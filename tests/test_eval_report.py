@@ -9,7 +9,7 @@ import pytest
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.evaluate import inputs
 from gpt2chat.evaluate.report import human, read_loss_log, render_markdown, write_report
-from gpt2chat.evaluate.runner import evaluate_models
+from gpt2chat.evaluate.report_card import evaluate_models
 
 
 def _report() -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from gpt2chat.checkpoint import read_config, resolve_checkpoint
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.evaluate.runner import evaluate_models
+from gpt2chat.evaluate.report_card import evaluate_models
 
 # one thread: on a busy 2-core machine, two threads wait on each other longer than a tiny model computes
 SPEED_ONLY = dict(skip=("ppl", "pref", "gen", "side"), speed_prompt_tokens=16, speed_decode_steps=64,

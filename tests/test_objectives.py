@@ -18,7 +18,7 @@ from gpt2chat.losses import token_logps
 from gpt2chat.train import objectives
 from gpt2chat.train.batching import BatchPlan, collate_preferences, collate_sft
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective, attention_plan
-from test_train_loop import PAD, pref_examples, sft_examples, tiny_model
+from train_support import PAD, pref_examples, sft_examples, tiny_model
 
 
 def unchunked_head(model, batch, autocast, loss):

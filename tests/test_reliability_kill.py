@@ -19,10 +19,10 @@ import sys
 import pytest
 
 from gpt2chat import faults
+from gpt2chat.atomic_files import write_text_atomic
 from gpt2chat.cli import main
-from gpt2chat.files import write_text_atomic
 from gpt2chat.train import training_state
-from gpt2chat.train.metrics import read_metrics
+from gpt2chat.train.metrics_log import read_metrics
 
 RUN = ["sft", "--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--save-every", "1",
        "--keep-last", "3", "--batch-size", "2", "--max-length", "96", "--no-progress", "--lr", "3e-3",

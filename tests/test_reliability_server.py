@@ -73,7 +73,7 @@ def test_a_request_past_its_timeout_ends_with_what_it_has_and_frees_its_row(stre
 
 
 def test_a_request_waiting_for_a_row_counts_its_wait_against_the_timeout(tiny_checkpoint):
-    from test_serve_disconnect import PrefillGate
+    from serve_support import PrefillGate
 
     service = tiny_service(tiny_checkpoint, max_batch_size=1, max_queue=1, request_timeout_s=1.0)
     gate = PrefillGate(service.engine.model)

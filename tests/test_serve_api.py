@@ -119,7 +119,7 @@ def test_logprob_entries_follow_their_tokens_through_hold_back_and_stop_strings(
     choice = client.post("/v1/chat/completions", json=request).json()["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == (shown, "stop")
     content = choice["logprobs"]["content"]
-    from gpt2chat.reply import token_text
+    from gpt2chat.reply_text import token_text
 
     tok = server.service.tokenizer
     assert [(e["token"], e["logprob"]) for e in content] == [

@@ -12,34 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpt2chat.serve.app import create_app
-from serve_support import ServerThread, tiny_service, wait_until
+from serve_support import PrefillGate, ServerThread, tiny_service, wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
-
-
-class PrefillGate:
-    """Holds every forward over more than one position (a prefill) until `open()`; decode steps pass."""
-
-    def __init__(self, model):
-        self.entered = threading.Event()
-        self._open = threading.Event()
-        self._open.set()
-        forward = model.forward
-
-        def gated(input_ids, *args, **kwargs):
-            if input_ids.shape[-1] > 1 and not self._open.is_set():
-                self.entered.set()
-                self._open.wait(timeout=60)
-            return forward(input_ids, *args, **kwargs)
-
-        model.forward = gated  # the instance's forward: what nn.Module.__call__ runs
-
-    def close(self) -> None:
-        self.entered.clear()
-        self._open.clear()
-
-    def open(self) -> None:
-        self._open.set()
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,7 @@ These tests drive `Trainer` directly (no tokenizer, no dataset files), so they p
 
 from __future__ import annotations
 
-import random
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,80 +22,20 @@ from gpt2chat.train.batching import (
     pack_rows,
     sft_rows,
 )
-from gpt2chat.train.config import TrainConfig
-from gpt2chat.train.distributed import DistState
-from gpt2chat.train.metrics import read_metrics
+from gpt2chat.train.metrics_log import read_metrics
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective, attention_plan, sequence_sums
-from gpt2chat.train.trainer import Trainer, TrainingDivergedError, lr_factor
-
-VOCAB = 96
-PAD = 95
-
-
-@dataclass
-class Ex:
-    input_ids: list[int]
-    assistant_mask: list[int]
-    source: str = "synthetic"
-
-
-@dataclass
-class Pair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    source: str = "synthetic"
-
-
-def sft_examples(n: int, seed: int = 0) -> list[Ex]:
-    """Prompt of random tokens, then a reply that repeats a learnable pattern (so the loss can fall)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = [rng.randrange(1, 40) for _ in range(rng.randint(3, 10))]
-        start = rng.randrange(40, 60)
-        reply = [start + (k % 5) for k in range(rng.randint(4, 12))] + [2]
-        out.append(Ex(prompt + reply, [0] * len(prompt) + [1] * len(reply)))
-    return out
-
-
-def pref_examples(n: int, seed: int = 0) -> list[Pair]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = [rng.randrange(1, 40) for _ in range(rng.randint(3, 8))]
-        chosen = [60 + (k % 3) for k in range(rng.randint(3, 7))] + [2]
-        rejected = [rng.randrange(70, 90) for _ in range(rng.randint(3, 7))] + [2]
-        out.append(Pair(prompt, chosen, rejected))
-    return out
-
-
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    config = get_preset("tiny", vocab_size=VOCAB, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0)
-    return GPT(config)
-
-
-def write_model(model, folder: Path) -> None:
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "weights.pt")
-
-
-def make_trainer(tmp: Path, examples, kind="sft", objective=None, model=None, name=None, **overrides) -> Trainer:
-    values = dict(objective=name or ("sft" if kind == "sft" else "orpo"), data=["synthetic"], out=str(tmp), lr=3e-3,
-                  batch_size=4, grad_accum=1, max_steps=12, schedule="constant", max_length=64,
-                  progress=False, seed=0, max_grad_norm=1.0, pack=False)
-    values.update(overrides)
-    cfg = TrainConfig(**values).validate()
-    plan = BatchPlan(examples, kind, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world_size=1,
-                     seed=cfg.seed, max_length=cfg.max_length, pad_id=PAD, pack=cfg.pack)
-    objective = objective or SFTObjective()
-    return Trainer(cfg, model or tiny_model(), objective, plan, None, DistState(), torch.device("cpu"),
-                   write_model)
-
-
-def losses_of(result) -> list[float]:
-    return [r["loss"] for r in result.history]
+from gpt2chat.train.trainer import TrainingDivergedError, lr_factor
+from train_support import (
+    PAD,
+    VOCAB,
+    Ex,
+    Pair,
+    losses_of,
+    make_trainer,
+    pref_examples,
+    sft_examples,
+    tiny_model,
+)
 
 
 def test_sft_loss_goes_down(tmp_path):
@@ -114,13 +51,15 @@ def test_sft_loss_goes_down(tmp_path):
 
 def test_orpo_and_dpo_learn_the_preference(tmp_path):
     pairs = pref_examples(48)
-    orpo = make_trainer(tmp_path / "orpo", pairs, kind="preference", objective=ORPOObjective(beta=0.5),
-                        max_steps=20).fit()
+    orpo = make_trainer(
+        tmp_path / "orpo", pairs, kind="preference", objective=ORPOObjective(beta=0.5), max_steps=20
+    ).fit()
     assert orpo.history[-1]["loss"] < orpo.history[0]["loss"]
-    result = make_trainer(tmp_path / "dpo", pairs, kind="preference", objective=DPOObjective(beta=0.5),
-                          max_steps=20, name="dpo").fit()
+    result = make_trainer(
+        tmp_path / "dpo", pairs, kind="preference", objective=DPOObjective(beta=0.5), max_steps=20, name="dpo"
+    ).fit()
     first, last = result.history[0], result.history[-1]
-    assert abs(first["loss"] - 0.6931) < 1e-3          # policy == reference at step 1: -log sigmoid(0)
+    assert abs(first["loss"] - 0.6931) < 1e-3  # policy == reference at step 1: -log sigmoid(0)
     assert last["loss"] < first["loss"]
     assert last["rewards/margins"] > 0 and last["rewards/accuracies"] > 0.5
 
@@ -142,7 +81,7 @@ def test_packing_gives_the_same_loss_as_padding():
     padded = collate_sft(examples, [[i] for i in range(10)], PAD, 64, pack=False)
     packed = collate_sft(examples, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]], PAD, 64, pack=True)
     assert packed.input_ids.shape[0] == 3 and packed.segment_ids is not None
-    assert packed.position_ids[0, len(examples[0].input_ids)] == 0          # positions restart
+    assert packed.position_ids[0, len(examples[0].input_ids)] == 0  # positions restart
     assert padded.n_targets == packed.n_targets
     totals = {"targets": padded.n_targets, "pairs": 0}
     loss_padded, _ = objective.micro_loss(model, padded, totals)
@@ -167,11 +106,13 @@ def test_packing_fills_rows_best_fit_and_keeps_every_example_once():
     rows = pack_rows(examples, order, max_length=100)
     assert sorted(i for row in rows for i in row) == list(range(len(examples)))
     assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
-    assert len(rows) == sum(lengths) // 100                    # 500 tokens in exactly 5 full rows
-    assert pack_rows(examples, order, max_length=100) == rows      # deterministic
+    assert len(rows) == sum(lengths) // 100  # 500 tokens in exactly 5 full rows
+    assert pack_rows(examples, order, max_length=100) == rows  # deterministic
     # rows follow the shuffled order (by their earliest example), so another epoch gives another sequence
     position = {index: k for k, index in enumerate(order)}
-    assert [min(position[i] for i in row) for row in rows] == sorted(min(position[i] for i in row) for row in rows)
+    assert [min(position[i] for i in row) for row in rows] == sorted(
+        min(position[i] for i in row) for row in rows
+    )
     other = pack_rows(examples, epoch_order(len(examples), seed=3, epoch=1), max_length=100)
     assert other != rows
     # an example longer than a row is cut to the row, alone in it
@@ -205,7 +146,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     from gpt2chat.train.trainer import seed_for_step
 
-    poisoned_seed = seed_for_step(0, 4, 0)     # the 5th step
+    poisoned_seed = seed_for_step(0, 4, 0)  # the 5th step
     trainer = make_trainer(tmp_path, sft_examples(64), objective=Poisoned(), max_steps=10, save_every=2)
     with pytest.raises(TrainingDivergedError, match=r"nan at step 5.*step-0000004"):
         trainer.fit()
@@ -252,7 +193,8 @@ def test_scored_positions_give_the_numbers_of_the_full_logits(kind):
 
     (sums, counts), grads = with_grads(lambda: sequence_sums(model, batch, nullcontext))
     (full_sums, full_counts), full_grads = with_grads(
-        lambda: sequence_logps(model(batch.input_ids, plan), batch.input_ids, batch.loss_mask))
+        lambda: sequence_logps(model(batch.input_ids, plan), batch.input_ids, batch.loss_mask)
+    )
     assert counts.tolist() == full_counts.tolist()
     torch.testing.assert_close(sums, full_sums, atol=1e-5, rtol=1e-5)
     for a, b in zip(full_grads, grads, strict=True):
@@ -260,7 +202,9 @@ def test_scored_positions_give_the_numbers_of_the_full_logits(kind):
     if kind != "preference":
         totals = {"targets": batch.n_targets + 7, "pairs": 0}  # a step larger than this micro-batch
         loss, _ = SFTObjective().micro_loss(model, batch, totals)
-        full, _ = sft_loss(model(batch.input_ids, plan), batch.input_ids, batch.loss_mask, num_items=totals["targets"])
+        full, _ = sft_loss(
+            model(batch.input_ids, plan), batch.input_ids, batch.loss_mask, num_items=totals["targets"]
+        )
         assert loss.item() == pytest.approx(full.item(), abs=1e-6)
 
 
@@ -291,7 +235,8 @@ def test_shared_prompt_rows_give_the_loss_and_gradients_of_two_rows_per_pair(kin
     shared = collate_preferences(pairs, [0, 1, 2, 3, 4], PAD, share_prompt=True)
     assert shared.input_ids.shape[0] == 5 and two_rows.input_ids.shape[0] == 10
     assert int(shared.attention_mask.sum()) == int(two_rows.attention_mask.sum()) - sum(
-        len(p.prompt_ids) for p in pairs)
+        len(p.prompt_ids) for p in pairs
+    )
     assert shared.n_chosen_targets == two_rows.n_chosen_targets == sum(len(p.chosen_ids) for p in pairs)
     assert shared.n_targets == int(two_rows.loss_mask[:, 1:].sum())
     totals = {"targets": shared.n_chosen_targets, "pairs": 5}
@@ -325,11 +270,21 @@ def rows_up_to(max_length: int, kind: str) -> list:
     order a batch pads a short row to the width of a long one), a prompt that is most of the row."""
     long, half = max_length, max_length // 2
     if kind == "sft":
-        return [Ex(list(range(1, 1 + n)), [0] * k + [1] * (n - k))
-                for n, k in ((long, half), (3, 1), (long - 1, 2), (half, half - 1), (2, 1))]
-    return [Pair(list(range(1, 1 + p)), [60 + k % 3 for k in range(c)], [70 + k % 9 for k in range(r)])
-            for p, c, r in ((1, long - 1, long - 1), (1, 1, 1), (half, long - half, long - half), (2, 2, long - 2),
-                            (3, 2, 2), (long - 2, 1, 2))]
+        return [
+            Ex(list(range(1, 1 + n)), [0] * k + [1] * (n - k))
+            for n, k in ((long, half), (3, 1), (long - 1, 2), (half, half - 1), (2, 1))
+        ]
+    return [
+        Pair(list(range(1, 1 + p)), [60 + k % 3 for k in range(c)], [70 + k % 9 for k in range(r)])
+        for p, c, r in (
+            (1, long - 1, long - 1),
+            (1, 1, 1),
+            (half, long - half, long - half),
+            (2, 2, long - 2),
+            (3, 2, 2),
+            (long - 2, 1, 2),
+        )
+    ]
 
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-neo"])
@@ -344,9 +299,20 @@ def test_every_objective_batch_size_and_max_length_up_to_the_context_trains(arch
     for max_length in (CONTEXT // 2, CONTEXT // 2 + 1, CONTEXT - 1, CONTEXT):
         examples = rows_up_to(max_length, kind)
         for batch_size in (1, 2, 4):
-            plan = BatchPlan(examples, kind, batch_size=batch_size, grad_accum=1, world_size=1, seed=0,
-                             max_length=max_length, pad_id=PAD, pack=objective_name == "sft-packed",
-                             share_prompt=objective_name != "orpo-two-rows", vocab_size=VOCAB, context=CONTEXT)
+            plan = BatchPlan(
+                examples,
+                kind,
+                batch_size=batch_size,
+                grad_accum=1,
+                world_size=1,
+                seed=0,
+                max_length=max_length,
+                pad_id=PAD,
+                pack=objective_name == "sft-packed",
+                share_prompt=objective_name != "orpo-two-rows",
+                vocab_size=VOCAB,
+                context=CONTEXT,
+            )
             if objective_name.startswith("sft"):
                 objective = SFTObjective()
             elif objective_name == "dpo":
@@ -355,12 +321,16 @@ def test_every_objective_batch_size_and_max_length_up_to_the_context_trains(arch
             else:
                 objective = ORPOObjective(0.1)
             totals = {"targets": 100, "pairs": len(examples)}
-            rows = sft_rows(examples, list(range(len(examples))), max_length, plan.pack)  # in order: mixed widths
+            rows = sft_rows(
+                examples, list(range(len(examples))), max_length, plan.pack
+            )  # in order: mixed widths
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 batch = plan.collate(chunk)
                 assert int(batch.input_ids.shape[1]) <= (2 * max_length if kind != "sft" else max_length)
                 with torch.no_grad():
                     together = float(objective.micro_loss(model, batch, totals)[0])
-                    alone = sum(float(objective.micro_loss(model, plan.collate([row]), totals)[0]) for row in chunk)
+                    alone = sum(
+                        float(objective.micro_loss(model, plan.collate([row]), totals)[0]) for row in chunk
+                    )
                 assert together == pytest.approx(alone, abs=1e-5), (max_length, batch_size, chunk)

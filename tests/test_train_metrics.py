@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gpt2chat.train.metrics import MetricsLog, plot_losses, read_metrics
+from gpt2chat.train.metrics_log import MetricsLog, plot_losses, read_metrics
 
 
 def test_resume_cuts_the_log_back_and_drops_a_line_torn_by_a_kill(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpt2chat.cli import main
-from gpt2chat.train.metrics import read_metrics
+from gpt2chat.train.metrics_log import read_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["--batch-size", "2", "--max-length", "96", "--no-progress", "--lr", "3e-3", "--dropout", "0"]

@@ -16,7 +16,7 @@ import torch
 
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
 from gpt2chat.train.trainer import TrainingDivergedError, seed_for_step
-from test_train_loop import make_trainer, pref_examples, sft_examples
+from train_support import make_trainer, pref_examples, sft_examples
 
 PACKAGE = str(Path(__import__("gpt2chat").__file__).parent)
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "nonzero")

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpt2chat.atomic_files import write_atomic, write_json_atomic
 from gpt2chat.config import ConfigError, ModelConfig, get_preset
 from gpt2chat.device import model_device_dtype
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.files import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import torch

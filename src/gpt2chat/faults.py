@@ -10,8 +10,8 @@
     GPT2CHAT_FAULT="enospc:checkpoint@1"   the 1st checkpoint write finds the disk full
 
 Points in the code: `checkpoint` (inside a training checkpoint's staging folder, after the model files and
-before the trainer state), `write` (inside `gpt2chat.files.write_atomic`, the file written but not yet
-renamed into place), `swap` (in `gpt2chat.files.atomic_folder` replacing an existing folder: right after
+before the trainer state), `write` (inside `gpt2chat.atomic_files.write_atomic`, the file written but not yet
+renamed into place), `swap` (in `gpt2chat.atomic_files.atomic_folder` replacing an existing folder: right after
 the one-step exchange, or between the two renames where there is none). Unset, a point costs one
 environment lookup. Knows nothing about what is written.
 """

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gpt2chat.atomic_files import write_atomic, write_json_atomic
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.files import write_atomic, write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

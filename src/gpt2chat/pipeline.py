@@ -25,7 +25,7 @@ from typing import Any
 
 from gpt2chat.context_fit import FittedPrompt, fit_messages, prompt_too_long, reply_reserve
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.reply import ReplyDecoder, chat_template, stop_token_ids
+from gpt2chat.reply_text import ReplyDecoder, chat_template, stop_token_ids
 from gpt2chat.sampling import SamplingParams
 from gpt2chat.templates import ChatTemplate
 from gpt2chat.tokenizer import Tokenizer

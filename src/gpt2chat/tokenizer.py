@@ -32,8 +32,8 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from gpt2chat.atomic_files import write_json_atomic, write_text_atomic
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.files import write_json_atomic, write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from gpt2chat.evaluate.runner import evaluate_models
+    from gpt2chat.evaluate.report_card import evaluate_models
 
     skip = tuple(part.strip() for part in args.skip.split(",") if part.strip())
     report = evaluate_models(

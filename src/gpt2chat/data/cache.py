@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2chat.atomic_files import atomic_folder
 from gpt2chat.data.types import PreferenceExample, SFTExample
-from gpt2chat.files import atomic_folder
 
 CACHE_VERSION = 2  # 2: stats carry the split record (mixing.py)
 PROBE_TEXT = "Hello, world! 2 + 2 = 4. Ünïcödé <|endoftext|> 😊"

@@ -121,7 +121,7 @@ def preference_pairs(n: int = 200, seed: int = SEED + 1) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from gpt2chat.files import write_text_atomic
+    from gpt2chat.atomic_files import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

@@ -1,5 +1,5 @@
 """What both engines share: the model checks, the runner and scheduler each one owns, `generate` and the
-prompt-cache counters. `Engine` (sync.py) steps the scheduler in the caller's thread, `BatchedEngine`
+prompt-cache counters. `Engine` (stepped.py) steps the scheduler in the caller's thread, `BatchedEngine`
 (batched.py) in a thread of its own; a client uses either the same way: `submit` -> `Request`.
 
 This module knows nothing about text or threads.
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 
 from gpt2chat.device import model_device_dtype as read_device_dtype
+from gpt2chat.engine.model_runner import ModelRunner
 from gpt2chat.engine.prompt_cache import PromptCacheStats
 from gpt2chat.engine.request import GenerationResult, Request
-from gpt2chat.engine.runner import ModelRunner
 from gpt2chat.engine.scheduler import Scheduler, check_prompt
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.model import GPT

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt2chat.engine.model_runner import ModelRunner, PrefillChunk
 from gpt2chat.engine.prompt_cache import WAIT_FOR_PREFIX, PromptCache, common_prefix
 from gpt2chat.engine.request import Request, TokenLogprob
-from gpt2chat.engine.runner import ModelRunner, PrefillChunk
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.sampling import SamplingParams, sample_next
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from gpt2chat._lazy import lazy_getattr
 
-_LAZY = {name: ("gpt2chat.evaluate.runner", name) for name in ("evaluate_models", "EvalConfig")}
+_LAZY = {name: ("gpt2chat.evaluate.report_card", name) for name in ("evaluate_models", "EvalConfig")}
 
 __all__ = list(_LAZY)
 

@@ -39,7 +39,7 @@ _ROW_FILES = {"conversations": ("conversations.jsonl", "messages"), "pairs": ("p
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from gpt2chat.files import write_text_atomic
+    from gpt2chat.atomic_files import write_text_atomic
 
     write_text_atomic(path, text)
 

@@ -13,7 +13,7 @@ import gc
 from collections import Counter
 
 from gpt2chat.errors import Gpt2ChatError
-from gpt2chat.evaluate import metrics
+from gpt2chat.evaluate import reply_metrics
 
 __all__ = ["Reference", "evaluate_one", "template_of", "generation_rows", "speed_entries", "add_utilisation"]
 
@@ -96,7 +96,7 @@ def _perplexity(model, tokenizer, template, config, conversations, info, where) 
     for view, scoring_set in sets.items():
         total_logp = sum(s for s, _ in scored[view])
         tokens = sum(c for _, c in scored[view])
-        result[view] = {"ppl": metrics.perplexity(total_logp, tokens), "nll": -total_logp / tokens,
+        result[view] = {"ppl": reply_metrics.perplexity(total_logp, tokens), "nll": -total_logp / tokens,
                         "tokens": tokens, "sequences": len(scored[view]), "truncated": scoring_set.truncated,
                         "skipped": scoring_set.skipped, "skip_reasons": dict(scoring_set.skip_reasons)}
     result["measured_on"] = (
@@ -125,7 +125,7 @@ def _preference(model, tokenizer, template, label, config, pairs, info, referenc
         ref_good = reference.score(chosen.sequences, chosen.masks, config.batch_tokens, config.progress)
         ref_bad = reference.score(rejected.sequences, rejected.masks, config.batch_tokens, config.progress)
         kwargs = {"ref_chosen_logps": [s for s, _ in ref_good], "ref_rejected_logps": [s for s, _ in ref_bad]}
-    scores = metrics.preference_scores([s for s, _ in good], [s for s, _ in bad],
+    scores = reply_metrics.preference_scores([s for s, _ in good], [s for s, _ in bad],
                                        chosen_counts=[c for _, c in good], rejected_counts=[c for _, c in bad],
                                        beta=config.beta, **kwargs)
     reward = (f"DPO implicit reward beta*(log pi - log pi_ref) summed over reply tokens, beta {config.beta}, "
@@ -173,7 +173,7 @@ def prompt_fit_check(model, tokenizer, template: str, config):
     by the one rule (`gpt2chat.context_fit`, with the reserve `generate_replies` keeps for the reply), so
     that a row too long for the context is skipped and counted instead of stopping the report."""
     from gpt2chat.context_fit import PromptTooLongError, fit_messages, reply_reserve
-    from gpt2chat.reply import chat_template
+    from gpt2chat.reply_text import chat_template
 
     spec = chat_template(tokenizer, template)
     context = int(model.config.n_positions)
@@ -196,7 +196,7 @@ def _decoding(config) -> str:
 
 
 def _generate(model, tokenizer, template, config, prompts, desc):
-    from gpt2chat.evaluate.replies import generate_replies
+    from gpt2chat.evaluate.generated_replies import generate_replies
 
     return generate_replies(model, tokenizer, template, prompts, max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
@@ -210,7 +210,7 @@ def _generation(model, tokenizer, template, config, conversations, info, where) 
     if not prompts:
         return None
     replies = _generate(model, tokenizer, template, config, prompts, "replies for BLEU")
-    figures = metrics.reply_metrics(replies, references)
+    figures = reply_metrics.reply_metrics(replies, references)
     figures["samples"] = [{"prompt": p[-1]["content"], "reference": r, "reply": g}
                           for p, r, g in zip(prompts, references, replies, strict=True)]
     figures["skipped"] = sum(skipped.values())

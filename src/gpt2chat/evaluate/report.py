@@ -5,7 +5,7 @@ followed by a "measured on" line (dataset, rows, template, device, dtype, thread
 Loss curves come from each training stage's `metrics.jsonl` (JSON lines with `step` and `loss` /
 `eval_loss`, or `loss` with `split` = train / val), labelled by the stage (`sft`, `sft+orpo`) they belong
 to. Evaluation rows found in a model's training data are a warning at the top of the summary. Every file is
-written through the one atomic writer (`gpt2chat.files`): a killed run leaves the old report or the new one.
+written through the one atomic writer (`gpt2chat.atomic_files`): a killed run leaves the old report or the new one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from gpt2chat.files import write_atomic, write_json_atomic, write_text_atomic
+from gpt2chat.atomic_files import write_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["write_report", "render_markdown", "read_loss_log", "plot_perplexity", "plot_loss_curves", "human"]
 

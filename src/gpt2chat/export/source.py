@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpt2chat import files
+from gpt2chat import atomic_files
 from gpt2chat.errors import Gpt2ChatError
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def load_source(folder: Path, adapter: str | os.PathLike | None = None) -> tuple
 
 
 def _write_error(path: Path, exc: OSError, needed_bytes: int | None) -> ExportError:
-    if not files.is_disk_full(exc):
+    if not atomic_files.is_disk_full(exc):
         return ExportError(f"cannot write {path}: {exc}")
     need = f" ({needed_bytes / 2**20:.1f} MiB needed)" if needed_bytes else ""
     return ExportError(f"no space left on the device while writing {path}{need}; nothing was written ({exc})")
@@ -85,20 +85,20 @@ def check_free_space(path: Path, needed_bytes: int) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], needed_bytes: int | None = None) -> Path:
-    """`gpt2chat.files.write_atomic`, with a failed write as an ExportError (a full disk says so).
+    """`gpt2chat.atomic_files.write_atomic`, with a failed write as an ExportError (a full disk says so).
 
     On any failure the temporary file is removed and `path` is left as it was.
     """
     try:
-        return files.write_atomic(path, write)
+        return atomic_files.write_atomic(path, write)
     except OSError as exc:
         raise _write_error(path, exc, needed_bytes) from exc
 
 
 def replace_folder(path: Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp_dir) into a new folder beside `path`, then swap it in for `path` (`gpt2chat.files.atomic_folder`)."""
+    """write(tmp_dir) into a new folder beside `path`, then swap it in for `path` (`gpt2chat.atomic_files.atomic_folder`)."""
     try:
-        with files.atomic_folder(path) as staging:
+        with atomic_files.atomic_folder(path) as staging:
             write(staging)
     except OSError as exc:
         raise _write_error(path, exc, None) from exc

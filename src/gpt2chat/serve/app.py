@@ -24,7 +24,7 @@ from gpt2chat.serve import schemas
 from gpt2chat.serve.auth import ApiKeyMiddleware
 from gpt2chat.serve.errors import ERROR_TYPES, ModelNotFoundError, error_response, install_error_handlers
 from gpt2chat.serve.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
-from gpt2chat.serve.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
+from gpt2chat.serve.prometheus import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from gpt2chat.serve.service import ChatService, Generation, ServiceError
 from gpt2chat.serve.streaming import (
     Answer,

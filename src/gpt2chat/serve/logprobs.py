@@ -4,7 +4,7 @@ Chat (`logprobs: true, top_logprobs: k`): `{"content": [{"token", "logprob", "by
 [k x {"token", "logprob", "bytes"}]}], "refusal": null}`. Completions (`logprobs: k`, with `echo` the
 prompt's tokens first, the very first one unscored): `{"tokens", "token_logprobs", "top_logprobs": [{token:
 logprob} of the k most likely plus the chosen one], "text_offset"}`. A streamed chunk carries the same
-shape for the tokens it delivers. Tokens are spelled by `gpt2chat.reply.token_text`.
+shape for the tokens it delivers. Tokens are spelled by `gpt2chat.reply_text.token_text`.
 
 Logprobs are the model's raw distribution (before temperature, top-p and penalties; the engine's
 contract). This module knows nothing about HTTP or how logprobs are computed.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gpt2chat.reply import token_text
+from gpt2chat.reply_text import token_text
 
 __all__ = ["chat_logprobs", "completion_logprobs", "LOGPROB_FLOOR"]
 

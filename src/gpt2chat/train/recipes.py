@@ -84,8 +84,8 @@ def apply_lora_from(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module
 
 
 def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
+    from gpt2chat.atomic_files import atomic_folder
     from gpt2chat.checkpoint import save_pretrained
-    from gpt2chat.files import atomic_folder
     from gpt2chat.lora import merge_lora, save_adapter
 
     def write_model(model, folder: Path) -> None:
@@ -144,8 +144,8 @@ def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState, max_leng
 def record_split(cfg: TrainConfig, base: str, stats: dict) -> None:
     """OUT/heldout/: the validation rows and the training rows' content hashes, for `gpt2chat eval`; OUT/data.json:
     what the data build kept, skipped, dropped and cut, by reason (`gpt2chat data stats --json`'s numbers)."""
+    from gpt2chat.atomic_files import write_json_atomic
     from gpt2chat.evaluate.heldout import write_split
-    from gpt2chat.files import write_json_atomic
 
     write_json_atomic(Path(cfg.out) / "data.json", {k: v for k, v in stats.items() if k != "split"})
 
@@ -310,7 +310,7 @@ def _check_eval_keys(recipe: dict[str, Any]) -> None:
     """Unknown `[eval]` keys fail before any training starts."""
     import dataclasses
 
-    from gpt2chat.evaluate.runner import EvalConfig
+    from gpt2chat.evaluate.report_card import EvalConfig
     from gpt2chat.train.config import ConfigError, suggest
 
     fields = [f.name for f in dataclasses.fields(EvalConfig)]

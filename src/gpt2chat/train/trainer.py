@@ -30,7 +30,7 @@ from gpt2chat.train import distributed as dist_utils
 from gpt2chat.train import training_state
 from gpt2chat.train.batching import BatchPlan
 from gpt2chat.train.config import TrainConfig
-from gpt2chat.train.metrics import MetricsLog, plot_losses
+from gpt2chat.train.metrics_log import MetricsLog, plot_losses
 from gpt2chat.train.objectives import Objective
 
 

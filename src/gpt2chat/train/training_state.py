@@ -6,7 +6,7 @@ layout), written by a callback the caller passes, plus the trainer's state:
 - `trainer_state.pt`: tensors only (optimizer state, RNG states, LoRA weights, DPO reference
   log-probs), read back with `torch.load(weights_only=True)`: loading never runs pickled code.
 
-Everything is written into a staging folder first and renamed into place (`gpt2chat.files.atomic_folder`),
+Everything is written into a staging folder first and renamed into place (`gpt2chat.atomic_files.atomic_folder`),
 so a crash mid-write leaves the previous checkpoints intact and never a half-written one under a real name;
 a write that fails (a full disk) stops with `CheckpointWriteError` naming the checkpoint that is still whole.
 `list_checkpoints` (and so `--resume`) only ever sees folders named step-N holding both state files.
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from gpt2chat.atomic_files import atomic_folder, is_disk_full
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.faults import fault_point
-from gpt2chat.files import atomic_folder, is_disk_full
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"

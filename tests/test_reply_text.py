@@ -12,7 +12,7 @@ import pytest
 from chat_samples import conversation
 from gpt2chat.context_fit import PromptTooLongError
 from gpt2chat.pipeline import ReplyStream
-from gpt2chat.reply import (
+from gpt2chat.reply_text import (
     ReplyDecoder,
     StopStrings,
     stop_token_ids,
@@ -137,7 +137,7 @@ def test_evaluation_replies_equal_the_chat_session_and_drop_turns_not_tokens(tin
     from gpt2chat.chat import ChatSession
     from gpt2chat.checkpoint import load_model
     from gpt2chat.engine import Engine
-    from gpt2chat.evaluate.replies import generate_replies
+    from gpt2chat.evaluate.generated_replies import generate_replies
     from gpt2chat.sampling import SamplingParams
 
     model, tok = load_model(tiny_checkpoint, device="cpu")

@@ -1,7 +1,7 @@
 """Training metrics: one JSON object per line in `metrics.jsonl`, and loss curves as PNG.
 
 On resume the log is cut back to the checkpoint's step, so the file always reads as one uninterrupted
-run; that rewrite and the PNG go through the one atomic writer (`gpt2chat.files`), so a kill leaves the
+run; that rewrite and the PNG go through the one atomic writer (`gpt2chat.atomic_files`), so a kill leaves the
 old file or the new one. Records are appended a line at a time; a last line torn by a kill is not a
 record and is dropped when the log is read or cut back. This module knows numbers and files only.
 """
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gpt2chat.files import write_atomic, write_text_atomic
+from gpt2chat.atomic_files import write_atomic, write_text_atomic
 
 
 class MetricsLog:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpt2chat import files
-from gpt2chat.files import atomic_folder, write_atomic, write_json_atomic, write_text_atomic
+from gpt2chat import atomic_files
+from gpt2chat.atomic_files import atomic_folder, write_atomic, write_json_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_a_real_full_disk_is_enospc_whichever_serializer_writes_and_the_old_file
     write_text_atomic(disk / "state.bin", "old")
     with pytest.raises(OSError) as caught:
         write_atomic(disk / "state.bin", SERIALIZERS[serializer])
-    assert caught.value.errno == errno.ENOSPC and files.is_disk_full(caught.value)
+    assert caught.value.errno == errno.ENOSPC and atomic_files.is_disk_full(caught.value)
     assert "No space left on device" in str(caught.value) and caught.value.__cause__ is not None
     assert (disk / "state.bin").read_text() == "old" and os.listdir(disk) == ["state.bin"]
     with pytest.raises(OSError) as caught, atomic_folder(disk / "folder") as staging:
@@ -114,7 +114,7 @@ def test_a_writer_error_is_called_a_full_disk_only_when_its_file_system_is_out_o
         raise ValueError("not a write")
     real = os.statvfs(tmp_path)
     full = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0, *real[5:]))
-    monkeypatch.setattr(files.os, "statvfs", lambda path: full)
+    monkeypatch.setattr(atomic_files.os, "statvfs", lambda path: full)
     with pytest.raises(OSError) as caught:
         write_atomic(tmp_path / "a.bin", broken)
     assert caught.value.errno == errno.ENOSPC and "unexpected pos" in str(caught.value)
@@ -134,10 +134,10 @@ def test_a_writer_error_is_called_a_full_disk_only_when_its_file_system_is_out_o
 
 SWAP_KILLED = """
 import sys
-from gpt2chat import files
+from gpt2chat import atomic_files
 if sys.argv[2] == "two-renames":
-    files._exchange = lambda a, b: False  # as on a system without renameat2
-with files.atomic_folder(sys.argv[1]) as staging:
+    atomic_files._exchange = lambda a, b: False  # as on a system without renameat2
+with atomic_files.atomic_folder(sys.argv[1]) as staging:
     (staging / "weights").write_text("new")
 """
 
@@ -150,7 +150,7 @@ def test_a_kill_while_a_folder_is_swapped_in(tmp_path, swap):
     probe = [tmp_path / "a", tmp_path / "b"]
     for folder in probe:
         folder.mkdir()
-    if swap == "exchange" and not files._exchange(*probe):
+    if swap == "exchange" and not atomic_files._exchange(*probe):
         pytest.skip("this kernel or file system has no RENAME_EXCHANGE")
     for folder in probe:
         folder.rmdir()
@@ -177,7 +177,7 @@ def test_replacing_a_folder_swaps_it_in_one_step_where_linux_can(tmp_path, monke
             inode = os.stat(staging).st_ino
     assert (target / "weights").read_text() == "new" and os.stat(target).st_ino == inode
     assert os.listdir(tmp_path) == ["final"]  # the old folder, swapped into staging, is deleted
-    monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # the two-rename fallback does the same
+    monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)  # the two-rename fallback does the same
     with atomic_folder(target) as staging:
         (staging / "weights").write_text("newer")
     assert (target / "weights").read_text() == "newer" and os.listdir(tmp_path) == ["final"]
