@@ -120,6 +120,13 @@ def test_bad_tool_calls_name_the_field(calls, message):
     assert message in str(info.value)
 
 
+def test_error_field_and_detail():
+    with pytest.raises(ToolCallError) as info:
+        check_tool_calls([_call("f", "[1]")], "messages[2].tool_calls")
+    assert info.value.field == "messages[2].tool_calls[0].function.arguments"
+    assert info.value.detail == "expected a JSON object, got list"
+
+
 def test_hf_shape_without_function_wrapper_and_empty_arguments_string():
     (call,) = check_tool_calls([{"name": "f", "arguments": ""}])
     assert call["function"] == {"name": "f", "arguments": {}}

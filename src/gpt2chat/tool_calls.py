@@ -65,7 +65,16 @@ TOOLS_INTRO = (
 
 
 class ToolCallError(Gpt2ChatError):
-    """Malformed tools, tool_calls, or generated tool-call text (the message names the field and what is wrong)."""
+    """Malformed tools, tool_calls, or generated tool-call text. The message is ``"FIELD: what is wrong"``
+    (``field`` and ``detail`` give the two parts, e.g. for a data loader's own error format)."""
+
+    @property
+    def field(self) -> str:
+        return str(self).partition(": ")[0]
+
+    @property
+    def detail(self) -> str:
+        return str(self).partition(": ")[2]
 
 
 @dataclass(frozen=True)
