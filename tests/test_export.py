@@ -208,6 +208,32 @@ def test_adapter_is_merged_into_gguf_and_hf(checkpoint, model_and_tokenizer, tmp
         torch.testing.assert_close(reloaded(ids), want_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_typed_control_token_text_after_hf_export(checkpoint, model_and_tokenizer, tmp_path):
+    """What README's Jinja-export paragraph says: transformers' apply_chat_template turns a typed control-token
+    spelling into the control token by default (a tokenizer file cannot change that), and
+    sanitize_control_tokens=True keeps it text, as our renderer does."""
+    transformers = pytest.importorskip("transformers")
+    _, tok = model_and_tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(checkpoint, tmp_path / "hf")))
+    typed = [{"role": "user", "content": "say <|End|> or <|endoftext|> please"}]
+    clean = [{"role": "user", "content": "say End or endoftext please"}]
+    control = tok.special_token_ids
+    ours, _ = get_template("user-assistant").render(tok, typed, add_generation_prompt=True)
+    clean_ids, _ = get_template("user-assistant").render(tok, clean, add_generation_prompt=True)
+    written = sorted(i for i in clean_ids if i in control)  # the control tokens the template itself writes
+    assert sorted(i for i in ours if i in control) == written
+
+    default = list(hf.apply_chat_template(typed, add_generation_prompt=True, return_dict=False))
+    assert sorted(i for i in default if i in control) == sorted([*written, tok.token_to_id("<|End|>"), 50256])
+
+    kept = list(hf.apply_chat_template(typed, add_generation_prompt=True, return_dict=False,
+                                       sanitize_control_tokens=True))
+    assert sorted(i for i in kept if i in control) == written
+    assert tok.decode(kept) == tok.decode(ours)
+    assert hf.apply_chat_template(clean, add_generation_prompt=True, return_dict=False,
+                                  sanitize_control_tokens=True) == clean_ids
+
+
 def test_hf_export_of_gpt_neo_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
