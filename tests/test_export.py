@@ -418,14 +418,21 @@ func main() {
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
 def test_ollama_templates_render_like_ours_in_go(tmp_path):
     """Go's text/template (what Ollama runs) renders each twin to our prompt text; Ollama asks for the
-    assistant's turn itself, so the generation prompt follows a user turn and never an assistant's."""
+    assistant's turn itself, so the generation prompt follows a user turn (or a tool result), never an
+    assistant's. Leading system messages merge, later ones and tool results stay in place, as in the Jinja."""
     (tmp_path / "main.go").write_text(_GO_RENDER)
     cases, want = [], []
+    system, user, reply = ({"role": r, "content": c} for r, c in (("system", "Be kind."), ("user", "Hi"),
+                                                                    ("assistant", "Hello")))
+    more = [[system, {"role": "system", "content": "Be brief."}, user],
+            [user, reply, {"role": "system", "content": "Now in French."}, user],
+            [system, user, reply, {"role": "tool", "content": "12:00"}],
+            [user, {"role": "system", "content": "late"}]]
     for name, go_template in GO_TEMPLATES.items():
-        for messages in CONVERSATIONS:
+        for messages in [*CONVERSATIONS, *more]:
             cases.append({"template": go_template, "messages": messages})
-            ends_with_user = messages[-1]["role"] == "user"
-            want.append(get_template(name).render_text(messages, add_generation_prompt=ends_with_user))
+            answer_next = messages[-1]["role"] != "assistant"  # after a user turn or a tool's result
+            want.append(get_template(name).render_text(messages, add_generation_prompt=answer_next))
     env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "go-cache")}
     run = subprocess.run(["go", "run", "main.go"], input=json.dumps(cases), capture_output=True, text=True,
                          cwd=tmp_path, timeout=300, env=env)  # fmt: skip
