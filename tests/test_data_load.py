@@ -303,3 +303,19 @@ def test_bad_tool_rows_name_the_row_and_field(tmp_path, row, reason, field, deta
     assert f"{path} line 2: field '{field}'" in message
     if detail:
         assert detail in message
+
+
+def test_messages_rows_take_system_messages_anywhere(tmp_path):
+    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    two = {"role": "system", "content": "Be brief."}
+    path = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "system", "content": "Be kind."}, two, user, reply]},
+        {"messages": [user, reply, two, user, reply]},
+        {"messages": [user, two, {"role": "user", "content": "again"}, reply]},  # still must alternate
+    ])
+    conversations, report = load_conversations(f"messages:{path}")
+    assert [[m["role"] for m in c.messages] for c in conversations] == [
+        ["system", "system", "user", "assistant"], ["user", "assistant", "system", "user", "assistant"]]
+    assert report.dropped == {"bad turn order": 1}
+    with pytest.raises(DataError, match=r"line 3: field 'messages\[2\]': expected assistant next, got user"):
+        load_conversations(f"messages:{path}", strict=True)

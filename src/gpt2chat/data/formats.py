@@ -2,8 +2,9 @@
 
 Formats (the `FORMAT` of a spec): `alpaca`, `guanaco`, `openorca`, `sharegpt`, `messages`, `ultrafeedback`,
 and `oasst1` / `oasst2` (a whole message table, handled in `oasst.py`). Every parser checks each field it
-reads (present, right type, non-empty, valid UTF-8, not absurdly long) and every message list (known roles, a
-system message only first, user / assistant alternating), so what comes out can be rendered by any template.
+reads (present, right type, non-empty, valid UTF-8, not absurdly long) and every message list (known roles,
+user / assistant alternating; system messages anywhere: leading ones are merged and later ones rendered in
+place by the templates), so what comes out can be rendered by any template.
 
 Tool use (the `messages` format, TRL's layout): a row may have `tools` (OpenAI's list, or that list as a JSON
 string), assistant messages with `tool_calls` (content null or empty allowed) and `role: "tool"` messages.
@@ -117,24 +118,25 @@ def _next_roles(message: dict | None) -> tuple[str, ...]:
 
 
 def check_messages(messages: list[dict], field: str, *, end: str) -> list[dict]:
-    """Validate turn order: optional system first, then user/assistant alternating starting with user (an
-    assistant's tool calls are followed by one or more tool results, then the assistant again).
+    """Validate turn order: user/assistant alternating starting with user (an assistant's tool calls are
+    followed by one or more tool results, then the assistant again); system messages may stand anywhere.
 
     end="assistant": a conversation to train on (trailing user / tool turns are dropped; needs one reply);
     end="user": a preference prompt (must end with the user turn the replies answer).
     """
-    for index, message in enumerate(messages):
-        if message["role"] == "system" and index > 0:
-            raise RowError("bad turn order", f"{field}[{index}]", "a system message is only allowed first")
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    offset = len(messages) - len(body)
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    body = messages[lead:]
     previous = None
     for index, message in enumerate(body):
+        if message["role"] == "system":  # a later system message stands in place (templates render it there)
+            continue
         expected = _next_roles(previous)
         if message["role"] not in expected:
             why = ("an assistant's tool calls are answered by tool messages" if expected == ("tool",)
                    else "turns must alternate, user first")
-            raise RowError("bad turn order", f"{field}[{index + offset}]",
+            raise RowError("bad turn order", f"{field}[{index + lead}]",
                            f"expected {' or '.join(expected)} next, got {message['role']} ({why})")
         previous = message
     if end == "assistant":
@@ -142,7 +144,7 @@ def check_messages(messages: list[dict], field: str, *, end: str) -> list[dict]:
             messages = messages[:-1]
         if not messages:
             raise RowError("no assistant reply", field, "no assistant reply to train on")
-    elif not body or body[-1]["role"] != "user":
+    elif not body or body[-1]["role"] != "user":  # (a system message after the question is refused too)
         raise RowError("bad turn order", field, "the prompt must end with a user turn")
     return messages
 
