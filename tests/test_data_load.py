@@ -319,3 +319,23 @@ def test_messages_rows_take_system_messages_anywhere(tmp_path):
     assert report.dropped == {"bad turn order": 1}
     with pytest.raises(DataError, match=r"line 3: field 'messages\[2\]': expected assistant next, got user"):
         load_conversations(f"messages:{path}", strict=True)
+
+
+def test_sharegpt_function_call_and_observation_turns(tmp_path):
+    from gpt2chat.templates import flatten
+
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    row = {"tools": json.dumps([WEATHER_TOOL]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": json.dumps(call)},
+        {"from": "observation", "value": "21C, clear"}, {"from": "gpt", "value": "It is 21C and clear in Paris."}]}
+    bad_json = {**row, "conversations": [row["conversations"][0], {"from": "function_call", "value": "{name"}]}
+    bad_call = {**row, "conversations": [row["conversations"][0], {"from": "function_call", "value": "[{}]"}]}
+    path = write_jsonl(tmp_path / "s.jsonl", [row, bad_json, bad_call])
+    (conversation,), report = load_conversations(f"sharegpt:{path}")
+    assert conversation.messages == flatten(tool_row()["messages"], [WEATHER_TOOL])  # the same as TRL's layout
+    assert report.dropped == {"bad tool call": 2}
+    with pytest.raises(DataError, match=r"line 2: field 'conversations\[1\]\.value': a function_call turn holds JSON"):
+        load_conversations(f"sharegpt:{path}", strict=True)
+    path = write_jsonl(tmp_path / "s2.jsonl", [bad_call])
+    with pytest.raises(DataError, match=r"line 1: field 'conversations\[1\]\.value\[0\]\.name': expected a non-empty"):
+        load_conversations(f"sharegpt:{path}", strict=True)

@@ -6,7 +6,8 @@ reads (present, right type, non-empty, valid UTF-8, not absurdly long) and every
 user / assistant alternating; system messages anywhere: leading ones are merged and later ones rendered in
 place by the templates), so what comes out can be rendered by any template.
 
-Tool use (the `messages` format, TRL's layout): a row may have `tools` (OpenAI's list, or that list as a JSON
+Tool use (the `messages` format in TRL's layout; `sharegpt` in LLaMA-Factory's, with `function_call` and
+`observation` turns): a row may have `tools` (OpenAI's list, or that list as a JSON
 string), assistant messages with `tool_calls` (content null or empty allowed) and `role: "tool"` messages.
 Turn order then is user -> assistant; an assistant with calls -> tool results -> assistant. The conversation
 comes out flattened by `templates.flatten` (tools in the system message, calls written into the assistant's
@@ -272,13 +273,39 @@ def parse_sharegpt(row: dict, options: FormatOptions) -> list[dict]:
     if "chosen" in row and "rejected" in row:  # preference layout: train on the chosen reply
         pair = parse_sharegpt_preference(row, options)
         return pair.prompt + [{"role": "assistant", "content": pair.chosen}]
-    messages = _sharegpt_turns(row, options)
-    return check_messages(messages, "conversations", end="assistant")
+    tools = parse_tools(row)
+    messages = _sharegpt_turns(row, options, SHAREGPT_TOOL_ALIASES)
+    messages = check_messages([_sharegpt_call(m, i) for i, m in enumerate(messages)], "conversations", end="assistant")
+    if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        messages = flatten(messages, tools)
+    return messages
 
 
-def _sharegpt_turns(row: dict, options: FormatOptions) -> list[dict]:
+# LLaMA-Factory's ShareGPT tool layout: a `function_call` turn (the assistant's call(s) as JSON) and an
+# `observation` turn (the tool's result), with the tool list in the row's `tools`.
+SHAREGPT_TOOL_ALIASES = {**ROLE_ALIASES, "function_call": "function_call", "observation": "tool"}
+
+
+def _sharegpt_call(message: dict, index: int) -> dict:
+    """A `function_call` turn -> an assistant message with tool_calls; other turns unchanged."""
+    if message["role"] != "function_call":
+        return message
+    place = f"conversations[{index}].value"
+    try:
+        value = json.loads(message["content"])
+    except json.JSONDecodeError as exc:
+        raise RowError("bad tool call", place, f"a function_call turn holds JSON ({exc.msg} at character "
+                                               f"{exc.pos})") from None
+    try:
+        calls = check_tool_calls(value if isinstance(value, list) else [value], place)
+    except ToolCallError as exc:
+        raise RowError("bad tool call", exc.field, exc.detail) from None
+    return {"role": "assistant", "content": "", "tool_calls": calls}
+
+
+def _sharegpt_turns(row: dict, options: FormatOptions, aliases: dict = ROLE_ALIASES) -> list[dict]:
     messages = parse_message_list(get_field(row, "conversations"), "conversations", options.max_chars,
-                                  role_key="from", content_key="value", aliases=ROLE_ALIASES)
+                                  role_key="from", content_key="value", aliases=aliases)
     system = check_text(row.get("system"), "system", options.max_chars, missing_ok=True)
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
