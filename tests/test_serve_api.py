@@ -327,6 +327,10 @@ def test_every_rejected_body_gets_one_plain_sentence(client, body):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type", 'messages[0].content[0].type must be "text" (this server reads text parts only); '
      'got "image_url".'),
+    ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": "f()"}]}, "messages[1].tool_calls",
+     'messages[1].tool_calls must be a list of tool calls; got "f()".'),
+    ({"messages": [*USER, {"role": "tool", "content": "1", "tool_call_id": 7}]}, "messages[1].tool_call_id",
+     "messages[1].tool_call_id must be a string; got 7."),
     ({"messages": ["hi"]}, "messages[0]", 'messages[0] must be a message like {"role": "user", "content": "Hi"}; '
      'got "hi".'),
     ({"max_tokens": 3}, "messages", "messages is required: give a non-empty list of messages, each with a role "
