@@ -143,3 +143,47 @@ def test_tool_use_loss_on_calls_and_replies_not_tool_results_or_definitions(tok,
     # the tool's definition and its result are in the context, never in the loss
     assert "TOOLRESULT" in tok.decode(answer.input_ids) and '"parameters"' in tok.decode(answer.input_ids)
     assert render_chat(tok, row["messages"], template, tools=tools) == (answer.input_ids, answer.assistant_mask)
+
+
+def test_tool_rows_tokenize_as_trls_sft_does(tmp_path):
+    """TRL's SFTTrainer on the same tool-use rows (messages + tools, assistant_only_loss) with our exported
+    tokenizer gives the ids and loss mask of our last-turn example: TRL renders the whole row and trains the
+    last assistant turn through the template's {% generation %} span."""
+    import json
+
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    from gpt2chat.checkpoint import init_checkpoint
+    from gpt2chat.data import load_conversations
+
+    folder = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}}}}]
+    rows = []
+    for city in ("Paris", "Oslo", "Lima"):
+        rows.append({"tools": json.dumps(tools), "messages": [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]},
+            {"role": "tool", "content": f"{len(city)}C"},
+            {"role": "assistant", "content": f"It is {len(city)}C in {city}."}]})
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no",
+                         bf16=False, assistant_only_loss=True, max_length=None, dataset_num_proc=None)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=hf_tok,
+                             train_dataset=datasets.Dataset.from_list(rows))
+    theirs = [(list(r["input_ids"]), [int(label != -100) for label in r["labels"]]) for r in trainer.train_dataset]
+
+    from gpt2chat.tokenizer import Tokenizer
+
+    ours_tok = Tokenizer.from_dir(folder)
+    conversations, _ = load_conversations(f"messages:{path}")
+    ours = [(e.input_ids, e.assistant_mask)
+            for e in build_sft(ours_tok, conversations, ours_tok.template_name, Budgets.sft(), per_turn=False)]
+    assert ours == theirs
