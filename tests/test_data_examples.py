@@ -120,3 +120,30 @@ def test_preference_budgets_like_seed_002(tok):
     drop = Budgets(max_prompt_length=96, max_response_length=64, max_length=160, prompt_truncation="drop")
     assert build_preferences(tok, [pair(["too long " * 100])], "plain", drop, drops) == []
     assert drops == {"last user turn over max_prompt_length": 1}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_tool_use_loss_on_calls_and_replies_not_tool_results_or_definitions(tok, template, tmp_path):
+    import json
+
+    from gpt2chat.data import load_conversations
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "TOOLRESULT 21C"},
+        {"role": "assistant", "content": "Sunny, 21C."}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (c,), _ = load_conversations(f"messages:{path}")
+    t = get_template(template)
+    call, answer = build_sft(tok, [c], template, Budgets.sft())
+    call_text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert trained_text(tok, call) == t.reply_prefix + call_text + t.end_of_turn
+    assert trained_text(tok, answer) == t.reply_prefix + "Sunny, 21C." + t.end_of_turn
+    # the tool's definition and its result are in the context, never in the loss
+    assert "TOOLRESULT" in tok.decode(answer.input_ids) and '"parameters"' in tok.decode(answer.input_ids)
+    assert render_chat(tok, row["messages"], template, tools=tools) == (answer.input_ids, answer.assistant_mask)
