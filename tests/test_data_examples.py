@@ -55,12 +55,16 @@ def test_context_cut_from_oldest_turn_reply_kept(tok):
              "last question", "final reply", system="Be brief.")
     full = render_chat(tok, c.messages)[0]
     budget = Budgets(max_length=len(full) - 5)
-    (example,), drops = build_sft(tok, [c], "llama3-context", budget, per_turn=False), Counter()
+    drops, truncations = Counter(), Counter()
+    (example,) = build_sft(tok, [c], "llama3-context", budget, per_turn=False, drops=drops, truncations=truncations)
     text = tok.decode(example.input_ids)
     assert len(example.input_ids) <= budget.max_length
     assert "oldest" not in text and "middle question" in text and "Be brief." in text
     assert trained_text(tok, example) == "final reply<|eot_id|>"
-    assert not drops
+    assert not drops and truncations == {"oldest turns dropped to fit": 1}  # kept, and said to be cut
+    truncations.clear()
+    build_sft(tok, [c], "llama3-context", Budgets(max_length=len(full)), per_turn=False, truncations=truncations)
+    assert not truncations  # a conversation that fits loses nothing and is not counted
 
 
 def test_reply_that_cannot_fit_is_dropped_and_counted(tok):
@@ -111,7 +115,7 @@ def test_preference_budgets_like_seed_002(tok):
     assert len(example.prompt_ids) + len(example.chosen_ids) <= 160
     assert "Final question?" in tok.decode(example.prompt_ids) and "early" not in tok.decode(example.prompt_ids)
     assert example.rejected_ids[-1] == tok.eos_token_id  # not cut: still ends with end-of-turn
-    assert truncations == {"chosen reply cut": 1}
+    assert truncations == {"chosen reply cut": 1, "oldest turns dropped to fit": 1}  # "early" went
     drops = Counter()
     drop = Budgets(max_prompt_length=96, max_response_length=64, max_length=160, prompt_truncation="drop")
     assert build_preferences(tok, [pair(["too long " * 100])], "plain", drop, drops) == []

@@ -40,14 +40,16 @@ class EngineBase:
     """The parts of an engine that do not depend on which thread steps it (see the module docstring).
 
     `max_batch_size`: cache rows, the most requests decoded together (more queue for a free row).
-    `prefill_tokens`: the most prompt tokens one step prefills. `max_len`: the longest prompt + reply of a
+    `prefill_tokens`: the most prompt tokens one step prefills; `prefill_chunk`: the most while other
+    streams decode (None: what fits a bounded stall, `engine.chunk_policy`). `max_len`: the longest prompt + reply of a
     row (default: the model's context). `prompt_cache`: reuse cached prompt prefixes (module
     `gpt2chat.engine.prompt_cache`; the tokens are those of a cold run either way). `device` / `dtype`
     are checked against the model's, never applied.
     """
 
     def __init__(self, model: GPT, device=None, dtype=None, *, max_batch_size: int, prefill_tokens: int = 512,
-                 max_len: int | None = None, compile: bool = False, prompt_cache: bool = True):  # fmt: skip
+                 max_len: int | None = None, compile: bool = False, prompt_cache: bool = True,
+                 prefill_chunk: int | None = None):  # fmt: skip
         if max_batch_size < 1:
             raise Gpt2ChatError("max_batch_size must be >= 1")
         self.device, self.dtype = checked_device_dtype(model, device, dtype)
@@ -55,7 +57,8 @@ class EngineBase:
         self.max_batch_size = max_batch_size
         self.context = min(self.config.n_positions, max_len or self.config.n_positions)
         self.runner = ModelRunner(model, max_batch_size, self.context, compile)
-        self.scheduler = Scheduler(self.runner, max_batch_size, self.context, prefill_tokens, prompt_cache)
+        self.scheduler = Scheduler(self.runner, max_batch_size, self.context, prefill_tokens, prompt_cache,
+                                   prefill_chunk)
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         """The prompt as a list of ints; Gpt2ChatError when it is empty, too long or out of vocabulary."""

@@ -29,11 +29,12 @@ class BatchedEngine(EngineBase):
 
     def __init__(self, model: GPT, max_batch_size: int = 16, max_queue: int = 64, device=None, dtype=None,
                  max_len: int | None = None, prefill_tokens: int = 512,
-                 compile: bool = False, prompt_cache: bool = True):  # fmt: skip
+                 compile: bool = False, prompt_cache: bool = True, prefill_chunk: int | None = None):  # fmt: skip
         if max_queue < 0:
             raise Gpt2ChatError("max_queue must be >= 0")
         super().__init__(model, device, dtype, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens,
-                         max_len=max_len, compile=compile, prompt_cache=prompt_cache)  # fmt: skip
+                         max_len=max_len, compile=compile, prompt_cache=prompt_cache,
+                         prefill_chunk=prefill_chunk)  # fmt: skip
         self.max_queue = max_queue
         self._inbox: list[Request] = []  # submitted, not yet handed to the scheduler (its thread owns it)
         self._cond = threading.Condition()

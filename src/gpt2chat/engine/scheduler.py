@@ -6,9 +6,10 @@
 2. waiting requests are admitted into free cache rows: the row that already holds the longest prefix of
    the prompt (`prompt_cache`: taken in place, or copied from a busy row), else an empty row (lowest
    first, so busy rows stay packed at the top), else the least recently used one;
-3. up to `prefill_tokens` prompt tokens of the admitted rows run in one batched prefill (a long prompt is
-   cut into chunks over several steps, so the streams already running never wait for a whole long prompt);
-4. one decode step feeds every running row its last token;
+3. one decode step feeds every running row its last token;
+4. one chunk of prompt tokens of the rows still prefilling runs in one batched prefill: the whole
+   `prefill_tokens` budget while no stream decodes, else what `ChunkPolicy` says fits a bounded stall (a
+   long prompt is cut into chunks over several steps, so a running stream waits for one chunk at most);
 5. every row with fresh logits (a prompt that completed, a decoded row) is sampled in one call, and its
    token is delivered; a row that stops or reaches its limit is freed at once (its tokens stay cached).
 
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gpt2chat.engine.chunk_policy import ChunkPolicy
 from gpt2chat.engine.model_runner import ModelRunner, PrefillChunk
 from gpt2chat.engine.prompt_cache import WAIT_FOR_PREFIX, PromptCache, common_prefix
 from gpt2chat.engine.request import Request, TokenLogprob
@@ -126,18 +128,19 @@ class Scheduler:
     """Continuous batching of requests over the rows of one KV cache (see the module docstring).
 
     `max_rows`: cache rows, the most requests decoded together. `prefill_tokens`: the most prompt tokens
-    one step prefills (the chunk budget). `context`: the longest prompt + reply a row holds.
-    `prompt_cache`: reuse the longest cached prefix of each prompt (`gpt2chat.engine.prompt_cache`).
+    one step prefills. `prefill_chunk`: the chunk while streams decode (None: timed, `ChunkPolicy`).
+    `context`: the longest prompt + reply a row holds. `prompt_cache`: reuse the longest cached prefix of
+    each prompt (`gpt2chat.engine.prompt_cache`).
     """
 
     def __init__(self, runner: ModelRunner, max_rows: int, context: int, prefill_tokens: int = 512,
-                 prompt_cache: bool = True):  # fmt: skip
-        if max_rows < 1 or prefill_tokens < 1:
-            raise Gpt2ChatError("max_rows and prefill_tokens must be >= 1")
+                 prompt_cache: bool = True, prefill_chunk: int | None = None):  # fmt: skip
+        if max_rows < 1:
+            raise Gpt2ChatError("max_rows must be >= 1")
         self.runner = runner
         self.max_rows = max_rows
         self.context = context
-        self.prefill_tokens = prefill_tokens
+        self.chunks = ChunkPolicy(prefill_tokens, prefill_chunk)
         self.rows: list[_Row | None] = [None] * max_rows
         self.pending: deque[Request] = deque()
         self.prompt_cache = PromptCache(max_rows, enabled=prompt_cache)
@@ -190,7 +193,7 @@ class Scheduler:
             if decoded:
                 logits_parts.append(logits)
                 sampled_rows += decoded
-        finished_prompts, prompt_logits = self._prefill()
+        finished_prompts, prompt_logits = self._prefill(self.chunks.budget(len(decoding)))
         if finished_prompts:
             logits_parts.append(prompt_logits)
             sampled_rows += finished_prompts
@@ -283,7 +286,9 @@ class Scheduler:
             if row.next_token is not None:
                 tokens[index] = row.next_token
         try:
+            started = time.perf_counter()
             logits = self.runner.decode(tokens, positions)
+            self.chunks.record_decode(time.perf_counter() - started)
             if decoding != list(range(width)):
                 logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
         except Exception:  # noqa: BLE001 - find the rows it concerns
@@ -296,12 +301,11 @@ class Scheduler:
             row.ids.append(row.next_token)
         return decoding, logits
 
-    def _prefill(self) -> tuple[list[int], torch.Tensor | None]:
-        """Up to `prefill_tokens` prompt tokens of the rows still prefilling, in one batched forward (if it
-        fails, each chunk alone: a chunk that fails alone fails its request, the others go on).
+    def _prefill(self, budget: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `budget` prompt tokens of the rows still prefilling, in one batched forward (if it fails,
+        each chunk alone: a chunk that fails alone fails its request, the others go on).
 
         Returns the rows whose prompt is now fully cached and the logits of their last prompt position."""
-        budget = self.prefill_tokens
         chunks: list[PrefillChunk] = []
         for index, row in enumerate(self.rows):
             if budget == 0:
@@ -317,7 +321,9 @@ class Scheduler:
         if not chunks:
             return [], None
         try:
+            started = time.perf_counter()
             outputs = self.runner.prefill(chunks)
+            self.chunks.record_prefill(sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
         except Exception:  # noqa: BLE001 - find the chunks it concerns
             by_row = {chunk.row: chunk for chunk in chunks}
             parts, errors = _each_alone(list(by_row), lambda row: self.runner.prefill([by_row[row]])[0])

@@ -24,9 +24,11 @@ class Engine(EngineBase):
     """Generation on token ids in the caller's thread (see the module docstring; arguments: `EngineBase`)."""
 
     def __init__(self, model: GPT, device=None, dtype=None, *, max_batch_size: int = 8, prefill_tokens: int = 512,
-                 max_len: int | None = None, compile: bool = False, prompt_cache: bool = True):  # fmt: skip
+                 max_len: int | None = None, compile: bool = False, prompt_cache: bool = True,
+                 prefill_chunk: int | None = None):  # fmt: skip
         super().__init__(model, device, dtype, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens,
-                         max_len=max_len, compile=compile, prompt_cache=prompt_cache)  # fmt: skip
+                         max_len=max_len, compile=compile, prompt_cache=prompt_cache,
+                         prefill_chunk=prefill_chunk)  # fmt: skip
         self._stepping = False
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
