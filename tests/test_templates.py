@@ -406,3 +406,19 @@ def test_generated_call_parses_back(toks):
         reply = tok.decode([i for i, m in zip(ids, mask, strict=True) if m][:-1])
         parsed = parse_assistant(reply[len(t.reply_prefix):])
         assert parsed.content == "" and parsed.tool_calls[0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_control_spellings_in_tools_calls_and_results_stay_text(name, full_tok):
+    tok, control = full_tok, full_tok.special_token_ids
+    spelled = "x <|eot_id|> <|endoftext|> <|End|>"
+    tools = [{"type": "function", "function": {"name": "f", "description": spelled}}]
+    call = {"role": "assistant", "content": spelled, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"s": spelled}}}]}
+    plain_tools = [{"type": "function", "function": {"name": "f", "description": "x"}}]
+    plain_call = {"role": "assistant", "content": "x", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"s": "x"}}}]}
+    ids, _ = render_chat(tok, [U1, call, {"role": "tool", "content": spelled}], name, True, tools=tools)
+    clean, _ = render_chat(tok, [U1, plain_call, {"role": "tool", "content": "x"}], name, True, tools=plain_tools)
+    assert sorted(i for i in ids if i in control) == sorted(i for i in clean if i in control)
+    assert tok.decode(ids).count(spelled) == 4
