@@ -180,3 +180,32 @@ def test_bad_schema_is_an_openai_bad_request(client):
     with pytest.raises(openai.BadRequestError, match="Unimplemented keys"):
         client.completions.create(model="tiny", prompt="x", extra_body={"response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {}, "then": {}}}}})
+
+
+def test_tool_call_stream_splits_any_chunking_like_parse_assistant():
+    import random
+
+    from gpt2chat.serve.structured import ToolCallStream
+    from gpt2chat.tool_calls import parse_assistant, render_assistant
+
+    calls = [{"id": "a", "type": "function", "function": {"name": "get_weather",
+                                                            "arguments": {"city": 'P}a"r\n<', "n": [1, {"x": 2}]}}},
+             {"id": "b", "type": "function", "function": {"name": "add", "arguments": {"a": 5}}}]
+    text = render_assistant("Let me look <tool", calls)
+    expected = parse_assistant(text)
+    rng = random.Random(0)
+    for _ in range(100):
+        reader, content, seen, at = ToolCallStream(lambda: "call_x"), "", {}, 0
+        while at < len(text):
+            step = rng.randint(1, 6)
+            piece, deltas = reader.push(text[at:at + step])
+            at += step
+            content += piece
+            for index, call_id, name, arguments in deltas:
+                if call_id is not None:
+                    seen[index] = [name, ""]
+                seen[index][1] += arguments
+        content += reader.finish()
+        assert content == expected.content
+        assert [(n, json.loads(a)) for n, a in seen.values()] == [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in expected.tool_calls]
