@@ -1,5 +1,9 @@
 """Pydantic models of the OpenAI request and response bodies the server speaks.
 
+(Over 400 lines for a reason: it is the one definition of every shape the API reads and writes, one small
+model per shape; splitting requests from responses would only split the field descriptions the error path
+quotes from the models they describe.)
+
 Requests are validated strictly where a wrong type would otherwise be coerced silently (a string for
 `max_tokens`, a bool for `n`): a malformed body is a 400, never a guess. Each field's `description` says
 what it accepts; the error path (`serve/errors.py`) quotes it when a client sends something else.
