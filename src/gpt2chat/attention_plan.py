@@ -7,6 +7,8 @@ plain causal / every key; plus the position ids and, for a KV cache, where this 
 shared-prompt branches, rows of a KV cache whose lengths the caller tracks on the host (`for_cache`), chunks
 of several lengths in one row (`for_ragged_cache`), or fixed shapes for a compiled decode step
 (`for_decode`). Building a plan checks positions against the context; the forward checks nothing.
+`LayerAttention.attend` is the one place that picks the attention kernel for a mask / causal layer (SDPA,
+or `gpt2chat.dropout_attention` when training with dropout on the CPU), and so what autograd keeps.
 
 This module knows nothing about the model's weights, files or sampling.
 """
