@@ -1,8 +1,8 @@
 """Batch-1 decode and prefill speed: our engine against llama.cpp and transformers, same weights, one process.
 
 We build a GPT-2 checkpoint folder (random weights, the 124M shape by default), convert that same folder to
-GGUF with llama.cpp's own `convert_hf_to_gguf.py` (f32, f16 and q8_0; q4_0 through our exporter), and load it three ways: our engine (fp32,
-fp32 with the compiled decode step, and fp16 / int8 weights when `gpt2chat.quantize` is there), llama.cpp
+GGUF with llama.cpp's own `convert_hf_to_gguf.py` (f32, f16 and q8_0; q4_0 through our exporter), and load
+it three ways: our engine (fp32, fp32 with the compiled decode step, fp16 / int8 / int4 weights), llama.cpp
 through `llama-cpp-python`, and `transformers`' `generate`. Then, for `--repeats` rounds, every side runs
 in turn (the order rotates each round): a greedy decode of `--new-tokens` tokens after a 32-token prompt,
 and one prefill of a 32-token and of a 512-token prompt. A side's figure is the median over the rounds.
@@ -166,7 +166,7 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
                                       ("q8_0", "llama.cpp q8_0", q8_bytes)):
         gguf = convert_to_gguf(converter, folder, outtype, workdir / f"model-{outtype}.gguf")
         sides.append(LlamaCpp(name, gguf, args.threads, read_bytes))
-    # llama.cpp's converter writes no q4_0: the same folder through our exporter (the gguf package's Q4_0)
+    # llama.cpp's converter writes no q4_0: the same folder through our exporter (Q4_0 blocks; speed is value-blind)
     from gpt2chat.export import export_gguf
 
     q4 = export_gguf(folder, workdir / "model-q4_0.gguf", quant="q4_0")

@@ -8,8 +8,10 @@ seed 0). Rows:
 - ours, one projection kind at a time: that kind's weights replaced by their int8 dequantization
   (`Int8Linear.rows`, exactly what the kernels compute with), everything else fp32: which kinds dominate;
 - ours int8, all: the real `convert_for_inference(model, "int8")` (native kernels);
-- llama.cpp f32 / q8_0: llama-cpp-python on `write_gguf(model, tok, quant=...)`, f32 KV cache, each row of
-  ids evaluated from an empty cache. f32 shows the pipeline itself adds ~nothing.
+- llama.cpp f32 / f16 / q8_0: llama-cpp-python on `write_gguf(model, tok, quant=...)`, f32 KV cache, each row
+  of ids evaluated from an empty cache. f32 shows the pipeline itself adds ~nothing;
+- llama.cpp on our `export --type q4_0` (our int4's numbers), and llama.cpp's own q4_0: `llama-quantize --pure`
+  of the f32 file ($GPT2CHAT_LLAMA_QUANTIZE, default the build under ~/.cache/gpt2chat-ci), the peer's rounding.
 
     .venv/bin/python -m benchmarks.quantize_error              # needs llama-cpp-python for its last rows
 
@@ -19,6 +21,8 @@ Accuracy only, nothing timed. One JSON line per row after the table.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -29,6 +33,8 @@ from benchmarks.peers import llama_cpp_logits
 from gpt2chat.checkpoint import init_checkpoint, load_model
 from gpt2chat.quantize import Int8Linear, convert_for_inference
 
+LLAMA_QUANTIZE = Path(os.environ.get("GPT2CHAT_LLAMA_QUANTIZE", Path.home() / ".cache/gpt2chat-ci/llama-server-0.3.36/bin/"
+                                                                            "llama-quantize"))
 KINDS = {"attn.c_attn (qkv)": "attn.c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "mlp.c_fc",
          "mlp.c_proj": "mlp.c_proj", "lm_head = wte (tied)": "lm_head"}  # fmt: skip
 
@@ -62,6 +68,17 @@ def _llama_cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
                         for row in ids.tolist()]).double()
 
 
+def _llama_quantize(f32: Path, out: Path) -> Path | None:
+    """llama.cpp's own Q4_0 of an f32 GGUF (`llama-quantize --pure`: every 2-D weight Q4_0, the tied
+    embedding too, as in our int4), or None without the tool."""
+    if not LLAMA_QUANTIZE.is_file():
+        return None
+    env = {**os.environ, "LD_LIBRARY_PATH": str(LLAMA_QUANTIZE.parent)}
+    subprocess.run([str(LLAMA_QUANTIZE), "--pure", str(f32), str(out), "Q4_0"], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return out
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = load_model(init_checkpoint("gpt2", Path(tmp) / "m"), device="cpu", dtype=torch.float32)
@@ -86,7 +103,15 @@ def main() -> None:
 
             for quant in ("f32", "f16", "q8_0", "q4_0"):
                 path = write_gguf(model, tokenizer, Path(tmp) / f"{quant}.gguf", quant=quant)
-                rows.append((f"llama.cpp {quant}, all", _relative(_llama_cpp_logits(path, ids), reference)))
+                label = "llama.cpp on our export --type q4_0 (ours int4's numbers)" if quant == "q4_0" else \
+                    f"llama.cpp {quant}, all"
+                rows.append((label, _relative(_llama_cpp_logits(path, ids), reference)))
+            own = _llama_quantize(Path(tmp) / "f32.gguf", Path(tmp) / "llama-q4_0.gguf")
+            if own is None:
+                print(f"no llama-quantize at {LLAMA_QUANTIZE}: no row for llama.cpp's own q4_0")
+            else:
+                rows.append(("llama.cpp q4_0 (llama-quantize --pure, its own rounding)",
+                             _relative(_llama_cpp_logits(own, ids), reference)))
         except ImportError as error:
             print(f"llama.cpp rows skipped: {error}")
     print("| weights | relative logit error vs fp32 |\n|---|---|")

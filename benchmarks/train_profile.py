@@ -61,8 +61,8 @@ class SavedTensorLedger:
             label = self.stack[-1]
             if tensor.dtype == torch.bool:
                 label = f"{label} (bool: dropout masks, the plan's attention mask)"
-            elif tensor.dim() == 4 and min(tensor.shape[-2:]) >= self.seq // 2:
-                label = "block: attention [B, H, T, L] (probabilities, float masks)"
+            elif tensor.dim() >= 3 and tensor.shape[-1] == tensor.shape[-2] >= self.seq // 2:
+                label = "block: attention [B, H, T, T] (probabilities, float masks)"   # or [B * H, T, T]
             self.seen[key] = (label, storage.nbytes())
         return tensor
 

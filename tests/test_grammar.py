@@ -163,3 +163,25 @@ def test_masks_never_allow_control_or_padding_ids(setup):
     assert allowed.sum() > 40000  # inside a string nearly every text token fits
     banned = sorted(tokenizer.special_token_ids) + list(range(len(tokenizer), width))
     assert not allowed[banned].any()
+
+
+def test_cli_generate_json_schema_prints_json_that_validates(tiny_checkpoint, tmp_path, capsys):
+    from gpt2chat.cli import main
+
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    for seed in ("1", "2"):
+        assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "Person:", "--json-schema", str(path),
+                     "--max-new-tokens", "200", "--temperature", "1", "--seed", seed]) == 0
+        jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+
+
+@pytest.mark.parametrize("text, words", [("{oops", "not valid JSON"), ('{"type": "object", "not": {}}', "not")])
+def test_cli_bad_json_schema_file_is_one_message(tiny_checkpoint, tmp_path, capsys, text, words):
+    from gpt2chat.cli import main
+
+    path = tmp_path / "schema.json"
+    path.write_text(text)
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--json-schema", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --json-schema {path}") and words in err and "Traceback" not in err

@@ -195,6 +195,29 @@ def test_missing_compiler_falls_back_with_one_warning_line(tmp_path):
     assert reason in warnings[0]
 
 
+def test_cpu_without_avx2_falls_back_once_and_every_op_runs(tmp_path):
+    """A CPU that lacks AVX2 gets the portable kernels of every format (no build), one warning line that
+    names the missing flag however often `load` is called, and the ops still compute."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 fma f16c\n")
+    code = (
+        f"from pathlib import Path\nfrom gpt2chat.kernels import build\nbuild.CPUINFO = Path({str(cpuinfo)!r})\n"
+        "import torch\nfrom gpt2chat import kernels\nfrom gpt2chat.kernels.blocks import quantize_int4\n"
+        "print(kernels.load(), kernels.load(), kernels.backend())\n"
+        "x, w = torch.randn(3, 64), torch.randn(8, 64)\n"
+        "packed, scales = kernels.pack_int4(*quantize_int4(w))\n"
+        "y = torch.ops.gpt2chat.linear_i4_q8(x, packed, scales, 8)\n"
+        "print(bool(((y - x @ w.T).norm() / (x @ w.T).norm()) < 0.3))\n"
+    )
+    cache = tmp_path / "cache"
+    result = _run_python(code, GPT2CHAT_KERNEL_CACHE=str(cache))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["portable"] * 3 + ["True"]
+    warnings = [line for line in result.stderr.splitlines() if "native CPU kernels unavailable" in line]
+    assert len(warnings) == 1 and "lacks avx2" in warnings[0]
+    assert not cache.exists() or not list(cache.iterdir())  # nothing was built
+
+
 # ---------------------------------------------------------------------------- int8 activations (q8 blocks)
 Q_FORMATS = ["i8_q8", "i4_q8"]
 

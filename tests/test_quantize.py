@@ -174,6 +174,9 @@ def test_q4_0_reference_is_llama_cpp_q4_0_bit_for_bit():
     theirs_q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(40, 96)
     assert np.array_equal(scale.numpy(), theirs_scale) and np.array_equal(q.numpy(), theirs_q)
     assert torch.all(q[0, :32] == 8) and q[1, 5] == 0
+    from gpt2chat.export.gguf_file import q4_0_blocks  # the bytes `export --type q4_0` writes, ggml's layout
+
+    assert np.array_equal(q4_0_blocks(q, scale), blocks.reshape(40, 3 * 18))
 
 
 def _block_errors(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

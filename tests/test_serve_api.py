@@ -355,13 +355,9 @@ def test_a_body_that_is_not_utf8_is_named_so(client, route):
                                 "decoded (send the JSON encoded as UTF-8)")
 
 
-UNSUPPORTED_CHAT = {
-    "response_format": {"type": "json_object"},
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "required",
+UNSUPPORTED_CHAT = {  # response_format, tools and logit_bias are implemented: tests/test_serve_structured.py
     "functions": [{"name": "f"}],
     "function_call": {"name": "f"},
-    "logit_bias": {"50256": -100},
     "presence_penalty": 0.5,
     "frequency_penalty": -1,
     "audio": {"voice": "alloy", "format": "wav"},
@@ -376,7 +372,7 @@ def test_a_field_that_would_change_the_answer_is_refused_by_name(client, field):
     assert error["param"] == field and field in error["message"] and error["code"] == "unsupported_parameter"
 
 
-@pytest.mark.parametrize("field, value", [("suffix", "tail"), ("best_of", 3), ("logit_bias", {"1": 5})])
+@pytest.mark.parametrize("field, value", [("suffix", "tail"), ("best_of", 3)])
 def test_completion_fields_we_do_not_implement_are_refused(client, field, value):
     error = assert_openai_error(client.post("/v1/completions", json={"prompt": "x", field: value}), 400)
     assert error["param"] == field

@@ -7,6 +7,8 @@ plain causal / every key; plus the position ids and, for a KV cache, where this 
 shared-prompt branches, rows of a KV cache whose lengths the caller tracks on the host (`for_cache`), chunks
 of several lengths in one row (`for_ragged_cache`), or fixed shapes for a compiled decode step
 (`for_decode`). Building a plan checks positions against the context; the forward checks nothing.
+`LayerAttention.attend` is the one place that picks the attention kernel for a mask / causal layer (SDPA,
+or `gpt2chat.dropout_attention` when training with dropout on the CPU), and so what autograd keeps.
 
 This module knows nothing about the model's weights, files or sampling.
 """
@@ -50,10 +52,10 @@ class LayerAttention:
 
         - Training with dropout on the CPU: `attention_with_dropout` (blocks of queries, skipping keys no query
           of the block sees; no [B, H, T, L] probabilities kept). PyTorch's CPU flash kernel has no dropout, so
-          SDPA would take its math path and keep them: 167 MiB a layer at 1,024 tokens of GPT-2 124M.
+          SDPA would take its math path and keep them: 143 MiB a layer at 1,020 tokens of GPT-2 124M.
         - Otherwise SDPA. While training, a boolean mask goes to it as 0 / -inf made once for every layer of
           the plan: SDPA converts a boolean mask itself, the same way, but into a new tensor in each layer,
-          which autograd keeps (9 MiB at 1,536 keys, up to 4 of them a layer in a DPO step).
+          which autograd keeps (9 MiB a layer at 1,536 keys, a DPO step).
         """
         if dropout_p and q.device.type == "cpu" and torch.is_grad_enabled():
             return attention_with_dropout(q, k, v, self.mask, self.is_causal, dropout_p, scale)

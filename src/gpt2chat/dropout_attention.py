@@ -1,17 +1,19 @@
-"""Attention with dropout that keeps no `[B, H, T, L]` tensor for the backward (training on the CPU).
+"""Attention with dropout that keeps no float `[B, H, T, L]` tensor for the backward (training on the CPU).
 
 PyTorch's CPU flash kernel has no dropout, so with attention dropout on (GPT-2's 0.1 for SFT) SDPA takes its
-math path, which keeps the softmax probabilities and the dropped-out ones for the backward: 167 MiB a layer
-at 1 x 1,024 tokens on the 124M shape, 2 GiB over 12 layers, most of an SFT step's activation memory.
+math path, which keeps the softmax probabilities and the dropped-out ones for the backward: 143 MiB a layer
+at 1 x 1,020 tokens on the 124M shape, 1.7 GiB over 12 layers, two thirds of an SFT step's saved activations
+(benchmarks/train_profile.py).
 
 `attention_with_dropout` computes the same function, ``dropout(softmax(q k^T * scale + mask)) v`` with the
-kept probabilities scaled by 1 / (1 - p), a block of queries at a time. It keeps q, k, v, the output and each
-query's log-sum-exp (the flash-attention recipe); the dropout mask of each block is drawn from a generator
-seeded once per call from the default generator, and drawn again, block by block, in the backward. So the
-saved memory is O(T D), one more `q k^T` is computed in the backward, and a seeded run, or gradient
-checkpointing's replay (which restores the default generator), gets the same masks. The masks are not the
-ones SDPA's math path would draw (a different stream); for a given mask the output and gradients are the
-dense formula's (tests/test_block_masks.py).
+kept probabilities scaled by 1 / (1 - p), a block of queries at a time, over only the keys some query of the
+block may see (causal rows: none after the block; packed rows: the block's segments). It keeps q, k, v, the
+output, each query's log-sum-exp and the dropout masks as booleans (1 byte per visible pair instead of 8),
+and recomputes the probabilities in the backward (one more `q k^T`, the flash-attention recipe). The masks
+come from a generator seeded once per call from the default generator, so a seeded run, or gradient
+checkpointing's replay (which restores the default generator), draws the same ones. They are not the masks
+SDPA's math path would draw (another stream); for given masks the output and gradients are the dense
+formula's (tests/test_dropout_attention.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _key_range(mask, is_causal: bool, start: int, stop: int, key_len: int) -> tu
 
 def _view(flat: torch.Tensor, *shape: int) -> torch.Tensor:
     """The first elements of a reused flat buffer as a contiguous tensor of `shape`: a fresh [B, H, rows, keys]
-    tensor per block costs page faults on the CPU (timings of one layer moved 0.4 -> 1.8 s with them)."""
+    tensor per block costs page faults on the CPU (one layer's timings spread over 0.4 - 1.8 s with them)."""
     return flat[: math.prod(shape)].view(shape)
 
 

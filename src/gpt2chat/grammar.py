@@ -106,9 +106,46 @@ class Constraint:
         return cls.json_schema({"type": "object"}, tokenizer, width, what="json_object")
 
     @classmethod
+    def tool_calls(cls, tools: list[Mapping[str, Any]], tokenizer: Tokenizer, width: int, *, free_text: bool,
+                   parallel: bool, what: str = "tools") -> Constraint:
+        """Output is `tool_calls`' text format: one `<tool_call>` block (several, newline-separated, when
+        `parallel`) whose arguments match the function's `parameters`; with `free_text` the reply may
+        instead be any text without `<tool_call>`, or text then the blocks (OpenAI's tool_choice "auto").
+        `tools`: OpenAI's function tools, already checked (names, parameter schemas that are objects)."""
+        from gpt2chat.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+        bodies = []
+        for k, tool in enumerate(tools):
+            function = tool["function"]
+            params = dict(function.get("parameters") or {})
+            params.setdefault("type", "object")
+            params["x-guidance"] = {**params.get("x-guidance", {}), **JSON_SEPARATORS}
+            # alone first, so that an error names the function
+            cls.json_schema(params, tokenizer, width, what=f"{what}[{k}].function.parameters")
+            head = json.dumps({"name": function["name"]}, ensure_ascii=False)[:-1] + ', "arguments": '
+            bodies.append(f"call_{k}: {json.dumps(head)} %json {json.dumps(params)} "
+                          f"{json.dumps('}' + TOOL_CALL_CLOSE)}")
+        more = f' ("\\n" {json.dumps(TOOL_CALL_OPEN)} call)*' if parallel else ""
+        lines = ["%llguidance {}"]
+        if free_text:
+            # TEXT never holds the open tag; `head` (lazy) is text up to the first one: without `head`'s
+            # laziness the lexer would read the tag into TEXT and never see a call start
+            lines += [f"start: TEXT | head call{more}",
+                      f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/",
+                      f"head[lazy]: /(.|\\n)*/ {json.dumps(TOOL_CALL_OPEN)}"]
+        else:
+            lines.append(f"start: {json.dumps(TOOL_CALL_OPEN)} call{more}")
+        lines.append("call: " + " | ".join(f"call_{k}" for k in range(len(tools))))
+        return cls.lark("\n".join(lines + bodies), tokenizer, width, what=what)
+
+    @classmethod
     def lark(cls, grammar: str, tokenizer: Tokenizer, width: int, *, what: str = "grammar") -> Constraint:
         """Output matches a Lark grammar in llguidance's dialect (`%json {...}` inlines a JSON Schema)."""
-        return cls(_ll().LLMatcher.grammar_from_lark(grammar), tokenizer, width, what)
+        try:
+            compiled = _ll().LLMatcher.grammar_from_lark(grammar)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"{what}: {_first_line(str(exc))}") from None
+        return cls(compiled, tokenizer, width, what)
 
     def start(self) -> ConstraintState:
         """A fresh state at the start of the grammar, for one generation."""

@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(generate)
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    generate.add_argument("--json-schema", default=None, metavar="FILE",
+                          help="constrain the continuation to one JSON value matching the JSON Schema in FILE")
     _add_sampling_args(generate, default_new_tokens=64)
     generate.set_defaults(handler=run_generate)
 
@@ -137,12 +139,19 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling_params(args)  # check the flags before loading anything
     if not args.prompt:
         raise Gpt2ChatError("--prompt is empty: give some text to continue")
+    schema = _read_json_schema(args.json_schema) if args.json_schema else None
     _, engine, tokenizer = _load(args)
     # a raw continuation: no template; the checkpoint's stop ids are what its generation_config.json lists,
     # so transformers' generate agrees
     pipeline = TextPipeline.for_model(engine.model, tokenizer, chat=False)
     prompt = pipeline.encode(args.prompt)
     params = pipeline.params(sampling_params(args), len(prompt), stop=not args.ignore_eos)
+    if schema is not None:
+        from gpt2chat.grammar import Constraint
+
+        width = int(getattr(engine.model.config, "vocab_size", len(tokenizer)))
+        params = params.replace(constraint=Constraint.json_schema(schema, tokenizer, width,
+                                                                  what=f"--json-schema {args.json_schema}"))
     out = sys.stdout
     # a raw continuation shows control tokens as text, as `tokenizer.decode` does
     reply = pipeline.reply(chat=False, show_control_tokens=True)
@@ -152,6 +161,22 @@ def run_generate(args: argparse.Namespace) -> int:
     out.write("\n")
     out.flush()
     return 0
+
+
+def _read_json_schema(path: str):
+    """The JSON Schema in `path`; a missing file or bad JSON is a `Gpt2ChatError` naming it."""
+    import json
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Gpt2ChatError(f"--json-schema {path}: cannot read it ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Gpt2ChatError(f"--json-schema {path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                            f"column {exc.colno})") from None
 
 
 # ---------------------------------------------------------------------- chat

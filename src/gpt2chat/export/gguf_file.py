@@ -9,9 +9,9 @@ architecture loads (`src/models/gpt2.cpp`):
   (HF's Conv1D checkpoints are transposed once, on load, by `checkpoint.py`). The output head is tied to the
   token embedding, so no `output.weight` is written and llama.cpp reuses `token_embd`.
 * types: `f32`; `f16` (2-D weights in half precision); `q8_0` and `q4_0` (2-D weights quantized with the
-  `gguf` package's own Q8_0 / Q4_0 code: blocks of 32 weights with an fp16 scale; Q4_0's numbers are
-  llama.cpp's own rounding, `gpt2chat.kernels.blocks.quantize_q4_0_reference`; `--quantize int4` searches
-  each block's scale for a smaller error). Every 2-D weight, the tied head / token embedding included,
+  `gguf` package's own Q8_0 code, and as Q4_0 holding the numbers of `--quantize int4`
+  (`gpt2chat.kernels.blocks.quantize_int4`: each block's scale searched for the least squared error, never
+  worse than llama.cpp's own max-abs rounding; `q4_0_blocks` lays them out as ggml does). Every 2-D weight, the tied head / token embedding included,
   gets the type. Norms, biases and the position embedding stay f32 in every type, as in llama.cpp's
   converter; a weight whose rows 32-blocks cannot tile stays f16.
 * the tokenizer: GPT-2's byte-level BPE tokens and merges (`tokenizer.ggml.model = gpt2`, pre-tokenizer
@@ -214,6 +214,8 @@ def _tensors(model: GPT, quant: str) -> list[_Tensor]:
     import numpy as np
     import torch
 
+    from gpt2chat.kernels.blocks import quantize_int4
+
     quant_types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 
     out = []
@@ -228,10 +230,26 @@ def _tensors(model: GPT, quant: str) -> list[_Tensor]:
             out.append(_Tensor(gguf_name, data, None))
         elif quant == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[quant_types[quant]][0]:
             out.append(_Tensor(gguf_name, data.astype(np.float16), None))  # rows the blocks cannot tile
+        elif quant == "q4_0":
+            q, scale = quantize_int4(torch.from_numpy(data))
+            out.append(_Tensor(gguf_name, q4_0_blocks(q, scale), int(quant_types[quant])))
         else:
             q = quant_types[quant]
             out.append(_Tensor(gguf_name, gguf.quants.quantize(data, q), int(q)))
     return out
+
+
+def q4_0_blocks(q, scale):
+    """ggml's Q4_0 bytes of a weight's int4 numbers (q uint8 [N, K] in 0..15, scale fp16 [N, K / 32]):
+    per block of 32, the fp16 scale, then 16 bytes whose byte j holds q[j] (low nibble) and q[j + 16]
+    (high nibble); uint8 [N, K / 32 * 18], what `gguf.quants.quantize` returns for Q4_0."""
+    import numpy as np
+
+    rows, groups = scale.shape
+    nibbles = q.view(rows, groups, 2, 16).numpy()
+    packed = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)
+    scales = scale.contiguous().numpy().view(np.uint8).reshape(rows, groups, 2)
+    return np.concatenate([scales, packed], axis=2).reshape(rows, groups * 18)
 
 
 def _file_type(quant: str) -> int:

@@ -70,30 +70,33 @@ def _round_int4_searched(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Per block, the (q, fp16 d) of least squared error among the reference rounding and the candidates.
 
     The error of levels l = q - 8 with scale d is sum(w^2) - 2 d sum(w l) + d^2 sum(l^2): two dot products
-    a candidate over the big tensor, the rest on one number a block (in float64)."""
-    best_q, best_d = _round_q4_0(blocks)
-
-    def sums(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (blocks * levels).sum(2).double(), levels.square().sum(2).double()
+    a candidate over the big tensor, the rest on one number a block (in float64). Only the winning
+    candidate's rounding step is kept per block; its levels are recomputed once at the end."""
+    reference_q, reference_d = _round_q4_0(blocks)
 
     def error(d: torch.Tensor, wl: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
         d = d.double()
-        return d * (d * ll - 2 * wl)  # the block's squared error less sum(w^2), the same for every candidate
+        return d * (d * ll.double() - 2 * wl.double())  # the squared error less sum(w^2), alike for all
 
-    best_error = error(best_d, *sums(best_q.float() - INT4_ZERO))
+    levels = reference_q.float() - INT4_ZERO
+    best_error = error(reference_d, torch.linalg.vecdot(blocks, levels), torch.linalg.vecdot(levels, levels))
+    best_d, best_inverse = reference_d, torch.full_like(best_error, float("nan"), dtype=blocks.dtype)
     peak = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # signed
     for divisor in INT4_SCALE_CANDIDATES:
         d = (peak / divisor).to(torch.float16).float()
         inverse = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        levels = torch.round(blocks * inverse[..., None]).clamp_(-INT4_ZERO, 15 - INT4_ZERO)
-        wl, ll = sums(levels)
-        fitted = torch.where(ll > 0, wl / ll.clamp(min=1), d.double()).to(torch.float16)  # least squares, fp16
+        levels = torch.mul(blocks, inverse[..., None], out=levels).round_().clamp_(-INT4_ZERO, 15 - INT4_ZERO)
+        wl, ll = torch.linalg.vecdot(blocks, levels), torch.linalg.vecdot(levels, levels)
+        fitted = torch.where(ll > 0, wl / ll.clamp(min=1), d).to(torch.float16)  # least squares, then fp16
         candidate_error = error(fitted, wl, ll)
         better = candidate_error < best_error
         best_error = torch.where(better, candidate_error, best_error)
         best_d = torch.where(better, fitted, best_d)
-        best_q = torch.where(better[..., None], (levels + INT4_ZERO).to(torch.uint8), best_q)
-    return best_q, best_d
+        best_inverse = torch.where(better, inverse, best_inverse)
+    searched = best_inverse.isfinite()[..., None]  # NaN: the reference rounding won
+    levels = torch.mul(blocks, best_inverse.nan_to_num(0.0)[..., None], out=levels).round_()
+    q = levels.clamp_(-INT4_ZERO, 15 - INT4_ZERO).add_(INT4_ZERO).to(torch.uint8)
+    return torch.where(searched, q, reference_q), best_d
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from gpt2chat.serve.streaming import (
     completion_events,
     streaming_response,
 )
+from gpt2chat.serve.structured import structure_of
 
 __all__ = ["create_app", "error_response", "ERROR_TYPES"]
 
@@ -57,6 +58,12 @@ def _check_request(body: schemas._SamplingRequest, service: ChatService) -> None
     if refused is not None:
         field, why = refused
         raise ServiceError(why, param=field, code="unsupported_parameter")
+
+
+def _structure(body: schemas._SamplingRequest, service: ChatService):
+    """The request checked (`_check_request`) and its logit_bias / response_format / tools compiled."""
+    _check_request(body, service)
+    return structure_of(body, service.tokenizer, service.logits_width, service.pipeline.vocab_size)
 
 
 def create_app(service: ChatService, *, api_key: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
@@ -91,15 +98,18 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion,
               responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES})
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Any:
-        _check_request(body, service)
+        structure = _structure(body, service)
         messages = [m.template_message() for m in body.messages]
         max_tokens = body.requested_max_tokens()
-        prompt_ids = service.render_messages(messages, truncate=body.truncate, max_tokens=max_tokens)
+        prompt_ids = service.render_messages(messages, truncate=body.truncate, max_tokens=max_tokens,
+                                             tools=structure.tools)
         settings = service.settings(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.stop_list(),
-                                    body.seed, logprobs=body.top_logprob_count())
+                                    body.seed, logprobs=body.top_logprob_count(), logit_bias=structure.logit_bias,
+                                    constraint=structure.constraint)
         generations = service.start(prompt_ids, settings, n=body.n, chat=True)
         answer = Answer("chat.completion", service.model_name, generations, service.tokenizer,
-                        logprobs=body.logprobs, include_usage=body.include_usage())
+                        logprobs=body.logprobs, include_usage=body.include_usage(),
+                        tool_calls=structure.reads_tool_calls)
         if body.stream:
             return streaming_response(chat_events(answer), generations, service.limits.stall_timeout_s)
         texts = await collect_unless_disconnected(request, generations)
@@ -110,7 +120,7 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
     @app.post("/v1/completions", response_model=schemas.Completion,
               responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES})
     async def completions(body: schemas.CompletionRequest, request: Request) -> Any:
-        _check_request(body, service)
+        structure = _structure(body, service)
         prompts = [service.encode_text_prompt(p) for p in body.prompts()]
         if len(prompts) * body.n > schemas.MAX_CHOICES:
             raise ServiceError(f"{len(prompts)} prompts x n={body.n} is more than {schemas.MAX_CHOICES} "
@@ -121,7 +131,8 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
             for ids in prompts:
                 settings = service.settings(len(ids), body.max_tokens, body.temperature, body.top_p,
                                             body.stop_list(), body.seed, logprobs=body.logprobs,
-                                            prompt_logprobs=scored_prompt)
+                                            prompt_logprobs=scored_prompt, logit_bias=structure.logit_bias,
+                                            constraint=structure.constraint)
                 generations += service.start(ids, settings, n=body.n, chat=False)
         except BaseException:
             for generation in generations:

@@ -1,16 +1,23 @@
 """Pydantic models of the OpenAI request and response bodies the server speaks.
 
+(Over 400 lines for a reason: it is the one definition of every shape the API reads and writes, one small
+model per shape; splitting requests from responses would only split the field descriptions the error path
+quotes from the models they describe.)
+
 Requests are validated strictly where a wrong type would otherwise be coerced silently (a string for
 `max_tokens`, a bool for `n`): a malformed body is a 400, never a guess. Each field's `description` says
 what it accepts; the error path (`serve/errors.py`) quotes it when a client sends something else.
 
+Structured output: `response_format` (text, json_object, json_schema), `tools` / `tool_choice` /
+`parallel_tool_calls` and `logit_bias` are declared here; `serve/structured.py` turns them into a grammar
+and a bias (and answers 400 naming what it cannot follow).
+
 Fields OpenAI defines that this server does not implement fall in two groups. Those whose answer would
 differ if ignored are declared here and rejected by `unsupported()` with a 400 naming them
-(`response_format` other than text, `tools` / `tool_choice` / `functions` / `function_call`, `logit_bias`,
-non-zero `presence_penalty` / `frequency_penalty`, `audio`, non-text `modalities`, completions' `suffix`
-and `best_of` > `n`). The others (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`,
-`prediction`, `reasoning_effort`, ...) change nothing in the answer and are accepted and ignored, as
-llama.cpp's server does, so that stock clients (the `openai` package, LangChain) work unchanged.
+(the deprecated `functions` / `function_call`, non-zero `presence_penalty` / `frequency_penalty`, `audio`,
+non-text `modalities`, completions' `suffix` and `best_of` > `n`). The others (`user`, `metadata`, `store`,
+`service_tier`, `prediction`, `reasoning_effort`, ...) change nothing in the answer and are accepted and
+ignored, as llama.cpp's server does, so that stock clients (the `openai` package, LangChain) work unchanged.
 This module knows nothing about models, tokens or HTTP routing.
 """
 
@@ -112,6 +119,42 @@ def _set(value: Any) -> bool:
     return value not in (None, "", 0, [], {})
 
 
+class JsonSchemaFormat(_Lenient):
+    name: StrictStr | None = _allowed("a string: the schema's name")
+    description: StrictStr | None = _allowed("a string")
+    schema_: dict[str, Any] | StrictBool | None = Field(default=None, alias="schema",
+                                                         description="a JSON Schema (an object)")
+    strict: StrictBool | None = _allowed("true or false")
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description='"text", "json_object" or "json_schema"')
+    json_schema: JsonSchemaFormat | None = _allowed('an object like {"name": "answer", "schema": {...}}')
+
+
+class FunctionDefinition(_Lenient):
+    name: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        description="1 to 64 letters, digits, '_' or '-'")
+    description: StrictStr | None = _allowed("a string")
+    parameters: dict[str, Any] | None = _allowed("a JSON Schema object")
+    strict: StrictBool | None = _allowed("true or false")
+
+
+class Tool(_Lenient):
+    type: Literal["function"] = Field(description='"function"')
+    function: FunctionDefinition = Field(description='an object like {"name": "f", "parameters": {...}}')
+
+
+class FunctionName(_Lenient):
+    name: StrictStr = Field(description="the name of one of the tools")
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = Field(description='"function"')
+    function: FunctionName = Field(description='an object like {"name": "f"}')
+
+
 class _SamplingRequest(_Lenient):
     model: StrictStr | None = _allowed("a string: the served model's name (/v1/models)")
     temperature: Temperature | None = _allowed("a number from 0 to 2")
@@ -125,8 +168,12 @@ class _SamplingRequest(_Lenient):
     stream_options: StreamOptions | None = _allowed('an object like {"include_usage": true}')
     # Our extension: drop the oldest turns instead of answering 400 when a conversation is too long.
     truncate: StrictBool = Field(default=False, description="true or false")
+    logit_bias: dict[StrictStr, Any] | None = _allowed(
+        'an object mapping token ids (as strings) to numbers from -100 to 100, like {"50256": -100}')
+    response_format: ResponseFormat | None = _allowed(
+        '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., '
+        '"schema": {...}}}')
     # OpenAI fields we do not implement and that would change the answer: declared so they can be refused.
-    logit_bias: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
 
@@ -141,8 +188,6 @@ class _SamplingRequest(_Lenient):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first field this server does not implement and must not ignore."""
-        if _set(self.logit_bias):
-            return "logit_bias", "logit_bias is not supported by this server: remove it"
         for name in ("presence_penalty", "frequency_penalty"):
             if _set(getattr(self, name)):
                 return name, f"{name} is not supported by this server: remove it or send 0"
@@ -156,9 +201,12 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: PositiveTokens | None = _allowed("a whole number of at least 1")
     logprobs: StrictBool = Field(default=False, description="true or false")
     top_logprobs: LogprobCount | None = _allowed(f"a whole number from 0 to {MAX_LOGPROBS}")
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = _allowed("a list of function tools",
+                                        item='a tool like {"type": "function", "function": {"name": "f", '
+                                             '"parameters": {...}}}')
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = _allowed(
+        '"none", "auto", "required" or {"type": "function", "function": {"name": "f"}}')
+    parallel_tool_calls: StrictBool | None = _allowed("true or false")
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -172,16 +220,11 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> tuple[str, str] | None:
-        fmt = self.response_format
-        if _set(fmt) and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            return "response_format", ('response_format is not supported by this server except {"type": "text"}: '
-                                       "it cannot constrain replies to JSON")
-        for name in ("tools", "functions"):
-            if _set(getattr(self, name)):
-                return name, f"{name} is not supported by this server: it cannot call tools or functions"
-        for name in ("tool_choice", "function_call"):
-            if _set(getattr(self, name)) and getattr(self, name) != "none":
-                return name, f"{name} is not supported by this server: it cannot call tools or functions"
+        if _set(self.functions):
+            return "functions", "functions is deprecated and not supported by this server: send tools instead"
+        if _set(self.function_call) and self.function_call != "none":
+            return "function_call", ("function_call is deprecated and not supported by this server: "
+                                     "send tool_choice instead")
         if _set(self.audio) or (_set(self.modalities) and self.modalities != ["text"]):
             name = "audio" if _set(self.audio) else "modalities"
             return name, f"{name}: this server answers with text only"
@@ -261,17 +304,29 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):
@@ -284,17 +339,33 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """One streamed piece of a tool call: the first names it (index, id, type, name), later ones add
+    argument text; the client joins them by `index`."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

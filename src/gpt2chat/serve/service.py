@@ -72,6 +72,8 @@ class GenerationSettings:
     seed: int | None = None
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, OpenAI's -100 .. 100
+    constraint: Any = None  # a gpt2chat.grammar.Constraint the reply must match (serve/structured.py)
 
 
 class Generation:
@@ -189,6 +191,7 @@ class ChatService:
         self.model_name = model_name
         self.limits = limits or ServerLimits()
         self.context_length = self.pipeline.context
+        self.logits_width = int(getattr(model.config, "vocab_size", len(tokenizer)))  # a grammar's mask width
         if engine is None:
             from gpt2chat.engine import BatchedEngine
 
@@ -202,11 +205,16 @@ class ChatService:
 
     # ---- prompts ---------------------------------------------------------------------------------
 
-    def render_messages(self, messages: list[dict[str, str]], truncate: bool = False,
-                        max_tokens: int | None = None) -> list[int]:
-        """Messages -> prompt ids ending with the assistant header; drops the oldest turns if `truncate`
-        (keeping room for `max_tokens`, at most a quarter of the context)."""
+    def render_messages(self, messages: list[dict[str, Any]], truncate: bool = False,
+                        max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+        """Messages (and `tools`, rendered into the system part) -> prompt ids ending with the assistant
+        header; drops the oldest turns if `truncate` (keeping room for `max_tokens`, at most a quarter of
+        the context; the system part is never dropped)."""
         hint = "" if truncate else ' (or send "truncate": true to drop the oldest turns)'
+        if tools:
+            from gpt2chat.templates import flatten
+
+            messages = flatten(messages, tools)
         return self.pipeline.fit(messages, max_tokens or self.limits.max_tokens_limit, truncate=truncate,
                                  hint=hint).ids
 
@@ -218,7 +226,8 @@ class ChatService:
 
     def settings(self, prompt_len: int, max_tokens: int | None, temperature: float | None = None,
                  top_p: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
-                 logprobs: int | None = None, prompt_logprobs: int | None = None) -> GenerationSettings:
+                 logprobs: int | None = None, prompt_logprobs: int | None = None,
+                 logit_bias: tuple[tuple[int, float], ...] = (), constraint: Any = None) -> GenerationSettings:
         """Checks the request's token budget; the reply is capped by the room left in the context."""
         limit = self.limits.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
@@ -232,6 +241,8 @@ class ChatService:
             seed=None if seed is None else seed % SEED_MODULUS,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=tuple(logit_bias),
+            constraint=constraint,
         )
 
     def _reserve(self, count: int) -> None:
@@ -263,7 +274,8 @@ class ChatService:
         deadline = time.monotonic() + self.limits.request_timeout_s
         base = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                               top_p=settings.top_p, logprobs=settings.logprobs,
-                              prompt_logprobs=settings.prompt_logprobs)
+                              prompt_logprobs=settings.prompt_logprobs, logit_bias=settings.logit_bias,
+                              constraint=settings.constraint)
         generations: list[Generation] = []
         try:
             for index in range(n):

@@ -24,7 +24,9 @@ from gpt2chat import __version__
 from gpt2chat.serve import schemas
 from gpt2chat.serve.logprobs import chat_logprobs, completion_logprobs
 from gpt2chat.serve.service import Generation
+from gpt2chat.serve.structured import ToolCallStream
 from gpt2chat.tokenizer import IncrementalDecoder
+from gpt2chat.tool_calls import ToolCallError, parse_assistant
 
 log = logging.getLogger("gpt2chat.serve")
 
@@ -44,6 +46,7 @@ class Answer:
     echoes: list[Echo] = field(default_factory=list)  # completions with echo: one per generation
     completion_id: str = ""
     created: int = 0
+    tool_calls: bool = False  # the replies are read for tool calls (serve/structured.py)
 
     def __post_init__(self) -> None:
         self.completion_id = self.completion_id or schemas.new_id("chatcmpl" if self.chat else "cmpl")
@@ -165,20 +168,37 @@ async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, str
             task.cancel()
 
 
+def _finish_reason(generation: Generation, calls: int) -> str | None:
+    """"tool_calls" when a reply that ended by itself made calls; else the generation's own reason."""
+    return "tool_calls" if calls and generation.finish_reason == "stop" else generation.finish_reason
+
+
 async def chat_events(answer: Answer) -> AsyncIterator[str]:
     chunk = _chunk_writer(answer)
     Choice, Delta = schemas.ChatChunkChoice, schemas.ChunkDelta  # noqa: N806
+    readers = [ToolCallStream() if answer.tool_calls else None for _ in answer.generations]
     for index in range(len(answer.generations)):
         yield chunk([Choice(index=index, delta=Delta(role="assistant", content="", refusal=None), logprobs=None,
                             finish_reason=None)])
     async for index, text in _merged(answer.generations):
         logprobs = answer.new_logprobs(index)
-        if text is not None or (logprobs and logprobs["content"]):
-            yield chunk([Choice(index=index, delta=Delta(content=text or ""), logprobs=logprobs,
-                                finish_reason=None)])
-        if text is None:
-            yield chunk([Choice(index=index, delta=Delta(), logprobs=None,
-                                finish_reason=answer.generations[index].finish_reason)])
+        reader, finished = readers[index], text is None
+        calls = None
+        if reader is not None:
+            text, deltas = reader.push(text) if text is not None else (reader.finish(), [])
+            calls = [schemas.ToolCallDelta(index=i, function=schemas.FunctionCallDelta(arguments=args))
+                     if call_id is None else
+                     schemas.ToolCallDelta(index=i, id=call_id, type="function",
+                                           function=schemas.FunctionCallDelta(name=name, arguments=args))
+                     for i, call_id, name, args in deltas] or None
+            text = text or None
+        if text is not None or calls or (logprobs and logprobs["content"]):
+            delta = Delta(content=text or "") if calls is None else (
+                Delta(tool_calls=calls) if text is None else Delta(content=text, tool_calls=calls))
+            yield chunk([Choice(index=index, delta=delta, logprobs=logprobs, finish_reason=None)])
+        if finished:
+            finish = _finish_reason(answer.generations[index], reader.calls if reader else 0)
+            yield chunk([Choice(index=index, delta=Delta(), logprobs=None, finish_reason=finish)])
     if answer.include_usage:
         yield chunk([], answer.usage())
     yield "data: [DONE]\n\n"
@@ -287,12 +307,22 @@ async def collect_unless_disconnected(request: Request, generations: list[Genera
 
 
 def chat_body(answer: Answer, texts: list[str]) -> schemas.ChatCompletion:
-    return schemas.ChatCompletion(
-        id=answer.completion_id, created=answer.created, model=answer.model, system_fingerprint=FINGERPRINT,
-        usage=answer.usage(), choices=[
-            schemas.ChatChoice(index=i, message=schemas.AssistantMessage(content=text),
-                               logprobs=answer.new_logprobs(i), finish_reason=g.finish_reason)
-            for i, (g, text) in enumerate(zip(answer.generations, texts, strict=True))])
+    choices = []
+    for i, (generation, text) in enumerate(zip(answer.generations, texts, strict=True)):
+        message, calls = schemas.AssistantMessage(content=text), 0
+        if answer.tool_calls and generation.finish_reason == "stop":  # a cut reply is returned as text
+            try:
+                parsed = parse_assistant(text)
+            except ToolCallError as exc:  # the grammar makes this a bug: the text is not lost
+                log.error("a constrained reply did not parse as tool calls (%s): returned as text", exc)
+            else:
+                calls = len(parsed.tool_calls)
+                message = schemas.AssistantMessage(content=parsed.content or None,
+                                                   tool_calls=parsed.tool_calls or None)
+        choices.append(schemas.ChatChoice(index=i, message=message, logprobs=answer.new_logprobs(i),
+                                          finish_reason=_finish_reason(generation, calls)))
+    return schemas.ChatCompletion(id=answer.completion_id, created=answer.created, model=answer.model,
+                                  system_fingerprint=FINGERPRINT, usage=answer.usage(), choices=choices)
 
 
 def completion_body(answer: Answer, texts: list[str]) -> schemas.Completion:
