@@ -1,7 +1,7 @@
 """Batch-1 decode and prefill speed: our engine against llama.cpp and transformers, same weights, one process.
 
 We build a GPT-2 checkpoint folder (random weights, the 124M shape by default), convert that same folder to
-GGUF with llama.cpp's own `convert_hf_to_gguf.py` (f32 and q8_0), and load it three ways: our engine (fp32,
+GGUF with llama.cpp's own `convert_hf_to_gguf.py` (f32, f16 and q8_0; q4_0 through our exporter), and load it three ways: our engine (fp32,
 fp32 with the compiled decode step, and fp16 / int8 weights when `gpt2chat.quantize` is there), llama.cpp
 through `llama-cpp-python`, and `transformers`' `generate`. Then, for `--repeats` rounds, every side runs
 in turn (the order rotates each round): a greedy decode of `--new-tokens` tokens after a 32-token prompt,
@@ -16,7 +16,7 @@ not a copy), taken before and after the runs; the better of the two is the bound
     python -m benchmarks.decode --arch tiny --repeats 2 --new-tokens 32 --prefill-lengths 32,128 --skip-transformers
 
 Prints one JSON line per side, then a markdown table. llama.cpp rows need `llama-cpp-python` and the
-converter (`--convert`, default: the copy unpacked under /work/llamacpp, or $GPT2CHAT_CONVERT_HF_TO_GGUF)
+converter (`--convert`, default: the copy unpacked under ~/.cache/gpt2chat-ci, or $GPT2CHAT_CONVERT_HF_TO_GGUF)
 with the `gguf` package; they are skipped with a note when either is missing.
 """
 
@@ -37,7 +37,8 @@ import torch
 
 from benchmarks.timing import round_robin
 
-DEFAULT_CONVERTER = "/work/llamacpp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
+DEFAULT_CONVERTER = str(Path.home() / ".cache/gpt2chat-ci/llama-cpp-python-0.3.36/src/llama_cpp_python-0.3.36/vendor/"
+                        "llama.cpp/convert_hf_to_gguf.py")
 PREFILL_LENGTHS = "32,512"
 
 
@@ -140,9 +141,14 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
     for mode in (None, "fp16", "int8", "int4"):
         model, _ = load_for_inference(folder, quantize=mode, device="cpu")  # the layout the CLI and server use
         name = f"ours {mode or 'fp32'}"
-        sides.append(Ours(name, Engine(model, prompt_cache=False), decode_read_bytes(model)))  # prefill timed cold
+        # one cache row: the Scheduler's decode step covers rows 0 .. the last one decoding, and each new request
+        # of an 8-row engine takes the next row that never held tokens, so the k-th timed call would run a
+        # k-row step (measured: 153 -> 81 tok/s over 4 calls at int4); prefill is timed cold
+        engine = Engine(model, prompt_cache=False, max_batch_size=1)
+        sides.append(Ours(name, engine, decode_read_bytes(model)))
         if mode is None and not args.skip_compiled:
-            sides.append(Ours(f"{name} compiled", Engine(model, compile=True, prompt_cache=False), decode_read_bytes(model)))
+            compiled = Engine(model, compile=True, prompt_cache=False, max_batch_size=1)
+            sides.append(Ours(f"{name} compiled", compiled, decode_read_bytes(model)))
     fp32_bytes = sides[0].read_bytes
     if not args.skip_transformers:
         sides.append(Transformers(folder, fp32_bytes))
@@ -156,7 +162,8 @@ def build_sides(args, folder: Path, workdir: Path) -> tuple[list, list[str]]:
         notes.append(f"no convert_hf_to_gguf.py at {converter}: no llama.cpp rows")
         return sides, notes
     q8_bytes = fp32_bytes // 4 * 34 // 32  # q8_0: 32 int8 weights + one fp16 scale per block
-    for outtype, name, read_bytes in (("f32", "llama.cpp f32", fp32_bytes), ("q8_0", "llama.cpp q8_0", q8_bytes)):
+    for outtype, name, read_bytes in (("f32", "llama.cpp f32", fp32_bytes), ("f16", "llama.cpp f16", fp32_bytes // 2),
+                                      ("q8_0", "llama.cpp q8_0", q8_bytes)):
         gguf = convert_to_gguf(converter, folder, outtype, workdir / f"model-{outtype}.gguf")
         sides.append(LlamaCpp(name, gguf, args.threads, read_bytes))
     # llama.cpp's converter writes no q4_0: the same folder through our exporter (the gguf package's Q4_0)
@@ -223,7 +230,7 @@ def run(args) -> tuple[list[dict], list[str]]:
         })  # fmt: skip
     by_name = {row["side"]: row for row in rows}
     for row in rows:  # the ratios the targets are stated in
-        peer = {"ours fp32": "llama.cpp f32", "ours fp32 compiled": "llama.cpp f32", "ours fp16": "llama.cpp f32",
+        peer = {"ours fp32": "llama.cpp f32", "ours fp32 compiled": "llama.cpp f32", "ours fp16": "llama.cpp f16",
                 "ours int8": "llama.cpp q8_0", "ours int4": "llama.cpp q4_0"}.get(row["side"])  # fmt: skip
         if peer in by_name:
             row["vs_peer"] = peer

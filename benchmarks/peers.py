@@ -74,10 +74,11 @@ class StepClock:
 
 
 def train_trl(kind: str, model, folder: Path | str, tokenizer, examples: list, *, out: str, batch_size: int,
-              grad_accum: int, steps: int, seq: int, device: torch.device | str, packed: bool = True) -> StepClock:
+              grad_accum: int, steps: int, seq: int, device: torch.device | str, packed: bool = True,
+              gradient_checkpointing: bool = False) -> StepClock:
     """`steps` optimizer steps of TRL's SFTTrainer (`kind == "sft"`: our examples' ids and assistant masks)
     or DPOTrainer (otherwise: the rendered text of our preference examples, reference log-probs precomputed
-    before training), lr 1e-5 constant, no saving, no gradient checkpointing; bf16 on CUDA, fp32 on CPU
+    before training), lr 1e-5 constant, no saving, gradient checkpointing only if asked; bf16 on CUDA, fp32 on CPU
     (no bf16 units there). Returns the clock of the steps."""
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -89,7 +90,7 @@ def train_trl(kind: str, model, folder: Path | str, tokenizer, examples: list, *
     common = dict(output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                   max_steps=steps, learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, report_to=[],
                   save_strategy="no", use_cpu=device.type == "cpu", bf16=device.type == "cuda",
-                  gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, max_length=seq, seed=0)
+                  gradient_checkpointing=gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True, max_length=seq, seed=0)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 

@@ -78,7 +78,7 @@ def main() -> None:
                 if isinstance(module, Int8Linear):
                     module.exact_activations = True
             rows.append(("ours int8, all (fp32 activations, exact_activations)", _relative(int8(ids), reference)))
-            rows.append(("ours int4, all (Q4_0 numbers, int8 activation blocks)",
+            rows.append(("ours int4, all (Q4_0 format, searched scales, int8 activation blocks)",
                          _relative(convert_for_inference(model, "int4")(ids), reference)))
             rows.append(("ours fp16, all", _relative(convert_for_inference(model, "fp16")(ids), reference)))
         try:

@@ -21,7 +21,10 @@ disabled in 1.16: "temporarily unavailable after a refactor"). `--runners ...,tr
 - SFT: trained (non-pad) tokens / s, assistant-only loss from the same masks; ours packs into `--seq` rows.
 - DPO: pairs / s, reference log-probs precomputed before training in both (not timed).
 - Precision: fp32 on the CPU (no bf16 units; TRL's `bf16=True` default would make matmuls ~100x slower),
-  bf16 autocast on CUDA on both sides; no gradient checkpointing on either side.
+  bf16 autocast on CUDA on both sides; gradient checkpointing off on both sides, or with `--checkpointing`
+  on both (ours: `GPT.gradient_checkpointing`; TRL: `gradient_checkpointing=True`), reported as its own rows.
+- Dropout: what each trainer uses by default: the checkpoint's 0.1 for SFT on both sides; 0 for DPO on both
+  (ours as `gpt2chat train` sets it, TRL's `disable_dropout=True`).
 - MFU: model FLOPs (6 N per token run + attention, `gpt2chat.evaluate.flops`) / the best fp32 matmul rate
   measured before and after the runs (1024^3, the best of 5 x 5 timings).
 - `--budget-gib G`: each runner's peak at two batch sizes (2 steps each, so the optimizer state is in it),
@@ -91,12 +94,16 @@ def run_ours(kind: str, ckpt: str, specs: list[str], args, chunked: bool = True)
     from gpt2chat.train.config import TrainConfig
     from gpt2chat.train.distributed import DistState
     from gpt2chat.train.objectives import DPOObjective, SFTObjective
+    from gpt2chat.train.recipes import set_dropout
     from gpt2chat.train.trainer import Trainer, autocast_for
 
     if not chunked:
         objectives.through_head = unchunked_head
     device = torch.device(args.device)
     model, tokenizer = load_model(ckpt, device=device)
+    if kind == "dpo":
+        set_dropout(model, 0.0)          # as `gpt2chat train` does for DPO (and TRL's disable_dropout default)
+    model.gradient_checkpointing = args.checkpointing
     rows = args.batch_size * args.grad_accum * args.steps
     examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1), args.seq)
     cfg = TrainConfig(objective="sft" if kind == "sft" else "dpo", data=["bench"], out=tempfile.mkdtemp(),
@@ -137,7 +144,8 @@ def run_trl(kind: str, ckpt: str, specs: list[str], args, packed: bool = False) 
     examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1), args.seq)  # ours' pool
     start_memory(torch.device(args.device))
     clock = train_trl(kind, model, ckpt, tokenizer, examples, out=tempfile.mkdtemp(), batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, steps=args.steps, seq=args.seq, device=args.device, packed=packed)
+                      grad_accum=args.grad_accum, steps=args.steps, seq=args.seq, device=args.device, packed=packed,
+                      gradient_checkpointing=args.checkpointing)
     return rates(kind, clock.seconds[1:], clock.tokens[1:], args)
 
 
@@ -196,7 +204,7 @@ def run_child(who: str, kind: str, ckpt: Path, specs: dict, args, batch_size: in
     command = [sys.executable, "-m", "benchmarks.train", "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
                "--specs", json.dumps(specs), "--steps", str(steps), "--batch-size", str(batch_size),
                "--grad-accum", str(args.grad_accum), "--threads", str(args.threads), "--seq", str(args.seq),
-               "--device", args.device]
+               "--device", args.device] + (["--checkpointing"] if args.checkpointing else [])
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, cwd=REPO)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -235,6 +243,8 @@ def main() -> int:
                         help="instead of the speed table: the largest batch of --seq tokens that trains in this "
                              "much memory, for each runner, from peaks at --budget-batches (2 steps each)")
     parser.add_argument("--budget-batches", default="1,2")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing on both sides (its own rows: never compare with a run without)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--who", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
@@ -277,7 +287,7 @@ def main() -> int:
                 print(f"{kind} {who:>15}: peaks {fit['measured']} MiB, {fit['per_row_mb']:.0f} MiB per "
                       f"{args.seq}-token row -> {fit['max_batch']} x {args.seq} in {args.budget_gib:g} GiB")
         print(json.dumps({"benchmark": "train-budget", "seq_len": args.seq, "budget_gib": args.budget_gib,
-                          "device": args.device, **fits}))
+                          "device": args.device, "checkpointing": args.checkpointing, **fits}))
         return 0
 
     def best_peak() -> float:
@@ -297,8 +307,10 @@ def main() -> int:
     summary: dict[str, object] = {"benchmark": "train", "shape": "gpt2 124M random", "seq_len": args.seq,
                                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
                                   "repeats": args.repeats, "threads": args.threads, "device": args.device,
+                                  "checkpointing": args.checkpointing,
                                   "memory": memory, "matmul_peak_gflops": peak / 1e9, "torch": torch.__version__}
     print(f"\nGPT-2 124M (random), seq {args.seq}, {args.batch_size} x {args.grad_accum} per step, {args.device}, "
+          f"gradient checkpointing {'on' if args.checkpointing else 'off'}, "
           f"{args.threads} threads, matmul peak {peak / 1e9:.1f} GFLOP/s; memory = {memory}")
     print(f"{'':14}{'run':>15}{'value':>9}{'ours/it':>8}{'MFU':>7}{'tok/step':>9}{'s/step':>7}"
           f"{'peak':>8}{'ours/it':>8}{'training':>9}{'ours/it':>8}")

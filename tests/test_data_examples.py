@@ -55,12 +55,16 @@ def test_context_cut_from_oldest_turn_reply_kept(tok):
              "last question", "final reply", system="Be brief.")
     full = render_chat(tok, c.messages)[0]
     budget = Budgets(max_length=len(full) - 5)
-    (example,), drops = build_sft(tok, [c], "llama3-context", budget, per_turn=False), Counter()
+    drops, truncations = Counter(), Counter()
+    (example,) = build_sft(tok, [c], "llama3-context", budget, per_turn=False, drops=drops, truncations=truncations)
     text = tok.decode(example.input_ids)
     assert len(example.input_ids) <= budget.max_length
     assert "oldest" not in text and "middle question" in text and "Be brief." in text
     assert trained_text(tok, example) == "final reply<|eot_id|>"
-    assert not drops
+    assert not drops and truncations == {"oldest turns dropped to fit": 1}  # kept, and said to be cut
+    truncations.clear()
+    build_sft(tok, [c], "llama3-context", Budgets(max_length=len(full)), per_turn=False, truncations=truncations)
+    assert not truncations  # a conversation that fits loses nothing and is not counted
 
 
 def test_reply_that_cannot_fit_is_dropped_and_counted(tok):
@@ -111,8 +115,79 @@ def test_preference_budgets_like_seed_002(tok):
     assert len(example.prompt_ids) + len(example.chosen_ids) <= 160
     assert "Final question?" in tok.decode(example.prompt_ids) and "early" not in tok.decode(example.prompt_ids)
     assert example.rejected_ids[-1] == tok.eos_token_id  # not cut: still ends with end-of-turn
-    assert truncations == {"chosen reply cut": 1}
+    assert truncations == {"chosen reply cut": 1, "oldest turns dropped to fit": 1}  # "early" went
     drops = Counter()
     drop = Budgets(max_prompt_length=96, max_response_length=64, max_length=160, prompt_truncation="drop")
     assert build_preferences(tok, [pair(["too long " * 100])], "plain", drop, drops) == []
     assert drops == {"last user turn over max_prompt_length": 1}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_tool_use_loss_on_calls_and_replies_not_tool_results_or_definitions(tok, template, tmp_path):
+    import json
+
+    from gpt2chat.data import load_conversations
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "TOOLRESULT 21C"},
+        {"role": "assistant", "content": "Sunny, 21C."}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (c,), _ = load_conversations(f"messages:{path}")
+    t = get_template(template)
+    call, answer = build_sft(tok, [c], template, Budgets.sft())
+    call_text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    assert trained_text(tok, call) == t.reply_prefix + call_text + t.end_of_turn
+    assert trained_text(tok, answer) == t.reply_prefix + "Sunny, 21C." + t.end_of_turn
+    # the tool's definition and its result are in the context, never in the loss
+    assert "TOOLRESULT" in tok.decode(answer.input_ids) and '"parameters"' in tok.decode(answer.input_ids)
+    assert render_chat(tok, row["messages"], template, tools=tools) == (answer.input_ids, answer.assistant_mask)
+
+
+def test_tool_rows_tokenize_as_trls_sft_does(tmp_path):
+    """TRL's SFTTrainer on the same tool-use rows (messages + tools, assistant_only_loss) with our exported
+    tokenizer gives the ids and loss mask of our last-turn example: TRL renders the whole row and trains the
+    last assistant turn through the template's {% generation %} span."""
+    import json
+
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    from gpt2chat.checkpoint import init_checkpoint
+    from gpt2chat.data import load_conversations
+
+    folder = init_checkpoint("tiny", tmp_path / "tiny", seed=0)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}}}}]
+    rows = []
+    for city in ("Paris", "Oslo", "Lima"):
+        rows.append({"tools": json.dumps(tools), "messages": [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]},
+            {"role": "tool", "content": f"{len(city)}C"},
+            {"role": "assistant", "content": f"It is {len(city)}C in {city}."}]})
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no",
+                         bf16=False, assistant_only_loss=True, max_length=None, dataset_num_proc=None)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=hf_tok,
+                             train_dataset=datasets.Dataset.from_list(rows))
+    theirs = [(list(r["input_ids"]), [int(label != -100) for label in r["labels"]]) for r in trainer.train_dataset]
+
+    from gpt2chat.tokenizer import Tokenizer
+
+    ours_tok = Tokenizer.from_dir(folder)
+    conversations, _ = load_conversations(f"messages:{path}")
+    ours = [(e.input_ids, e.assistant_mask)
+            for e in build_sft(ours_tok, conversations, ours_tok.template_name, Budgets.sft(), per_turn=False)]
+    assert ours == theirs

@@ -228,3 +228,114 @@ def test_options_max_chars(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x" * 50, "input": "", "output": "y"}])
     _, report = load_conversations(f"alpaca:{path}", options=FormatOptions(max_chars=10))
     assert report.dropped == {"text too long": 1}
+
+
+# ---------------------------------------------------------------- tool use (TRL's messages + tools layout)
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def tool_row(arguments=None, tools=None):
+    """A TRL-style tool-use row: question, a call, the tool's result, the answer."""
+    return {"tools": [WEATHER_TOOL] if tools is None else tools, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"} if arguments is None else arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "21C, clear"},
+        {"role": "assistant", "content": "It is 21C and clear in Paris."}]}
+
+
+def test_tool_rows_load_flattened_with_tools_as_list_or_json_string(tmp_path):
+    from gpt2chat.templates import flatten
+    from gpt2chat.tool_calls import render_tools
+
+    as_string = tool_row(arguments='{"city": "Paris"}', tools=json.dumps([WEATHER_TOOL]))
+    path = write_jsonl(tmp_path / "t.jsonl", [tool_row(), as_string])
+    (first, second), report = load_conversations(f"messages:{path}")
+    assert report.kept == 2
+    assert first.messages == second.messages == flatten(tool_row()["messages"], [WEATHER_TOOL])
+    assert [m["role"] for m in first.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert first.messages[0]["content"] == render_tools([WEATHER_TOOL])
+    assert first.messages[2]["content"] == (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+
+
+def test_tool_row_ending_in_a_tool_result_trains_the_call(tmp_path):
+    row = tool_row()
+    row["messages"] = row["messages"][:3]
+    (conversation,), _ = load_conversations(f"messages:{write_jsonl(tmp_path / 't.jsonl', [row])}")
+    assert [m["role"] for m in conversation.messages] == ["system", "user", "assistant"]
+
+
+def _broken(change):
+    row = tool_row()
+    change(row)
+    return row
+
+
+@pytest.mark.parametrize("row, reason, field, detail", [
+    (tool_row(arguments="{city: Paris}"), "bad tool call", "messages[1].tool_calls[0].function.arguments",
+     "not valid JSON"),
+    (tool_row(arguments="[1]"), "bad tool call", "messages[1].tool_calls[0].function.arguments",
+     "expected a JSON object, got list"),
+    (tool_row(tools=[{"type": "function", "function": {"description": "nameless"}}]), "bad tools",
+     "tools[0].function.name", "expected a non-empty string"),
+    (tool_row(tools="[{oops"), "bad tools", "tools", "not valid JSON"),
+    (_broken(lambda r: r["messages"][0].update(tool_calls=r["messages"][1]["tool_calls"])), "bad tool call",
+     "messages[0].tool_calls", "only an assistant message"),
+    (_broken(lambda r: r["messages"][2].update(content=None)), "missing field", "messages[2].content",
+     "a tool message has the tool's result"),
+    (_broken(lambda r: r["messages"].insert(1, {"role": "tool", "content": "early"})), "bad turn order",
+     "messages[1]", "expected assistant next, got tool"),
+    (_broken(lambda r: r["messages"].pop(2)), "bad turn order", "messages[2]",
+     "expected tool next, got assistant (an assistant's tool calls are answered by tool messages)"),
+    (_broken(lambda r: r["messages"][1].update(tool_calls=None)), "missing field", "messages[1].content",
+     "missing (or null)"),
+])
+def test_bad_tool_rows_name_the_row_and_field(tmp_path, row, reason, field, detail):
+    path = write_jsonl(tmp_path / "t.jsonl", [tool_row(), row])
+    conversations, report = load_conversations(f"messages:{path}")
+    assert len(conversations) == 1 and report.dropped == {reason: 1}
+    with pytest.raises(DataError) as info:
+        load_conversations(f"messages:{path}", strict=True)
+    message = str(info.value)
+    assert f"{path} line 2: field '{field}'" in message
+    if detail:
+        assert detail in message
+
+
+def test_messages_rows_take_system_messages_anywhere(tmp_path):
+    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    two = {"role": "system", "content": "Be brief."}
+    path = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "system", "content": "Be kind."}, two, user, reply]},
+        {"messages": [user, reply, two, user, reply]},
+        {"messages": [user, two, {"role": "user", "content": "again"}, reply]},  # still must alternate
+    ])
+    conversations, report = load_conversations(f"messages:{path}")
+    assert [[m["role"] for m in c.messages] for c in conversations] == [
+        ["system", "system", "user", "assistant"], ["user", "assistant", "system", "user", "assistant"]]
+    assert report.dropped == {"bad turn order": 1}
+    with pytest.raises(DataError, match=r"line 3: field 'messages\[2\]': expected assistant next, got user"):
+        load_conversations(f"messages:{path}", strict=True)
+
+
+def test_sharegpt_function_call_and_observation_turns(tmp_path):
+    from gpt2chat.templates import flatten
+
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    row = {"tools": json.dumps([WEATHER_TOOL]), "conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": json.dumps(call)},
+        {"from": "observation", "value": "21C, clear"}, {"from": "gpt", "value": "It is 21C and clear in Paris."}]}
+    bad_json = {**row, "conversations": [row["conversations"][0], {"from": "function_call", "value": "{name"}]}
+    bad_call = {**row, "conversations": [row["conversations"][0], {"from": "function_call", "value": "[{}]"}]}
+    path = write_jsonl(tmp_path / "s.jsonl", [row, bad_json, bad_call])
+    (conversation,), report = load_conversations(f"sharegpt:{path}")
+    assert conversation.messages == flatten(tool_row()["messages"], [WEATHER_TOOL])  # the same as TRL's layout
+    assert report.dropped == {"bad tool call": 2}
+    with pytest.raises(DataError, match=r"line 2: field 'conversations\[1\]\.value': a function_call turn holds JSON"):
+        load_conversations(f"sharegpt:{path}", strict=True)
+    path = write_jsonl(tmp_path / "s2.jsonl", [bad_call])
+    with pytest.raises(DataError, match=r"line 1: field 'conversations\[1\]\.value\[0\]\.name': expected a non-empty"):
+        load_conversations(f"sharegpt:{path}", strict=True)

@@ -208,6 +208,32 @@ def test_adapter_is_merged_into_gguf_and_hf(checkpoint, model_and_tokenizer, tmp
         torch.testing.assert_close(reloaded(ids), want_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_typed_control_token_text_after_hf_export(checkpoint, model_and_tokenizer, tmp_path):
+    """What README's Jinja-export paragraph says: transformers' apply_chat_template turns a typed control-token
+    spelling into the control token by default (a tokenizer file cannot change that), and
+    sanitize_control_tokens=True keeps it text, as our renderer does."""
+    transformers = pytest.importorskip("transformers")
+    _, tok = model_and_tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(export_hf(checkpoint, tmp_path / "hf")))
+    typed = [{"role": "user", "content": "say <|End|> or <|endoftext|> please"}]
+    clean = [{"role": "user", "content": "say End or endoftext please"}]
+    control = tok.special_token_ids
+    ours, _ = get_template("user-assistant").render(tok, typed, add_generation_prompt=True)
+    clean_ids, _ = get_template("user-assistant").render(tok, clean, add_generation_prompt=True)
+    written = sorted(i for i in clean_ids if i in control)  # the control tokens the template itself writes
+    assert sorted(i for i in ours if i in control) == written
+
+    default = list(hf.apply_chat_template(typed, add_generation_prompt=True, return_dict=False))
+    assert sorted(i for i in default if i in control) == sorted([*written, tok.token_to_id("<|End|>"), 50256])
+
+    kept = list(hf.apply_chat_template(typed, add_generation_prompt=True, return_dict=False,
+                                       sanitize_control_tokens=True))
+    assert sorted(i for i in kept if i in control) == written
+    assert tok.decode(kept) == tok.decode(ours)
+    assert hf.apply_chat_template(clean, add_generation_prompt=True, return_dict=False,
+                                  sanitize_control_tokens=True) == clean_ids
+
+
 def test_hf_export_of_gpt_neo_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -392,14 +418,21 @@ func main() {
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
 def test_ollama_templates_render_like_ours_in_go(tmp_path):
     """Go's text/template (what Ollama runs) renders each twin to our prompt text; Ollama asks for the
-    assistant's turn itself, so the generation prompt follows a user turn and never an assistant's."""
+    assistant's turn itself, so the generation prompt follows a user turn (or a tool result), never an
+    assistant's. Leading system messages merge, later ones and tool results stay in place, as in the Jinja."""
     (tmp_path / "main.go").write_text(_GO_RENDER)
     cases, want = [], []
+    system, user, reply = ({"role": r, "content": c} for r, c in (("system", "Be kind."), ("user", "Hi"),
+                                                                    ("assistant", "Hello")))
+    more = [[system, {"role": "system", "content": "Be brief."}, user],
+            [user, reply, {"role": "system", "content": "Now in French."}, user],
+            [system, user, reply, {"role": "tool", "content": "12:00"}],
+            [user, {"role": "system", "content": "late"}]]
     for name, go_template in GO_TEMPLATES.items():
-        for messages in CONVERSATIONS:
+        for messages in [*CONVERSATIONS, *more]:
             cases.append({"template": go_template, "messages": messages})
-            ends_with_user = messages[-1]["role"] == "user"
-            want.append(get_template(name).render_text(messages, add_generation_prompt=ends_with_user))
+            answer_next = messages[-1]["role"] != "assistant"  # after a user turn or a tool's result
+            want.append(get_template(name).render_text(messages, add_generation_prompt=answer_next))
     env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "go-cache")}
     run = subprocess.run(["go", "run", "main.go"], input=json.dumps(cases), capture_output=True, text=True,
                          cwd=tmp_path, timeout=300, env=env)  # fmt: skip

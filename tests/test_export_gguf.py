@@ -338,7 +338,11 @@ def test_llama_cpp_jinja_engine_renders_our_prompts(chat_models, jinja_shim, nam
         embedded = llm.metadata["tokenizer.chat_template"]
         assert embedded == gguf_chat_template(template.jinja)
         assert jinja_shim(llm, QUESTION, True, want_source=True) == embedded  # ours, not a fallback
-        for messages in [*conversations, [*QUESTION, {"role": "assistant", "content": ANSWER}]]:
+        system, late = {"role": "system", "content": "Be kind."}, {"role": "system", "content": "Be brief."}
+        reply = {"role": "assistant", "content": ANSWER}
+        more = [[system, late, *QUESTION], [*QUESTION, reply, late, *QUESTION],
+                [*QUESTION, reply, {"role": "tool", "content": "12:00"}]]  # system messages anywhere, a tool turn
+        for messages in [*conversations, [*QUESTION, reply], *more]:
             for add in (True, False):
                 text = jinja_shim(llm, messages, add)
                 assert text == template.render_text(messages, add_generation_prompt=add)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -209,3 +210,34 @@ def test_sigkill_at_file_writes_all_through_a_run_always_resumes_to_the_same_los
         survived += 1
     print(f"survived {survived} SIGKILLs at file writes 1..{writes} (stride {os.environ.get('GPT2CHAT_KILL_STRIDE', '5')})")
     assert survived >= 3
+
+
+def test_ctrl_c_inside_a_checkpoint_write_names_the_intact_checkpoint_and_a_resume_command_that_works(tmp_path):
+    """Issue 26: Ctrl-C (a real SIGINT, in the 2nd checkpoint's write) says which checkpoint is intact and
+    prints the command that goes on; that command reproduces the uninterrupted losses."""
+    assert main([*RUN, "--out", str(tmp_path / "full")]) == 0
+    full = train_losses(tmp_path / "full")
+    out = tmp_path / "interrupted"
+    env = {**os.environ, faults.ENV: "sigint:checkpoint@2", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 130, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    step1 = training_state.checkpoints_root(out) / "step-0000001"
+    assert f"interrupted: [sft] step 2 of 3; the last complete checkpoint {step1} is intact" in run.stderr
+    assert [p.name for p in training_state.list_checkpoints(out)] == ["step-0000001"]
+    command = shlex.split(run.stderr.split("continue with: ", 1)[1].splitlines()[0])
+    assert command[:2] == ["gpt2chat", "sft"] and command[-1] == "--resume"
+    assert main(command[1:]) == 0
+    assert train_losses(out) == pytest.approx(full, abs=1e-6)
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    out = tmp_path / "interrupted"
+    env = {**os.environ, faults.ENV: "sigint:checkpoint@1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 130, run.stderr[-2000:]
+    assert "step 1 of 3; no checkpoint was written before it" in run.stderr
+    again = run.stderr.split("nothing to resume from; start again with: ", 1)[1].splitlines()[0]
+    assert "--resume" not in again and shlex.split(again)[1:] == [*RUN, "--out", str(out)]

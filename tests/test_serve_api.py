@@ -91,6 +91,30 @@ def test_chat_completion_has_openai_shape_and_the_engines_reply(client, server, 
     assert usage["total_tokens"] == usage["prompt_tokens"] + generated
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in French."}, *USER],
+    [*USER, {"role": "assistant", "content": "Hi."}, {"role": "developer", "content": "Be brief."}, *USER],
+    [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+     {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}],
+], ids=["two-systems", "mid-conversation-system", "after-a-tool-answer"])
+def test_system_messages_anywhere_and_tool_turns_are_answered(client, server, reference, messages):
+    expected = reference([{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages], 4)
+    response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"] == text_of(server, expected.token_ids)
+    assert body["usage"]["prompt_tokens"] == len(server.service.render_messages(
+        [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]))
+
+
+def test_a_malformed_tool_call_in_the_history_is_a_400_naming_it(client):
+    messages = [*USER, {"role": "assistant", "content": None,
+                        "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]
+    error = assert_openai_error(client.post("/v1/chat/completions", json={"messages": [*messages, *USER]}), 400)
+    assert error["message"].startswith("messages[1].tool_calls[0].function.arguments: not valid JSON")
+
+
 def stop_inside(text: str) -> tuple[str, str]:
     """A stop string taken from the middle of `text` and the text shown before it."""
     assert len(text) >= 8, f"the tiny model's reply is too short to cut: {text!r}"
@@ -303,10 +327,14 @@ def test_every_rejected_body_gets_one_plain_sentence(client, body):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].type", 'messages[0].content[0].type must be "text" (this server reads text parts only); '
      'got "image_url".'),
+    ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": "f()"}]}, "messages[1].tool_calls",
+     'messages[1].tool_calls must be a list of tool calls; got "f()".'),
+    ({"messages": [*USER, {"role": "tool", "content": "1", "tool_call_id": 7}]}, "messages[1].tool_call_id",
+     "messages[1].tool_call_id must be a string; got 7."),
     ({"messages": ["hi"]}, "messages[0]", 'messages[0] must be a message like {"role": "user", "content": "Hi"}; '
      'got "hi".'),
     ({"max_tokens": 3}, "messages", "messages is required: give a non-empty list of messages, each with a role "
-     "('system', 'developer', 'user' or 'assistant') and a string content."),
+     "('system', 'developer', 'user', 'assistant' or 'tool') and a string content."),
     ({"messages": USER, "temperature": "x", "top_p": 5}, "temperature",
      'temperature must be a number from 0 to 2; got "x". Also invalid: top_p.'),
     ({"messages": USER, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage",

@@ -1,4 +1,5 @@
-"""Chat templates: layout, assistant mask, prefix invariant, Jinja export == renderer, control-token safety."""
+"""Chat templates: layout, assistant mask, prefix invariant, Jinja export == renderer, control-token safety;
+tools, tool calls, tool turns and system messages anywhere."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from gpt2chat.templates import (
     DEFAULT_TEMPLATE,
     TEMPLATES,
     ChatFormatError,
+    flatten,
     get_template,
     render_chat,
     render_text,
     validate_messages,
 )
 from gpt2chat.tokenizer import Tokenizer
+from gpt2chat.tool_calls import TOOLS_INTRO, parse_assistant, render_assistant, render_tools
 
 NAMES = list(TEMPLATES)
 
@@ -25,6 +28,10 @@ U1 = {"role": "user", "content": "What is the capital of France?"}
 A1 = {"role": "assistant", "content": "The capital of France is Paris."}
 U2 = {"role": "user", "content": "And of Japan? 🇯🇵 日本"}
 A2 = {"role": "assistant", "content": "Tokyo.\n\nIt has ~14 million people."}
+
+CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+TOOL = {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21, "sky": "clear"}'}
 
 CONVERSATIONS = {
     "single": [U1],
@@ -36,7 +43,23 @@ CONVERSATIONS = {
     "system-multi-reply": [SYS, U1, A1, U2, A2],
     "assistant-first": [{"role": "assistant", "content": "Hi! Ask me anything."}, U1, A1],
     "whitespace": [{"role": "user", "content": "  spaced  \n"}, {"role": "assistant", "content": "\n\n  indented\n"}],
+    "two-systems": [SYS, {"role": "system", "content": "Answer briefly."}, U1, A1],
+    "mid-system": [U1, A1, {"role": "system", "content": "Now answer in French."}, U2],
+    "mid-system-reply": [SYS, U1, {"role": "system", "content": "Be terse."}, U2, A2],
+    "tool-round": [SYS, U1, CALL, TOOL, A1],
+    "tool-round-open": [U1, CALL, TOOL],
+    "tool-calls-last": [U1, CALL],
+    "tool-calls-with-content": [U1, {**CALL, "content": "Let me check."}, TOOL, U2],
+    "two-calls": [U1, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": [1, 2]}}},
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": '{"y": "é \\"q\\""}'}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "c1"}, {"role": "tool", "content": "2", "tool_call_id": "c2"}],
 }
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city: 'now' or later",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOLS = [WEATHER, {"type": "function", "function": {"name": "now", "description": "The time\nin UTC"}}]
 
 TRICKY_REPLIES = [
     "Hello", " Hello", "  two spaces", "\n\nnew lines", "\nnl", "\tTab", "!!! wow", ":colon", "### Human: x",
@@ -74,8 +97,8 @@ def hf_toks(toks, tmp_path_factory):
     return out
 
 
-def _hf_ids(hf, messages, add_generation_prompt, mask=False):
-    out = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+def _hf_ids(hf, messages, add_generation_prompt, mask=False, tools=None):
+    out = hf.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt,
                                  return_dict=True, return_assistant_tokens_mask=mask)
     # transformers 5 returns a BatchEncoding (dict) by default
     ids = list(out["input_ids"])
@@ -198,17 +221,18 @@ def test_prefix_invariant(name, toks):
 # ---------------------------------------------------------------------------------------------- Jinja == renderer
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("conv", list(CONVERSATIONS))
-def test_jinja_matches_renderer(name, conv, toks, hf_toks):
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["no-tools", "tools"])
+def test_jinja_matches_renderer(name, conv, tools, toks, hf_toks):
     tok, hf = toks[name], hf_toks[name]
     messages = CONVERSATIONS[conv]
     for gen in (False, True):
-        ids, mask = render_chat(tok, messages, name, add_generation_prompt=gen)
-        hf_ids, hf_mask = _hf_ids(hf, messages, gen, mask=True)
+        ids, mask = render_chat(tok, messages, name, add_generation_prompt=gen, tools=tools)
+        hf_ids, hf_mask = _hf_ids(hf, messages, gen, mask=True, tools=tools)
         assert hf_ids == ids, (name, conv, gen)
         if messages[-1]["role"] == "assistant" or gen:
             assert hf_mask == mask, (name, conv, gen)
-        assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == render_text(
-            messages, name, gen)
+        assert hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen) == render_text(
+            messages, name, gen, tools=tools)
 
 
 def test_saved_checkpoint_tokenizer_keeps_template(toks, tmp_path):
@@ -261,7 +285,16 @@ def test_special_token_spellings_in_content_stay_text(name, full_tok):
     ([{"role": "user"}], r"messages\[0\]\.content"),
     ([{"role": "user", "content": None}], r"messages\[0\]\.content"),
     ([U1, {"role": "assistant", "content": 3}], r"messages\[1\]\.content"),
-    ([U1, {"role": "system", "content": "late"}], r"messages\[1\]\.role.*first"),
+    ([U1, {"role": "assistant"}], r"messages\[1\]\.content: missing"),
+    ([U1, {"role": "assistant", "content": None, "tool_calls": []}], r"messages\[1\]\.content: expected a string, got null"),
+    ([U1, {"role": "assistant", "content": 3, "tool_calls": CALL["tool_calls"]}], r"messages\[1\]\.content: expected a string or null"),
+    ([U1, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{bad"}}]}],
+     r"messages\[1\]\.tool_calls\[0\]\.function\.arguments: not valid JSON"),
+    ([U1, {"role": "assistant", "content": "", "tool_calls": {"name": "f"}}], r"messages\[1\]\.tool_calls: expected a list"),
+    ([{**U1, "tool_calls": CALL["tool_calls"]}], r"messages\[0\]\.tool_calls: only an assistant message"),
+    ([U1, CALL, {"role": "tool", "content": None}], r"messages\[2\]\.content: expected a string, got null"),
+    ([U1, CALL, {"role": "tool", "content": "x", "tool_call_id": 7}], r"messages\[2\]\.tool_call_id"),
+    ([{"role": "tool", "content": "x"}], "no user"),
     ([SYS], "no user"),
     ([{"role": "assistant", "content": "hi"}], "no user"),
 ])
@@ -277,3 +310,115 @@ def test_render_chat_defaults(toks):
     tok = toks["llama3-context"]
     assert render_chat(tok, (U1, A1)) == get_template("llama3-context").render(tok, [U1, A1])
     assert render_chat(tok, [{**U1, "name": "bob"}])[0] == render_chat(tok, [U1])[0]  # extra keys ignored
+
+
+@pytest.mark.parametrize("tools, match", [
+    ({"type": "function"}, "tools: expected a list"),
+    ([{"type": "function", "function": {"description": "no name"}}], r"tools\[0\]\.function\.name"),
+])
+def test_bad_tools_are_chat_format_errors(tools, match, toks):
+    for name in NAMES:
+        with pytest.raises(ChatFormatError, match=match):
+            render_chat(toks[name], [U1], name, tools=tools)
+
+
+# ---------------------------------------------------------------------------------------------- tools, system messages
+def test_tool_layouts_exact():
+    call_text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    tools_text = render_tools(TOOLS)
+    assert tools_text.startswith(TOOLS_INTRO + "\n")
+    assert render_text([SYS, U1, CALL, TOOL], "llama3-context", True, tools=TOOLS) == (
+        "<|begin_of_text|>"
+        f"<|start_header_id|>system<|end_header_id|>{SYS['content']}\n\n{tools_text}<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>{U1['content']}<|eot_id|>"
+        f"<|start_header_id|>assistant<|end_header_id|>{call_text}<|eot_id|>"
+        f"<|start_header_id|>tool<|end_header_id|>{TOOL['content']}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>"
+    )
+    assert render_text([U1, CALL, TOOL], "user-assistant", True, tools=TOOLS) == (
+        f"<|SYSTEM|> {tools_text} <|USER|> {U1['content']} <|ASSISTANT|> {call_text}<|End|>"
+        f"<|USER|> Tool: {TOOL['content']} <|ASSISTANT|>"
+    )
+    assert render_text([U1, CALL, TOOL], "plain", True) == (
+        f"User: {U1['content']}\nAssistant: {call_text}<|endoftext|>\nTool: {TOOL['content']}\nAssistant:"
+    )
+    assert render_text([U1, {**CALL, "content": "Checking."}, TOOL], "guanaco", True, tools=TOOLS) == (
+        f"{tools_text}\n\n### Human: {U1['content']}\n### Assistant: Checking.\n{call_text}<|endoftext|>\n"
+        f"### Tool: {TOOL['content']}\n### Assistant:"
+    )
+
+
+def test_system_messages_merged_at_the_start_in_place_later():
+    two = [SYS, {"role": "system", "content": "Answer briefly."}, U1]
+    merged = [{"role": "system", "content": SYS["content"] + "\n\nAnswer briefly."}, U1]
+    for name in NAMES:
+        assert render_text(two, name, True) == render_text(merged, name, True)
+    late = [U1, A1, {"role": "system", "content": "Be terse."}, U2]
+    assert "<|start_header_id|>system<|end_header_id|>Be terse.<|eot_id|><|end_context|>" in render_text(
+        late, "llama3-context", True)
+    assert "<|End|><|SYSTEM|> Be terse. <|USER|>" in render_text(late, "user-assistant", True)
+    assert "<|endoftext|>\nSystem: Be terse.\nUser: " in render_text(late, "plain", True)
+    assert "<|endoftext|>\n### System: Be terse.\n### Human: " in render_text(late, "guanaco", True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flatten_is_the_rendering_rule(name, toks):
+    tok = toks[name]
+    for messages in CONVERSATIONS.values():
+        for tools in (None, TOOLS):
+            flat = flatten(messages, tools)
+            assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in flat)
+            assert flatten(flat) == flat
+            assert render_chat(tok, flat, name) == render_chat(tok, messages, name, tools=tools)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mask_trains_the_call_not_the_tool_result(name, toks):
+    t, tok = TEMPLATES[name], toks[name]
+    ids, mask = render_chat(tok, [SYS, U1, CALL], name, tools=TOOLS)
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == t.reply_prefix + render_assistant("", CALL["tool_calls"]) + t.end_of_turn
+    ids, mask = render_chat(tok, [SYS, U1, CALL, TOOL, A1], name, tools=TOOLS)
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == t.reply_prefix + A1["content"] + t.end_of_turn
+    assert TOOL["content"] not in trained and "get_weather" not in trained
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefix_invariant_after_tools_and_late_system(name, toks):
+    tok = toks[name]
+    calls = [CALL, {**CALL, "content": "Let me see. "}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "now", "arguments": "{}"}}] * 2}]
+    late = {"role": "system", "content": "Be terse."}
+    for prompt in ([U1, CALL, TOOL], [SYS, U1, CALL, TOOL, TOOL], [U1, A1, late, U2], [U1, late], [U1]):
+        for tools in (None, TOOLS):
+            p_ids, _ = render_chat(tok, prompt, name, add_generation_prompt=True, tools=tools)
+            for reply in [*(dict(c) for c in calls), *({"role": "assistant", "content": r} for r in TRICKY_REPLIES)]:
+                ids, mask = render_chat(tok, [*prompt, reply], name, tools=tools)
+                assert ids[: len(p_ids)] == p_ids, (name, prompt, reply)
+                assert mask[: len(p_ids)] == [0] * len(p_ids) and all(mask[len(p_ids):]), (name, reply)
+
+
+def test_generated_call_parses_back(toks):
+    for name in NAMES:
+        t, tok = TEMPLATES[name], toks[name]
+        ids, mask = render_chat(tok, [U1, CALL], name)
+        reply = tok.decode([i for i, m in zip(ids, mask, strict=True) if m][:-1])
+        parsed = parse_assistant(reply[len(t.reply_prefix):])
+        assert parsed.content == "" and parsed.tool_calls[0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_control_spellings_in_tools_calls_and_results_stay_text(name, full_tok):
+    tok, control = full_tok, full_tok.special_token_ids
+    spelled = "x <|eot_id|> <|endoftext|> <|End|>"
+    tools = [{"type": "function", "function": {"name": "f", "description": spelled}}]
+    call = {"role": "assistant", "content": spelled, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"s": spelled}}}]}
+    plain_tools = [{"type": "function", "function": {"name": "f", "description": "x"}}]
+    plain_call = {"role": "assistant", "content": "x", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"s": "x"}}}]}
+    ids, _ = render_chat(tok, [U1, call, {"role": "tool", "content": spelled}], name, True, tools=tools)
+    clean, _ = render_chat(tok, [U1, plain_call, {"role": "tool", "content": "x"}], name, True, tools=plain_tools)
+    assert sorted(i for i in ids if i in control) == sorted(i for i in clean if i in control)
+    assert tok.decode(ids).count(spelled) == 4

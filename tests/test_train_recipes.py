@@ -233,3 +233,20 @@ def test_a_tiny_model_trains_without_max_length(command, tmp_path):
     code = main([command, "--model", "init:tiny", "--data", "sample", "--max-steps", "1", "--batch-size", "2",
                  "--no-progress", "--out", str(out)])
     assert code == 0 and (out / "final" / "config.json").is_file()
+
+
+def test_validation_lines_print_above_the_progress_bar_not_into_it(tmp_path, monkeypatch):
+    """Issue 26: the bar and the validation lines share a terminal; each validation line starts a line of its own
+    (the bar is cleared first), so it is never glued to the end of a half-drawn bar."""
+    import io
+
+    screen = io.StringIO()  # what a terminal shows: stdout and stderr interleaved
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    args = ["sft", "--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--eval-every", "1",
+            "--batch-size", "2", "--max-length", "96", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    lines = [line for line in screen.getvalue().split("\n") if "validation:" in line]
+    assert len(lines) >= 2 and "%|" in screen.getvalue()  # the bar was drawn and validation ran mid-run
+    for line in lines:
+        assert line.rsplit("\r", 1)[-1].startswith("[sft] step "), repr(line[-200:])

@@ -5,6 +5,7 @@
 
     kill     SIGKILL this process (no cleanup, no `finally`: what a power cut or the OOM killer does)
     enospc   raise OSError(ENOSPC), as a write to a full disk does
+    sigint   send SIGINT to this process, as Ctrl-C in its terminal does (Python raises KeyboardInterrupt)
 
     GPT2CHAT_FAULT="kill:checkpoint@2"     killed inside the 2nd checkpoint write
     GPT2CHAT_FAULT="enospc:checkpoint@1"   the 1st checkpoint write finds the disk full
@@ -24,7 +25,7 @@ import signal
 from collections import Counter
 
 ENV = "GPT2CHAT_FAULT"
-ACTIONS = ("kill", "enospc")
+ACTIONS = ("kill", "enospc", "sigint")
 
 _reached: Counter = Counter()  # point -> times reached, while the rules stay the same
 _rules_text: str | None = None  # the rules counted so far, as text
@@ -65,4 +66,7 @@ def fault_point(name: str) -> None:
         if point == name and nth == _reached[name]:
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if action == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs (KeyboardInterrupt) before the next line
+                return
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV} at {name}@{nth})")

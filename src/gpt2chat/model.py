@@ -77,14 +77,9 @@ class Attention(nn.Module):
         if how.block_mask is not None:
             y = self._flex(q, k, v, how.block_mask, dropout_p)
         elif self.is_neo:  # GPT-Neo: unscaled scores, computed in fp32 like HF
-            y = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=how.mask, dropout_p=dropout_p,
-                is_causal=how.is_causal, scale=1.0,
-            ).to(q.dtype)  # fmt: skip
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=how.mask, dropout_p=dropout_p, is_causal=how.is_causal
-            )
+            y = how.attend(q.float(), k.float(), v.float(), dropout_p, scale=1.0).to(q.dtype)
+        else:  # the kernel (SDPA, or attention dropout's blocked kernel on the CPU) is the plan's choice
+            y = how.attend(q, k, v, dropout_p)
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.resid_dropout(self.out_proj(y) if self.is_neo else self.c_proj(y))
 

@@ -7,7 +7,7 @@ What each mode makes of a model, by device (dtype is the compute dtype of the ac
 
 | device | quantize=None | "fp16" | "int8" | "int4" |
 |---|---|---|---|---|
-| cpu, float32 (default) | fp32 weights through the native kernels (`InferenceLinear`) | fp16 weights, fp32 compute (`Fp16Linear`) | int8 weights + one fp32 scale per 32 weights of a row (1.125 bytes a weight; `Int8Linear`) | int4 weights + one fp16 scale per 32 (0.5625 bytes a weight, llama.cpp's Q4_0 numbers; `Int4Linear`) |
+| cpu, float32 (default) | fp32 weights through the native kernels (`InferenceLinear`) | fp16 weights, fp32 compute (`Fp16Linear`) | int8 weights + one fp32 scale per 32 weights of a row (1.125 bytes a weight; `Int8Linear`) | int4 weights + one fp16 scale per 32 (0.5625 bytes a weight, llama.cpp's Q4_0 format, each block's scale searched for the least error; `Int4Linear`) |
 | cpu, bfloat16 / float16 | the plain model in that dtype | error | error | error |
 | cuda and others | the plain model (bfloat16 on CUDA by default) | the plain model in float16 | error: CPU-only | error: CPU-only |
 
@@ -146,9 +146,10 @@ class Int8Linear(_CompactLinear):
 
 
 class Int4Linear(_CompactLinear):
-    """int4 weights with one fp16 scale per block of 32 weights of a row, llama.cpp's Q4_0 numbers
-    (`gpt2chat.kernels.blocks.quantize_int4`; 0.5625 bytes a weight), packed for the AVX2 kernel
-    (`gpt2chat.kernels.pack_int4`); activations rounded to int8 blocks (`gpt2chat::linear_i4_q8`)."""
+    """int4 weights with one fp16 scale per block of 32 weights of a row, llama.cpp's Q4_0 format with
+    each block's scale chosen for the least squared error (`gpt2chat.kernels.blocks.quantize_int4`; 0.5625
+    bytes a weight), packed for the AVX2 kernel (`gpt2chat.kernels.pack_int4`); activations rounded to
+    int8 blocks (`gpt2chat::linear_i4_q8`)."""
 
     format = "int4"
 

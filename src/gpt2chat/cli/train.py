@@ -8,6 +8,8 @@ modules load inside the handlers.
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import tomllib
 from typing import Any
 
@@ -61,13 +63,41 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same flags, with `--resume` (the last checkpoint)."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--resume":  # a stage's --resume may name a checkpoint: drop that value too
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            continue
+        if not arg.startswith("--resume="):
+            kept.append(arg)
+        i += 1
+    return shlex.join(["gpt2chat", *kept, "--resume"])
+
+
+def _interrupted(exc: KeyboardInterrupt, args: argparse.Namespace, pipeline: bool) -> int:
+    """Ctrl-C: what is intact (the trainer's message) and the command that goes on from it."""
+    print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+    argv = getattr(args, "argv", sys.argv[1:])
+    if pipeline or getattr(exc, "checkpoint", None) is not None:
+        print(f"continue with: {resume_command(argv)}", file=sys.stderr)
+    else:
+        print(f"nothing to resume from; start again with: {shlex.join(['gpt2chat', *argv])}", file=sys.stderr)
+    return 130
+
+
 def _run_stage(objective: str, args: argparse.Namespace) -> int:
     from gpt2chat.train.config import build_config, read_recipe
     from gpt2chat.train.recipes import run_stage
 
     recipe = read_recipe(args.config) if args.config else None
     cfg = build_config(objective, recipe, _overrides(args))
-    result = run_stage(cfg)
+    try:
+        result = run_stage(cfg)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, args, pipeline=False)
     if result.stopped_early:
         print(f"stopped after step {result.steps}; continue with --resume")
     return 0
@@ -92,7 +122,10 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if args.pref_data:
         for stage in ("dpo", "orpo"):
             overrides.setdefault(stage, {})["data"] = args.pref_data
-    result = run_pipeline(args.config, overrides, resume=args.resume)
+    try:
+        result = run_pipeline(args.config, overrides, resume=args.resume)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, args, pipeline=True)
     for stage, path in result.get("stages", {}).items():
         print(f"[pipeline] {stage}: {path}")
     return 0

@@ -19,11 +19,13 @@ import numpy as np
 from gpt2chat.atomic_files import atomic_folder
 from gpt2chat.data.types import PreferenceExample, SFTExample
 
-CACHE_VERSION = 2  # 2: stats carry the split record (mixing.py)
+CACHE_VERSION = 3  # 2: stats carry the split record (mixing.py); 3: messages rows with tools / tool turns load
 PROBE_TEXT = "Hello, world! 2 + 2 = 4. Ünïcödé <|endoftext|> 😊"
-PROBE_MESSAGES = [
+PROBE_MESSAGES = [  # with a tool round, so a change in how tool turns render misses too
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
+    {"role": "tool", "content": "ok"},
     {"role": "assistant", "content": "Hello!"},
     {"role": "user", "content": "What is 2 + 2?"},
     {"role": "assistant", "content": "4"},

@@ -162,12 +162,18 @@ def sft_turn_targets(conversation: Conversation, per_turn: bool) -> list[list[di
     return [messages[: index + 1] for index, m in enumerate(messages) if m["role"] == "assistant" and index > 0]
 
 
+def _count_dropped_turns(truncations: Counter | None, dropped: int) -> None:
+    """An example that kept its reply by losing its oldest turns (the context-fit rule) is counted as cut."""
+    if dropped and truncations is not None:
+        truncations["oldest turns dropped to fit"] += 1
+
+
 def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets, source: str,
                 truncations: Counter | None = None) -> tuple[SFTExample | None, str | None]:
     """Render one target (ends with the reply to train on) inside the budgets -> (example, None) or (None, reason)."""
     first = True
     candidate = messages
-    for candidate, _ in candidates(messages):
+    for candidate, dropped in candidates(messages):
         ids, mask = _render(tokenizer, candidate, template, False)
         if first:
             first = False
@@ -181,6 +187,7 @@ def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets, sou
                                                or prompt_tokens <= budgets.max_prompt_length):
             if sum(mask) == 0:
                 return None, "empty loss mask"
+            _count_dropped_turns(truncations, dropped)
             return SFTExample(input_ids=ids, assistant_mask=mask, source=source), None
     if sum(mask) + 1 > budgets.max_length:
         return None, "reply over max_length"
@@ -196,6 +203,7 @@ def sft_example(tokenizer, messages: list[dict], template, budgets: Budgets, sou
         if cut is not None and sum(cut[2]) > 0:
             if truncations is not None:
                 truncations[f"last user turn cut to the budget ({budgets.prompt_truncation})"] += 1
+            _count_dropped_turns(truncations, dropped)
             return SFTExample(input_ids=cut[1], assistant_mask=cut[2], source=source), None
     return None, "last user turn over budget"
 
@@ -224,10 +232,11 @@ def preference_example(tokenizer, pair: PreferencePair, template, budgets: Budge
                        truncations: Counter | None = None) -> tuple[PreferenceExample | None, str | None]:
     """One pair inside the budgets -> (example, None) or (None, reason)."""
     prompt_ids = prompt = None
-    for candidate, _ in candidates(pair.prompt):
+    for candidate, dropped in candidates(pair.prompt):
         ids, _ = _render(tokenizer, candidate, template, True)
         if budgets.max_prompt_length is None or len(ids) <= budgets.max_prompt_length:
             prompt_ids, prompt = ids, candidate
+            _count_dropped_turns(truncations, dropped)
             break
     if prompt_ids is None and budgets.prompt_truncation != "drop":
         cut = cut_last_user_turn(tokenizer, candidate, template, True, budgets.prompt_truncation,
@@ -236,6 +245,7 @@ def preference_example(tokenizer, pair: PreferencePair, template, budgets: Budge
             prompt, prompt_ids, _ = cut
             if truncations is not None:
                 truncations[f"last user turn cut to the budget ({budgets.prompt_truncation})"] += 1
+            _count_dropped_turns(truncations, dropped)
     if prompt_ids is None:
         return None, "last user turn over max_prompt_length"
     room = budgets.max_length - len(prompt_ids)

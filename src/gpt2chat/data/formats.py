@@ -2,18 +2,30 @@
 
 Formats (the `FORMAT` of a spec): `alpaca`, `guanaco`, `openorca`, `sharegpt`, `messages`, `ultrafeedback`,
 and `oasst1` / `oasst2` (a whole message table, handled in `oasst.py`). Every parser checks each field it
-reads (present, right type, non-empty, valid UTF-8, not absurdly long) and every message list (known roles, a
-system message only first, user / assistant alternating), so what comes out can be rendered by any template.
+reads (present, right type, non-empty, valid UTF-8, not absurdly long) and every message list (known roles,
+user / assistant alternating; system messages anywhere: leading ones are merged and later ones rendered in
+place by the templates), so what comes out can be rendered by any template.
+
+Tool use (the `messages` format in TRL's layout; `sharegpt` in LLaMA-Factory's, with `function_call` and
+`observation` turns): a row may have `tools` (OpenAI's list, or that list as a JSON
+string), assistant messages with `tool_calls` (content null or empty allowed) and `role: "tool"` messages.
+Turn order then is user -> assistant; an assistant with calls -> tool results -> assistant. The conversation
+comes out flattened by `templates.flatten` (tools in the system message, calls written into the assistant's
+content), so every later step (per-turn targets, context fitting, masks) handles plain messages: the loss falls
+on the assistant's calls and replies, never on tool results or tool definitions.
 
 This module knows rows and messages only: nothing about files (rows.py) or tokens (examples.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from gpt2chat.data.types import PreferencePair
+from gpt2chat.templates import flatten
+from gpt2chat.tool_calls import ToolCallError, check_tool_calls, check_tools
 
 DEFAULT_MAX_CHARS = 200_000  # ~50k tokens: far past any GPT-2 context; a 10 MB string is a broken row
 
@@ -97,28 +109,43 @@ def check_list(value, field: str) -> list:
     return value
 
 
-def check_messages(messages: list[dict], field: str, *, end: str) -> list[dict]:
-    """Validate turn order: optional system first, then user/assistant alternating starting with user.
+def _next_roles(message: dict | None) -> tuple[str, ...]:
+    """The roles that may follow `message` (None: the start of the body)."""
+    if message is None or message["role"] == "assistant" and not message.get("tool_calls"):
+        return ("user",)
+    if message["role"] == "user":
+        return ("assistant",)
+    return ("tool",) if message["role"] == "assistant" else ("tool", "assistant")
 
-    end="assistant": a conversation to train on (trailing user turns are dropped; needs one reply);
+
+def check_messages(messages: list[dict], field: str, *, end: str) -> list[dict]:
+    """Validate turn order: user/assistant alternating starting with user (an assistant's tool calls are
+    followed by one or more tool results, then the assistant again); system messages may stand anywhere.
+
+    end="assistant": a conversation to train on (trailing user / tool turns are dropped; needs one reply);
     end="user": a preference prompt (must end with the user turn the replies answer).
     """
-    for index, message in enumerate(messages):
-        if message["role"] == "system" and index > 0:
-            raise RowError("bad turn order", f"{field}[{index}]", "a system message is only allowed first")
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    offset = len(messages) - len(body)
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    body = messages[lead:]
+    previous = None
     for index, message in enumerate(body):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RowError("bad turn order", f"{field}[{index + offset}]",
-                           f"expected a {expected} turn, got {message['role']} (turns must alternate, user first)")
+        if message["role"] == "system":  # a later system message stands in place (templates render it there)
+            continue
+        expected = _next_roles(previous)
+        if message["role"] not in expected:
+            why = ("an assistant's tool calls are answered by tool messages" if expected == ("tool",)
+                   else "turns must alternate, user first")
+            raise RowError("bad turn order", f"{field}[{index + lead}]",
+                           f"expected {' or '.join(expected)} next, got {message['role']} ({why})")
+        previous = message
     if end == "assistant":
         while messages and messages[-1]["role"] != "assistant":
             messages = messages[:-1]
         if not messages:
             raise RowError("no assistant reply", field, "no assistant reply to train on")
-    elif not body or body[-1]["role"] != "user":
+    elif not body or body[-1]["role"] != "user":  # (a system message after the question is refused too)
         raise RowError("bad turn order", field, "the prompt must end with a user turn")
     return messages
 
@@ -132,10 +159,12 @@ ROLE_ALIASES = {
 
 
 def parse_message_list(value, field: str, max_chars: int, *, role_key="role", content_key="content",
-                       aliases: dict | None = None) -> list[dict]:
-    """A list of {role, content} (or {from, value}) dicts -> normalised messages; roles checked."""
+                       aliases: dict | None = None, tool_turns: bool = False) -> list[dict]:
+    """A list of {role, content} (or {from, value}) dicts -> normalised messages; roles checked.
+    `tool_turns`: also `role: "tool"` messages and assistant `tool_calls` (kept, checked)."""
     items = check_list(value, field)
     messages = []
+    table = aliases or {name: name for name in ("system", "user", "assistant", *(("tool",) if tool_turns else ()))}
     for index, item in enumerate(items):
         place = f"{field}[{index}]"
         if not isinstance(item, dict):
@@ -143,16 +172,50 @@ def parse_message_list(value, field: str, max_chars: int, *, role_key="role", co
         role = get_field(item, role_key, place + ".")
         if not isinstance(role, str):
             raise RowError("wrong type", f"{place}.{role_key}", f"expected a string, got {_type_name(role)}")
-        table = aliases or {name: name for name in ("system", "user", "assistant")}
         if role.strip().lower() not in table:
             raise RowError("unknown role", f"{place}.{role_key}",
                            f"unknown role {role[:40]!r} (expected one of {', '.join(sorted(table))})")
-        content = get_field(item, content_key, place + ".")
+        role = table[role.strip().lower()]
+        calls = _tool_calls(item, role, place) if tool_turns else None
+        content = item.get(content_key) if calls or role == "tool" else get_field(item, content_key, place + ".")
         if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
             content = _join_text_parts(content, f"{place}.{content_key}")
-        text = check_text(content, f"{place}.{content_key}", max_chars)
-        messages.append({"role": table[role.strip().lower()], "content": text})
+        if role == "tool" and content is None:
+            raise RowError("missing field", f"{place}.{content_key}", "missing (or null): a tool message has the tool's result")
+        text = check_text(content, f"{place}.{content_key}", max_chars, missing_ok=bool(calls) or role == "tool")
+        messages.append({"role": role, "content": text, **({"tool_calls": calls} if calls else {})})
     return messages
+
+
+def _tool_calls(item: dict, role: str, place: str) -> list[dict] | None:
+    """An assistant message's checked tool calls (None when it has none)."""
+    calls = item.get("tool_calls")
+    if calls is None or calls == []:
+        return None
+    if role != "assistant":
+        raise RowError("bad tool call", f"{place}.tool_calls", f"only an assistant message may have tool_calls "
+                                                                f"(role is {role!r})")
+    try:
+        return check_tool_calls(calls, f"{place}.tool_calls")
+    except ToolCallError as exc:
+        raise RowError("bad tool call", exc.field, exc.detail) from None
+
+
+def parse_tools(row: dict) -> list[dict] | None:
+    """A row's `tools` (a list, or a list as a JSON string) checked; None when it has none."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as exc:
+            raise RowError("bad tools", "tools", f"a string that is not valid JSON ({exc.msg} at character "
+                                                 f"{exc.pos})") from None
+    if tools is None or tools == []:
+        return None
+    try:
+        return check_tools(tools)
+    except ToolCallError as exc:
+        raise RowError("bad tools", exc.field, exc.detail) from None
 
 
 def _join_text_parts(parts: list, field: str) -> str:
@@ -210,13 +273,39 @@ def parse_sharegpt(row: dict, options: FormatOptions) -> list[dict]:
     if "chosen" in row and "rejected" in row:  # preference layout: train on the chosen reply
         pair = parse_sharegpt_preference(row, options)
         return pair.prompt + [{"role": "assistant", "content": pair.chosen}]
-    messages = _sharegpt_turns(row, options)
-    return check_messages(messages, "conversations", end="assistant")
+    tools = parse_tools(row)
+    messages = _sharegpt_turns(row, options, SHAREGPT_TOOL_ALIASES)
+    messages = check_messages([_sharegpt_call(m, i) for i, m in enumerate(messages)], "conversations", end="assistant")
+    if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        messages = flatten(messages, tools)
+    return messages
 
 
-def _sharegpt_turns(row: dict, options: FormatOptions) -> list[dict]:
+# LLaMA-Factory's ShareGPT tool layout: a `function_call` turn (the assistant's call(s) as JSON) and an
+# `observation` turn (the tool's result), with the tool list in the row's `tools`.
+SHAREGPT_TOOL_ALIASES = {**ROLE_ALIASES, "function_call": "function_call", "observation": "tool"}
+
+
+def _sharegpt_call(message: dict, index: int) -> dict:
+    """A `function_call` turn -> an assistant message with tool_calls; other turns unchanged."""
+    if message["role"] != "function_call":
+        return message
+    place = f"conversations[{index}].value"
+    try:
+        value = json.loads(message["content"])
+    except json.JSONDecodeError as exc:
+        raise RowError("bad tool call", place, f"a function_call turn holds JSON ({exc.msg} at character "
+                                               f"{exc.pos})") from None
+    try:
+        calls = check_tool_calls(value if isinstance(value, list) else [value], place)
+    except ToolCallError as exc:
+        raise RowError("bad tool call", exc.field, exc.detail) from None
+    return {"role": "assistant", "content": "", "tool_calls": calls}
+
+
+def _sharegpt_turns(row: dict, options: FormatOptions, aliases: dict = ROLE_ALIASES) -> list[dict]:
     messages = parse_message_list(get_field(row, "conversations"), "conversations", options.max_chars,
-                                  role_key="from", content_key="value", aliases=ROLE_ALIASES)
+                                  role_key="from", content_key="value", aliases=aliases)
     system = check_text(row.get("system"), "system", options.max_chars, missing_ok=True)
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
@@ -224,8 +313,12 @@ def _sharegpt_turns(row: dict, options: FormatOptions) -> list[dict]:
 
 
 def parse_messages(row: dict, options: FormatOptions) -> list[dict]:
-    messages = parse_message_list(get_field(row, "messages"), "messages", options.max_chars)
-    return check_messages(messages, "messages", end="assistant")
+    tools = parse_tools(row)
+    messages = parse_message_list(get_field(row, "messages"), "messages", options.max_chars, tool_turns=True)
+    messages = check_messages(messages, "messages", end="assistant")
+    if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        messages = flatten(messages, tools)
+    return messages
 
 
 def parse_ultrafeedback_conversation(row: dict, options: FormatOptions) -> list[dict]:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from gpt2chat.errors import Gpt2ChatError
 
-ROLES = ("system", "user", "assistant")
 # What to do with a last user turn that alone is over the prompt budget: cut its text keeping the end (what
 # TRL's DPO did with max_prompt_length before 1.x: the question is usually at the end), keep the start, or
 # drop the example.
@@ -23,7 +22,9 @@ class DataError(Gpt2ChatError):
 
 @dataclass
 class Conversation:
-    """OpenAI-style messages (optional system first, then user/assistant alternating, ending with assistant)."""
+    """Plain {"role", "content"} messages (optional system first, then user/assistant alternating, ending with
+    assistant; a tool-use row adds "tool" turns after an assistant whose content holds its calls, see
+    `templates.flatten`)."""
 
     messages: list[dict]
     source: str  # "file:line" (jsonl), "file#row" (json / parquet), "hub-id#split:row"

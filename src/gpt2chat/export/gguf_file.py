@@ -10,7 +10,8 @@ architecture loads (`src/models/gpt2.cpp`):
   token embedding, so no `output.weight` is written and llama.cpp reuses `token_embd`.
 * types: `f32`; `f16` (2-D weights in half precision); `q8_0` and `q4_0` (2-D weights quantized with the
   `gguf` package's own Q8_0 / Q4_0 code: blocks of 32 weights with an fp16 scale; Q4_0's numbers are
-  bit for bit those of `--quantize int4`). Every 2-D weight, the tied head / token embedding included,
+  llama.cpp's own rounding, `gpt2chat.kernels.blocks.quantize_q4_0_reference`; `--quantize int4` searches
+  each block's scale for a smaller error). Every 2-D weight, the tied head / token embedding included,
   gets the type. Norms, biases and the position embedding stay f32 in every type, as in llama.cpp's
   converter; a weight whose rows 32-blocks cannot tile stays f16.
 * the tokenizer: GPT-2's byte-level BPE tokens and merges (`tokenizer.ggml.model = gpt2`, pre-tokenizer

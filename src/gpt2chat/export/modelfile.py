@@ -5,7 +5,10 @@ Ollama does not run the Jinja `tokenizer.chat_template` of a GGUF file; it rende
 over `.Messages` (each with `.Role` and `.Content`) and appends the assistant's turn itself. So each of
 our chat templates has a Go twin here that renders the same text as `ChatTemplate.render_text(messages,
 add_generation_prompt=True)` for a conversation ending in a user turn (tests/test_export.py checks this with
-Go's own text/template when `go` is installed). This module knows nothing about weights.
+Go's own text/template when `go` is installed), leading system messages merged and later ones and tool
+results in place as the Jinja does. An assistant's tool calls are not written: Ollama hands them over as
+`.ToolCalls` objects, and Go's JSON is not Python's `json.dumps` text, so that part would not be the same
+prompt. This module knows nothing about weights.
 """
 
 from __future__ import annotations
@@ -20,15 +23,26 @@ if TYPE_CHECKING:
 
 __all__ = ["GO_TEMPLATES", "modelfile_text", "write_modelfile"]
 
+# Sets $sys (the leading system messages' contents joined by a blank line: the system part) and $leadEnd (the
+# index of the last of them, -1 when there is none); messages after $leadEnd are rendered in place.
+_SYSTEM_PART = (
+    '{{- $sys := "" }}{{- $leadEnd := -1 }}{{- $inLead := true }}'
+    '{{- range $i, $m := .Messages }}{{ if and $inLead (eq $m.Role "system") }}'
+    '{{ if ge $leadEnd 0 }}{{ $sys = printf "%s\\n\\n%s" $sys $m.Content }}{{ else }}{{ $sys = $m.Content }}{{ end }}'
+    "{{ $leadEnd = $i }}{{ else }}{{ $inLead = false }}{{ end }}{{ end }}"
+)
+
 _LLAMA3_CONTEXT = (
-    '{{- $lastUser := -1 }}{{- $start := 0 }}{{- $lastRole := "" }}'
+    _SYSTEM_PART
+    + '{{- $lastUser := -1 }}{{- $lastRole := "" }}{{- $context := false }}'
     '{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}'
     "{{ $lastRole = $m.Role }}{{ end }}"
+    "{{- range $i, $m := .Messages }}{{ if and (gt $i $leadEnd) (lt $i $lastUser) }}{{ $context = true }}{{ end }}"
+    "{{ end }}"
     "<|begin_of_text|>"
-    '{{- range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role "system") }}'
-    "<|start_header_id|>system<|end_header_id|>{{ $m.Content }}<|eot_id|>{{ $start = 1 }}{{ end }}{{ end }}"
-    "{{- if gt $lastUser $start }}<|start_context|>"
-    "{{- range $i, $m := .Messages }}{{ if and (ge $i $start) (lt $i $lastUser) }}"
+    "{{- if ge $leadEnd 0 }}<|start_header_id|>system<|end_header_id|>{{ $sys }}<|eot_id|>{{ end }}"
+    "{{- if $context }}<|start_context|>"
+    "{{- range $i, $m := .Messages }}{{ if and (gt $i $leadEnd) (lt $i $lastUser) }}"
     "<|start_header_id|>{{ $m.Role }}<|end_header_id|>{{ $m.Content }}<|eot_id|>{{ end }}{{ end }}"
     "<|end_context|>{{ end }}"
     "{{- range $i, $m := .Messages }}{{ if and (ge $lastUser 0) (ge $i $lastUser) }}"
@@ -37,22 +51,28 @@ _LLAMA3_CONTEXT = (
 )
 
 _USER_ASSISTANT = (
-    '{{- $lastRole := "" }}'
-    '{{- range .Messages }}{{ if eq .Role "system" }}<|SYSTEM|> {{ .Content }} '
+    _SYSTEM_PART
+    + '{{- $lastRole := "" }}'
+    "{{- if ge $leadEnd 0 }}<|SYSTEM|> {{ $sys }} {{ end }}"
+    '{{- range $i, $m := .Messages }}{{ if gt $i $leadEnd }}{{ if eq .Role "system" }}<|SYSTEM|> {{ .Content }} '
     '{{ else if eq .Role "user" }}<|USER|> {{ .Content }} '
-    "{{ else }}<|ASSISTANT|> {{ .Content }}<|End|>{{ end }}{{ $lastRole = .Role }}{{ end }}"
+    '{{ else if eq .Role "tool" }}<|USER|> Tool: {{ .Content }} '
+    "{{ else }}<|ASSISTANT|> {{ .Content }}<|End|>{{ end }}{{ $lastRole = .Role }}{{ end }}{{ end }}"
     '{{- if ne $lastRole "assistant" }}<|ASSISTANT|>{{ end }}'
 )
 
 
-def _colon(user_tag: str, assistant_tag: str) -> str:
+def _colon(user_tag: str, assistant_tag: str, system_tag: str, tool_tag: str) -> str:
     return (
-        '{{- $prev := "" }}'
-        '{{- range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
-        '{{ else }}{{ if eq $prev "assistant" }}\n{{ end }}'
+        _SYSTEM_PART
+        + '{{- $prev := "" }}'
+        "{{- if ge $leadEnd 0 }}{{ $sys }}\n\n{{ end }}"
+        '{{ range $i, $m := .Messages }}{{ if gt $i $leadEnd }}{{ if eq $prev "assistant" }}\n{{ end }}'
         f'{{{{ if eq .Role "user" }}}}{user_tag} {{{{ .Content }}}}\n'
-        f"{{{{ else }}}}{assistant_tag} {{{{ .Content }}}}<|endoftext|>{{{{ end }}}}{{{{ end }}}}"
-        "{{ $prev = .Role }}{{ end }}"
+        f'{{{{ else if eq .Role "system" }}}}{system_tag} {{{{ .Content }}}}\n'
+        f'{{{{ else if eq .Role "tool" }}}}{tool_tag} {{{{ .Content }}}}\n'
+        f"{{{{ else }}}}{assistant_tag} {{{{ .Content }}}}<|endoftext|>{{{{ end }}}}"
+        "{{ $prev = .Role }}{{ end }}{{ end }}"
         f'{{{{- if ne $prev "assistant" }}}}{assistant_tag}{{{{ end }}}}'
     )
 
@@ -60,8 +80,8 @@ def _colon(user_tag: str, assistant_tag: str) -> str:
 GO_TEMPLATES: dict[str, str] = {
     "llama3-context": _LLAMA3_CONTEXT,
     "user-assistant": _USER_ASSISTANT,
-    "plain": _colon("User:", "Assistant:"),
-    "guanaco": _colon("### Human:", "### Assistant:"),
+    "plain": _colon("User:", "Assistant:", "System:", "Tool:"),
+    "guanaco": _colon("### Human:", "### Assistant:", "### System:", "### Tool:"),
 }
 
 

@@ -2,17 +2,23 @@
 int8 / int4 layouts (packing.py) hold. Plain torch, any device; it knows nothing about models.
 
 - int8: symmetric, W[n, k] ~ q[n, k] * s[n, k // 32], q in [-127, 127], s = max |W of the block| / 127, fp32.
-- int4: llama.cpp's Q4_0 rounding, bit for bit (so `gpt2chat export --type q4_0` and `--quantize int4` hold
-  the same weights): the block's weight of largest magnitude m gives d = m / -8, q = trunc(W / d + 8.5)
-  clamped to [0, 15], W ~ (q - 8) * d with d stored as fp16. The sign of d puts m on the -8 end, so the
-  block's largest weight is exact and the 16 levels are all used.
+- int4 (`quantize_int4`): llama.cpp's Q4_0 format, W ~ (q - 8) * d, q in [0, 15], d stored as fp16, with
+  each block's d chosen to minimise the block's squared error. `quantize_q4_0_reference` is llama.cpp's
+  own rounding, bit for bit (what the `gguf` package and `llama-quantize` write, so what
+  `gpt2chat export --type q4_0` holds): the block's weight of largest magnitude m gives d = m / -8,
+  q = trunc(W / d + 8.5) clamped to [0, 15], so m is exact and everything else rounds to the grid m fixes.
+  The search tries that d and a few others (m / c for the c of `INT4_SCALE_CANDIDATES`, each followed by
+  the least-squares d for the levels it gave, rounded to fp16) and keeps, per block, the one of smallest
+  squared error; the reference is one of the candidates and wins ties, so no block is worse than
+  llama.cpp's. On random weights of the 124M shape it cuts the squared weight error by ~10% and the
+  logit error below llama.cpp's q4_0 (benchmarks/quantize_error.py). Same format, same kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gpt2chat.kernels.packing import INT8_GROUP
+from gpt2chat.kernels.packing import INT4_ZERO, INT8_GROUP
 
 ROWS_PER_STEP = 4096  # rows quantized at a time: bounds the fp32 temporaries of a 50k-row head
 
@@ -48,11 +54,46 @@ def _round_int8(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _round_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's quantize_row_q4_0_ref: (q uint8 [R, G, 32], d fp16 [R, G])."""
     peak = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))  # signed, first of equals
     d = peak / torch.full_like(peak, -8.0)  # tensor / tensor: true division, as numpy does
     inverse = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
     q = torch.trunc(blocks * inverse + 8.5).clamp_(0, 15).to(torch.uint8)
     return q, d.squeeze(2).to(torch.float16)
+
+
+# divisors c of the block's signed peak m tried as d = m / c: negative c puts m on the -8 end, positive on +7
+INT4_SCALE_CANDIDATES = (-9.0, -8.5, -8.0, -7.5, -7.0, -6.5, 7.0, 6.5, 6.0)
+
+
+def _round_int4_searched(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, the (q, fp16 d) of least squared error among the reference rounding and the candidates.
+
+    The error of levels l = q - 8 with scale d is sum(w^2) - 2 d sum(w l) + d^2 sum(l^2): two dot products
+    a candidate over the big tensor, the rest on one number a block (in float64)."""
+    best_q, best_d = _round_q4_0(blocks)
+
+    def sums(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (blocks * levels).sum(2).double(), levels.square().sum(2).double()
+
+    def error(d: torch.Tensor, wl: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
+        d = d.double()
+        return d * (d * ll - 2 * wl)  # the block's squared error less sum(w^2), the same for every candidate
+
+    best_error = error(best_d, *sums(best_q.float() - INT4_ZERO))
+    peak = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # signed
+    for divisor in INT4_SCALE_CANDIDATES:
+        d = (peak / divisor).to(torch.float16).float()
+        inverse = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+        levels = torch.round(blocks * inverse[..., None]).clamp_(-INT4_ZERO, 15 - INT4_ZERO)
+        wl, ll = sums(levels)
+        fitted = torch.where(ll > 0, wl / ll.clamp(min=1), d.double()).to(torch.float16)  # least squares, fp16
+        candidate_error = error(fitted, wl, ll)
+        better = candidate_error < best_error
+        best_error = torch.where(better, candidate_error, best_error)
+        best_d = torch.where(better, fitted, best_d)
+        best_q = torch.where(better[..., None], (levels + INT4_ZERO).to(torch.uint8), best_q)
+    return best_q, best_d
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,5 +105,11 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0 per block of 32 weights of a row: (q uint8 [N, K] in 0..15, scale float16 [N, ceil(K / 32)])
-    with weight[n, k] ~ (q[n, k] - 8) * scale[n, k // 32] (the module docstring gives the rounding)."""
+    with weight[n, k] ~ (q[n, k] - 8) * scale[n, k // 32], each block's scale searched for the least
+    squared error (the module docstring)."""
+    return _quantize_rows(weight, torch.uint8, torch.float16, _round_int4_searched)
+
+
+def quantize_q4_0_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int4`'s (q, scale) with llama.cpp's own Q4_0 rounding (d = max-magnitude weight / -8)."""
     return _quantize_rows(weight, torch.uint8, torch.float16, _round_q4_0)

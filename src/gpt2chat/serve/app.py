@@ -92,8 +92,7 @@ def create_app(service: ChatService, *, api_key: str | None = None, cors_origins
               responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES})
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Any:
         _check_request(body, service)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [m.template_message() for m in body.messages]
         max_tokens = body.requested_max_tokens()
         prompt_ids = service.render_messages(messages, truncate=body.truncate, max_tokens=max_tokens)
         settings = service.settings(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.stop_list(),

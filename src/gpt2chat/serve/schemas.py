@@ -53,7 +53,7 @@ PositiveTokens = whole_number(ge=1)
 LogprobCount = whole_number(ge=0, le=MAX_LOGPROBS)
 StopField = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None
 
-ROLES = "'system', 'developer', 'user' or 'assistant'"
+ROLES = "'system', 'developer', 'user', 'assistant' or 'tool'"
 
 
 def _allowed(text: str, item: str | None = None) -> Any:
@@ -73,10 +73,17 @@ class TextPart(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"] = Field(description=f"one of {ROLES}")
+    """One message. System messages may stand anywhere; an assistant's `tool_calls` and a tool message's
+    `tool_call_id` are checked by the chat template (`templates.validate_messages`), which names the field."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description=f"one of {ROLES}")
     content: StrictStr | list[TextPart] | None = _allowed("a string or a list of text parts",
                                                           item='a text part like {"type": "text", "text": "..."}')
     name: StrictStr | None = _allowed("a string")
+    tool_calls: list[Any] | None = _allowed("a list of tool calls",
+                                            item='a call like {"id": "call_1", "type": "function", "function": '
+                                                 '{"name": "f", "arguments": "{}"}}')
+    tool_call_id: StrictStr | None = _allowed("a string")
 
     def text(self) -> str:
         """The message's text: content parts are joined, a missing content is empty."""
@@ -85,6 +92,15 @@ class ChatMessage(_Lenient):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template takes it (`developer` is a system message)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(_Lenient):

@@ -38,6 +38,14 @@ class TrainingDivergedError(Gpt2ChatError):
     """The loss or the gradient became NaN / inf; the run stopped without saving the bad state."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `Trainer.fit`; its message says which checkpoint is intact (the CLI adds the command)."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint  # the newest complete one, None when none was written
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
     if warmup_steps and step < warmup_steps:
@@ -132,6 +140,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.last_checkpoint: Path | None = None
+        self._progress = None  # the tqdm bar while fit() runs: lines printed meanwhile go above it
         self._skeleton: torch.nn.Module | None = None    # FSDP: the model's structure, to rebuild it for saving
 
     # ------------------------------------------------------------------ state
@@ -206,6 +215,7 @@ class Trainer:
         stopped_early = False
         step = start_step
         started = time.perf_counter()
+        self._progress = progress
         try:
             for step in range(start_step, self.total_steps):
                 record = self._train_step(step, optimizer)
@@ -224,7 +234,15 @@ class Trainer:
                 if cfg.stop_after_steps and done >= cfg.stop_after_steps and done < self.total_steps:
                     stopped_early = True
                     break
+        except KeyboardInterrupt:
+            # A Ctrl-C inside a checkpoint write leaves no folder under a step name (atomic_folder), so the
+            # newest complete checkpoint is the one a resume continues from.
+            found = training_state.list_checkpoints(self.out_dir)
+            raise TrainingInterrupted(
+                f"[{cfg.objective}] step {step + 1} of {self.total_steps}; "
+                f"{training_state.intact_checkpoint(self.out_dir)}", found[-1] if found else None) from None
         finally:
+            self._progress = None
             if progress is not None:
                 progress.close()
         final_dir = None
@@ -315,7 +333,11 @@ class Trainer:
         self.metrics.write(record)
         if self.dist.is_main and self.cfg.progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"[{self.cfg.objective}] step {step} validation: {shown}", flush=True)
+            line = f"[{self.cfg.objective}] step {step} validation: {shown}"
+            if self._progress is not None:
+                self._progress.write(line)  # above the bar, not into the middle of it
+            else:
+                print(line, flush=True)
 
     def _plot(self) -> None:
         if self.dist.is_main:

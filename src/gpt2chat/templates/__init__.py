@@ -1,7 +1,8 @@
 """Chat templates: messages -> (token ids, assistant mask), and the same layout as a Jinja `chat_template`.
 
-Why one module of ~425 lines (over ~400): four templates, each a renderer and its Jinja twin, which
-must be read side by side to see that they agree.
+A package of three modules, one idea each: ``messages`` (validation, and the one rule for the system part,
+``tools`` and tool calls, in Python and Jinja), ``layouts`` (the four layouts, each beside its Jinja twin)
+and this module (``ChatTemplate``: pieces -> token ids and mask; the registry).
 
 Four templates (``TEMPLATES``):
 
@@ -20,7 +21,15 @@ Four templates (``TEMPLATES``):
     [``{system}\\n\\n``] ``### Human: {user}\\n### Assistant: {reply}<|endoftext|>\\n### Human: ...``
     Generation prompt ends with ``### Assistant:``. End of turn: ``<|endoftext|>``; stop string ``"### Human:"``.
 
-**Token boundaries (prefix invariant).** For messages ``m`` ending in a user turn,
+**System messages, tools, tool calls** (``messages.flatten``). Leading system messages are merged into one
+system part (joined by ``"\\n\\n"``); ``tools`` become its last paragraph (``tool_calls.render_tools``), or the
+whole system part when there is no system message. A system message later in the conversation is rendered in
+place (a ``system`` header turn, ``<|SYSTEM|>``, or a ``System:`` / ``### System:`` line). An assistant's
+``tool_calls`` are written after its content as ``<tool_call>{...}</tool_call>`` blocks
+(``tool_calls.render_assistant``); a ``role: "tool"`` message is its own turn (``tool`` header,
+``<|USER|> Tool: ...``, or a ``Tool:`` / ``### Tool:`` line). The table is in ``layouts``.
+
+**Token boundaries (prefix invariant).** For messages ``m`` ending in a user (or tool) turn,
 ``render(m + [reply]).ids`` starts with ``render(m, add_generation_prompt=True).ids``. GPT-2's BPE merges
 across the point where a prompt stops if the text on both sides can join into one pre-token (``"Assistant: "``
 then ``"Hello"`` gives ``": "`` + ``"Hello"`` while the full text gives ``":"`` + ``" Hello"``; a trailing
@@ -53,11 +62,21 @@ gives an all-zero mask. The Jinja export wraps that same span in ``{% generation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.templates.layouts import (
+    EOS,
+    JINJA_LLAMA3,
+    JINJA_USER_ASSISTANT,
+    Piece,
+    colon_layout,
+    jinja_colon,
+    layout_llama3,
+    layout_user_assistant,
+)
+from gpt2chat.templates.messages import ROLES, ChatFormatError, flatten, validate_messages
 
 if TYPE_CHECKING:
     from gpt2chat.tokenizer import Tokenizer
@@ -66,54 +85,17 @@ __all__ = [
     "ChatTemplate",
     "TEMPLATES",
     "DEFAULT_TEMPLATE",
+    "ROLES",
     "get_template",
     "render_chat",
     "render_text",
     "validate_messages",
+    "flatten",
     "ChatFormatError",
 ]
 
-EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPLATE = "llama3-context"
-
-
-class ChatFormatError(Gpt2ChatError):
-    """Messages that do not form a valid conversation (the message says which index and field)."""
-
-
-# A rendered piece: (is_control_token, text, trained). Text pieces between two control tokens are joined and
-# tokenized as one segment.
-_Piece = tuple[bool, str, bool]
-
-
-def validate_messages(messages) -> list[dict]:
-    """Check OpenAI-style messages; returns them as a list. Raises ChatFormatError naming index and field."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ChatFormatError(f"messages: expected a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    msgs = list(messages)
-    if not msgs:
-        raise ChatFormatError("messages: the conversation is empty")
-    has_user = False
-    for i, m in enumerate(msgs):
-        if not isinstance(m, Mapping):
-            raise ChatFormatError(f"messages[{i}]: expected a dict with 'role' and 'content', got {type(m).__name__}")
-        if "role" not in m:
-            raise ChatFormatError(f"messages[{i}].role: missing")
-        role = m["role"]
-        if role not in ROLES:
-            raise ChatFormatError(f"messages[{i}].role: expected one of {', '.join(ROLES)}, got {role!r}")
-        if "content" not in m:
-            raise ChatFormatError(f"messages[{i}].content: missing")
-        if not isinstance(m["content"], str):
-            raise ChatFormatError(f"messages[{i}].content: expected a string, got {type(m['content']).__name__}")
-        if role == "system" and i != 0:
-            raise ChatFormatError(f"messages[{i}].role: a system message may only be the first message")
-        has_user = has_user or role == "user"
-    if not has_user:
-        raise ChatFormatError("messages: the conversation has no user message")
-    return msgs
 
 
 def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -126,142 +108,6 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
         mask.append(1 if k < len(spans) and spans[k][0] <= start else 0)
     return mask
 
-
-def _trained_index(msgs: list[dict]) -> int:
-    """Index of the message whose reply is trained: the last message when it is an assistant's, else -1."""
-    return len(msgs) - 1 if msgs[-1]["role"] == "assistant" else -1
-
-
-# ---------------------------------------------------------------------------------------------- layouts
-def _layout_llama3(msgs: list[dict], add_generation_prompt: bool) -> list[_Piece]:
-    trained = _trained_index(msgs)
-    out: list[_Piece] = [(True, "<|begin_of_text|>", False)]
-
-    def turn(i: int, m: dict) -> None:
-        out.extend([(True, "<|start_header_id|>", False), (False, m["role"], False),
-                    (True, "<|end_header_id|>", False)])
-        t = i == trained
-        out.extend([(False, m["content"], t), (True, "<|eot_id|>", t)])
-
-    start = 0
-    if msgs[0]["role"] == "system":
-        turn(0, msgs[0])
-        start = 1
-    last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-    if last_user > start:
-        out.append((True, "<|start_context|>", False))
-        for i in range(start, last_user):
-            turn(i, msgs[i])
-        out.append((True, "<|end_context|>", False))
-    for i in range(last_user, len(msgs)):
-        turn(i, msgs[i])
-    if add_generation_prompt:
-        out.extend([(True, "<|start_header_id|>", False), (False, "assistant", False),
-                    (True, "<|end_header_id|>", False)])
-    return out
-
-
-def _layout_user_assistant(msgs: list[dict], add_generation_prompt: bool) -> list[_Piece]:
-    trained = _trained_index(msgs)
-    out: list[_Piece] = []
-    for i, m in enumerate(msgs):
-        if m["role"] == "system":
-            out.extend([(True, "<|SYSTEM|>", False), (False, " " + m["content"] + " ", False)])
-        elif m["role"] == "user":
-            out.extend([(True, "<|USER|>", False), (False, " " + m["content"] + " ", False)])
-        else:
-            t = i == trained
-            out.extend([(True, "<|ASSISTANT|>", False), (False, " " + m["content"], t), (True, "<|End|>", t)])
-    if add_generation_prompt:
-        out.append((True, "<|ASSISTANT|>", False))
-    return out
-
-
-def _make_colon_layout(user_tag: str, assistant_tag: str) -> Callable[[list[dict], bool], list[_Piece]]:
-    def layout(msgs: list[dict], add_generation_prompt: bool) -> list[_Piece]:
-        trained = _trained_index(msgs)
-        out: list[_Piece] = []
-        prev = None
-        for i, m in enumerate(msgs):
-            role = m["role"]
-            if role == "system":
-                out.append((False, m["content"] + "\n\n", False))
-            elif role == "user":
-                sep = "\n" if prev == "assistant" else ""
-                out.append((False, sep + user_tag + " " + m["content"] + "\n", False))
-            else:
-                t = i == trained
-                sep = "\n" if prev == "assistant" else ""
-                out.extend([(False, sep + assistant_tag, False), (False, " " + m["content"], t), (True, EOS, t)])
-            prev = role
-        if add_generation_prompt:
-            sep = "\n" if prev == "assistant" else ""
-            out.append((False, sep + assistant_tag, False))
-        return out
-
-    return layout
-
-
-# ---------------------------------------------------------------------------------------------- Jinja
-# transformers renders these with trim_blocks/lstrip_blocks; every tag here also strips whitespace ("-").
-_JINJA_LLAMA3 = (
-    "{%- set ns = namespace(start=0, last_user=-1) -%}"
-    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.start = 1 -%}{%- endif -%}"
-    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if ns.last_user < 0 -%}{{- raise_exception('the conversation has no user message') -}}{%- endif -%}"
-    "{{- '<|begin_of_text|>' -}}"
-    "{%- if ns.start == 1 -%}"
-    "{{- '<|start_header_id|>system<|end_header_id|>' + messages[0]['content'] + '<|eot_id|>' -}}"
-    "{%- endif -%}"
-    "{%- if ns.last_user > ns.start -%}"
-    "{{- '<|start_context|>' -}}"
-    "{%- for m in messages[ns.start:ns.last_user] -%}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] + '<|eot_id|>' -}}"
-    "{%- endfor -%}"
-    "{{- '<|end_context|>' -}}"
-    "{%- endif -%}"
-    "{%- for m in messages[ns.last_user:] -%}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>' -}}"
-    "{%- if loop.last and m['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- m['content'] + '<|eot_id|>' -}}{%- endgeneration -%}"
-    "{%- else -%}{{- m['content'] + '<|eot_id|>' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>' -}}{%- endif -%}"
-)
-
-_JINJA_USER_ASSISTANT = (
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{{- '<|SYSTEM|> ' + m['content'] + ' ' -}}"
-    "{%- elif m['role'] == 'user' -%}{{- '<|USER|> ' + m['content'] + ' ' -}}"
-    "{%- else -%}{{- '<|ASSISTANT|>' -}}"
-    "{%- if loop.last -%}{%- generation -%}{{- ' ' + m['content'] + '<|End|>' -}}{%- endgeneration -%}"
-    "{%- else -%}{{- ' ' + m['content'] + '<|End|>' -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|ASSISTANT|>' -}}{%- endif -%}"
-)
-
-
-def _jinja_colon(user_tag: str, assistant_tag: str) -> str:
-    return (
-        "{%- set ns = namespace(prev='') -%}"
-        "{%- for m in messages -%}"
-        "{%- if m['role'] == 'system' -%}{{- m['content'] + '\\n\\n' -}}"
-        "{%- else -%}"
-        "{%- if ns.prev == 'assistant' -%}{{- '\\n' -}}{%- endif -%}"
-        "{%- if m['role'] == 'user' -%}{{- '" + user_tag + " ' + m['content'] + '\\n' -}}"
-        "{%- else -%}{{- '" + assistant_tag + "' -}}"
-        "{%- if loop.last -%}{%- generation -%}{{- ' ' + m['content'] + '" + EOS + "' -}}{%- endgeneration -%}"
-        "{%- else -%}{{- ' ' + m['content'] + '" + EOS + "' -}}{%- endif -%}"
-        "{%- endif -%}"
-        "{%- endif -%}"
-        "{%- set ns.prev = m['role'] -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}"
-        "{%- if ns.prev == 'assistant' -%}{{- '\\n' -}}{%- endif -%}{{- '" + assistant_tag + "' -}}"
-        "{%- endif -%}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- template
@@ -277,7 +123,7 @@ class ChatTemplate:
     reply_prefix: str                 # text the template puts before a reply's content (strip it from output)
     jinja: str
     description: str = ""
-    _layout: Callable[[list[dict], bool], list[_Piece]] = field(default=None, repr=False, compare=False)
+    _layout: Callable[[list[dict], bool], list[Piece]] = field(default=None, repr=False, compare=False)
 
     def ensure_tokens(self, tokenizer: Tokenizer) -> int:
         """Add this template's control tokens (and `<|pad|>`) to `tokenizer`; returns how many were new."""
@@ -291,15 +137,15 @@ class ChatTemplate:
                 ids.append(i)
         return ids
 
-    def render_text(self, messages, add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages, add_generation_prompt: bool = False, tools=None) -> str:
         """The rendered conversation as a string (what the Jinja export produces)."""
-        msgs = validate_messages(messages)
+        msgs = flatten(messages, tools)
         return "".join(text for _, text, _ in self._layout(msgs, add_generation_prompt))
 
-    def render(self, tokenizer: Tokenizer, messages, add_generation_prompt: bool = False
+    def render(self, tokenizer: Tokenizer, messages, add_generation_prompt: bool = False, tools=None
                ) -> tuple[list[int], list[int]]:
-        """Messages -> (ids, assistant_mask). See the module docstring for the rules."""
-        msgs = validate_messages(messages)
+        """Messages (and `tools`) -> (ids, assistant_mask). See the module docstring for the rules."""
+        msgs = flatten(messages, tools)
         pieces = self._layout(msgs, add_generation_prompt)
         ids: list[int] = []
         mask: list[int] = []
@@ -354,9 +200,9 @@ def _llama3() -> ChatTemplate:
         stop_strings=(),
         end_of_turn="<|eot_id|>",
         reply_prefix="",
-        jinja=_JINJA_LLAMA3,
+        jinja=JINJA_LLAMA3,
         description="LLaMA-3 headers; earlier turns wrapped in <|start_context|> ... <|end_context|> (seed 000)",
-        _layout=_layout_llama3,
+        _layout=layout_llama3,
     )
 
 
@@ -371,9 +217,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
             stop_strings=(),
             end_of_turn="<|End|>",
             reply_prefix=" ",
-            jinja=_JINJA_USER_ASSISTANT,
+            jinja=JINJA_USER_ASSISTANT,
             description="<|USER|> ... <|ASSISTANT|> ... <|End|> (seed 001)",
-            _layout=_layout_user_assistant,
+            _layout=layout_user_assistant,
         ),
         ChatTemplate(
             name="plain",
@@ -382,9 +228,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
             stop_strings=("\nUser:",),
             end_of_turn=EOS,
             reply_prefix=" ",
-            jinja=_jinja_colon("User:", "Assistant:"),
+            jinja=jinja_colon("User:", "Assistant:", "System:", "Tool:"),
             description="User: ...\\nAssistant: ... (seed 002)",
-            _layout=_make_colon_layout("User:", "Assistant:"),
+            _layout=colon_layout("User:", "Assistant:", "System:", "Tool:"),
         ),
         ChatTemplate(
             name="guanaco",
@@ -393,9 +239,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
             stop_strings=("### Human:",),
             end_of_turn=EOS,
             reply_prefix=" ",
-            jinja=_jinja_colon("### Human:", "### Assistant:"),
+            jinja=jinja_colon("### Human:", "### Assistant:", "### System:", "### Tool:"),
             description="### Human: ... ### Assistant: ... (seed 004)",
-            _layout=_make_colon_layout("### Human:", "### Assistant:"),
+            _layout=colon_layout("### Human:", "### Assistant:", "### System:", "### Tool:"),
         ),
     )
 }
@@ -412,12 +258,12 @@ def get_template(name: str | ChatTemplate) -> ChatTemplate:
 
 
 def render_chat(tokenizer: Tokenizer, messages, template: str | ChatTemplate = DEFAULT_TEMPLATE,
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Render OpenAI-style messages to (ids, assistant_mask) with the named template."""
-    return get_template(template).render(tokenizer, messages, add_generation_prompt)
+                add_generation_prompt: bool = False, tools=None) -> tuple[list[int], list[int]]:
+    """Render OpenAI-style messages (and `tools`) to (ids, assistant_mask) with the named template."""
+    return get_template(template).render(tokenizer, messages, add_generation_prompt, tools)
 
 
 def render_text(messages, template: str | ChatTemplate = DEFAULT_TEMPLATE,
-                add_generation_prompt: bool = False) -> str:
+                add_generation_prompt: bool = False, tools=None) -> str:
     """Render messages to the template's text (for inspection; `render_chat` gives the ids)."""
-    return get_template(template).render_text(messages, add_generation_prompt)
+    return get_template(template).render_text(messages, add_generation_prompt, tools)
