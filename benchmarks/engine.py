@@ -8,8 +8,9 @@ gap between two tokens of one stream: how long a prefill stalled the running str
 whose history is resent every turn, 1 token asked per turn (time to first token per turn), with the prompt
 cache on and off, interleaved; (4) `--only step`: where one decode step of 1 and of `--streams` rows goes
 (the scheduler's whole step, the runner's decode, the model's forward split into blocks and LM head, the
-draw; medians of 30) and torch.profiler's busiest ops over 10 steps. One JSON line per measure (the
-profile tables as text). Medians over `--repeats` where repeated.
+draw; medians of 30) and torch.profiler's busiest ops over 10 steps; (5) `--only served1`: one stream as the
+server runs it (`BatchedEngine`, temperature 1, timed from submit; the engine-alone side of
+`benchmarks.serve --single`). One JSON line per measure (the profile tables as text). Medians over `--repeats` where repeated.
 
     python -m benchmarks.engine                      # 124M, 1 and 16 streams, 128 tokens
     python -m benchmarks.engine --shape tiny --tokens 32 --requests 1
@@ -69,6 +70,29 @@ def one_stream(model, tokens: int, repeats: int) -> dict:
         if index:  # the first is a warm-up
             rates.append(tokens / result.decode_s)
     return {"measure": "1 stream", "tokens_per_s": statistics.median(rates), "runs": len(rates)}
+
+
+def one_stream_as_served(model, tokens: int, repeats: int, engine=None) -> dict:
+    """One stream the way `gpt2chat serve` runs it: `BatchedEngine` (its thread, a wake-up per token),
+    temperature 1 with a seed, timed from submit to the last token (what benchmarks.serve times over HTTP)."""
+    from gpt2chat.engine import BatchedEngine
+    from gpt2chat.sampling import SamplingParams
+
+    own = engine is None
+    engine = engine or BatchedEngine(model, max_batch_size=16, **engine_kwargs(True))
+    rates = []
+    try:
+        for index in range(repeats + 1):
+            params = SamplingParams(temperature=1.0, seed=index, max_new_tokens=tokens)
+            start = time.perf_counter()
+            request = engine.submit(prompt(index, PROMPT_TOKENS), params)
+            count = sum(1 for _ in request)
+            if index or not own:  # a fresh engine's first request is a warm-up
+                rates.append(count / (time.perf_counter() - start))
+    finally:
+        if own:
+            engine.close()
+    return {"measure": "1 stream as served", "tokens_per_s": statistics.median(rates), "runs": len(rates)}
 
 
 def many_streams(model, streams: int, requests: int, tokens: int) -> dict:
@@ -184,7 +208,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default=None, help="the inference layout (default fp32; int8, ...)")
-    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, many, turns, step")
+    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, served1, many, turns, step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(args.shape, args.quantize)
@@ -192,6 +216,8 @@ def main() -> None:
     rows = []
     if "1" in only:
         rows.append(one_stream(model, args.tokens, args.repeats))
+    if "served1" in only:
+        rows.append(one_stream_as_served(model, args.tokens, args.repeats))
     if "many" in only:
         rows.append(many_streams(model, args.streams, args.requests, args.tokens))
     if "turns" in only:
