@@ -6,10 +6,15 @@ clients, each submitting `--requests` requests of `--tokens` tokens one after an
 `BatchedEngine` with `--streams` rows (aggregate tokens/s, time to first token p50 / p99, and the longest
 gap between two tokens of one stream: how long a prefill stalled the running streams); (3) a 7-turn chat
 whose history is resent every turn, 1 token asked per turn (time to first token per turn), with the prompt
-cache on and off, interleaved. One JSON line per measure. Medians over `--repeats` where repeated.
+cache on and off, interleaved; (4) `--only step`: where one decode step of 1 and of `--streams` rows goes
+(the scheduler's whole step, the runner's decode, the model's forward split into blocks and LM head, the
+draw; medians of 30) and torch.profiler's busiest ops over 10 steps; (5) `--only served1`: one stream as the
+server runs it (`BatchedEngine`, temperature 1, timed from submit; the engine-alone side of
+`benchmarks.serve --single`). One JSON line per measure (the profile tables as text). Medians over `--repeats` where repeated.
 
     python -m benchmarks.engine                      # 124M, 1 and 16 streams, 128 tokens
     python -m benchmarks.engine --shape tiny --tokens 32 --requests 1
+    python -m benchmarks.engine --only step --quantize int8      # the per-step profile
 """
 
 from __future__ import annotations
@@ -26,13 +31,13 @@ PROMPT_TOKENS = 40  # about the serve benchmark's system + user message in the l
 TURN_TOKENS = 120  # what one turn (a user message and its reply) adds to a conversation
 
 
-def build_model(shape: str):
+def build_model(shape: str, quantize: str | None = None):
     from gpt2chat.config import get_preset
     from gpt2chat.model import GPT
     from gpt2chat.quantize import convert_for_inference
 
     torch.manual_seed(0)
-    return convert_for_inference(GPT(get_preset(shape)).eval())
+    return convert_for_inference(GPT(get_preset(shape)).eval(), quantize=quantize)
 
 
 def prompt(seed: int, length: int, vocab: int = 50000) -> list[int]:
@@ -65,6 +70,29 @@ def one_stream(model, tokens: int, repeats: int) -> dict:
         if index:  # the first is a warm-up
             rates.append(tokens / result.decode_s)
     return {"measure": "1 stream", "tokens_per_s": statistics.median(rates), "runs": len(rates)}
+
+
+def one_stream_as_served(model, tokens: int, repeats: int, engine=None) -> dict:
+    """One stream the way `gpt2chat serve` runs it: `BatchedEngine` (its thread, a wake-up per token),
+    temperature 1 with a seed, timed from submit to the last token (what benchmarks.serve times over HTTP)."""
+    from gpt2chat.engine import BatchedEngine
+    from gpt2chat.sampling import SamplingParams
+
+    own = engine is None
+    engine = engine or BatchedEngine(model, max_batch_size=16, **engine_kwargs(True))
+    rates = []
+    try:
+        for index in range(repeats + 1):
+            params = SamplingParams(temperature=1.0, seed=index, max_new_tokens=tokens)
+            start = time.perf_counter()
+            request = engine.submit(prompt(index, PROMPT_TOKENS), params)
+            count = sum(1 for _ in request)
+            if index or not own:  # a fresh engine's first request is a warm-up
+                rates.append(count / (time.perf_counter() - start))
+    finally:
+        if own:
+            engine.close()
+    return {"measure": "1 stream as served", "tokens_per_s": statistics.median(rates), "runs": len(rates)}
 
 
 def many_streams(model, streams: int, requests: int, tokens: int) -> dict:
@@ -124,6 +152,52 @@ def multi_turn(model, turns: int) -> list[dict]:
     return rows
 
 
+def median_ms(run, times: int = 30) -> float:
+    spent = []
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        spent.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(spent), 3)
+
+
+def step_profile(model, rows: int) -> dict:
+    """Where one decode step of `rows` running rows (prompts of PROMPT_TOKENS, seeded top-k draws) goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpt2chat.attention_plan import AttentionPlan
+    from gpt2chat.engine import Engine
+    from gpt2chat.sampling import SamplingParams
+
+    engine = Engine(model, max_batch_size=rows, prompt_cache=False)
+    params = SamplingParams(temperature=0.8, top_k=40, seed=1, max_new_tokens=100_000)
+    requests = [engine.submit(prompt(i, PROMPT_TOKENS), params) for i in range(rows)]
+    for _ in range(5):  # prompts prefilled, a few decode steps run
+        engine.step()
+    scheduler, runner = engine.scheduler, engine.runner
+    positions = [scheduler.rows[i].cached for i in range(rows)]
+    plan = AttentionPlan.for_cache(model.config, runner.cache, positions, 1)
+    ids = torch.zeros(rows, 1, dtype=torch.long)
+    logits = torch.randn(rows, model.config.vocab_size)
+    row = {"measure": "step", "rows": rows, "step_ms": median_ms(scheduler.step),
+           "runner_decode_ms": median_ms(lambda: runner.decode([0] * rows, positions))}  # fmt: skip
+    with torch.inference_mode():
+        hidden = model.hidden_states(ids, plan)
+        row |= {"forward_ms": median_ms(lambda: model(ids, plan)),
+                "blocks_ms": median_ms(lambda: model.hidden_states(ids, plan)),
+                "lm_head_ms": median_ms(lambda: model._project(hidden))}  # fmt: skip
+    row["plan_ms"] = median_ms(lambda: AttentionPlan.for_cache(model.config, runner.cache, positions, 1))
+    row["draw_ms"] = median_ms(lambda: scheduler._choose(list(range(rows)), logits))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            scheduler.step()
+    row["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    for request in requests:
+        request.cancel()
+    engine.step()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="gpt2")
@@ -133,20 +207,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, many, turns")
+    parser.add_argument("--quantize", default=None, help="the inference layout (default fp32; int8, ...)")
+    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, served1, many, turns, step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model(args.shape)
+    model = build_model(args.shape, args.quantize)
     only = set(args.only.split(","))
     rows = []
     if "1" in only:
         rows.append(one_stream(model, args.tokens, args.repeats))
+    if "served1" in only:
+        rows.append(one_stream_as_served(model, args.tokens, args.repeats))
     if "many" in only:
         rows.append(many_streams(model, args.streams, args.requests, args.tokens))
     if "turns" in only:
         rows += multi_turn(model, args.turns)
+    if "step" in only:
+        rows += [step_profile(model, n) for n in sorted({1, args.streams})]
     for row in rows:
-        print(json.dumps({"shape": args.shape, "threads": args.threads, **row}), flush=True)
+        ops = row.pop("ops", None)
+        print(json.dumps({"shape": args.shape, "quantize": args.quantize, "threads": args.threads, **row}), flush=True)
+        if ops:
+            print(ops, flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ its rows are skipped with a note.
 
     python -m benchmarks.serve --rounds 3
     python -m benchmarks.serve --shape tiny --rounds 1 --max-tokens 32     # a quick look
+    python -m benchmarks.serve --single --precisions int8 --rounds 3        # where a single stream goes
+
+`--single` measures one stream only, three ways interleaved in each round: the engine alone in this process
+(`benchmarks.engine.one_stream_as_served`: the server's `BatchedEngine`, temperature 1, timed from submit),
+ours over HTTP, llama-server over HTTP; for ours it also reads the CPU seconds each of the server's threads
+spent (/proc/PID/task: the event loop is the main thread, the engine's thread and torch's workers the
+others) and this client's, per token, so the path from engine to socket is measured, not guessed.
 """
 
 from __future__ import annotations
@@ -168,6 +175,72 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, temp
             "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def single_stream(args, servers: dict, checkpoint: Path, precisions: list[str]) -> int:
+    """`--single`: engine alone / ours served / llama-server, one stream, interleaved rounds."""
+    from benchmarks.engine import one_stream_as_served
+    from gpt2chat.engine import BatchedEngine
+    from gpt2chat.quantize import load_for_inference
+
+    engines = {}
+    for precision in precisions:
+        model, _ = load_for_inference(checkpoint, quantize=None if precision == "fp32" else precision)
+        engines[precision] = BatchedEngine(model, max_batch_size=args.max_batch)
+        one_stream_as_served(model, 8, 1, engines[precision])  # warm-up
+    rows: dict[tuple[str, str], list[float]] = {}
+    try:
+        for round_index in range(args.rounds):
+            sides = [("engine alone", p) for p in precisions] + list(servers)
+            shift = round_index % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                row = {"round": round_index, "side": side[0], "precision": side[1],
+                       "load_avg_1m": round(os.getloadavg()[0], 2)}
+                if side[0] == "engine alone":
+                    engine = engines[side[1]]
+                    row["tokens_per_s"] = round(one_stream_as_served(None, args.max_tokens, 1, engine)["tokens_per_s"], 1)
+                else:
+                    server = servers[side]
+                    pid = server.process.pid
+                    before, client_before = thread_cpu(pid), time.thread_time()
+                    level = asyncio.run(run_level(server.url, 1, 1, args.max_tokens, 1.0))
+                    after, client = thread_cpu(pid), time.thread_time() - client_before
+                    tokens = max(1, level["completion_tokens"])
+                    row |= {"tokens_per_s": level["tokens_per_s"], "ttft_ms": level["ttft_p50_ms"],
+                            "client_cpu_ms_per_token": round(1000 * client / tokens, 3)}
+                    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+                    if side[0] == "ours":
+                        row["event_loop_cpu_ms_per_token"] = round(1000 * spent.pop(pid, 0.0) / tokens, 3)
+                        row["other_threads_cpu_ms_per_token"] = sorted(
+                            (round(1000 * v / tokens, 3) for v in spent.values() if v > 0), reverse=True)
+                    else:
+                        row["process_cpu_ms_per_token"] = round(1000 * sum(spent.values()) / tokens, 3)
+                    row["wall_ms_per_token"] = round(1000 * level["wall_s"] / tokens, 3)
+                rows.setdefault(side, []).append(row["tokens_per_s"])
+                print(json.dumps(row), flush=True)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    print("\n| side | precision | 1 stream tok/s (median) | / engine alone |")
+    print("|---|---|---|---|")
+    for side, rates in rows.items():
+        alone = statistics.median(rows[("engine alone", side[1])])
+        print(f"| {side[0]} | {side[1]} | {statistics.median(rates):.1f} | {statistics.median(rates) / alone:.2f} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="gpt2", help="model preset (random weights)")
@@ -178,6 +251,7 @@ def main() -> int:
     parser.add_argument("--precisions", default="fp32,int8", help="fp32 (vs f32) and/or int8 (vs q8_0)")
     parser.add_argument("--max-batch", type=int, default=16, help="our server's --max-batch")
     parser.add_argument("--device", default=None, help="our server's --device (default: cuda if present)")
+    parser.add_argument("--single", action="store_true", help="1 stream only: engine alone / ours / llama-server")
     args = parser.parse_args()
 
     from gpt2chat.checkpoint import init_checkpoint
@@ -201,6 +275,8 @@ def main() -> int:
                       "are skipped", file=sys.stderr)
             for server in servers.values():
                 asyncio.run(run_level(server.url, 2, 1, 8, 1.0))  # warm-up: first allocations, code paths
+            if args.single:
+                return single_stream(args, servers, checkpoint, precisions)
             sides = list(servers)
             for round_index in range(args.rounds):
                 shift = round_index % len(sides)

@@ -36,6 +36,10 @@ def _add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> N
     parser.add_argument("--request-timeout", type=float, default=LIMITS.request_timeout_s, metavar="SECONDS",
                         help="wall time one request may take, waiting for a row included; then it ends with "
                              "what it has, finish_reason 'length' (default %(default)g)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads of the engine (llama-server's -t; default torch's, one per core). "
+                             "On a machine other programs keep busy, fewer threads than cores can be faster "
+                             "(benchmarks/README.md)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -126,6 +130,18 @@ def _limits(args: argparse.Namespace):
                         max_connections=getattr(args, "max_connections", defaults.max_connections))
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    """`--threads N`: torch's intra-op threads for this process (checked before any weight is read)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise Gpt2ChatError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _cors_origins(origins: list[str]) -> list[str]:
     from urllib.parse import urlsplit
 
@@ -154,6 +170,7 @@ def _build_service(args: argparse.Namespace, model_name: str | None = None):
     from gpt2chat.serve.service import ChatService
 
     limits = _limits(args)  # check the options before loading anything
+    _set_threads(args)
     folder, model, tokenizer, device, dtype = load_inference_model(args)
     name = model_name or served_name(str(args.model), folder)
     return ChatService(model, tokenizer, template=args.template, model_name=name, limits=limits, device=device,
