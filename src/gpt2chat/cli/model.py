@@ -160,11 +160,17 @@ def run_generate(args: argparse.Namespace) -> int:
     out = sys.stdout
     # a raw continuation shows control tokens as text, as `tokenizer.decode` does
     reply = pipeline.reply(chat=False, show_control_tokens=True)
-    for piece in reply.pieces(engine.submit(prompt, params)):
+    request = engine.submit(prompt, params)
+    for piece in reply.pieces(request):
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
+    if schema is not None and reply.finish_reason(request.finish_reason) == "length":
+        # the grammar held every token, but the reply ended before the JSON did: say so, and fail a script
+        print(f"error: the reply reached --max-new-tokens ({args.max_new_tokens}) before the JSON was complete; "
+              "it does not parse: raise --max-new-tokens", file=sys.stderr)
+        return 1
     return 0
 
 
