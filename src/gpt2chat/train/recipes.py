@@ -107,6 +107,7 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
             return adapter_dir
         with atomic_folder(folder) as staging:
             save_pretrained(merge_lora(model), tokenizer, staging, template=cfg.template)
+        print(f"[{cfg.objective}] LoRA adapter (PEFT layout, for --adapter): {adapter_dir}", flush=True)
         return folder
 
     return write_model, write_final
@@ -172,6 +173,12 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
         state, tensors = training_state.read_checkpoint(resume_path)
         check_resume_state(cfg, state, dist.world_size, resume_path)
         _say(dist, f"[{cfg.objective}] resuming from {resume_path} (step {state['step']})")
+    else:
+        earlier = training_state.list_checkpoints(out)
+        if earlier:  # kept (nothing is deleted), but said: a later --resume must not surprise anyone
+            _say(dist, f"[{cfg.objective}] note: {out} already holds {len(earlier)} checkpoint(s) of an earlier run "
+                       f"(newest {earlier[-1].name}); this run starts over beside them (pass --resume to continue "
+                       "that run instead, or use another --out)")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(cfg, dist)
