@@ -28,6 +28,17 @@ def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert tokenizer.template_name == "guanaco"
 
 
+def test_init_never_replaces_a_folder_without_force(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["init", "--arch", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["init", "--arch", "tiny", "--out", str(out), "--seed", "2"]) == 2
+    assert "already exists and is not empty; pass --force" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before  # nothing lost
+    assert main(["init", "--arch", "tiny", "--out", str(out), "--seed", "2", "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() != before
+
+
 def test_init_rejects_unknown_arch(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["init", "--arch", "gpt5", "--out", str(tmp_path)])

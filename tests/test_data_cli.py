@@ -97,3 +97,17 @@ def test_real_file_stats(capsys, shared_dir, tmp_path, spec, rows, kind):
 def test_real_big_file_stats(capsys, shared_dir, tmp_path, spec, rows, kind):
     code, out, _ = run(capsys, "data", "stats", "--data", _real_spec(shared_dir, spec), "--cache-dir", str(tmp_path))
     assert code == 0 and f"kind: {kind}" in out and f"{rows} rows" in out
+
+
+@pytest.mark.parametrize("kind, spec", [("sft", SAMPLE_SFT_SPEC), ("preference", SAMPLE_PREF_SPEC)])
+def test_data_commands_take_sample_as_the_training_commands_do(capsys, kind, spec):
+    """`--data sample` names the packaged sample on `data stats|inspect` too (it was refused there)."""
+    flags = ["--kind", kind, "--json", "--no-cache"]
+    code, by_name, err = run(capsys, "data", "stats", "--data", "sample", *flags)
+    assert code == 0, err
+    code, by_spec, _ = run(capsys, "data", "stats", "--data", spec, *flags)
+    named, given = json.loads(by_name), json.loads(by_spec)
+    assert code == 0 and named["kind"] == given["kind"] == kind
+    assert named["train_examples"] == given["train_examples"] > 0 and named["tokens"] == given["tokens"]
+    code, out, _ = run(capsys, "data", "inspect", "--data", "sample", "--kind", kind, "-n", "1")
+    assert code == 0 and out.strip()

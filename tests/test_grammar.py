@@ -174,6 +174,11 @@ def test_cli_generate_json_schema_prints_json_that_validates(tiny_checkpoint, tm
         assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "Person:", "--json-schema", str(path),
                      "--max-new-tokens", "200", "--temperature", "1", "--seed", seed]) == 0
         jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+    # cut by --max-new-tokens: the unfinished JSON is shown, but the command says why it does not parse, exit 1
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "Person:", "--json-schema", str(path),
+                 "--max-new-tokens", "3", "--temperature", "1", "--seed", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("{") and "reached --max-new-tokens (3) before the JSON was complete" in err
 
 
 @pytest.mark.parametrize("text, words", [("{oops", "not valid JSON"), ('{"type": "object", "not": {}}', "not")])

@@ -343,3 +343,48 @@ def test_remote_backend_talks_to_a_running_server(tiny_service):
         with FakeBotApi() as api:
             run_bot(api, bad_key, refused)
     assert [m["role"] for m in good.state(21).messages] == ["user", "assistant"]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_telegram_with_the_bot_api_unreachable_is_one_clear_line(monkeypatch, capsys):
+    """A newcomer without network: one error naming the Bot API URL, exit 2, no retry loop or traceback."""
+    from gpt2chat.cli import main
+
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", TOKEN)
+    url = f"http://127.0.0.1:{closed_port()}/bot"
+    assert main(["telegram", "--server", "http://127.0.0.1:9", "--bot-api-url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the Telegram Bot API at {url}" in err and "Traceback" not in err
+
+
+def test_a_refused_bot_token_is_a_clear_error():
+    from gpt2chat.serve.telegram_bot import TelegramChatBot, check_bot_api
+
+    class Refusing(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.dumps({"ok": False, "error_code": 401, "description": "Unauthorized"}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/bot"
+        app = build_application(TelegramChatBot(None), TOKEN, base_url=url)
+        with pytest.raises(Gpt2ChatError, match="refused the bot token .*TELEGRAM_BOT_TOKEN"):
+            check_bot_api(app, url)
+    finally:
+        httpd.shutdown()

@@ -192,7 +192,7 @@ def test_fsdp_on_two_gloo_processes_equals_one_process_saves_a_loadable_model_an
     for name, tensor in resumed.state_dict().items():     # equal only if the optimizer state came back too
         torch.testing.assert_close(tensor, got[name], atol=1e-6, rtol=0, msg=name)
 
-def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path):
+def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path, capsys):
     from gpt2chat.checkpoint import load_model
 
     common = ["--model", "init:tiny", "--data", "sample", "--max-steps", "3", "--save-every", "1",
@@ -200,7 +200,11 @@ def test_lora_run_saves_a_peft_adapter_and_a_merged_model_and_resumes(tmp_path):
     out = tmp_path / "lora"
     assert main(["sft", *common, "--out", str(out), "--stop-after-steps", "2"]) == 0
     assert main(["sft", *common, "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
     assert main(["sft", *common, "--out", str(tmp_path / "whole")]) == 0
+    out_text = capsys.readouterr().out  # the run names both folders: the merged model and the adapter
+    assert f"model: {tmp_path / 'whole' / 'final'}" in out_text
+    assert f"LoRA adapter (PEFT layout, for --adapter): {tmp_path / 'whole' / 'adapter'}" in out_text
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
     model, _ = load_model(out / "final", device="cpu")
@@ -250,3 +254,13 @@ def test_validation_lines_print_above_the_progress_bar_not_into_it(tmp_path, mon
     assert len(lines) >= 2 and "%|" in screen.getvalue()  # the bar was drawn and validation ran mid-run
     for line in lines:
         assert line.rsplit("\r", 1)[-1].startswith("[sft] step "), repr(line[-200:])
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_says_so_and_keeps_them(tmp_path, capsys):
+    run = ["sft", "--model", "init:tiny", "--data", "sample", "--max-steps", "1", "--out", str(tmp_path), *SMALL]
+    assert main(run) == 0
+    assert "already holds" not in capsys.readouterr().out
+    assert main(run) == 0
+    said = capsys.readouterr().out
+    assert f"{tmp_path} already holds 1 checkpoint(s) of an earlier run (newest step-0000001)" in said
+    assert "pass --resume to continue" in said

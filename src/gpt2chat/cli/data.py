@@ -62,12 +62,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
-    from gpt2chat.data import Budgets, FormatOptions, is_preference_source
+    from gpt2chat.data import Budgets, FormatOptions, is_preference_source, sample_specs
     from gpt2chat.data.load import as_spec
     from gpt2chat.templates import get_template
     from gpt2chat.tokenizer import Tokenizer
 
-    specs = [as_spec(text) for text in args.data]
+    specs = [as_spec(text) for text in sample_specs(args.data, preference=args.kind == "preference")]
     template = get_template(args.template)
     tokenizer = Tokenizer.gpt2() if args.tokenizer == "gpt2" else Tokenizer.from_dir(args.tokenizer)
     template.ensure_tokens(tokenizer)

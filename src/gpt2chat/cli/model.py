@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--out", required=True, help="folder to write")
     init.add_argument("--template", default="llama3-context", choices=TEMPLATES, help="chat template")
     init.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    init.add_argument("--force", action="store_true", help="replace an existing folder at --out")
     init.set_defaults(handler=run_init)
 
     generate = subparsers.add_parser(
@@ -125,8 +126,12 @@ def _load(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------- init
 def run_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from gpt2chat.checkpoint import init_checkpoint
 
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
+        raise Gpt2ChatError(f"{args.out} already exists and is not empty; pass --force to replace it")
     out = init_checkpoint(args.arch, args.out, template=args.template, seed=args.seed)
     print(f"wrote a random {args.arch} checkpoint ({args.template} template) to {out}")
     return 0
@@ -155,11 +160,17 @@ def run_generate(args: argparse.Namespace) -> int:
     out = sys.stdout
     # a raw continuation shows control tokens as text, as `tokenizer.decode` does
     reply = pipeline.reply(chat=False, show_control_tokens=True)
-    for piece in reply.pieces(engine.submit(prompt, params)):
+    request = engine.submit(prompt, params)
+    for piece in reply.pieces(request):
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
+    if schema is not None and reply.finish_reason(request.finish_reason) == "length":
+        # the grammar held every token, but the reply ended before the JSON did: say so, and fail a script
+        print(f"error: the reply reached --max-new-tokens ({args.max_new_tokens}) before the JSON was complete; "
+              "it does not parse: raise --max-new-tokens", file=sys.stderr)
+        return 1
     return 0
 
 

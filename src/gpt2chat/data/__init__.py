@@ -29,12 +29,19 @@ from gpt2chat.data.types import (
     SFTExample,
 )
 
+SAMPLE = "sample"  # what --data takes for the packaged sample, on every command
 SAMPLE_SFT_SPEC = "messages:package:quickstart_sft.jsonl"
 SAMPLE_PREF_SPEC = "ultrafeedback:package:quickstart_pref.jsonl"
 
+
+def sample_specs(specs: list[str], preference: bool) -> list[str]:
+    """`sample` -> the packaged sample of that kind (conversations, or preference pairs); other specs as given."""
+    sample = SAMPLE_PREF_SPEC if preference else SAMPLE_SFT_SPEC
+    return [sample if spec == SAMPLE else spec for spec in specs]
+
 __all__ = [
-    "FORMATS", "PREFERENCE_BUDGETS", "SAMPLE_PREF_SPEC", "SAMPLE_SFT_SPEC", "SFT_BUDGETS", "Budgets",
+    "FORMATS", "PREFERENCE_BUDGETS", "SAMPLE", "SAMPLE_PREF_SPEC", "SAMPLE_SFT_SPEC", "SFT_BUDGETS", "Budgets",
     "Conversation", "DataError", "FormatOptions", "LoadReport", "PreferenceExample", "PreferencePair",
     "SFTExample", "Spec", "build_preference_examples", "build_sft_examples", "is_preference_source",
-    "load_conversations", "load_preferences", "parse_spec",
+    "load_conversations", "load_preferences", "parse_spec", "sample_specs",
 ]

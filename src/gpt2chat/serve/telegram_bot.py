@@ -224,5 +224,27 @@ def run_telegram(backend: ChatBackend, token: str | None = None, base_url: str |
                  default_system: str | None = None) -> None:
     """Polls Telegram until interrupted (the token comes from TELEGRAM_BOT_TOKEN unless given)."""
     app = build_application(TelegramChatBot(backend, default_system), bot_token(token), base_url)
+    check_bot_api(app, base_url)
     log.info("Telegram bot polling for updates")
     app.run_polling(drop_pending_updates=False)
+
+
+def check_bot_api(app: Application, base_url: str | None = None) -> None:
+    """One `getMe` before polling: an unreachable Bot API or a refused token is one clear error, not
+    python-telegram-bot's retry loop and traceback."""
+
+    from telegram.error import InvalidToken, NetworkError
+
+    async def probe() -> None:
+        async with app.bot:  # initialising the bot asks the API who it is
+            pass
+
+    where = base_url or "https://api.telegram.org/bot"
+    try:
+        asyncio.run(probe())
+    except InvalidToken:
+        raise Gpt2ChatError(f"the Telegram Bot API at {where} refused the bot token (from {TOKEN_ENV}): check it "
+                            "with @BotFather") from None
+    except NetworkError as exc:
+        raise Gpt2ChatError(f"cannot reach the Telegram Bot API at {where} ({exc}): check the network, or "
+                            "point --bot-api-url at a reachable Bot API server") from None

@@ -21,8 +21,6 @@ from gpt2chat.train.config import TrainConfig, build_config, effective_max_lengt
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
 from gpt2chat.train.trainer import Trainer, TrainResult, autocast_for, check_resume_state
 
-SAMPLE = "sample"
-
 
 def _say(dist: dist_utils.DistState, message: str) -> None:
     if dist.is_main:
@@ -109,6 +107,7 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
             return adapter_dir
         with atomic_folder(folder) as staging:
             save_pretrained(merge_lora(model), tokenizer, staging, template=cfg.template)
+        print(f"[{cfg.objective}] LoRA adapter (PEFT layout, for --adapter): {adapter_dir}", flush=True)
         return folder
 
     return write_model, write_final
@@ -118,8 +117,7 @@ def _model_writers(cfg: TrainConfig, tokenizer, base_name: str):
 def _specs(cfg: TrainConfig, preference: bool) -> list[str]:
     from gpt2chat import data
 
-    sample = data.SAMPLE_PREF_SPEC if preference else data.SAMPLE_SFT_SPEC
-    return [sample if spec == SAMPLE else spec for spec in cfg.data]
+    return data.sample_specs(list(cfg.data), preference)
 
 
 def build_data(cfg: TrainConfig, tokenizer, dist: dist_utils.DistState, max_length: int):
@@ -175,6 +173,12 @@ def _run_stage(cfg: TrainConfig, dist: dist_utils.DistState, device: torch.devic
         state, tensors = training_state.read_checkpoint(resume_path)
         check_resume_state(cfg, state, dist.world_size, resume_path)
         _say(dist, f"[{cfg.objective}] resuming from {resume_path} (step {state['step']})")
+    else:
+        earlier = training_state.list_checkpoints(out)
+        if earlier:  # kept (nothing is deleted), but said: a later --resume must not surprise anyone
+            _say(dist, f"[{cfg.objective}] note: {out} already holds {len(earlier)} checkpoint(s) of an earlier run "
+                       f"(newest {earlier[-1].name}); this run starts over beside them (pass --resume to continue "
+                       "that run instead, or use another --out)")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(cfg, dist)
@@ -328,10 +332,9 @@ def _run_eval(recipe: dict[str, Any], root: Path, models: dict[str, str]) -> Any
     from gpt2chat.evaluate import evaluate_models
 
     options = dict(recipe.get("eval", {}))
-    if options.get("data") == SAMPLE:
-        options["data"] = data.SAMPLE_SFT_SPEC
-    if options.get("pref_data") == SAMPLE:
-        options["pref_data"] = data.SAMPLE_PREF_SPEC
+    for key, preference in (("data", False), ("pref_data", True)):
+        if key in options and isinstance(options[key], str):
+            (options[key],) = data.sample_specs([options[key]], preference)
     paths, labels = [], []
     base = Path(root / "sft" / "init") if str(recipe.get("model", "")).startswith("init:") else None
     if base is not None and (base / "config.json").is_file():
