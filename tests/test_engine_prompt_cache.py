@@ -205,10 +205,10 @@ def poison_forwards(runner):
             raise RuntimeError("poisoned prefill")
         return prefill(chunks)
 
-    def failing_decode(tokens, positions, rows=None):
+    def failing_decode(tokens, positions, rows=None, first_row=0):
         if POISON in tokens:
             raise RuntimeError("poisoned decode")
-        return decode(tokens, positions, rows)
+        return decode(tokens, positions, rows, first_row)
 
     runner.prefill, runner.decode = failing_prefill, failing_decode
 
@@ -241,8 +241,8 @@ def test_a_failing_decode_fails_only_its_request(tiny_model, cold, engine_class)
         victim_first = cold.generate([prompts[1]], GREEDY)[0].token_ids[0]
         decode = engine.runner.decode
 
-        def decode_refusing_victim(tokens, positions, rows=None):  # the victim's first token is the poison
-            return decode([POISON if t == victim_first else t for t in tokens], positions, rows)
+        def decode_refusing_victim(tokens, positions, rows=None, first_row=0):  # the victim's first token
+            return decode([POISON if t == victim_first else t for t in tokens], positions, rows, first_row)
 
         others = {t for p in (prompts[0], prompts[2]) for t in cold.generate([p], GREEDY)[0].token_ids}
         assert victim_first not in others  # the fault must hit the victim only
@@ -280,3 +280,22 @@ def test_a_failing_draw_fails_only_its_request(tiny_model, cold, monkeypatch):
         assert_like_cold(requests[index].result(), cold.generate([prompts[index]], params[index])[0])
     with pytest.raises(ValueError, match="cannot draw"):  # generate raises the error of a failed request
         engine.generate(prompts, params)
+
+
+def test_sequential_unrelated_requests_decode_one_row_each(tiny_model, cold):
+    """A new unrelated request takes a row that never held tokens (keeping the others' cached prefixes), so
+    the k-th request of an 8-row engine lives in row k - 1: its decode step must compute that row alone, not
+    rows 0 .. k - 1 (it did: the k-th `generate` ran a k-row step), and give the cold run's tokens."""
+    engine = Engine(tiny_model, max_batch_size=8)
+    widths, decode = [], engine.runner.decode
+
+    def counting(tokens, positions, rows=None, first_row=0):
+        widths.append(len(tokens))
+        return decode(tokens, positions, rows, first_row)
+
+    engine.runner.decode = counting
+    prompts = [[10 + k, 20 + k, 30 + k, 40 + k] for k in range(5)]
+    for prompt in prompts:
+        assert engine.generate([prompt], GREEDY)[0].token_ids == cold.generate([prompt], GREEDY)[0].token_ids
+    assert widths and set(widths) == {1}
+    assert sum(1 for t in engine.scheduler.prompt_cache.tokens if t) == 5  # five rows, each kept for reuse

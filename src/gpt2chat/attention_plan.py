@@ -166,20 +166,21 @@ class AttentionPlan:
         lengths: Sequence[int],
         length: int,
         rows: Sequence[int] | None = None,
+        first_row: int = 0,
     ) -> AttentionPlan:
         """`length` new tokens per row appended to a KV cache, each row at its own filled length.
 
         `lengths[i]` is how many positions of the cache row of batch row i are filled (the caller's own
         book-keeping, host ints: nothing is read from the device); `rows[i]` is that cache row (default:
-        rows 0 .. B-1). The new keys go to `lengths[i] .. lengths[i] + length - 1`; the caller then adds
+        rows `first_row` .. `first_row` + B - 1). The new keys go to `lengths[i] .. lengths[i] + length - 1`; the caller then adds
         `length` to its lengths. Entries past a row's length are never read, so a caller may roll a row
         back, or fix up a right-padded prefill, by lowering its length.
         """
         b = len(lengths)
         if rows is not None and len(rows) != b:
             raise ValueError(f"{b} lengths but {len(rows)} cache rows")
-        if rows is None and b > cache.batch_size:
-            raise ValueError(f"batch of {b} rows but the KV cache has {cache.batch_size}")
+        if rows is None and first_row + b > cache.batch_size:
+            raise ValueError(f"rows {first_row} .. {first_row + b - 1} but the KV cache has {cache.batch_size}")
         longest = max(lengths) + length
         if longest > config.n_positions:
             raise _too_long(config, longest - 1)
@@ -190,7 +191,7 @@ class AttentionPlan:
         start = lengths[0]
         window = config.local_window
         if min(lengths) == max(lengths):  # every row at the same length: contiguous writes
-            slots = CacheSlots(cache, b, row_index, longest, start=start)
+            slots = CacheSlots(cache, b, row_index, longest, start=start, first_row=first_row)
             positions = torch.arange(start, longest, device=device).unsqueeze(0).expand(b, length)
             if length == 1:  # single-token decode: every cached key is visible, no mask at all
                 local = LayerAttention(first_key=max(0, longest - window)) if window else _EVERY_KEY
@@ -200,7 +201,7 @@ class AttentionPlan:
             query = torch.arange(start, longest, device=device)  # [T]
         else:
             query = torch.tensor(list(lengths), device=device).unsqueeze(1) + torch.arange(length, device=device)
-            slots = CacheSlots(cache, b, row_index, longest, write_positions=query)
+            slots = CacheSlots(cache, b, row_index, longest, write_positions=query, first_row=first_row)
             positions = query  # [B, T]
         key = torch.arange(longest, device=device)
         causal = key <= query.unsqueeze(-1)  # [T, L] or [B, T, L]

@@ -61,7 +61,8 @@ class KVCache:
 class CacheSlots:
     """Where one forward writes its keys / values in a KVCache, and how many keys it then attends over.
 
-    Rows: `rows` (cache row of each batch row), or the first `n_rows` rows. Positions: `start ..
+    Rows: `rows` (cache row of each batch row), or the `n_rows` rows from `first_row` on (a slice: no copy).
+    Positions: `start ..
     start + T - 1` in every row, or `write_positions` ([B, T]) when the rows are at different lengths.
     """
 
@@ -71,12 +72,14 @@ class CacheSlots:
     key_len: int
     start: int = 0
     write_positions: torch.Tensor | None = None
+    first_row: int = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys / values ([B, H, T, D]) of `layer`; return the keys / values to attend over."""
         cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]
         if self.rows is None:
-            cache_k, cache_v = cache_k[: self.n_rows], cache_v[: self.n_rows]
+            window = slice(self.first_row, self.first_row + self.n_rows)
+            cache_k, cache_v = cache_k[window], cache_v[window]
         if self.write_positions is None:
             span = slice(self.start, self.start + k.shape[2])
             where = (slice(None), slice(None), span) if self.rows is None else (self.rows, slice(None), span)

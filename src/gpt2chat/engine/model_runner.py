@@ -105,26 +105,30 @@ class ModelRunner:
         logits = self.model(ids, plan, select=torch.tensor(select, device=self.device))
         return list(logits.split(sizes))
 
-    def decode_width(self, rows: int) -> int:
-        """How many cache rows a decode step over rows 0 .. rows - 1 computes (a compiled step rounds up to
-        a few fixed widths, so it is compiled a few times, not once per width)."""
+    def decode_window(self, first: int, last: int) -> tuple[int, int]:
+        """(first row, width): the contiguous cache rows a decode step over rows `first` .. `last` computes.
+        Eager: exactly those (a slice of the cache, no copy), so one live row in row 5 is a one-row step. A
+        compiled step starts at row 0 and rounds the width up to a few fixed sizes (compiled a few times, not
+        once per width)."""
         if self._compiled is None:
-            return rows
-        return min(self.cache.batch_size, _next_power_of_two(rows))
+            return first, last + 1 - first
+        return 0, min(self.cache.batch_size, _next_power_of_two(last + 1))
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], rows: list[int] | None = None) -> torch.Tensor:
-        """Feed `tokens[i]` at `positions[i]` of cache row `rows[i]` (default: rows 0 .. len(tokens) - 1)
-        -> logits [len(tokens), V]. Given `rows`, the step is the eager one."""
+    def decode(self, tokens: list[int], positions: list[int], rows: list[int] | None = None,
+               first_row: int = 0) -> torch.Tensor:
+        """Feed `tokens[i]` at `positions[i]` of cache row `rows[i]` (default: rows `first_row` ..
+        `first_row` + len(tokens) - 1) -> logits [len(tokens), V]. Given `rows` or a first row, the step is
+        the eager one."""
         step = torch.tensor(tokens, device=self.device)
-        if self._compiled is not None and rows is None:
+        if self._compiled is not None and rows is None and first_row == 0:
             key_len = min(self.cache.max_len, max(_MIN_CACHE_LEN, _next_power_of_two(max(positions) + 1)))
             try:
                 return self._compiled(step, torch.tensor(positions, device=self.device), key_len)
             except Exception as error:  # noqa: BLE001 - any compiler failure: the eager step gives the same tokens
                 _log.warning("gpt2chat: the compiled decode step failed (%s); decoding eagerly from now on", error)
                 self._compiled = None
-        plan = AttentionPlan.for_cache(self.config, self.cache, positions, 1, rows=rows)
+        plan = AttentionPlan.for_cache(self.config, self.cache, positions, 1, rows=rows, first_row=first_row)
         return self.model(step.unsqueeze(1), plan)[:, -1]
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:

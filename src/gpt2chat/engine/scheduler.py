@@ -266,34 +266,36 @@ class Scheduler:
         return [index for index in indices if index not in errors]
 
     def _decode(self, decoding: list[int]) -> tuple[list[int], torch.Tensor | None]:
-        """One decode step over rows 0 .. the last decoding row (or a few more, see `decode_width`) ->
+        """One decode step over the rows from the first decoding row to the last (`decode_window`) ->
         the rows decoded and their logits [rows, V]. Rows in that range that are not decoding get a dummy
         token at a position nothing reads: a prefilling row's next position (its next chunk overwrites it),
         a free row's first position past its cached tokens.
 
         If the step fails, every row is decoded alone: a row that fails alone fails ("error"), the others go on."""
-        width = self.runner.decode_width(decoding[-1] + 1)
+        first, width = self.runner.decode_window(decoding[0], decoding[-1])
         cache_len = self.runner.cache.max_len
         tokens, positions = [0] * width, [0] * width
-        for index in range(width):
+        for offset in range(width):
+            index = first + offset
             row = self.rows[index]
             if row is None:
                 position = min(len(self.prompt_cache.tokens[index]), cache_len - 1)
                 self.prompt_cache.limit_row(index, position)
-                positions[index] = position
+                positions[offset] = position
                 continue
-            positions[index] = row.cached  # a row still prefilling writes a slot its next chunk overwrites
+            positions[offset] = row.cached  # a row still prefilling writes a slot its next chunk overwrites
             if row.next_token is not None:
-                tokens[index] = row.next_token
+                tokens[offset] = row.next_token
         try:
             started = time.perf_counter()
-            logits = self.runner.decode(tokens, positions)
+            logits = self.runner.decode(tokens, positions, first_row=first)
             self.chunks.record_decode(time.perf_counter() - started)
-            if decoding != list(range(width)):
-                logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
+            if decoding != list(range(first, first + width)):
+                logits = logits.index_select(0, torch.tensor([i - first for i in decoding], device=logits.device))
         except Exception:  # noqa: BLE001 - find the rows it concerns
             parts, errors = _each_alone(
-                decoding, lambda index: self.runner.decode([tokens[index]], [positions[index]], rows=[index]))
+                decoding, lambda index: self.runner.decode([tokens[index - first]], [positions[index - first]],
+                                                           rows=[index]))
             decoding = self._fail(decoding, errors)
             logits = torch.cat([parts[index] for index in decoding]) if decoding else None
         for index in decoding:
