@@ -49,8 +49,12 @@ PREFILL_DELAY_S = 0.05
 MAX_WORDS, MAX_TOKENS = 60, 12  # a prompt of a few to ~70 tokens, a reply of 2 to 12
 _PROTOCOLS = (H11Protocol,)  # the one ServerThread runs (uvicorn picks h11 without httptools)
 WORDS = "the cat sat on a mat while every dog in town ran past her house at night".split()
-RSS_BOUND_MIB = 16  # resident memory after 128 requests may exceed the warm baseline by at most this
 RSS_PLATEAU_MIB = 32  # after 1280 requests (the allocators' one-time rise to their plateau; see settled_memory)
+# Resident memory after 128 requests may exceed the warm baseline by at most this. The allocators' one-time
+# rise can come that early: run after the rest of the suite in one process it measured +22 MiB with allocated
+# bytes +1 MiB and objects flat (alone: +1-3 MiB), so the bound is the plateau's; a leak shows in the second
+# soak's growth checks (objects, allocated bytes), which stay as tight as before.
+RSS_BOUND_MIB = RSS_PLATEAU_MIB
 # What a soak may add to the one before it (first uses of code paths are made by then: a leak grows, they do not):
 GROWTH_OBJECTS_PER_REQUEST = 0.5  # tracked Python objects: a leak of one container per request is twice this
 GROWTH_IN_USE_MIB = 1  # allocated C memory: 128 requests leaking 8 KiB each is 1 MiB
