@@ -240,7 +240,7 @@ class Trainer:
             found = training_state.list_checkpoints(self.out_dir)
             raise TrainingInterrupted(
                 f"[{cfg.objective}] step {step + 1} of {self.total_steps}; "
-                f"{training_state.intact_checkpoint(self.out_dir)}", found[-1] if found else None) from None
+                f"{training_state.intact_checkpoint(found)}", found[-1] if found else None) from None
         finally:
             self._progress = None
             if progress is not None:

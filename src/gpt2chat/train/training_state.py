@@ -47,12 +47,13 @@ def write_failure(what: Path, exc: OSError, out_dir: str | Path) -> CheckpointWr
     reason = exc.strerror or str(exc)
     if is_disk_full(exc):
         reason += " (the disk is full: free some space)"
-    return CheckpointWriteError(f"could not write {what}: {reason}; training stopped, {intact_checkpoint(out_dir)}")
+    return CheckpointWriteError(f"could not write {what}: {reason}; training stopped, "
+                                f"{intact_checkpoint(list_checkpoints(out_dir))}")
 
 
-def intact_checkpoint(out_dir: str | Path) -> str:
-    """Which checkpoint a `--resume` would continue from, said for a run that stopped (a failed write, Ctrl-C)."""
-    found = list_checkpoints(out_dir)
+def intact_checkpoint(found: list[Path]) -> str:
+    """Which checkpoint a `--resume` would continue from (`found`: `list_checkpoints`), said for a run that
+    stopped (a failed write, Ctrl-C)."""
     return (f"the last complete checkpoint {found[-1]} is intact; resume from it with --resume" if found
             else "no checkpoint was written before it")
 
