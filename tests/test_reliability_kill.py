@@ -38,6 +38,13 @@ def fresh_faults(monkeypatch):
     faults.reset()
 
 
+def run_with_fault(fault: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`gpt2chat ARGV` in a subprocess with the fault rule `fault` (a kill or a SIGINT must hit a real process)."""
+    env = {**os.environ, faults.ENV: fault, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt2chat", *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 def train_losses(out) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
 
@@ -71,9 +78,7 @@ def test_sigkill_inside_a_checkpoint_write_then_resume_reproduces_the_uninterrup
     full = train_losses(tmp_path / "full")
 
     out = tmp_path / "killed"
-    env = {**os.environ, faults.ENV: "kill:checkpoint@2", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = run_with_fault("kill:checkpoint@2", [*RUN, "--out", str(out)])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     root = training_state.checkpoints_root(out)
     staged = [p for p in root.iterdir() if p.name.startswith(".step-0000002")]
@@ -170,9 +175,7 @@ def test_a_kill_while_the_final_model_is_written_leaves_no_partial_final_folder(
     full = train_losses(tmp_path / "full")
     out = tmp_path / "killed"
     writes = model_file_writes_of_a_run(tmp_path / "full")
-    env = {**os.environ, faults.ENV: f"kill:write@{writes}", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = run_with_fault(f"kill:write@{writes}", [*RUN, "--out", str(out)])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "final").exists() and list(out.glob(".final.*.tmp"))  # only a hidden staging folder
     assert [p.name for p in training_state.list_checkpoints(out)][-1] == "step-0000003"
@@ -196,9 +199,7 @@ def test_sigkill_at_file_writes_all_through_a_run_always_resumes_to_the_same_los
     survived = 0
     for nth in range(1, writes + 1, int(os.environ.get("GPT2CHAT_KILL_STRIDE", "5"))):
         out = tmp_path / f"kill-{nth}"
-        env = {**os.environ, faults.ENV: f"kill:write@{nth}", "OMP_NUM_THREADS": "1"}
-        killed = subprocess.run([sys.executable, "-m", "gpt2chat", *run, "--out", str(out)], env=env,
-                                capture_output=True, text=True, timeout=300)
+        killed = run_with_fault(f"kill:write@{nth}", [*run, "--out", str(out)])
         assert killed.returncode == -signal.SIGKILL, (nth, killed.stderr[-2000:])
         again = [*run, "--out", str(out)] + (["--resume"] if training_state.list_checkpoints(out) else [])
         assert main(again) == 0, nth
@@ -218,9 +219,7 @@ def test_ctrl_c_inside_a_checkpoint_write_names_the_intact_checkpoint_and_a_resu
     assert main([*RUN, "--out", str(tmp_path / "full")]) == 0
     full = train_losses(tmp_path / "full")
     out = tmp_path / "interrupted"
-    env = {**os.environ, faults.ENV: "sigint:checkpoint@2", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = run_with_fault("sigint:checkpoint@2", [*RUN, "--out", str(out)])
     assert run.returncode == 130, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     step1 = training_state.checkpoints_root(out) / "step-0000001"
@@ -234,9 +233,7 @@ def test_ctrl_c_inside_a_checkpoint_write_names_the_intact_checkpoint_and_a_resu
 
 def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     out = tmp_path / "interrupted"
-    env = {**os.environ, faults.ENV: "sigint:checkpoint@1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "gpt2chat", *RUN, "--out", str(out)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = run_with_fault("sigint:checkpoint@1", [*RUN, "--out", str(out)])
     assert run.returncode == 130, run.stderr[-2000:]
     assert "step 1 of 3; no checkpoint was written before it" in run.stderr
     again = run.stderr.split("nothing to resume from; start again with: ", 1)[1].splitlines()[0]
