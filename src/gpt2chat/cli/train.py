@@ -80,7 +80,7 @@ def resume_command(argv: list[str]) -> str:
 def _interrupted(exc: KeyboardInterrupt, args: argparse.Namespace, pipeline: bool) -> int:
     """Ctrl-C: what is intact (the trainer's message) and the command that goes on from it."""
     print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
-    argv = getattr(args, "argv", sys.argv[1:])
+    argv = args.argv  # as typed (cli.main)
     if pipeline or getattr(exc, "checkpoint", None) is not None:
         print(f"continue with: {resume_command(argv)}", file=sys.stderr)
     else:
