@@ -275,3 +275,16 @@ def test_per_row_seeds_sample_each_rows_distribution_and_never_a_masked_token():
         counts[1, draw[1]] += 1
     assert counts[:, [3]].sum() == 0 and counts[0, 4] == 0 and counts[1, :2].sum() == 0
     assert torch.allclose(counts / 800, probs, atol=0.06)
+
+
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.5])  # nucleus inside 64 tokens, inside 1024, past 1024 (a sort)
+def test_top_p_candidates_grow_until_they_hold_the_nucleus_like_transformers(scale):
+    pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    logits = torch.randn(3, 5000) * scale
+    params = SamplingParams(top_p=0.9)
+    theirs = hf_scores(logits, torch.zeros(3, 1, dtype=torch.long), params)
+    ours = process_logits(logits, None, params)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = int(torch.isfinite(theirs).sum(-1).max())
+    assert kept <= 64 if scale == 8.0 else (64 < kept <= 1024 if scale == 3.0 else kept > 1024)
