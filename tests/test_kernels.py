@@ -218,6 +218,33 @@ def test_cpu_without_avx2_falls_back_once_and_every_op_runs(tmp_path):
     assert not cache.exists() or not list(cache.iterdir())  # nothing was built
 
 
+def test_ops_header_functions_are_exported_from_the_library(native):
+    """csrc/ops.h's five functions are global symbols of the built library with the declared signatures,
+    so another .cpp of the library (the fused decode step) links against them."""
+    import re
+    import shutil
+
+    from gpt2chat.kernels.build import CSRC, library_path
+
+    if not native:
+        pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
+    if shutil.which("nm") is None:
+        pytest.skip("no nm to list the library's symbols")
+    declared = re.findall(r"^at::Tensor (linear_\w+)\(", (CSRC / "ops.h").read_text(), flags=re.M)
+    assert declared == ["linear_f32", "linear_f16", "linear_i8", "linear_i8_q8", "linear_i4_q8"]
+    symbols = subprocess.run(["nm", "-DC", "--defined-only", str(library_path())], capture_output=True, text=True,
+                             check=True).stdout
+    exported = {line.split(" ", 2)[2] for line in symbols.splitlines() if " T gpt2chat_kernels::linear_" in line}
+    tensor, optional = "at::Tensor const&", "std::optional<at::Tensor> const&"
+    assert exported == {
+        f"gpt2chat_kernels::linear_f32({tensor}, {tensor}, {optional}, long)",
+        f"gpt2chat_kernels::linear_f16({tensor}, {tensor}, long, {optional}, long)",
+        f"gpt2chat_kernels::linear_i8({tensor}, {tensor}, {tensor}, {optional}, long)",
+        f"gpt2chat_kernels::linear_i8_q8({tensor}, {tensor}, {tensor}, {optional}, long)",
+        f"gpt2chat_kernels::linear_i4_q8({tensor}, {tensor}, {tensor}, long, {optional}, long)",
+    }
+
+
 # ---------------------------------------------------------------------------- int8 activations (q8 blocks)
 Q_FORMATS = ["i8_q8", "i4_q8"]
 

@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "ops.h"
 
 #include <type_traits>
 
@@ -300,6 +301,10 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, int64_t N,
   });
 }
 
+}  // namespace
+
+namespace gpt2chat_kernels {
+
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t small_m_max) {
   const char* op = "gpt2chat::linear_f32";
@@ -333,10 +338,10 @@ at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return linear_impl<I8>(x, weight, N, Scales{scale.data_ptr<float>(), groups}, bias, small_m_max, kSmallMaxCompact);
 }
 
-}  // namespace
+}  // namespace gpt2chat_kernels
 
 TORCH_LIBRARY_IMPL(gpt2chat, CPU, m) {
-  m.impl("linear_f32", &linear_f32);
-  m.impl("linear_f16", &linear_f16);
-  m.impl("linear_i8", &linear_i8);
+  m.impl("linear_f32", &gpt2chat_kernels::linear_f32);
+  m.impl("linear_f16", &gpt2chat_kernels::linear_f16);
+  m.impl("linear_i8", &gpt2chat_kernels::linear_i8);
 }

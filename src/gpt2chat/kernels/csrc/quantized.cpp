@@ -20,13 +20,13 @@
 // Past `small_m_max` input rows (prefill) the weights are widened by tiles to fp32 and multiplied by sgemm
 // with the dequantized activations (q * d): the same numbers up to fp32 rounding.
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstring>
 #include <vector>
 
 #include "common.h"
+#include "ops.h"
 
 namespace {
 
@@ -228,6 +228,10 @@ at::Tensor run(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& 
   });
 }
 
+}  // namespace
+
+namespace gpt2chat_kernels {
+
 at::Tensor linear_i8_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                         const std::optional<at::Tensor>& bias, int64_t small_m_max) {
   const char* op = "gpt2chat::linear_i8_q8";
@@ -258,9 +262,7 @@ at::Tensor linear_i8_q8(const at::Tensor& x, const at::Tensor& weight, const at:
     }
   };
   auto many = [&](const at::Tensor& xd, at::Tensor& y2d) {
-    static auto exact = c10::Dispatcher::singleton().findSchemaOrThrow("gpt2chat::linear_i8", "").typed<
-        at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t)>();
-    y2d.copy_(exact.call(xd, weight, scale, bias, 0));
+    y2d.copy_(linear_i8(xd, weight, scale, bias, 0));
   };
   return run(x, N, bias, small_m_max, few, many);
 }
@@ -295,9 +297,9 @@ at::Tensor linear_i4_q8(const at::Tensor& x, const at::Tensor& weight, const at:
   return run(x, N, bias, small_m_max, few, many);
 }
 
-}  // namespace
+}  // namespace gpt2chat_kernels
 
 TORCH_LIBRARY_IMPL(gpt2chat, CPU, m) {
-  m.impl("linear_i8_q8", &linear_i8_q8);
-  m.impl("linear_i4_q8", &linear_i4_q8);
+  m.impl("linear_i8_q8", &gpt2chat_kernels::linear_i8_q8);
+  m.impl("linear_i4_q8", &gpt2chat_kernels::linear_i4_q8);
 }
