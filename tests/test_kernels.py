@@ -16,7 +16,7 @@ from gpt2chat.kernels.build import unsupported_reason
 
 # (N, K): rows / columns that are not multiples of the 4-row block or the 8-wide vector, and 124M shapes
 SHAPES = [(1, 5), (3, 8), (37, 67), (131, 769), (768, 768), (2304, 768)]
-ROWS = [1, 3, 16, 64, 512]
+ROWS = [1, 2, 3, 5, 16, 33, 64, 65, 512]  # every tail of the register blocks (3 or 2 input rows a pass), both sides of 64
 FORMATS = ["f32", "f16", "i8"]
 # fp32 accumulation in any order: |error| <= K * 2^-24 * sum|x||w| in the worst case, ~sqrt(K) * 2^-24 typical
 TOLERANCE = 2e-5
