@@ -145,3 +145,30 @@ def test_loaded_weights_are_not_views_of_the_weights_file(tmp_path):
     for name, param in model.named_parameters():
         address = param.untyped_storage().data_ptr()
         assert not any(low <= address < high for low, high in spans), f"{name} is a view of {weights}"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_state_made_up_front_is_the_state_its_first_step_makes(fused):
+    from gpt2chat.train.trainer import allocate_state
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lazy = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, fused=fused or None, foreach=None if fused else True)
+    early = torch.optim.AdamW(copies, lr=0.1, weight_decay=0.1, fused=fused or None, foreach=None if fused else True)
+    allocate_state(early)
+    assert all(state for state in early.state.values())
+    for _ in range(2):
+        for p, q in zip(params, copies, strict=True):
+            p.grad = torch.full_like(p, 0.5)
+            q.grad = torch.full_like(q, 0.5)
+        lazy.step()
+        early.step()
+    a, b = lazy.state_dict()["state"], early.state_dict()["state"]
+    assert a.keys() == b.keys()
+    for index in a:
+        for key, value in a[index].items():
+            other = b[index][key]
+            assert (value.dtype, value.device, value.shape) == (other.dtype, other.device, other.shape), key
+            assert torch.equal(value, other), key
+    assert all(torch.equal(p, q) for p, q in zip(params, copies, strict=True))
