@@ -75,7 +75,7 @@ class StepClock:
 
 def train_trl(kind: str, model, folder: Path | str, tokenizer, examples: list, *, out: str, batch_size: int,
               grad_accum: int, steps: int, seq: int, device: torch.device | str, packed: bool = True,
-              gradient_checkpointing: bool = False) -> StepClock:
+              gradient_checkpointing: bool = False, max_grad_norm: float = 1.0) -> StepClock:
     """`steps` optimizer steps of TRL's SFTTrainer (`kind == "sft"`: our examples' ids and assistant masks)
     or DPOTrainer (otherwise: the rendered text of our preference examples, reference log-probs precomputed
     before training), lr 1e-5 constant, no saving, gradient checkpointing only if asked; bf16 on CUDA, fp32 on CPU
@@ -90,7 +90,7 @@ def train_trl(kind: str, model, folder: Path | str, tokenizer, examples: list, *
     common = dict(output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                   max_steps=steps, learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, report_to=[],
                   save_strategy="no", use_cpu=device.type == "cpu", bf16=device.type == "cuda",
-                  gradient_checkpointing=gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True, max_length=seq, seed=0)
+                  gradient_checkpointing=gradient_checkpointing, max_grad_norm=max_grad_norm, dataloader_num_workers=0, disable_tqdm=True, max_length=seq, seed=0)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
 

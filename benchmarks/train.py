@@ -17,6 +17,9 @@ and TRL 1.16 with its memory options: its fused, chunked LM head is always on in
 on a CPU it scores every position, on CUDA only the labelled ones), SFT with `packing=True` (best-fit
 decreasing into padding-free rows), DPO with `precompute_ref_log_probs=True` (its `padding_free` is
 disabled in 1.16: "temporarily unavailable after a refactor"). `--runners ...,trl` adds TRL SFT unpacked.
+Opt-in runners: `ours-sib` (the optimizer step inside the backward, `step_in_backward`: no clipping, so give
+`--max-grad-norm 0` for the others to compare like with like) and `ours-old` (`ours` of the checkout
+`--old-tree`, e.g. `git worktree add /tmp/old COMMIT`, interleaved with today's: a speed A/B in one run).
 
 - SFT: trained (non-pad) tokens / s, assistant-only loss from the same masks; ours packs into `--seq` rows.
 - DPO: pairs / s, reference log-probs precomputed before training in both (not timed).
@@ -49,7 +52,8 @@ from benchmarks.timing import round_robin
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNERS = {"sft": ("ours", "ours-unchunked", "trl-packed"), "dpo": ("ours", "ours-unchunked", "trl")}
-ALL_RUNNERS = {"sft": (*RUNNERS["sft"], "trl"), "dpo": RUNNERS["dpo"]}
+EXTRA = ("ours-sib", "ours-old")       # opt-in runners: step_in_backward; `ours` of another tree (--old-tree)
+ALL_RUNNERS = {"sft": (*RUNNERS["sft"], "trl", *EXTRA), "dpo": (*RUNNERS["dpo"], *EXTRA)}
 
 
 def shared_specs(shared: Path) -> dict[str, list[str]] | None:
@@ -85,7 +89,7 @@ def unchunked_head(model, batch, autocast, loss):
     return -logps.sum() if loss is chunked_nll_sum else logps
 
 
-def run_ours(kind: str, ckpt: str, specs: list[str], args, chunked: bool = True) -> dict:
+def run_ours(kind: str, ckpt: str, specs: list[str], args, chunked: bool = True, step_in_backward: bool = False) -> dict:
     import torch
 
     from gpt2chat.checkpoint import load_model
@@ -108,7 +112,9 @@ def run_ours(kind: str, ckpt: str, specs: list[str], args, chunked: bool = True)
     examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1), args.seq)
     cfg = TrainConfig(objective="sft" if kind == "sft" else "dpo", data=["bench"], out=tempfile.mkdtemp(),
                       lr=1e-5, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
-                      max_length=args.seq, pack=True, schedule="constant", progress=False, save_every=0).validate()
+                      max_length=args.seq, pack=True, schedule="constant", progress=False, save_every=0,
+                      max_grad_norm=0.0 if step_in_backward else args.max_grad_norm,
+                      step_in_backward=step_in_backward).validate()
     plan = BatchPlan(examples, "sft" if kind == "sft" else "preference", batch_size=cfg.batch_size,
                      grad_accum=cfg.grad_accum, world_size=1, seed=0, max_length=args.seq,
                      pad_id=tokenizer.pad_token_id, pack=True)
@@ -145,7 +151,7 @@ def run_trl(kind: str, ckpt: str, specs: list[str], args, packed: bool = False) 
     start_memory(torch.device(args.device))
     clock = train_trl(kind, model, ckpt, tokenizer, examples, out=tempfile.mkdtemp(), batch_size=args.batch_size,
                       grad_accum=args.grad_accum, steps=args.steps, seq=args.seq, device=args.device, packed=packed,
-                      gradient_checkpointing=args.checkpointing)
+                      gradient_checkpointing=args.checkpointing, max_grad_norm=args.max_grad_norm)
     return rates(kind, clock.seconds[1:], clock.tokens[1:], args)
 
 
@@ -190,7 +196,8 @@ def child(args) -> int:
     torch.manual_seed(0)
     specs = json.loads(args.specs)
     if args.who.startswith("ours"):
-        result = run_ours(args.kind, args.ckpt, specs[args.kind], args, chunked=args.who == "ours")
+        result = run_ours(args.kind, args.ckpt, specs[args.kind], args, chunked=args.who != "ours-unchunked",
+                          step_in_backward=args.who == "ours-sib")
     else:
         result = run_trl(args.kind, args.ckpt, specs[args.kind], args, packed=args.who == "trl-packed")
     result.update(peak_memory(torch.device(args.device)))
@@ -201,11 +208,18 @@ def child(args) -> int:
 # ---------------------------------------------------------------------- driver
 def run_child(who: str, kind: str, ckpt: Path, specs: dict, args, batch_size: int, steps: int, env: dict) -> dict:
     """One measurement in its own process (its peak RSS is its own)."""
+    tree = REPO
     command = [sys.executable, "-m", "benchmarks.train", "--child", "--who", who, "--kind", kind, "--ckpt", str(ckpt),
                "--specs", json.dumps(specs), "--steps", str(steps), "--batch-size", str(batch_size),
                "--grad-accum", str(args.grad_accum), "--threads", str(args.threads), "--seq", str(args.seq),
-               "--device", args.device] + (["--checkpointing"] if args.checkpointing else [])
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, cwd=REPO)
+               "--device", args.device]
+    if who == "ours-old":            # `ours` of the other tree, with the flags every version of this script knows
+        tree = Path(args.old_tree).resolve()
+        command[command.index("--who") + 1] = "ours"
+        env = {**env, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{tree}"}
+    else:
+        command += (["--checkpointing"] if args.checkpointing else []) + ["--max-grad-norm", str(args.max_grad_norm)]
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, cwd=tree)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
         print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
@@ -245,6 +259,10 @@ def main() -> int:
     parser.add_argument("--budget-batches", default="1,2")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing on both sides (its own rows: never compare with a run without)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping on both sides (0: none, as "
+                        "runner ours-sib, the optimizer step in the backward, always runs)")
+    parser.add_argument("--old-tree", default=None, help="runner ours-old: `ours` from this checkout (a `git worktree` "
+                        "of an older commit), interleaved with today's, for speed A/Bs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--who", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)

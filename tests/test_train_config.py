@@ -33,7 +33,7 @@ def test_unknown_key_in_a_stage_table(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("beta", 0.0), ("beta", -1.0), ("lr", 0.0), ("lr", -1e-4),
                                         ("batch_size", 0), ("grad_accum", 0), ("max_length", 0),
-                                        ("warmup_ratio", 1.5), ("max_grad_norm", 0.0)])
+                                        ("warmup_ratio", 1.5), ("max_grad_norm", -1.0)])
 def test_impossible_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         build_config("dpo", {"data": ["x:y"]}, {key: value})

@@ -280,7 +280,9 @@ def _load_hf_state(
             raise CheckpointError(f"{source}: tensor {name!r} has {bad} NaN / inf values of {tensor.numel()}; "
                                   "the weights are damaged (or the training diverged before this save)")
         tensor = tensor.t() if transpose else tensor
-        loaded[name] = tensor.to(dtype).contiguous()
+        # a copy always: safetensors' tensors are views of one file mapping, and one view kept as a parameter
+        # keeps the whole file's pages resident beside the transposed copies (+320 MiB RSS for GPT-2 124M)
+        loaded[name] = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     loaded["lm_head.weight"] = loaded["transformer.wte.weight"]
     model.load_state_dict(loaded, strict=True, assign=True)
     model.tie_weights()

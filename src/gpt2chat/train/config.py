@@ -91,7 +91,10 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
-    max_grad_norm: float | None = option(1.0, "gradient clipping norm")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (0: no clipping)")
+    step_in_backward: bool = option(False, "update each parameter and free its gradient as soon as the backward "
+                                    "has it: one gradient copy of the weights less memory, the same numbers; "
+                                    "needs --max-grad-norm 0, --grad-accum 1 and one process")
     dropout: float | None = option(None, "dropout while training (default: the checkpoint's for SFT, 0 for "
                                    "DPO / ORPO, like TRL)")
     seed: int = option(0, "random seed")
@@ -124,7 +127,7 @@ class TrainConfig:
     # keys that do not change what is trained: a resumed run may change them
     NON_TRAINING_KEYS = (
         "out", "eval_every", "eval_batches", "save_every", "keep_last", "resume",
-        "progress", "stop_after_steps", "device", "compile", "share_prompt", "strict",
+        "progress", "stop_after_steps", "device", "compile", "share_prompt", "strict", "step_in_backward",
     )
 
     def validate(self) -> TrainConfig:
@@ -148,8 +151,15 @@ class TrainConfig:
             _bad("adam_beta1/adam_beta2", (self.adam_beta1, self.adam_beta2), "in [0, 1)")
         if self.adam_eps <= 0:
             _bad("adam_eps", self.adam_eps, "> 0")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            _bad("max_grad_norm", self.max_grad_norm, "> 0 (or leave it out for no clipping)")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            _bad("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)")
+        if self.step_in_backward and self.max_grad_norm:
+            raise ConfigError(f"step_in_backward cannot clip gradients (max_grad_norm = {self.max_grad_norm}): each "
+                              "parameter is updated before the others' gradients exist; set max_grad_norm = 0")
+        if self.step_in_backward and self.grad_accum > 1:
+            raise ConfigError(f"step_in_backward cannot accumulate gradients (grad_accum = {self.grad_accum}): each "
+                              "parameter is updated at the end of its own backward; set grad_accum = 1 (a larger "
+                              "batch_size gives the same step)")
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:
             _bad("prompt_truncation", self.prompt_truncation, f"one of {', '.join(PROMPT_TRUNCATIONS)}")
         if self.schedule not in SCHEDULES:

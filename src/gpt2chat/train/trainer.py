@@ -10,6 +10,9 @@ at the start of every step, so a resumed run repeats the uninterrupted one step 
 
 The loop knows objectives only through `Objective.micro_loss` and models only as `nn.Module`s; building
 models, data and files is the job of `recipes.py`.
+
+Why ~420 lines (over ~400): the step's order (losses, backward, norm, update, checkpoint, resume) is one piece
+of logic; what stands alone lives beside it (`training_state`, `step_in_backward`, `distributed`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gpt2chat.train.batching import BatchPlan
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.metrics_log import MetricsLog, plot_losses
 from gpt2chat.train.objectives import Objective
+from gpt2chat.train.step_in_backward import StepInBackward
 
 
 class TrainingDivergedError(Gpt2ChatError):
@@ -76,6 +80,22 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     else:
         kwargs["foreach"] = True
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def allocate_state(optimizer: torch.optim.AdamW) -> None:
+    """AdamW's state (zero moments, step 0) made now, as its first `step()` would make it, instead of inside that
+    step: allocated before any activation, the 2 x weights of moments sit below the step's transient memory,
+    and the first backward's freed activations stay free for the next forward (the process's peak RSS)."""
+    for group in optimizer.param_groups:
+        on_device = group["fused"] or group["capturable"]
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state:
+                continue
+            dtype = torch.float32 if group["fused"] or torch.get_default_dtype() != torch.float64 else torch.float64
+            state["step"] = torch.zeros((), dtype=dtype, device=param.device if on_device else "cpu")
+            for key in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())):
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def _step_if(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -136,12 +156,16 @@ class Trainer:
                 f"not enough training data for one optimizer step: {len(train_plan.rows_for_epoch(0))} rows, "
                 f"a step needs batch_size x grad_accum x processes = {train_plan.rows_per_step}"
             )
+        if cfg.step_in_backward and dist.mode != "none":
+            raise Gpt2ChatError(f"step_in_backward needs one process ({dist.mode.upper()} reduces the gradients "
+                                "across processes before any update); leave it off under torchrun")
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.last_checkpoint: Path | None = None
         self._progress = None  # the tqdm bar while fit() runs: lines printed meanwhile go above it
         self._skeleton: torch.nn.Module | None = None    # FSDP: the model's structure, to rebuild it for saving
+        self._backward_step: StepInBackward | None = None   # cfg.step_in_backward, while fit() runs
 
     # ------------------------------------------------------------------ state
     def _state(self, step: int) -> dict[str, Any]:
@@ -196,6 +220,8 @@ class Trainer:
         self._skeleton = dist_utils.meta_copy(self.raw_model) if self.dist.mode == "fsdp" else None
         self.model = dist_utils.wrap(self.raw_model, self.dist, self.device)
         optimizer = build_optimizer(self.model, cfg, self.device)
+        allocate_state(optimizer)
+        self._backward_step = StepInBackward(optimizer) if cfg.step_in_backward else None
         start_step = 0
         if resume_from is not None:
             start_step = self._restore(resume_from, optimizer)
@@ -243,6 +269,8 @@ class Trainer:
                 f"{training_state.intact_checkpoint(found)}", found[-1] if found else None) from None
         finally:
             self._progress = None
+            if self._backward_step is not None:
+                self._backward_step.close()
             if progress is not None:
                 progress.close()
         final_dir = None
@@ -282,6 +310,8 @@ class Trainer:
             last = index == len(micro_batches) - 1
             with dist_utils.no_sync(self.model, skip=not last):
                 loss, metrics = self.objective.micro_loss(self.model, batch.to(self.device), totals)
+                if self._backward_step is not None:         # one micro-batch, one process (config, __init__)
+                    self._backward_step.arm(torch.isfinite(loss.detach()))
                 (loss * scale).backward()
             loss_sum += loss.detach().float()
             for key, value in metrics.items():
@@ -292,13 +322,15 @@ class Trainer:
         # model's norm, a DTensor).
         reduced = dist_utils.all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in keys)]).double(),
                                             self.dist)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        finite = torch.isfinite(reduced[0]) & torch.isfinite(grad_norm)
-        _step_if(optimizer, finite)
-        optimizer.zero_grad(set_to_none=True)
+        if self._backward_step is not None:                 # the backward already stepped and freed the grads
+            grad_norm = self._backward_step.disarm()
+        else:
+            max_norm = cfg.max_grad_norm or float("inf")    # None / 0: no clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            _step_if(optimizer, torch.isfinite(reduced[0]) & torch.isfinite(grad_norm))
+            optimizer.zero_grad(set_to_none=True)
         # The step's one host sync: it waits for the whole step, so the timing below covers it.
         step_loss, *metric_values, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced)]).tolist()
         if not math.isfinite(step_loss):
