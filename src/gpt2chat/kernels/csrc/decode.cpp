@@ -33,39 +33,7 @@
 #include <vector>
 
 #include "common.h"
-#if __has_include("ops.h")
 #include "ops.h"
-#else  // until the kernels' header lands: the same functions through the dispatcher (temporary)
-#include <ATen/core/dispatch/Dispatcher.h>
-namespace gpt2chat_kernels {
-using Opt = std::optional<at::Tensor>;
-using T = at::Tensor;
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-inline T linear_f32(const T& x, const T& w, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const Opt&, int64_t)>("gpt2chat::linear_f32");
-  return h.call(x, w, b, s);
-}
-inline T linear_f16(const T& x, const T& w, int64_t n, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, int64_t, const Opt&, int64_t)>("gpt2chat::linear_f16");
-  return h.call(x, w, n, b, s);
-}
-inline T linear_i8(const T& x, const T& w, const T& sc, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const T&, const Opt&, int64_t)>("gpt2chat::linear_i8");
-  return h.call(x, w, sc, b, s);
-}
-inline T linear_i8_q8(const T& x, const T& w, const T& sc, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const T&, const Opt&, int64_t)>("gpt2chat::linear_i8_q8");
-  return h.call(x, w, sc, b, s);
-}
-inline T linear_i4_q8(const T& x, const T& w, const T& sc, int64_t n, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const T&, int64_t, const Opt&, int64_t)>("gpt2chat::linear_i4_q8");
-  return h.call(x, w, sc, n, b, s);
-}
-}  // namespace gpt2chat_kernels
-#endif
 
 namespace {
 
