@@ -347,12 +347,12 @@ def test_bad_arguments_get_a_clear_error():
     model = convert_for_inference(_base("tiny"))
     weights = fused_decode.decode_weights(model)
     cache = _random_cache(model.config, 2, 32, seed=1)
-    emb = torch.zeros(1, 1, model.config.n_embd)
 
     def call(**change):
-        args = dict(embedded=emb, wpe=weights.wpe, positions=torch.tensor([[3]]), rows=None, first_row=0,
-                    keys=cache.k, values=cache.v, weights=weights.tensors, formats=weights.formats,
-                    n_head=weights.n_head, inner=weights.inner, eps=weights.eps)  # fmt: skip
+        args = dict(ids=torch.tensor([[7]]), wte=weights.wte, wte_format=weights.wte_format, vocab=weights.vocab,
+                    wpe=weights.wpe, positions=torch.tensor([[3]]), rows=None, first_row=0, keys=cache.k,
+                    values=cache.v, weights=weights.tensors, formats=weights.formats, n_head=weights.n_head,
+                    inner=weights.inner, eps=weights.eps)  # fmt: skip
         args.update(change)
         return torch.ops.gpt2chat.decode_step(**args)
 
@@ -360,8 +360,11 @@ def test_bad_arguments_get_a_clear_error():
         call(positions=torch.tensor([[32]]))
     with pytest.raises(RuntimeError, match="cache row 2 of batch row 0 is outside the cache's 2 rows"):
         call(first_row=2)
+    with pytest.raises(RuntimeError, match=r"token id 1000 of row 0 is outside the vocabulary \(1000\)"):
+        call(ids=torch.tensor([[1000]]))
     with pytest.raises(RuntimeError, match="expected 34 weight tensors"):
         call(weights=weights.tensors[:-1])
     with pytest.raises(RuntimeError, match="unknown weight format 9"):
         call(formats=[9] * len(weights.formats))
-    assert call().shape == emb.shape
+    assert torch.equal(cache.k[0], _random_cache(model.config, 2, 32, seed=1).k[0])  # no failed call wrote
+    assert call().shape == (1, 1, model.config.n_embd)

@@ -3,7 +3,7 @@
 A decode step of the engine (`AttentionPlan.for_cache(..., length=1)`: B rows, each adding ONE token to its
 own KV-cache row at its own length) runs, on the module path, ~40 small torch ops and ~12 module calls per
 layer around the four projections. `gpt2chat::decode_step` (kernels/csrc/decode.cpp) runs the embedding
-add, every block (LayerNorms, the projections through the same kernels the modules call, the KV write, the
+(the token's row read from wte or the tied compact head, plus wpe), every block (LayerNorms, the projections through the same kernels the modules call, the KV write, the
 attention of the one query per row and head, GELU, the residuals) and ln_f in one call; `GPT.hidden_states`
 asks `hidden_states` here first and takes the module path, unchanged, whenever it returns None:
 
@@ -50,6 +50,9 @@ _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # what model.MLP.ac
 class DecodeWeights:
     """The arguments of `gpt2chat::decode_step` that depend on the model alone, in its order."""
 
+    wte: list[torch.Tensor]  # the token embedding's own tensors ([weight], or the tied head's [weight, scale])
+    wte_format: int
+    vocab: int
     wpe: torch.Tensor
     tensors: list[torch.Tensor]  # per layer: ln_1 w, b; (weight, scale, bias) of c_attn, attn.c_proj; ln_2 w, b;
     # (weight, scale, bias) of c_fc, mlp.c_proj; then ln_f w, b. An absent scale / bias is an empty tensor.
@@ -118,12 +121,10 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, plan: AttentionPlan
     cache = slots.cache
     if cache.k[0].dtype != torch.float32 or cache.k[0].device.type != "cpu":
         return None
-    embedded = model.transformer.wte(input_ids)
-    if embedded.dtype != torch.float32:
-        return None
     return torch.ops.gpt2chat.decode_step(
-        embedded.contiguous(), weights.wpe, plan.position_ids, slots.rows, slots.first_row, cache.k, cache.v,
-        weights.tensors, weights.formats, weights.n_head, weights.inner, weights.eps,
+        input_ids, weights.wte, weights.wte_format, weights.vocab, weights.wpe, plan.position_ids, slots.rows,
+        slots.first_row, cache.k, cache.v, weights.tensors, weights.formats, weights.n_head, weights.inner,
+        weights.eps,
     )  # fmt: skip
 
 
@@ -139,7 +140,7 @@ class _Unsupported(Exception):
 def _gather(model: nn.Module) -> DecodeWeights:
     from gpt2chat import kernels
     from gpt2chat.model import MLP, Attention, Block
-    from gpt2chat.quantize import Fp16Linear, InferenceLinear, Int4Linear, Int8Linear
+    from gpt2chat.quantize import Fp16Linear, InferenceLinear, Int4Linear, Int8Linear, TiedEmbedding
 
     config = getattr(model, "config", None)
     tr = getattr(model, "transformer", None)
@@ -152,8 +153,6 @@ def _gather(model: nn.Module) -> DecodeWeights:
     if kernels.load() != "native":
         raise _Unsupported("the native CPU kernels are not loaded")
     for name, module in tr.named_modules():
-        if name.startswith("wte"):
-            continue  # called as a module on the fused path too
         if module._forward_hooks or module._forward_pre_hooks:
             raise _Unsupported(f"transformer.{name} has forward hooks, which the native step would not call")
 
@@ -181,6 +180,16 @@ def _gather(model: nn.Module) -> DecodeWeights:
             raise _Unsupported(f"{where} normalises {tuple(module.normalized_shape)} with eps {module.eps}")
         return [module.weight, module.bias]
 
+    wte = tr.wte
+    if type(wte) is nn.Embedding and wte.weight.dtype == torch.float32:
+        wte_format, wte_tensors = F32, [wte.weight]
+    elif type(wte) is TiedEmbedding and type(wte.head) in (Fp16Linear, Int8Linear, Int4Linear):
+        wte_format, parts = projection(wte.head, "the tied lm_head")
+        wte_tensors = parts[:1] if wte_format == F16 else parts[:2]
+    else:
+        raise _Unsupported(f"transformer.wte is a {type(wte).__name__}, not an fp32 nn.Embedding or a TiedEmbedding")
+    if wte.num_embeddings < config.vocab_size:
+        raise _Unsupported(f"transformer.wte has {wte.num_embeddings} rows for a vocabulary of {config.vocab_size}")
     ln_eps = tr.ln_f.eps if isinstance(tr.ln_f, nn.LayerNorm) else None
     tensors: list[torch.Tensor] = []
     formats: list[int] = []
@@ -207,5 +216,5 @@ def _gather(model: nn.Module) -> DecodeWeights:
         raise _Unsupported("transformer.wpe is not a float32 nn.Embedding")
     if any(t.device.type != "cpu" for t in (wpe, *tensors)):
         raise _Unsupported("the model is not on the CPU")
-    return DecodeWeights(wpe, tensors, formats, config.n_head, config.inner_dim, float(ln_eps), tuple(int8),
+    return DecodeWeights(wte_tensors, wte_format, config.vocab_size, wpe, tensors, formats, config.n_head, config.inner_dim, float(ln_eps), tuple(int8),
                          tuple(m.exact_activations for m in int8))  # fmt: skip

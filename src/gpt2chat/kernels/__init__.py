@@ -88,11 +88,13 @@ for _name, _schema in _SCHEMAS.items():
 # The GPT-2 decode step as one call (csrc/decode.cpp; gpt2chat/fused_decode.py builds its arguments and takes
 # it only where the native kernels are loaded: it has no portable kernel, the module path is the fallback).
 _LIB.define(
-    "decode_step(Tensor embedded, Tensor wpe, Tensor positions, Tensor? rows, int first_row, Tensor(a!)[] keys, "
-    "Tensor(b!)[] values, Tensor[] weights, int[] formats, int n_head, int inner, float eps) -> Tensor"
+    "decode_step(Tensor ids, Tensor[] wte, int wte_format, int vocab, Tensor wpe, Tensor positions, Tensor? rows, "
+    "int first_row, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor[] weights, int[] formats, int n_head, int inner, "
+    "float eps) -> Tensor"
 )
 torch.library.register_fake(
-    "gpt2chat::decode_step", lambda embedded, *args: embedded.new_empty(embedded.shape), lib=_LIB
+    "gpt2chat::decode_step", lambda ids, wte, wte_format, vocab, wpe, *args: wpe.new_empty((ids.numel(), 1, wpe.shape[1])),
+    lib=_LIB,
 )
 
 _lock = threading.Lock()

@@ -8,12 +8,14 @@
 // and ln_f at the end. The four projections call the same at::Tensor-level kernels the `gpt2chat::linear_*`
 // ops run (ops.h), so each weight format gives exactly the numbers of the module path's projection; what
 // this file adds is everything between them, without a torch op, a Python frame or a module call:
+//  - the embedding: the token's row read from wte in its format (fp32, or the tied head's fp16 / int8 / int4
+//    packed rows, widened as packing.py's gather functions do) plus wpe's row;
 //  - LayerNorm: two passes over the row in fp32 (mean, then the variance of the deviations);
 //  - GELU (tanh form): x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), the same function as
 //    0.5 x (1 + tanh(u)), with a vectorised exp (degree-7 polynomial after range reduction, ~1 ulp);
 //  - attention: one query per (row, head) over that row's cached keys, threaded over rows x heads: AVX2
 //    dot products over head_dim, a max-subtracted softmax, the weighted sum of the values.
-// Layout of the arguments (fused_decode.py writes them):
+// Layout of the arguments (fused_decode.py writes them): wte is [weight] (fp32 / fp16) or [weight, scale];
 //  weights: kPerLayer tensors per layer (below), then ln_f's weight and bias; a projection's absent scale or
 //  bias is an empty tensor. formats: 4 per layer (c_attn, attn.c_proj, c_fc, mlp.c_proj), the Format codes.
 //  keys / values: the KVCache's [rows, heads, max_len, head_dim] fp32 tensors, one per layer.
@@ -31,39 +33,7 @@
 #include <vector>
 
 #include "common.h"
-#if __has_include("ops.h")
 #include "ops.h"
-#else  // until the kernels' header lands: the same functions through the dispatcher (temporary)
-#include <ATen/core/dispatch/Dispatcher.h>
-namespace gpt2chat_kernels {
-using Opt = std::optional<at::Tensor>;
-using T = at::Tensor;
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-inline T linear_f32(const T& x, const T& w, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const Opt&, int64_t)>("gpt2chat::linear_f32");
-  return h.call(x, w, b, s);
-}
-inline T linear_f16(const T& x, const T& w, int64_t n, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, int64_t, const Opt&, int64_t)>("gpt2chat::linear_f16");
-  return h.call(x, w, n, b, s);
-}
-inline T linear_i8(const T& x, const T& w, const T& sc, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const T&, const Opt&, int64_t)>("gpt2chat::linear_i8");
-  return h.call(x, w, sc, b, s);
-}
-inline T linear_i8_q8(const T& x, const T& w, const T& sc, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const T&, const Opt&, int64_t)>("gpt2chat::linear_i8_q8");
-  return h.call(x, w, sc, b, s);
-}
-inline T linear_i4_q8(const T& x, const T& w, const T& sc, int64_t n, const Opt& b, int64_t s) {
-  static auto h = op_handle<T(const T&, const T&, const T&, int64_t, const Opt&, int64_t)>("gpt2chat::linear_i4_q8");
-  return h.call(x, w, sc, n, b, s);
-}
-}  // namespace gpt2chat_kernels
-#endif
 
 namespace {
 
@@ -187,7 +157,9 @@ void attend(const float* qkv, int64_t B, int64_t H, int64_t D, const int64_t* ca
   const int64_t C = H * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t longest = *std::max_element(positions, positions + B) + 1;
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+  // threads only where the work pays for the fork / join (a short cache at one row stays on one thread)
+  const int64_t grain = std::max<int64_t>(1, gpt2chat_kernels::kThreadWork / std::max<int64_t>(1, 2 * longest * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(longest);
     std::vector<float> acc(D);
     for (int64_t task = t0; task < t1; ++task) {
@@ -232,6 +204,69 @@ void attend(const float* qkv, int64_t B, int64_t H, int64_t D, const int64_t* ca
   });
 }
 
+// x[b] = wte[ids[b]] + wpe[positions[b]]: the token's row read from the (tied) embedding in its own format,
+// widened exactly as gpt2chat.kernels.packing's gather functions widen it (the module path's lookup).
+void embed(const int64_t* ids, const int64_t* positions, int64_t B, int64_t C, int64_t format, at::TensorList wte,
+           const float* wpe, float* x) {
+  const int64_t chunks = (C + 7) / 8, groups = (C + 31) / 32;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = ids[b];
+    float* dst = x + b * C;
+    if (format == kF32) {
+      std::copy_n(wte[0].data_ptr<float>() + n * C, C, dst);
+    } else if (format == kF16 || format == kI8 || format == kI8Q8) {
+      // packed 4x8: column c of row n at ((n / 4) * chunks + c / 8) * 32 + (n % 4) * 8 + c % 8
+      const int64_t base = (n / 4) * chunks * 32 + (n % 4) * 8;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t at = base + (c / 8) * 32 + c % 8;
+        dst[c] = format == kF16 ? _cvtsh_ss(static_cast<uint16_t>(wte[0].data_ptr<int16_t>()[at]))
+                                : static_cast<float>(wte[0].data_ptr<int8_t>()[at]) *
+                                      wte[1].data_ptr<float>()[n * groups + c / 32];
+      }
+    } else {  // int4: byte h*32 + r*8 + c of group g of block n / 4 holds columns 16h + c (low), 16h + 8 + c
+      const uint8_t* lines = wte[0].data_ptr<uint8_t>() + (n / 4) * groups * 64 + (n % 4) * 8;
+      const uint16_t* scales = reinterpret_cast<const uint16_t*>(wte[1].data_ptr<int16_t>()) + (n / 4) * groups * 4;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t g = c / 32, within = c % 32, h = within / 16, nibble = (within % 16) / 8;
+        const uint8_t byte = lines[g * 64 + h * 32 + within % 8];
+        const int q = nibble ? byte >> 4 : byte & 0x0F;
+        dst[c] = static_cast<float>(q - 8) * _cvtsh_ss(scales[g * 4 + n % 4]);
+      }
+    }
+    const float* row = wpe + positions[b] * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] += row[c];
+  }
+}
+
+// The embedding's tensors as decode_step takes them: [weight] for fp32 / fp16, [weight, scale] for int8 /
+// int4 (the tied head's packed tensors); returns its row count.
+int64_t check_embedding(int64_t format, at::TensorList wte, int64_t C) {
+  const char* op = "gpt2chat::decode_step";
+  TORCH_CHECK(format >= kF32 && format <= kI4Q8, op, ": unknown embedding format ", format);
+  const bool scaled = format == kI8 || format == kI8Q8 || format == kI4Q8;
+  TORCH_CHECK(static_cast<int64_t>(wte.size()) == (scaled ? 2 : 1), op, ": the embedding of format ", format,
+              " takes ", scaled ? 2 : 1, " tensors, got ", wte.size());
+  for (const at::Tensor& t : wte) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), op, ": embedding tensors must be contiguous CPU tensors");
+  const at::Tensor& w = wte[0];
+  const int64_t chunks = (C + 7) / 8, groups = (C + 31) / 32;
+  if (format == kF32) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(1) == C, op, ": fp32 embedding must be [V, ", C, "]");
+    return w.size(0);
+  }
+  if (format == kF16 || format == kI8 || format == kI8Q8) {
+    TORCH_CHECK(w.scalar_type() == (format == kF16 ? at::kShort : at::kChar) && w.dim() == 4 && w.size(1) == chunks,
+                op, ": packed embedding must be [ceil(V/4), ", chunks, ", 4, 8], got ", w.sizes());
+    if (format == kF16) return w.size(0) * 4;
+    TORCH_CHECK(wte[1].scalar_type() == at::kFloat && wte[1].dim() == 2 && wte[1].size(1) == groups, op,
+                ": int8 embedding scales must be float32 [V, ", groups, "]");
+    return std::min(w.size(0) * 4, wte[1].size(0));
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(1) == groups && w.size(2) == 64 &&
+                  wte[1].scalar_type() == at::kShort && wte[1].dim() == 3 && wte[1].size(0) == w.size(0),
+              op, ": int4 embedding must be uint8 [ceil(V/4), ", groups, ", 64] with int16 scales");
+  return w.size(0) * 4;
+}
+
 void add_into(float* x, const float* a, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i)));
@@ -244,12 +279,13 @@ void check_f32(const at::Tensor& t, int64_t numel, const char* what) {
               " elements, got ", t.scalar_type(), " ", t.sizes());
 }
 
-at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& wpe, const at::Tensor& positions,
+at::Tensor decode_step(const at::Tensor& ids, at::TensorList wte, int64_t wte_format, int64_t vocab,
+                       const at::Tensor& wpe, const at::Tensor& positions,
                        const std::optional<at::Tensor>& rows, int64_t first_row, at::TensorList keys,
                        at::TensorList values, at::TensorList weights, at::IntArrayRef formats, int64_t n_head,
                        int64_t inner, double eps) {
   const char* op = "gpt2chat::decode_step";
-  const int64_t C = embedded.size(-1), B = embedded.numel() / std::max<int64_t>(1, C);
+  const int64_t C = wpe.size(-1), B = ids.numel();
   const int64_t layers = static_cast<int64_t>(keys.size());
   TORCH_CHECK(n_head > 0 && C % n_head == 0, op, ": ", C, " features do not split into ", n_head, " heads");
   const int64_t D = C / n_head;
@@ -260,9 +296,17 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& wpe, const 
   TORCH_CHECK(static_cast<int64_t>(formats.size()) == layers * kFormatsPerLayer, op, ": expected ",
               layers * kFormatsPerLayer, " formats, got ", formats.size());
   TORCH_CHECK(B > 0, op, ": no rows");
-  check_f32(embedded, B * C, "embedded");
-  TORCH_CHECK(wpe.scalar_type() == at::kFloat && wpe.dim() == 2 && wpe.size(1) == C && wpe.is_contiguous(), op,
-              ": wpe must be a contiguous float32 [positions, ", C, "] matrix");
+  TORCH_CHECK(wpe.scalar_type() == at::kFloat && wpe.dim() == 2 && wpe.is_contiguous() && wpe.device().is_cpu(), op,
+              ": wpe must be a contiguous float32 [positions, features] CPU matrix");
+  const int64_t rows_in_wte = check_embedding(wte_format, wte, C);
+  TORCH_CHECK(vocab > 0 && vocab <= rows_in_wte, op, ": vocab ", vocab, " but the embedding holds ", rows_in_wte,
+              " rows");
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, op, ": token ids must be int64 on the CPU");
+  const at::Tensor tokens = ids.reshape({-1}).contiguous();
+  const int64_t* token = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(token[b] >= 0 && token[b] < vocab, op, ": token id ", token[b], " of row ", b,
+                " is outside the vocabulary (", vocab, ")");
   const at::Tensor pos = positions.reshape({-1}).to(at::kLong).contiguous();
   TORCH_CHECK(pos.numel() == B, op, ": ", B, " rows but ", pos.numel(), " positions");
   std::vector<int64_t> cache_rows(B);
@@ -290,13 +334,10 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& wpe, const 
     check_f32(values[l], cache_batch * n_head * max_len * D, "every cache value tensor");
   }
 
-  const at::TensorOptions options = embedded.options();
+  const at::TensorOptions options = wpe.options();
   at::Tensor x = at::empty({B, C}, options), h = at::empty({B, C}, options), y = at::empty({B, C}, options);
   float* xp = x.data_ptr<float>();
-  const float* ep = embedded.data_ptr<float>();
-  const float* wp = wpe.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < C; ++c) xp[b * C + c] = ep[b * C + c] + wp[p[b] * C + c];
+  embed(token, p, B, C, wte_format, wte, wpe.data_ptr<float>(), xp);
 
   const float epsf = static_cast<float>(eps);
   for (int64_t l = 0; l < layers; ++l) {
@@ -329,7 +370,7 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& wpe, const 
   check_f32(lnf_w, C, "ln_f.weight");
   check_f32(lnf_b, C, "ln_f.bias");
   layer_norm(xp, B, C, lnf_w.data_ptr<float>(), lnf_b.data_ptr<float>(), epsf, h.data_ptr<float>());
-  return h.view(embedded.sizes());
+  return h.view({B, 1, C});
 }
 
 }  // namespace
