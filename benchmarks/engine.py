@@ -8,13 +8,17 @@ gap between two tokens of one stream: how long a prefill stalled the running str
 whose history is resent every turn, 1 token asked per turn (time to first token per turn), with the prompt
 cache on and off, interleaved; (4) `--only step`: where one decode step of 1 and of `--streams` rows goes
 (the scheduler's whole step, the runner's decode, the model's forward split into blocks and LM head, the
-draw; medians of 30) and torch.profiler's busiest ops over 10 steps; (5) `--only served1`: one stream as the
+draw; medians of 30) and torch.profiler's busiest ops over 10 steps; (6) `--only draw`: `sample_next`
+alone on random logits of the vocabulary's width, 1 and `--streams` rows, greedy / temperature / top-k /
+top-p / both, seeded and not, and with `--baseline-sampling FILE` (another version's sampling.py, e.g.
+`git show main:src/gpt2chat/sampling.py > /tmp/old.py`) that one too, interleaved call by call; (5) `--only served1`: one stream as the
 server runs it (`BatchedEngine`, temperature 1, timed from submit; the engine-alone side of
 `benchmarks.serve --single`). One JSON line per measure (the profile tables as text). Medians over `--repeats` where repeated.
 
     python -m benchmarks.engine                      # 124M, 1 and 16 streams, 128 tokens
     python -m benchmarks.engine --shape tiny --tokens 32 --requests 1
     python -m benchmarks.engine --only step --quantize int8      # the per-step profile
+    python -m benchmarks.engine --only draw --baseline-sampling /tmp/old.py   # the draw, before / after
 """
 
 from __future__ import annotations
@@ -198,6 +202,43 @@ def step_profile(model, rows: int) -> dict:
     return row
 
 
+DRAWS = {"greedy": {"temperature": 0.0}, "T=1 seeded": {"seed": 1}, "T=1": {},
+         "T=0.8 top-k 40 seeded": {"temperature": 0.8, "top_k": 40, "seed": 1},
+         "top-p 0.9 seeded": {"top_p": 0.9, "seed": 1}, "top-p 0.9": {"top_p": 0.9},
+         "chat (T .9, k 30, p .95) seeded": {"temperature": 0.9, "top_k": 30, "top_p": 0.95, "seed": 1}}
+
+
+def draw_times(vocab: int, streams: int, baseline: str | None, times: int = 40) -> list[dict]:
+    """`sample_next` alone (ms, medians of `times`), ours and `baseline`'s (a sampling.py file) interleaved."""
+    import importlib.util
+    import sys
+
+    from gpt2chat import sampling
+
+    sides = {"ours": sampling}
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_sampling", baseline)
+        sides["baseline"] = sys.modules["baseline_sampling"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sides["baseline"])
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for rows in sorted({1, streams}):
+        # logits like a trained model's: a few likely tokens over a long flat tail
+        logits = torch.randn(rows, vocab, generator=generator) * 2
+        for name, fields in DRAWS.items():
+            spent = {side: [] for side in sides}
+            for _ in range(times + 2):
+                for side, module in sides.items():
+                    params = module.SamplingParams(**fields)
+                    start = time.perf_counter()
+                    module.sample_next(logits, None, params, [0] * rows)
+                    spent[side].append(time.perf_counter() - start)
+            row = {"measure": "draw", "rows": rows, "params": name}
+            row |= {f"{side}_ms": round(1000 * statistics.median(values[2:]), 3) for side, values in spent.items()}
+            out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="gpt2")
@@ -208,7 +249,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default=None, help="the inference layout (default fp32; int8, ...)")
-    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, served1, many, turns, step")
+    parser.add_argument("--only", default="1,many,turns", help="which measures: 1, served1, many, turns, step, draw")
+    parser.add_argument("--baseline-sampling", default=None, help="--only draw: another sampling.py to time too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(args.shape, args.quantize)
@@ -224,6 +266,8 @@ def main() -> None:
         rows += multi_turn(model, args.turns)
     if "step" in only:
         rows += [step_profile(model, n) for n in sorted({1, args.streams})]
+    if "draw" in only:
+        rows += draw_times(model.config.vocab_size, args.streams, args.baseline_sampling)
     for row in rows:
         ops = row.pop("ops", None)
         print(json.dumps({"shape": args.shape, "quantize": args.quantize, "threads": args.threads, **row}), flush=True)

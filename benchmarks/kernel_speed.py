@@ -6,10 +6,13 @@ batched decode of many streams, 512 = prefill), it times y = x W^T + b for:
 
 - `F.linear row-major`: nn.Linear's own fp32 weight (MKL's "NT" GEMV / GEMM);
 - `F.linear col-major`: the same values stored column-major (the layout engine.use_decode_layout made);
-- `ours fp32` / `ours fp16` / `ours int8`: torch.ops.gpt2chat.linear_{f32,f16,i8} (gpt2chat.kernels).
+- `ours fp32` / `ours fp16` / `ours int8`: torch.ops.gpt2chat.linear_{f32,f16,i8} (gpt2chat.kernels);
+- `ours int8 q8` / `ours int4 q8`: linear_i8_q8 / linear_i4_q8, the integer products with the activations
+  rounded to int8 blocks (what `--quantize int8` / `int4` run).
 
 Every candidate cycles through enough distinct copies of its weight (>= --working-set MB) that each call
-reads its weight from memory, not from the 32 MB L3, as a decode step does. The candidates are interleaved
+reads its weight from memory, not from the 32 MB L3, as a decode step does; `--working-set 0` keeps two
+copies (from cache for all but the head: the compute rate of the kernel, what "% of the matmul bound" means). The candidates are interleaved
 within every repeat; the table gives medians over repeats. Rates: GB/s of weight bytes read (in the stored
 format: 4, 2 or 1 byte a weight, + int8's scales) and GFLOP/s (2 M N K per call). The read bound is the
 best of several `tensor.sum()` passes over 1 GiB; the matmul bound the best of several 1024^3 sgemms.
@@ -18,6 +21,8 @@ best of several `tensor.sum()` passes over 1 GiB; the matmul bound the best of s
     python -m benchmarks.kernel_speed --rows 1 --repeats 15   # decode only
     python -m benchmarks.kernel_speed --crossover             # M = 2..512: one-pass kernel vs sgemm paths
     python -m benchmarks.kernel_speed --threads 1 --clock thread   # CPU time of one core: steadier under load
+    python -m benchmarks.kernel_speed --shapes mlp.c_fc --rows 1,2,4,8,16,32,64 --threads 1 --clock thread \
+        --working-set 0 --candidates "ours fp32,ours fp16,ours int8 q8,ours int4 q8"   # small-M compute rates
 
 Prints markdown tables, then one JSON line per (shape, M, candidate).
 """
@@ -32,12 +37,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt2chat.kernels import pack_rows
-from gpt2chat.quantize import quantize_int8
+from gpt2chat.kernels import pack_int4, pack_rows
+from gpt2chat.quantize import quantize_int4, quantize_int8
 
 SHAPES = {"attn.c_proj": (768, 768), "attn.c_attn": (2304, 768), "mlp.c_fc": (3072, 768),
           "mlp.c_proj": (768, 3072), "lm_head": (50257, 768)}  # fmt: skip
-CANDIDATES = ("F.linear row-major", "F.linear col-major", "ours fp32", "ours fp16", "ours int8")
+CANDIDATES = ("F.linear row-major", "F.linear col-major", "ours fp32", "ours fp16", "ours int8", "ours int8 q8",
+              "ours int4 q8")
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
@@ -70,9 +76,11 @@ def _weights(candidate: str, n: int, k: int, copies: int, generator: torch.Gener
             out.append((dense.t().contiguous().t(),))
         elif candidate == "ours fp16":
             out.append((pack_rows(dense.half()).view(torch.int16), n))
-        elif candidate == "ours int8":
+        elif candidate in ("ours int8", "ours int8 q8"):
             quantized, scale = quantize_int8(dense)
             out.append((pack_rows(quantized), scale))
+        elif candidate == "ours int4 q8":
+            out.append((*pack_int4(*quantize_int4(dense)), n))
         else:
             out.append((dense,))
     return out
@@ -85,6 +93,10 @@ def _call(candidate: str, small_m_max: int):
         return lambda x, weight, bias: torch.ops.gpt2chat.linear_f32(x, weight, bias, small_m_max)
     if candidate == "ours fp16":
         return lambda x, weight, n, bias: torch.ops.gpt2chat.linear_f16(x, weight, n, bias, small_m_max)
+    if candidate == "ours int8 q8":
+        return lambda x, weight, scale, bias: torch.ops.gpt2chat.linear_i8_q8(x, weight, scale, bias, small_m_max)
+    if candidate == "ours int4 q8":
+        return lambda x, weight, scale, n, bias: torch.ops.gpt2chat.linear_i4_q8(x, weight, scale, n, bias, small_m_max)
     return lambda x, weight, scale, bias: torch.ops.gpt2chat.linear_i8(x, weight, scale, bias, small_m_max)
 
 
@@ -99,7 +111,7 @@ def bench_shape(name: str, n: int, k: int, rows: list[int], candidates: list[tup
     for label, small_m_max in candidates:
         base = label.split(" (")[0]
         bytes_one = _bytes(_weights(base, 4, k, 1, generator)[0]) * n / 4
-        copies = max(2, int(working_set_mb * 2**20 / bytes_one) + 1)
+        copies = max(2, int(working_set_mb * 2**20 / bytes_one) + 1) if working_set_mb > 0 else 2
         weights[label] = _weights(base, n, k, copies, generator)
         calls[label] = _call(base, small_m_max)
     bias = torch.randn(n, generator=generator) * 0.02
@@ -135,6 +147,7 @@ def main() -> None:
     parser.add_argument("--working-set", type=float, default=192.0, help="MB of distinct weights per candidate")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="thread: this thread's CPU time (with --threads 1), steadier on a loaded machine")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated, of " + ", ".join(CANDIDATES))
     parser.add_argument("--crossover", action="store_true",
                         help="time both paths of our kernels per M: one pass, or sgemm (fp16 / int8 widened by tiles)")  # fmt: skip
     args = parser.parse_args()
@@ -148,12 +161,16 @@ def main() -> None:
     backend = kernels.load()
     rows = [int(r) for r in args.rows.split(",")]
     if args.crossover:
-        candidates = [(f"{c} ({path})", limit) for c in ("ours fp32", "ours fp16", "ours int8")
+        chosen = [c for c in args.candidates.split(",") if c.startswith("ours")]
+        candidates = [(f"{c} ({path})", limit) for c in chosen
                       for path, limit in (("one pass", 1 << 20), ("sgemm", 0))]  # fmt: skip
         if args.rows == parser.get_default("rows"):
             rows = [2, 8, 16, 32, 64, 128, 256, 512]
     else:
-        candidates = [(c, -1) for c in CANDIDATES]
+        candidates = [(c, -1) for c in args.candidates.split(",")]
+    unknown = [c for c, _ in candidates if c.split(" (")[0] not in CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; choose from {', '.join(CANDIDATES)}")
     bandwidth, peak = read_bandwidth(), matmul_peak()
     generator = torch.Generator().manual_seed(0)
     results = []
@@ -166,7 +183,7 @@ def main() -> None:
           f"(best sum over 1 GiB), matmul bound {peak / 1e9:.0f} GFLOP/s (best 1024^3 sgemm)\n")  # fmt: skip
     labels = [label for label, _ in candidates]
     for m in rows:
-        unit = "GB/s read (% of read bound)" if m == 1 else "GFLOP/s (GB/s read)"
+        unit = "GB/s read (% of read bound)" if m == 1 else "GFLOP/s (% of the matmul bound; GB/s read)"
         print(f"M = {m}: {unit}\n")
         print("| shape | " + " | ".join(labels) + " |")
         print("|---|" + "---|" * len(labels))
@@ -177,7 +194,8 @@ def main() -> None:
                 if m == 1:
                     cells.append(f"{row['gb_per_s']:.1f} ({100 * row['gb_per_s'] * 1e9 / bandwidth:.0f}%)")
                 else:
-                    cells.append(f"{row['gflop_per_s']:.0f} ({row['gb_per_s']:.1f})")
+                    share = 100 * row["gflop_per_s"] * 1e9 / peak
+                    cells.append(f"{row['gflop_per_s']:.0f} ({share:.0f}%; {row['gb_per_s']:.1f})")
             print(f"| {name} {SHAPES[name][0]}x{SHAPES[name][1]} | " + " | ".join(cells) + " |")
         print()
     for row in results:

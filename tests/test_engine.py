@@ -57,13 +57,17 @@ def test_repetition_penalty_greedy_equals_transformers(engine, hf_model):
         assert engine.generate([prompt], params)[0].token_ids == theirs
 
 
-def test_seeded_sampling_equals_transformers_and_repeats(engine, hf_model):
+def test_sampling_repeats_under_manual_seed_and_with_a_seed(engine):
+    # seed=None draws from torch's global generator: torch.manual_seed repeats it. (It no longer equals
+    # transformers' sampled tokens: its torch.multinomial draws one exponential per vocabulary entry, ~1 ms a
+    # row; ours inverts the candidates' CDF with one uniform. The distribution is transformers': see
+    # test_sampling.test_processed_scores_equal_transformers and the frequency tests there.)
     params = SamplingParams(temperature=0.9, top_k=30, top_p=0.95, max_new_tokens=20)
     prompt = PROMPTS[0]
     torch.manual_seed(7)
-    theirs = hf_generate(hf_model, prompt, 20, do_sample=True, temperature=0.9, top_k=30, top_p=0.95)
-    torch.manual_seed(7)  # seed=None draws from the global generator, as transformers does
-    assert engine.generate([prompt], params)[0].token_ids == theirs
+    first = engine.generate([prompt], params)[0].token_ids
+    torch.manual_seed(7)
+    assert engine.generate([prompt], params)[0].token_ids == first
 
     seeded = params.replace(seed=123)
     first = engine.generate([prompt], seeded)[0].token_ids

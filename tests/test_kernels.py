@@ -16,7 +16,7 @@ from gpt2chat.kernels.build import unsupported_reason
 
 # (N, K): rows / columns that are not multiples of the 4-row block or the 8-wide vector, and 124M shapes
 SHAPES = [(1, 5), (3, 8), (37, 67), (131, 769), (768, 768), (2304, 768)]
-ROWS = [1, 3, 16, 64, 512]
+ROWS = [1, 2, 3, 5, 16, 33, 64, 65, 512]  # every tail of the register blocks (3 or 2 input rows a pass), both sides of 64
 FORMATS = ["f32", "f16", "i8"]
 # fp32 accumulation in any order: |error| <= K * 2^-24 * sum|x||w| in the worst case, ~sqrt(K) * 2^-24 typical
 TOLERANCE = 2e-5
@@ -218,8 +218,37 @@ def test_cpu_without_avx2_falls_back_once_and_every_op_runs(tmp_path):
     assert not cache.exists() or not list(cache.iterdir())  # nothing was built
 
 
+def test_ops_header_functions_are_exported_from_the_library(native):
+    """csrc/ops.h's five functions are global symbols of the built library with the declared signatures,
+    so another .cpp of the library (the fused decode step) links against them."""
+    import re
+    import shutil
+
+    from gpt2chat.kernels.build import CSRC, library_path
+
+    if not native:
+        pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
+    if shutil.which("nm") is None:
+        pytest.skip("no nm to list the library's symbols")
+    declared = re.findall(r"^at::Tensor (linear_\w+)\(", (CSRC / "ops.h").read_text(), flags=re.M)
+    assert declared == ["linear_f32", "linear_f16", "linear_i8", "linear_i8_q8", "linear_i4_q8"]
+    symbols = subprocess.run(["nm", "-DC", "--defined-only", str(library_path())], capture_output=True, text=True,
+                             check=True).stdout
+    exported = {line.split(" ", 2)[2] for line in symbols.splitlines() if " T gpt2chat_kernels::linear_" in line}
+    tensor, optional = "at::Tensor const&", "std::optional<at::Tensor> const&"
+    assert exported == {
+        f"gpt2chat_kernels::linear_f32({tensor}, {tensor}, {optional}, long)",
+        f"gpt2chat_kernels::linear_f16({tensor}, {tensor}, long, {optional}, long)",
+        f"gpt2chat_kernels::linear_i8({tensor}, {tensor}, {tensor}, {optional}, long)",
+        f"gpt2chat_kernels::linear_i8_q8({tensor}, {tensor}, {tensor}, {optional}, long)",
+        f"gpt2chat_kernels::linear_i4_q8({tensor}, {tensor}, {tensor}, long, {optional}, long)",
+    }
+
+
 # ---------------------------------------------------------------------------- int8 activations (q8 blocks)
 Q_FORMATS = ["i8_q8", "i4_q8"]
+# every tail of the register block (4 input rows a pass) and both sides of the old 64-row switch to sgemm
+Q_ROWS = [1, 2, 3, 5, 16, 33, 64, 65, 512]
 
 
 def _q_weights(fmt: str, n: int, k: int, generator: torch.Generator):
@@ -260,7 +289,7 @@ def test_integer_kernels_match_portable_and_float64(native, fmt, path):
     op = getattr(torch.ops.gpt2chat, f"linear_{fmt}")
     for n, k in SHAPES:
         weights, dense = _q_weights(fmt, n, k, generator)
-        for m in ROWS:
+        for m in Q_ROWS:
             if n * k * m > 2304 * 768 * 64:
                 continue
             x = torch.randn(m, k, generator=generator) * torch.rand(m, 1, generator=generator) * 4
@@ -273,12 +302,28 @@ def test_integer_kernels_match_portable_and_float64(native, fmt, path):
 
 
 @pytest.mark.parametrize("fmt", Q_FORMATS)
+def test_integer_kernel_rows_do_not_depend_on_the_batch(native, fmt):
+    """A row's output is the same bits whichever register block and tail it falls in (M = 1 .. 13), so a
+    batched decode step gives each stream exactly its batch-1 logits."""
+    if not native:
+        pytest.skip(f"native kernels unavailable: {unsupported_reason()}")
+    generator = torch.Generator().manual_seed(9)
+    op = getattr(torch.ops.gpt2chat, f"linear_{fmt}")
+    weights, _ = _q_weights(fmt, 37, 200, generator)
+    bias = torch.randn(37, generator=generator)
+    x = torch.randn(13, 200, generator=generator)
+    alone = torch.cat([op(x[i : i + 1], *weights, bias, -1) for i in range(13)])
+    for m in range(1, 14):
+        assert torch.equal(op(x[:m], *weights, bias, -1), alone[:m]), f"M = {m}"
+
+
+@pytest.mark.parametrize("fmt", Q_FORMATS)
 def test_portable_integer_ops_match_float64(fmt, monkeypatch):
     monkeypatch.setattr(portable, "CHUNK_ELEMENTS", 1000)
     generator = torch.Generator().manual_seed(7)
     for n, k in [(1, 5), (37, 67), (131, 769)]:
         weights, dense = _q_weights(fmt, n, k, generator)
-        for m in (1, 3, 16):
+        for m in (1, 3, 16, 65):
             x = torch.randn(m, k, generator=generator)
             _check(getattr(portable, f"linear_{fmt}")(x, *weights, None), portable.quantize_activations(x), dense, None)
 

@@ -204,6 +204,46 @@ def test_int4_scales_beat_llama_cpp_q4_0_rounding(shape):
     assert torch.all(q[0, :32] == 8) and scale[0, 0] == 0
 
 
+def test_native_int4_search_is_the_torch_search_bit_for_bit():
+    """The C++ scale search (csrc/blocks.cpp) writes the torch search's bytes and scales exactly: random
+    rows of many magnitudes, K not a multiple of 32, all-zero and single-weight blocks, ties of |peak|
+    (the first wins), weights already on a Q4_0 grid (candidates tie, the reference must win), fp16
+    overflow of a scale and subnormal weights."""
+    from gpt2chat import kernels
+    from gpt2chat.kernels.blocks import quantize_int4
+
+    if kernels.load() != "native":
+        pytest.skip("native kernels unavailable")
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(203, 197, generator=generator) * torch.logspace(-6, 1, 203)[:, None]
+    weight[0, :32] = 0.0
+    weight[1, 32:64] = 0.0
+    weight[1, 40] = -0.3
+    weight[2, :32] = torch.where(torch.arange(32) % 2 == 0, 0.25, -0.25)  # |peak| tied in every column
+    grid = torch.randint(-8, 8, (3, 197), generator=generator).float() * 0.01
+    weight[3:6] = grid  # exactly representable levels
+    weight[6, :32] = 1e6  # d overflows fp16 (inf), as torch's conversion gives
+    weight[7] = torch.randn(197, generator=generator) * 1e-41  # subnormal fp32 weights
+    weight[8, -5:] = 0.7  # the padded last block
+    for rows in (weight, weight[:, :33], weight[:, :1], weight[:0]):
+        torch_q, torch_d = quantize_int4(rows, native=False)
+        native_q, native_d = quantize_int4(rows)
+        assert native_q.dtype == torch.uint8 and native_d.dtype == torch.float16
+        assert torch.equal(native_q, torch_q), (native_q != torch_q).nonzero()[:5]
+        assert torch.equal(native_d.view(torch.int16), torch_d.view(torch.int16)), (native_d != torch_d).nonzero()[:5]
+
+
+def test_native_int4_search_refuses_bad_input():
+    from gpt2chat import kernels
+
+    if kernels.load() != "native":
+        pytest.skip("native kernels unavailable")
+    with pytest.raises(RuntimeError, match=r"contiguous float32 \[N, K\] CPU matrix"):
+        torch.ops.gpt2chat.quantize_int4_blocks(torch.zeros(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.gpt2chat.quantize_int4_blocks(torch.zeros(8, 4).t())
+
+
 def test_int8_projection_error_is_rounding_only():
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(300, 768, generator=generator) * 0.02

@@ -183,15 +183,84 @@ def test_mixed_rows_and_per_row_seeds():
     assert reordered.tolist() == [first[2], first[1]]
 
 
-def test_unseeded_rows_use_the_global_generator_like_transformers():
+def test_unseeded_rows_use_the_global_generator():
+    """Unseeded rows take one uniform each from torch's global generator: `torch.manual_seed` repeats them.
+    (They no longer equal `torch.multinomial`'s tokens, the draw transformers makes: that one draws an
+    exponential per vocabulary entry, ~1 ms a row on a CPU; the distribution is still transformers', as
+    test_processed_scores_equal_transformers and the frequency tests below check.)"""
     torch.manual_seed(0)
     logits = torch.randn(2, VOCAB)
-    params = SamplingParams(top_k=50)
-    scores = process_logits(logits, None, params)
-    torch.manual_seed(9)
-    theirs = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
-    torch.manual_seed(9)
-    assert torch.equal(sample_next(logits, None, params), theirs)
+    for params in (SamplingParams(top_k=50), SamplingParams(top_p=0.9), SamplingParams()):
+        torch.manual_seed(9)
+        first = [sample_next(logits, None, params).tolist() for _ in range(5)]
+        torch.manual_seed(9)
+        assert [sample_next(logits, None, params).tolist() for _ in range(5)] == first
+        assert len({tuple(t) for t in first}) > 1  # the generator moves on between draws
+
+
+def draw_frequencies(logits_row, params, draws=20000):
+    """Frequencies of `draws` seeded draws from one row of logits (one call: the row repeated, a seed each)."""
+    logits = logits_row.expand(draws, -1).contiguous()
+    rows = [params.replace(seed=seed) for seed in range(draws)]
+    tokens = sample_next(logits, None, rows, [0] * draws)
+    return torch.bincount(tokens, minlength=logits.size(-1)).double() / draws
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7),  # the whole vocabulary: the two-level draw
+    SamplingParams(top_k=7),
+    SamplingParams(top_p=0.6),  # candidates 64, then 1024 (the 637 tokens: a sort) until they hold the nucleus
+    SamplingParams(temperature=1.3, top_k=40, top_p=0.9),
+], ids=repr)
+def test_draw_frequencies_follow_the_processed_distribution(params):
+    torch.manual_seed(3)
+    vocab = 300 * 2 + 37  # not a whole number of the draw's 256-token blocks
+    logits = torch.randn(1, vocab) * 2
+    logits[0, 100:356] = float("-inf")  # a whole masked block and a part of the next: never drawn
+    expected = torch.softmax(process_logits(logits, None, params)[0].double(), dim=-1)
+    freq = draw_frequencies(logits[0], params)
+    assert freq[expected == 0].sum() == 0
+    assert 0.5 * (freq - expected).abs().sum() < 0.03  # total variation, sampling noise ~0.01-0.02
+
+
+def test_whole_vocabulary_draw_inverts_the_float64_cdf():
+    """The two-level draw picks the token a float64 cumsum over the whole vocabulary picks, for any uniform,
+    including the extremes (the first token with mass for ~0, the last with mass for 1)."""
+    from gpt2chat.sampling import _vocabulary_draw
+
+    torch.manual_seed(4)
+    scores = torch.randn(3, 1000) * 3
+    scores[:, :5] = float("-inf")
+    scores[:, -300:] = float("-inf")  # the tail block and a whole block before it have no mass
+    uniforms = torch.cat([torch.rand(500, dtype=torch.float64), torch.tensor([1e-300, 1.0], dtype=torch.float64)])
+    cdf = torch.softmax(scores, dim=-1).double().cumsum(-1)
+    for u in uniforms:
+        u3 = u.expand(3).contiguous()
+        ours = _vocabulary_draw(scores, u3)
+        theirs = torch.searchsorted(cdf, (u3[:, None] * cdf[:, -1:])).squeeze(1)
+        assert torch.equal(ours, theirs), float(u)
+        assert torch.isfinite(scores.gather(1, ours[:, None])).all()
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_like_transformers():
+    pytest.importorskip("transformers")
+    logits = (torch.randn(4, VOCAB) * 2).round()  # integers: many ties at any k-th score
+    logits[3] = float("-inf")
+    logits[3, :3] = torch.tensor([1.0, 2.0, 3.0])  # fewer finite scores than k (a grammar's mask): no tie
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    params = SamplingParams(top_k=10)
+    theirs, ours = hf_scores(logits, ids, params), process_logits(logits, None, params)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert (torch.isfinite(theirs[:3]).sum(-1) > 10).any()  # ties were kept
+    finite = torch.isfinite(theirs)
+    torch.testing.assert_close(ours[finite], theirs[finite])
+    # top-p then cuts through tied tokens, and which of them it keeps is the order a sort left them in (HF's
+    # too): the same number of tokens with the same scores
+    params = SamplingParams(top_k=10, top_p=0.7, temperature=0.8)
+    theirs, ours = hf_scores(logits, ids, params), process_logits(logits, None, params)
+    for row in range(4):
+        kept_theirs, kept_ours = theirs[row][torch.isfinite(theirs[row])], ours[row][torch.isfinite(ours[row])]
+        assert torch.equal(kept_ours.sort().values, kept_theirs.sort().values)
 
 
 def test_per_row_seeds_sample_each_rows_distribution_and_never_a_masked_token():
@@ -206,3 +275,16 @@ def test_per_row_seeds_sample_each_rows_distribution_and_never_a_masked_token():
         counts[1, draw[1]] += 1
     assert counts[:, [3]].sum() == 0 and counts[0, 4] == 0 and counts[1, :2].sum() == 0
     assert torch.allclose(counts / 800, probs, atol=0.06)
+
+
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.5])  # nucleus inside 64 tokens, inside 1024, past 1024 (a sort)
+def test_top_p_candidates_grow_until_they_hold_the_nucleus_like_transformers(scale):
+    pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    logits = torch.randn(3, 5000) * scale
+    params = SamplingParams(top_p=0.9)
+    theirs = hf_scores(logits, torch.zeros(3, 1, dtype=torch.long), params)
+    ours = process_logits(logits, None, params)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = int(torch.isfinite(theirs).sum(-1).max())
+    assert kept <= 64 if scale == 8.0 else (64 < kept <= 1024 if scale == 3.0 else kept > 1024)

@@ -11,7 +11,8 @@ rows of a KV cache whose lengths the caller tracks on the host (`for_cache`; chu
 packed in one row, `for_ragged_cache`; or, for a compiled decode step, fixed shapes with the positions on the
 device, `for_decode`). The forward therefore never reads a device tensor back to the host, and checks nothing
 about the ids: token ids and lengths are checked once, where they enter (the trainer's batch builder, the
-engine's prompt admission).
+engine's prompt admission). A one-token decode step over a KV cache of an inference-layout GPT-2 on the CPU
+runs as one native call instead of these modules (gpt2chat/fused_decode.py says when; same numbers).
 
 This module knows nothing about files, tokenizers or sampling.
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gpt2chat import fused_decode
 from gpt2chat.attention_plan import AttentionPlan
 from gpt2chat.block_masks import flex_available
 from gpt2chat.config import ModelConfig
@@ -226,6 +228,9 @@ class GPT(nn.Module):
                 f"the attention plan was built for local window {plan.window}, this model has "
                 f"{self.config.local_window}: build it from this model's config"
             )
+        fused = fused_decode.hidden_states(self, input_ids, plan)  # a one-token cache step, natively (or None)
+        if fused is not None:
+            return fused
         tr = self.transformer
         x = tr.drop(tr.wte(input_ids) + tr.wpe(plan.position_ids))
         use_checkpointing = self.gradient_checkpointing and self.training and plan.cache is None

@@ -16,7 +16,11 @@ The ops (namespace `gpt2chat`; x is [..., K] float, y is [..., N]):
         [ceil(N/4), ceil(K/32), 4]; W = (q - 8) * scale, one scale per 32 weights of a row (llama.cpp's
         q4_0 blocks); x rounded to int8 blocks as for linear_i8_q8
 
-Every op has three kernels:
+    torch.ops.gpt2chat.decode_step(...)
+        a whole GPT-2 decode step (one new token per row: the blocks and ln_f) in one native call, see
+        csrc/decode.cpp and gpt2chat/fused_decode.py: a native CPU kernel and a fake one, no portable one
+
+Every linear op has three kernels:
 - a fake (meta) kernel, so `torch.compile(fullgraph=True)` traces a model that calls it;
 - the native CPU kernel (csrc/linear.cpp and csrc/quantized.cpp: AVX2 + FMA + F16C, threaded over torch's own threads), compiled
   by g++ on first use (`load()`, see build.py) and used for fp32 activations on the CPU;
@@ -80,6 +84,18 @@ for _name, _schema in _SCHEMAS.items():
     _LIB.define(_schema)
     _LIB.impl(_name, getattr(portable, _name), "CompositeExplicitAutograd")
     torch.library.register_fake(f"gpt2chat::{_name}", _FAKES[_name], lib=_LIB)
+
+# The GPT-2 decode step as one call (csrc/decode.cpp; gpt2chat/fused_decode.py builds its arguments and takes
+# it only where the native kernels are loaded: it has no portable kernel, the module path is the fallback).
+_LIB.define(
+    "decode_step(Tensor ids, Tensor[] wte, int wte_format, int vocab, Tensor wpe, Tensor positions, Tensor? rows, "
+    "int first_row, Tensor(a!)[] keys, Tensor(b!)[] values, Tensor[] weights, int[] formats, int n_head, int inner, "
+    "float eps) -> Tensor"
+)
+torch.library.register_fake(
+    "gpt2chat::decode_step", lambda ids, wte, wte_format, vocab, wpe, *args: wpe.new_empty((ids.numel(), 1, wpe.shape[1])),
+    lib=_LIB,
+)
 
 _lock = threading.Lock()
 _backend: str | None = None

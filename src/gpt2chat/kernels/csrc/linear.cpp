@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "ops.h"
 
 #include <type_traits>
 
@@ -38,9 +39,12 @@ using gpt2chat_kernels::kThreadWork;
 using gpt2chat_kernels::linear_frame;
 
 // Default small_m_max per weight form: up to this many input rows the one-pass kernel beat sgemm on the
-// 124M shapes (`python benchmarks/kernels.py --crossover`; single-core CPU time, this 2-core Zen 3).
-constexpr int64_t kSmallMaxF32 = 32;
-constexpr int64_t kSmallMaxCompact = 128;
+// 124M shapes (`python -m benchmarks.kernel_speed --crossover --working-set 0 --threads 1 --clock thread`,
+// this 2-core Zen 3, session 3): fp32 (4 x 3 block) up to 64 (past 128 sgemm wins at K = 3072), fp16 to
+// 128, the widening int8 (fp32 activations: 4 operations per 8 weights) only to 16.
+constexpr int64_t kSmallMaxF32 = 64;
+constexpr int64_t kSmallMaxF16 = 128;
+constexpr int64_t kSmallMaxI8 = 16;
 
 // int8's scales: one float per 32 columns (4 chunks of 8) of every row, [N, ceil(K / 32)] row-major.
 constexpr int64_t kGroupChunks = 4;
@@ -95,7 +99,7 @@ inline void dot_block(const typename W::T* w, int64_t n, int64_t K, const float*
     for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
   const int64_t chunks = K / 8;
   // Scaled weights are widened and multiplied by their group's scale before the FMAs: one extra multiply
-  // per 8 weights, no extra accumulators (the 2 x 6 block already holds 12 of the 16 ymm registers).
+  // per 8 weights, no extra accumulators.
   const int64_t group = W::kScaled ? kGroupChunks : std::max<int64_t>(1, chunks);
   for (int64_t j0 = 0; j0 < chunks; j0 += group) {
     __m256 sv[R];
@@ -178,8 +182,11 @@ inline void rows_all_inputs(int64_t rows, const typename W::T* w, int64_t n, int
 
 // One pass over the weight for M input rows. Block shapes (accumulators = R * I <= 12 of the 16 ymm
 // registers): a decode row (M = 1) dots 4 weight rows at once (a packed block), four independent FMA
-// chains that hide the FMA latency; several rows take 2 weight rows x 6 input rows, so each widened
-// weight vector feeds 6 FMAs (a packed block is then read as two halves, the second from cache).
+// chains that hide the FMA latency. Several rows take a whole block of 4 weight rows (one sequential
+// stream in the packed layouts) against 3 input rows for fp32 (12 accumulators; the x operands come
+// straight from memory into the FMAs) and 2 for fp16 / int8 (8 accumulators: their widened weight
+// vectors must sit in registers). Measured against the 2 x 6 block this replaced, one core, in cache
+// (benchmarks/kernel_speed.py --crossover --working-set 0), M = 2..64: fp32 +10-30%, fp16 +5-20%.
 template <class W, int R, int I>
 void few_rows_blocked(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N,
                       const Scales& scale, const float* bias, float* y) {
@@ -227,8 +234,10 @@ void few_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int6
   }
   if (M == 1) {
     few_rows_blocked<W, 4, 1>(x, M, K, w, N, scale, bias, y);
+  } else if constexpr (std::is_same<W, F32>::value) {
+    few_rows_blocked<W, 4, 3>(x, M, K, w, N, scale, bias, y);
   } else {
-    few_rows_blocked<W, 2, 6>(x, M, K, w, N, scale, bias, y);
+    few_rows_blocked<W, 4, 2>(x, M, K, w, N, scale, bias, y);
   }
 }
 
@@ -300,6 +309,10 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& weight, int64_t N,
   });
 }
 
+}  // namespace
+
+namespace gpt2chat_kernels {
+
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       int64_t small_m_max) {
   const char* op = "gpt2chat::linear_f32";
@@ -315,7 +328,7 @@ at::Tensor linear_f16(const at::Tensor& x, const at::Tensor& weight, int64_t out
   const char* op = "gpt2chat::linear_f16";
   check_common(x, weight, bias, out_features, at::kShort, "int16 (IEEE half bit patterns)", op);
   check_packed(x, weight, out_features, op);
-  return linear_impl<F16>(x, weight, out_features, Scales{}, bias, small_m_max, kSmallMaxCompact);
+  return linear_impl<F16>(x, weight, out_features, Scales{}, bias, small_m_max, kSmallMaxF16);
 }
 
 at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -330,13 +343,13 @@ at::Tensor linear_i8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const int64_t N = scale.size(0);
   check_common(x, weight, bias, N, at::kChar, "int8", op);
   check_packed(x, weight, N, op);
-  return linear_impl<I8>(x, weight, N, Scales{scale.data_ptr<float>(), groups}, bias, small_m_max, kSmallMaxCompact);
+  return linear_impl<I8>(x, weight, N, Scales{scale.data_ptr<float>(), groups}, bias, small_m_max, kSmallMaxI8);
 }
 
-}  // namespace
+}  // namespace gpt2chat_kernels
 
 TORCH_LIBRARY_IMPL(gpt2chat, CPU, m) {
-  m.impl("linear_f32", &linear_f32);
-  m.impl("linear_f16", &linear_f16);
-  m.impl("linear_i8", &linear_i8);
+  m.impl("linear_f32", &gpt2chat_kernels::linear_f32);
+  m.impl("linear_f16", &gpt2chat_kernels::linear_f16);
+  m.impl("linear_i8", &gpt2chat_kernels::linear_i8);
 }
