@@ -198,18 +198,16 @@ def _gather(model: nn.Module) -> DecodeWeights:
         where = f"transformer.h.{i}"
         if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not MLP:
             raise _Unsupported(f"{where} is not the plain GPT-2 block")
-        tensors += norm(block.ln_1, f"{where}.ln_1")
-        for module, name in ((block.attn.c_attn, "attn.c_attn"), (block.attn.c_proj, "attn.c_proj")):
-            code, parts = projection(module, f"{where}.{name}")
-            formats.append(code)
-            tensors += parts
-            int8 += [module] if type(module) is Int8Linear else []
-        tensors += norm(block.ln_2, f"{where}.ln_2")
-        for module, name in ((block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj")):
-            code, parts = projection(module, f"{where}.{name}")
-            formats.append(code)
-            tensors += parts
-            int8 += [module] if type(module) is Int8Linear else []
+        for ln, pair in (
+            ("ln_1", ((block.attn.c_attn, "attn.c_attn"), (block.attn.c_proj, "attn.c_proj"))),
+            ("ln_2", ((block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj"))),
+        ):  # fmt: skip
+            tensors += norm(getattr(block, ln), f"{where}.{ln}")
+            for module, name in pair:
+                code, parts = projection(module, f"{where}.{name}")
+                formats.append(code)
+                tensors += parts
+                int8 += [module] if type(module) is Int8Linear else []
     tensors += norm(tr.ln_f, "transformer.ln_f")
     wpe = tr.wpe.weight if type(tr.wpe) is nn.Embedding else None
     if wpe is None or wpe.dtype != torch.float32:

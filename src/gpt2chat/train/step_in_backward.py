@@ -63,17 +63,24 @@ class StepInBackward:
         norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
         self._squares += norm.square()
         finite = self._finite_loss & torch.isfinite(norm)
-        if group.get("fused"):
-            single.found_inf = (~finite).float()   # decided on the device, as `trainer._step_if` does
-            try:
-                single.step()
-            finally:
-                single.found_inf = None
-        elif bool(finite):
-            single.step()
+        step_if_finite(single, finite)
         param.grad = None
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """`optimizer.step()` when `finite` (a device bool) holds, else nothing changes: no parameter, no moment,
+    no step count. A fused AdamW decides on the device (`found_inf`, as under GradScaler), so the host does
+    not wait for the GPU before the step; other optimizers read the flag first."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None
+    elif bool(finite):
+        optimizer.step()

@@ -35,7 +35,7 @@ from gpt2chat.train.batching import BatchPlan
 from gpt2chat.train.config import TrainConfig
 from gpt2chat.train.metrics_log import MetricsLog, plot_losses
 from gpt2chat.train.objectives import Objective
-from gpt2chat.train.step_in_backward import StepInBackward
+from gpt2chat.train.step_in_backward import StepInBackward, step_if_finite
 
 
 class TrainingDivergedError(Gpt2ChatError):
@@ -96,20 +96,6 @@ def allocate_state(optimizer: torch.optim.AdamW) -> None:
             state["step"] = torch.zeros((), dtype=dtype, device=param.device if on_device else "cpu")
             for key in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())):
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def _step_if(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-    """`optimizer.step()` when `finite` (a device bool) holds, else nothing changes: no parameter, no moment,
-    no step count. A fused AdamW decides on the device (`found_inf`, as under GradScaler), so the host does
-    not wait for the GPU before the step; other optimizers read the flag first."""
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~finite).float()
-        try:
-            optimizer.step()
-        finally:
-            optimizer.found_inf = None
-    elif bool(finite):
-        optimizer.step()
 
 
 def seed_for_step(seed: int, step: int, rank: int) -> int:
@@ -329,7 +315,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            _step_if(optimizer, torch.isfinite(reduced[0]) & torch.isfinite(grad_norm))
+            step_if_finite(optimizer, torch.isfinite(reduced[0]) & torch.isfinite(grad_norm))
             optimizer.zero_grad(set_to_none=True)
         # The step's one host sync: it waits for the whole step, so the timing below covers it.
         step_loss, *metric_values, grad_norm = torch.cat([reduced, grad_norm.reshape(1).to(reduced)]).tolist()
