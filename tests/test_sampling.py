@@ -1,4 +1,4 @@
-"""sampling.py: validation, presets, and agreement with transformers' logits processors."""
+"""sampling.py and token_draw.py: validation, presets, the draw, and agreement with transformers' logits processors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from gpt2chat.sampling import (
     get_preset,
     process_logits,
     sample_next,
-    seeded_uniforms,
 )
+from gpt2chat.token_draw import seeded_uniforms
 
 VOCAB = 1000
 
@@ -226,7 +226,7 @@ def test_draw_frequencies_follow_the_processed_distribution(params):
 def test_whole_vocabulary_draw_inverts_the_float64_cdf():
     """The two-level draw picks the token a float64 cumsum over the whole vocabulary picks, for any uniform,
     including the extremes (the first token with mass for ~0, the last with mass for 1)."""
-    from gpt2chat.sampling import _vocabulary_draw
+    from gpt2chat.token_draw import vocabulary_draw
 
     torch.manual_seed(4)
     scores = torch.randn(3, 1000) * 3
@@ -236,7 +236,7 @@ def test_whole_vocabulary_draw_inverts_the_float64_cdf():
     cdf = torch.softmax(scores, dim=-1).double().cumsum(-1)
     for u in uniforms:
         u3 = u.expand(3).contiguous()
-        ours = _vocabulary_draw(scores, u3)
+        ours = vocabulary_draw(scores, u3)
         theirs = torch.searchsorted(cdf, (u3[:, None] * cdf[:, -1:])).squeeze(1)
         assert torch.equal(ours, theirs), float(u)
         assert torch.isfinite(scores.gather(1, ours[:, None])).all()

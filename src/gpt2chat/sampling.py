@@ -10,17 +10,15 @@ the row's `ConstraintState` does not allow are set to -inf, and the state advanc
 Rows with and without either share one call; a row's restriction touches no other row.
 
 Several rows are sampled at once, each with its own `SamplingParams`, which is what the engine needs when
-requests with different settings share one decode step. A seeded row draws its uniform from a counter-based
-hash of (seed, draw number), computed on the logits' device for every row at once: a row's tokens depend
-on its seed alone, whichever rows it shares a step with, with no per-row generator, no per-row Python
-loop and no host synchronisation. Unseeded rows take their uniform from torch's global generator.
+requests with different settings share one decode step. The random part (each row's uniform, seeded or
+not, and the inverse-CDF draws it drives) is `gpt2chat.token_draw`.
 
 The draw is cheap because it never touches the whole vocabulary more than it must: top-k and top-p keep
 their candidates with `torch.topk` (no sort of 50k scores, no float64 copy of them) and one uniform per row
-inverts the candidates' cumulative sum; a row with neither draws from the whole vocabulary in two levels
-(blocks of 256, then a token). The distribution is the one `transformers`' processors give (tested); the
-tokens are not those of its `torch.multinomial`, which draws one exponential per vocabulary entry (~1 ms a
-row on a CPU, 17 ms for 16 rows).
+inverts the candidates' cumulative sum; a row with neither draws from the whole vocabulary in two levels.
+The distribution is the one `transformers`' processors give (tested); the tokens are not those of its
+`torch.multinomial`, which draws one exponential per vocabulary entry (~1 ms a row on a CPU, 17 ms for 16
+rows).
 
 This module knows nothing about models, caches or requests.
 """
@@ -32,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gpt2chat.errors import Gpt2ChatError
+from gpt2chat.token_draw import inverse_cdf_draw, row_uniforms, vocabulary_draw
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +43,6 @@ __all__ = [
     "get_preset",
     "sample_next",
     "process_logits",
-    "seeded_uniforms",
     "MAX_LOGPROBS",
 ]
 
@@ -202,7 +200,6 @@ def _apply_repetition_penalty(logits, seen_mask, penalties) -> torch.Tensor:
 
 
 _FIRST_NUCLEUS = 64  # candidates a top-p-only row starts from on a CPU (then 16x that, then a sort)
-_BLOCK = 256  # vocabulary entries per block of a whole-vocabulary draw (`_vocabulary_draw`)
 
 
 def _penalised(logits, seen, rows: list[SamplingParams]) -> torch.Tensor:
@@ -322,74 +319,6 @@ def process_logits(logits, seen, params) -> torch.Tensor:
     return out
 
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """An avalanching 32-bit integer hash on int64 tensors holding values in [0, 2**32).
-
-    The multiplier is below 2**27, so no product leaves int64: the same bits on every device."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
-
-
-def seeded_uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """One uniform in (0, 1) per row (float64) from the row's seed and its draw number (int64 tensors).
-
-    Counter-based: the value depends on (seed, draw) alone, so a seeded row gives the same tokens whichever
-    rows share its steps, and nothing is carried between steps but the draw count."""
-    seeds = seeds.long()
-    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
-    bits = _mix32(low ^ _mix32(high ^ _mix32(draws.long() & _MASK32)))
-    return (bits.double() + 0.5) / 2.0**32
-
-
-def _seed_value(seed: int) -> int:
-    """A Python int seed as the signed 64-bit value `seeded_uniforms` takes (any int is accepted)."""
-    seed &= (1 << 64) - 1
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
-def _inverse_cdf_draw(values, uniforms) -> torch.Tensor:
-    """One index per row of candidates `values` [n, c] (scores, -inf = never; few per row) drawn with one
-    uniform in (0, 1] per row by inverting the cumulative sum of exp(values - the row's first), float64.
-
-    One random number per row, where `torch.multinomial` draws one per entry. A zero-weight entry is never
-    returned: the first index whose cumulative sum reaches the target has weight."""
-    import torch
-
-    cdf = torch.exp(values - values[:, :1]).double().cumsum(dim=-1)
-    target = uniforms.unsqueeze(1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, target).clamp_(max=values.size(-1) - 1)
-
-
-def _vocabulary_draw(scores, uniforms) -> torch.Tensor:
-    """One token per row of `scores` [n, V] (no top-k / top-p: every token may come) drawn with one uniform in
-    (0, 1] per row: exact inverse-CDF sampling in two levels, with no float64 copy of the vocabulary.
-
-    The softmax is summed per block of `_BLOCK` tokens (float32 sums of 256 numbers: ~1e-7 relative); the
-    uniform picks a block on the float64 cumsum of the block sums, then a token on the float64 cumsum of that
-    block's 256 probabilities. A token of probability zero is never returned (as in `_inverse_cdf_draw`)."""
-    import torch
-
-    n, vocab = scores.shape
-    probs = torch.softmax(scores, dim=-1)
-    full = vocab // _BLOCK
-    sums = probs.as_strided((n, full, _BLOCK), (probs.stride(0), _BLOCK, 1)).sum(-1)
-    if full * _BLOCK < vocab:
-        sums = torch.cat([sums, probs[:, full * _BLOCK :].sum(-1, keepdim=True)], dim=1)
-    blocks = sums.double().cumsum(dim=-1)
-    target = uniforms.unsqueeze(1) * blocks[:, -1:]
-    block = torch.searchsorted(blocks, target).clamp_(max=blocks.size(1) - 1)  # [n, 1]
-    before = torch.where(block > 0, blocks.gather(1, (block - 1).clamp_(min=0)), 0.0)
-    index = block * _BLOCK + torch.arange(_BLOCK, device=scores.device)  # [n, BLOCK]
-    inside = probs.gather(1, index.clamp(max=vocab - 1)).masked_fill_(index >= vocab, 0.0).double().cumsum(dim=-1)
-    # what the target leaves inside the block, kept within (0, the block's own float64 sum]
-    rest = (target - before).clamp_(min=1e-300).minimum(inside[:, -1:])
-    return index.gather(1, torch.searchsorted(inside, rest).clamp_(max=_BLOCK - 1)).squeeze(1)
-
-
 def _bias_rows(scores, rows: list[SamplingParams]) -> torch.Tensor:
     """`scores` [B, V] float with each row's logit_bias added (ids past the vocabulary cannot be drawn)."""
     import torch
@@ -453,26 +382,6 @@ def sample_next(logits, seen, params, draws=None, constraints=None) -> torch.Ten
     return next_ids
 
 
-def _uniforms(rows: list[SamplingParams], draws, device) -> torch.Tensor:
-    """One uniform in (0, 1] per row (float64): a seeded row's from its (seed, draw number), the others' from
-    torch's global generator (one number per unseeded row, so `torch.manual_seed` repeats a run)."""
-    import torch
-
-    seeded = [p.seed is not None for p in rows]
-    batch = len(rows)
-    if not any(seeded):
-        return 1.0 - torch.rand(batch, dtype=torch.float64, device=device)
-    if draws is None:
-        draws = torch.zeros(batch, dtype=torch.long, device=device)
-    draws = torch.as_tensor(draws, dtype=torch.long, device=device)
-    seeds = torch.tensor([_seed_value(p.seed) if p.seed is not None else 0 for p in rows], device=device)
-    uniforms = seeded_uniforms(seeds, draws)
-    if all(seeded):
-        return uniforms
-    unseeded = torch.tensor([not s for s in seeded], device=device)
-    return torch.where(unseeded, 1.0 - torch.rand(batch, dtype=torch.float64, device=device), uniforms)
-
-
 def _draw(logits, seen, rows: list[SamplingParams], draws) -> torch.Tensor:
     import torch
 
@@ -484,18 +393,18 @@ def _draw(logits, seen, rows: list[SamplingParams], draws) -> torch.Tensor:
     if not groups:
         return scores.argmax(dim=-1)
     batch, device = scores.size(0), scores.device
-    uniforms = _uniforms(rows, draws, device)
+    uniforms = row_uniforms([p.seed for p in rows], draws, device)
     next_ids = None
     for (temperature, top_k, top_p), members in groups.items():
         alone = len(members) == batch
         index = None if alone else torch.tensor(members, device=device)
-        part, row_uniforms = (scores, uniforms) if alone else (scores.index_select(0, index), uniforms[index])
+        part, part_uniforms = (scores, uniforms) if alone else (scores.index_select(0, index), uniforms[index])
         kept = _candidates(part, temperature, top_k, top_p)
         if kept is None:
-            tokens = _vocabulary_draw(part / temperature, row_uniforms)
+            tokens = vocabulary_draw(part / temperature, part_uniforms)
         else:
             values, ids = kept
-            tokens = ids.gather(1, _inverse_cdf_draw(values, row_uniforms)).squeeze(1)
+            tokens = ids.gather(1, inverse_cdf_draw(values, part_uniforms)).squeeze(1)
         if alone:
             return tokens
         if next_ids is None:
