@@ -427,6 +427,40 @@ def wait_for_outstanding(site: ServeProcess, count: int, timeout: float = 30) ->
     assert site.health()["outstanding_requests"] == count
 
 
+# Counts the page's markdown renders in <html data-renders> (an attribute: the page's CSP forbids eval).
+COUNT_RENDERS = """(() => {
+  let api;
+  Object.defineProperty(globalThis, "gpt2chatMarkdown", {
+    configurable: true,
+    get() { return api; },
+    set(value) {
+      const render = value.renderMarkdown;
+      api = { ...value, renderMarkdown: (text) => {
+        const html = document.documentElement;
+        html.dataset.renders = String(Number(html.dataset.renders || 0) + 1);
+        return render(text);
+      } };
+    },
+  });
+})();"""
+
+
+def test_a_fast_stream_is_drawn_once_a_frame_not_once_a_token(server, open_page):
+    """2,000 pieces arriving as fast as the page can read them: the reply so far is rendered at most once an
+    animation frame (a render per piece, O(length) each, froze the page at a fast server's rate and left
+    Stop unclickable), and the finished reply holds every piece."""
+    pieces = [f"w{i} " for i in range(2000)]
+    page = open_page(server, replies=[scripted_reply(pieces)])
+    page.context.add_init_script(COUNT_RENDERS)
+    page.reload()  # the counter is in place before markdown.js runs; the scripted reply is still unused
+    expect(page.locator("#model-name")).not_to_be_empty()
+    send(page, "Count for me")
+    wait_for_replies(page, 1)
+    assert page.locator(".message.assistant .content").text_content().split() == [p.strip() for p in pieces]
+    renders = int(page.locator("html").get_attribute("data-renders") or 0)
+    assert 1 <= renders < len(pieces) // 10, renders
+
+
 def test_a_full_server_a_stopped_reply_and_a_server_gone(busy_server, open_page):
     long = {"maxTokens": ENDLESS_CONTEXT - 100}
     streaming, refused = (open_page(busy_server, settings=long) for _ in range(2))

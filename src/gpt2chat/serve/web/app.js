@@ -159,14 +159,23 @@
     setBusy(true);
     render();
 
+    // The reply so far is drawn at most once a frame: rendering the whole markdown on every piece costs
+    // O(length) a token, which at hundreds of tokens a second keeps the page busy and Stop unclickable.
+    let latest = null;
+    const draw = () => {
+      const content = latest;
+      latest = null;
+      if (conversation !== conv) return;
+      const follow = nearBottom();
+      live.querySelector(".content").innerHTML = renderMarkdown(content);
+      if (follow) scrollToBottom();
+    };
     const result = await streamChat({
       url: "/v1/chat/completions", headers: headers(), body: requestBody(conv),
       signal: running.controller.signal,
       onText: (piece, content) => {
-        if (conversation !== conv) return;
-        const follow = nearBottom();
-        live.querySelector(".content").innerHTML = renderMarkdown(content);
-        if (follow) scrollToBottom();
+        if (latest === null) requestAnimationFrame(draw);
+        latest = content;
       },
     });
     const deleted = running.deleted;
