@@ -368,3 +368,17 @@ def test_bad_configs_raise_config_error(config, message):
 def test_unknown_preset():
     with pytest.raises(Gpt2ChatError, match="unknown model preset 'gpt5'"):
         get_preset("gpt5")
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
+def test_a_quantized_model_makes_its_kv_cache(mode):
+    """A quantized model's tied embedding has no `.weight`; its cache still has the model's compute dtype and
+    takes a cached forward."""
+    from gpt2chat.quantize import convert_for_inference
+
+    model = convert_for_inference(make_model(), mode)
+    cache = model.new_kv_cache(batch_size=2, max_len=16)
+    assert cache.k[0].dtype == torch.float32 and cache.k[0].shape[0] == 2
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 4, dtype=torch.long), AttentionPlan.for_cache(model.config, cache, [0, 0], 4))
+    assert logits.shape[:2] == (2, 4) and torch.isfinite(logits).all()

@@ -32,6 +32,7 @@ from gpt2chat import fused_decode
 from gpt2chat.attention_plan import AttentionPlan
 from gpt2chat.block_masks import flex_available
 from gpt2chat.config import ModelConfig
+from gpt2chat.device import model_device_dtype
 from gpt2chat.kv_cache import KVCache
 
 __all__ = ["GPT", "attention_kernel"]
@@ -291,9 +292,10 @@ class GPT(nn.Module):
             block.compile(dynamic=dynamic, **options)
 
     def new_kv_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        """A KVCache on this model's device and dtype (max_len defaults to n_positions)."""
-        weight = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+        """A KVCache on this model's device and dtype (max_len defaults to n_positions); also for a quantized
+        model, whose tied embedding has no `.weight` (device.model_device_dtype reads wpe)."""
+        device, dtype = model_device_dtype(self)
+        return KVCache(self.config, batch_size, max_len, device=device, dtype=dtype)
 
 
 
