@@ -13,7 +13,9 @@ from typing import Any
 from gpt2chat.errors import Gpt2ChatError
 
 MODEL_TYPES = ("gpt2", "gpt_neo")
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
+# the names HF gives GELU in its tanh form (what our MLP, the native decode step and llama.cpp compute for them)
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+ACTIVATIONS = (*TANH_GELU, "gelu", "relu", "silu", "swish")
 
 
 class ConfigError(Gpt2ChatError):
@@ -315,4 +317,4 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return copy.replace(**overrides) if overrides else copy
 
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS", "get_preset"]
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "get_preset", "ACTIVATIONS", "TANH_GELU"]

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from gpt2chat.attention_plan import AttentionPlan
+from gpt2chat.config import TANH_GELU
 from gpt2chat.kv_cache import CacheSlots
 
 __all__ = ["FUSED_ENV", "DecodeWeights", "decode_weights", "hidden_states", "why_not"]
@@ -43,7 +44,6 @@ FUSED_ENV = "GPT2CHAT_FUSED_DECODE"
 _OFF = ("0", "false", "off", "no")
 # projection formats, as csrc/decode.cpp numbers them
 F32, F16, I8, I8_Q8, I4_Q8 = range(5)
-_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # what model.MLP.act computes as tanh GELU
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,7 +148,7 @@ def _gather(model: nn.Module) -> DecodeWeights:
         raise _Unsupported("not a gpt2chat GPT model")
     if config.is_neo:
         raise _Unsupported("GPT-Neo (q/k/v projections, local layers, unscaled scores) has no native step")
-    if config.activation_function not in _TANH_GELU:
+    if config.activation_function not in TANH_GELU:
         raise _Unsupported(f"activation {config.activation_function!r}: the native step computes tanh GELU")
     if kernels.load() != "native":
         raise _Unsupported("the native CPU kernels are not loaded")

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from gpt2chat import fused_decode
 from gpt2chat.attention_plan import AttentionPlan
 from gpt2chat.block_masks import flex_available
-from gpt2chat.config import ModelConfig
+from gpt2chat.config import TANH_GELU, ModelConfig
 from gpt2chat.device import model_device_dtype
 from gpt2chat.kv_cache import KVCache
 
@@ -108,7 +108,7 @@ class MLP(nn.Module):
         self.activation = config.activation_function
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        if self.activation in TANH_GELU:
             return F.gelu(x, approximate="tanh")
         if self.activation == "gelu":
             return F.gelu(x)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpt2chat.config import TANH_GELU  # llama.cpp's GPT-2 graph applies GELU in its tanh form (ggml_gelu)
 from gpt2chat.errors import Gpt2ChatError
 from gpt2chat.export.source import (
     ExportError,
@@ -57,8 +58,6 @@ __all__ = ["GGUF_TYPES", "DEFAULT_GGUF_TYPE", "export_gguf", "gguf_chat_template
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 DEFAULT_GGUF_TYPE = "f16"
-# llama.cpp's GPT-2 graph applies GELU in its tanh form (ggml_gelu), which these activations are.
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
