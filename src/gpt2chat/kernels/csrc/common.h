@@ -1,6 +1,6 @@
 // What linear.cpp (fp32 / fp16 / int8 weights, fp32 activations) and quantized.cpp (int8 / int4 weights
-// times int8 activation blocks) share: the threading grain, the horizontal sum, and the prefill path that
-// widens a tile of compact weights to fp32 and hands it to sgemm.
+// times int8 activation blocks) share: the threading grain, the horizontal sum, the walk over input rows in
+// register-block passes, and the prefill path that widens a tile of compact weights to fp32 for sgemm.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace gpt2chat_kernels {
@@ -25,6 +26,27 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// The last `left` rows from m as one pass of exactly `left` rows (left < N + 1), its size a compile-time constant.
+template <int N, class Pass>
+inline void last_pass(int64_t left, int64_t m, Pass& pass) {
+  if constexpr (N > 0) {
+    if (left == N) {
+      pass(std::integral_constant<int, N>{}, m);
+    } else {
+      last_pass<N - 1>(left, m, pass);
+    }
+  }
+}
+
+// Input rows [0, M) in passes of I rows (a kernel's register block), then the M % I rows left as one smaller
+// pass: `pass(rows, m)` with `rows` a std::integral_constant<int, n> (n rows from m, n known at compile time).
+template <int I, class Pass>
+inline void rows_in_passes(int64_t M, Pass&& pass) {
+  int64_t m = 0;
+  for (; m + I <= M; m += I) pass(std::integral_constant<int, I>{}, m);
+  last_pass<I - 1>(M - m, m, pass);
 }
 
 // y2d = x2d W^T (+ bias) for a compact weight: `widen(n0, n1, dst)` writes rows [n0, n1) of W as fp32

@@ -37,6 +37,7 @@ namespace {
 using gpt2chat_kernels::hsum;
 using gpt2chat_kernels::kThreadWork;
 using gpt2chat_kernels::linear_frame;
+using gpt2chat_kernels::rows_in_passes;
 
 // Default small_m_max per weight form: up to this many input rows the one-pass kernel beat sgemm on the
 // 124M shapes (`python -m benchmarks.kernel_speed --crossover --working-set 0 --threads 1 --clock thread`,
@@ -145,26 +146,13 @@ inline void block_rows(const typename W::T* w, int64_t n, int64_t K, int64_t N, 
     }
 }
 
-// The last `left` (< I) input rows, starting at m, against R weight rows.
-template <class W, int R, int I>
-inline void inputs_tail(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t m,
-                        int64_t left, const Scales& scale, const float* bias, float* y) {
-  if constexpr (I > 0) {
-    if (left == I) {
-      block_rows<W, R, I>(w, n, K, N, x, m, scale, bias, y);
-    } else {
-      inputs_tail<W, R, I - 1>(w, n, K, N, x, m, left, scale, bias, y);
-    }
-  }
-}
-
 // R weight rows starting at n against every input row, I input rows per pass.
 template <class W, int R, int I>
 inline void block_all_inputs(const typename W::T* w, int64_t n, int64_t K, int64_t N, const float* x, int64_t M,
                              const Scales& scale, const float* bias, float* y) {
-  int64_t m = 0;
-  for (; m + I <= M; m += I) block_rows<W, R, I>(w, n, K, N, x, m, scale, bias, y);
-  inputs_tail<W, R, I - 1>(w, n, K, N, x, m, M - m, scale, bias, y);
+  rows_in_passes<I>(M, [&](auto rows, int64_t m) {
+    block_rows<W, R, decltype(rows)::value>(w, n, K, N, x, m, scale, bias, y);
+  });
 }
 
 // The weight rows [n, n + rows) (rows <= R) against every input row.

@@ -37,6 +37,7 @@ namespace {
 
 using gpt2chat_kernels::kThreadWork;
 using gpt2chat_kernels::linear_frame;
+using gpt2chat_kernels::rows_in_passes;
 
 constexpr int64_t kBlock = 32;          // activation / weight block (columns per scale)
 
@@ -206,24 +207,11 @@ inline void store_block(int64_t m0, const QuantizedRows& xq, int64_t n, int64_t 
 
 // Every input row against one weight block: kInputs rows a pass (the register block), then the rest.
 constexpr int kInputs = 4;
-template <int I, class Dot>
-inline void inputs_tail(int64_t m0, int64_t left, const QuantizedRows& xq, int64_t n, int64_t N, const float* bias,
-                        float* y, Dot dot) {
-  if constexpr (I > 0) {
-    if (left == I) {
-      store_block<I>(m0, xq, n, N, bias, y, dot);
-    } else {
-      inputs_tail<I - 1>(m0, left, xq, n, N, bias, y, dot);
-    }
-  }
-}
-
 template <class Dot>
 inline void all_inputs(const QuantizedRows& xq, int64_t n, int64_t N, const float* bias, float* y, Dot dot) {
-  if (xq.M == 1) return store_block<1>(0, xq, n, N, bias, y, dot);
-  int64_t m = 0;
-  for (; m + kInputs <= xq.M; m += kInputs) store_block<kInputs>(m, xq, n, N, bias, y, dot);
-  inputs_tail<kInputs - 1>(m, xq.M - m, xq, n, N, bias, y, dot);
+  rows_in_passes<kInputs>(xq.M, [&](auto rows, int64_t m) {
+    store_block<decltype(rows)::value>(m, xq, n, N, bias, y, dot);
+  });
 }
 
 at::Tensor dequantized(const QuantizedRows& xq, int64_t K, const at::TensorOptions& options) {
