@@ -388,7 +388,7 @@ def _draw(logits, seen, rows: list[SamplingParams], draws) -> torch.Tensor:
     needs_penalty = seen is not None and any(p.repetition_penalty != 1.0 for p in rows)
     if all(p.greedy for p in rows) and not needs_penalty:
         return logits.argmax(dim=-1)
-    scores = _penalised(logits, seen if needs_penalty else None, rows)
+    scores = _penalised(logits, seen, rows)
     groups = _groups(rows)
     if not groups:
         return scores.argmax(dim=-1)
