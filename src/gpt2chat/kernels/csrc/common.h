@@ -28,14 +28,15 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The last `left` rows from m as one pass of exactly `left` rows (left < N + 1), its size a compile-time constant.
-template <int N, class Pass>
-inline void last_pass(int64_t left, int64_t m, Pass& pass) {
+// `f(std::integral_constant<int, count>{})` for a run-time count in 1..N: a register block's size (rows of a
+// tail, weight rows of the last block) becomes a compile-time constant; count 0 calls nothing.
+template <int N, class F>
+inline void with_count(int64_t count, F&& f) {
   if constexpr (N > 0) {
-    if (left == N) {
-      pass(std::integral_constant<int, N>{}, m);
+    if (count == N) {
+      f(std::integral_constant<int, N>{});
     } else {
-      last_pass<N - 1>(left, m, pass);
+      with_count<N - 1>(count, f);
     }
   }
 }
@@ -46,7 +47,7 @@ template <int I, class Pass>
 inline void rows_in_passes(int64_t M, Pass&& pass) {
   int64_t m = 0;
   for (; m + I <= M; m += I) pass(std::integral_constant<int, I>{}, m);
-  last_pass<I - 1>(M - m, m, pass);
+  with_count<I - 1>(M - m, [&](auto rows) { pass(rows, m); });
 }
 
 // y2d = x2d W^T (+ bias) for a compact weight: `widen(n0, n1, dst)` writes rows [n0, n1) of W as fp32

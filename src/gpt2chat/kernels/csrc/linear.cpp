@@ -38,6 +38,7 @@ using gpt2chat_kernels::hsum;
 using gpt2chat_kernels::kThreadWork;
 using gpt2chat_kernels::linear_frame;
 using gpt2chat_kernels::rows_in_passes;
+using gpt2chat_kernels::with_count;
 
 // Default small_m_max per weight form: up to this many input rows the one-pass kernel beat sgemm on the
 // 124M shapes (`python -m benchmarks.kernel_speed --crossover --working-set 0 --threads 1 --clock thread`,
@@ -159,13 +160,7 @@ inline void block_all_inputs(const typename W::T* w, int64_t n, int64_t K, int64
 template <class W, int R, int I>
 inline void rows_all_inputs(int64_t rows, const typename W::T* w, int64_t n, int64_t K, int64_t N,
                             const float* x, int64_t M, const Scales& scale, const float* bias, float* y) {
-  if constexpr (R > 0) {
-    if (rows == R) {
-      block_all_inputs<W, R, I>(w, n, K, N, x, M, scale, bias, y);
-    } else {
-      rows_all_inputs<W, R - 1, I>(rows, w, n, K, N, x, M, scale, bias, y);
-    }
-  }
+  with_count<R>(rows, [&](auto r) { block_all_inputs<W, decltype(r)::value, I>(w, n, K, N, x, M, scale, bias, y); });
 }
 
 // One pass over the weight for M input rows. Block shapes (accumulators = R * I <= 12 of the 16 ymm
