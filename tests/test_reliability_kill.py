@@ -42,7 +42,14 @@ def run_with_fault(fault: str, argv: list[str]) -> subprocess.CompletedProcess:
     """`gpt2chat ARGV` in a subprocess with the fault rule `fault` (a kill or a SIGINT must hit a real process)."""
     env = {**os.environ, faults.ENV: fault, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "gpt2chat", *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, preexec_fn=as_in_a_terminal)
+
+
+def as_in_a_terminal() -> None:
+    """The child starts with SIGINT's default action, as a command typed in a terminal does. A test run
+    started in the background of a non-interactive shell (`pytest &`, a CI script) inherits SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler: the injected Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def train_losses(out) -> list[float]:
