@@ -25,7 +25,7 @@ Opt-in runners: `ours-sib` (the optimizer step inside the backward, `step_in_bac
 - DPO: pairs / s, reference log-probs precomputed before training in both (not timed).
 - Precision: fp32 on the CPU (no bf16 units; TRL's `bf16=True` default would make matmuls ~100x slower),
   bf16 autocast on CUDA on both sides; gradient checkpointing off on both sides, or with `--checkpointing`
-  on both (ours: `GPT.gradient_checkpointing`; TRL: `gradient_checkpointing=True`), reported as its own rows.
+  on both (ours: `gradient_checkpointing = true`; TRL: `gradient_checkpointing=True`), reported as its own rows.
 - Dropout: what each trainer uses by default: the checkpoint's 0.1 for SFT on both sides; 0 for DPO on both
   (ours as `gpt2chat train` sets it, TRL's `disable_dropout=True`).
 - MFU: model FLOPs (6 N per token run + attention, `gpt2chat.evaluate.flops`) / the best fp32 matmul rate
@@ -107,14 +107,13 @@ def run_ours(kind: str, ckpt: str, specs: list[str], args, chunked: bool = True,
     model, tokenizer = load_model(ckpt, device=device)
     if kind == "dpo":
         set_dropout(model, 0.0)          # as `gpt2chat train` does for DPO (and TRL's disable_dropout default)
-    model.gradient_checkpointing = args.checkpointing
     rows = args.batch_size * args.grad_accum * args.steps
     examples = load_examples(kind, specs, tokenizer, rows * (8 if kind == "sft" else 1), args.seq)
     cfg = TrainConfig(objective="sft" if kind == "sft" else "dpo", data=["bench"], out=tempfile.mkdtemp(),
                       lr=1e-5, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
                       max_length=args.seq, pack=True, schedule="constant", progress=False, save_every=0,
                       max_grad_norm=0.0 if step_in_backward else args.max_grad_norm,
-                      step_in_backward=step_in_backward).validate()
+                      step_in_backward=step_in_backward, gradient_checkpointing=args.checkpointing).validate()
     plan = BatchPlan(examples, "sft" if kind == "sft" else "preference", batch_size=cfg.batch_size,
                      grad_accum=cfg.grad_accum, world_size=1, seed=0, max_length=args.seq,
                      pad_id=tokenizer.pad_token_id, pack=True)

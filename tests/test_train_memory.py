@@ -45,6 +45,34 @@ def test_step_in_backward_gives_the_plain_steps_parameters_to_the_bit(tmp_path, 
     assert all(p.grad is None for p in hooked_model.parameters())
 
 
+@pytest.mark.parametrize("kind, extra", [("sft", {"dropout": 0.1}), ("dpo", {}), ("orpo", {"step_in_backward": True})])
+def test_gradient_checkpointing_gives_the_plain_runs_parameters(tmp_path, kind, extra):
+    """Recomputing each block in the backward (dropout's random draws included) changes memory, not numbers."""
+    start = tiny_model()
+    if "dropout" in extra:
+        for module in start.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = extra["dropout"]
+    options = {k: v for k, v in extra.items() if k != "dropout"}
+    plain_model, recomputed_model = copy.deepcopy(start), copy.deepcopy(start)
+    recomputed: list[int] = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        recomputed.append(1)
+        return original(*args, **kwargs)
+
+    _, plain = _run(tmp_path / "plain", kind, plain_model, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gpt2chat.model.checkpoint", counting)
+        _, again = _run(tmp_path / "again", kind, recomputed_model, gradient_checkpointing=True, **options)
+    assert len(recomputed) == 5 * len(start.transformer.h)       # every block of every step went through it
+    assert [r["loss"] for r in plain.history] == pytest.approx([r["loss"] for r in again.history], abs=1e-6)
+    for (name, a), b in zip(plain_model.named_parameters(), recomputed_model.parameters(), strict=True):
+        assert not torch.equal(a, start.get_parameter(name)), name
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
 def test_each_gradient_is_freed_as_it_is_applied(tmp_path, monkeypatch):
     alive: list[int] = []
     original = StepInBackward._apply

@@ -145,6 +145,10 @@ class Trainer:
         if cfg.step_in_backward and dist.mode != "none":
             raise Gpt2ChatError(f"step_in_backward needs one process ({dist.mode.upper()} reduces the gradients "
                                 "across processes before any update); leave it off under torchrun")
+        if cfg.gradient_checkpointing:                      # the model recomputes each block in the backward
+            if not hasattr(model, "gradient_checkpointing"):
+                raise Gpt2ChatError(f"gradient_checkpointing: {type(model).__name__} has no checkpointed blocks")
+            model.gradient_checkpointing = True
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
