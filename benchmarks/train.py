@@ -31,7 +31,9 @@ Opt-in runners: `ours-sib` (the optimizer step inside the backward, `step_in_bac
 - MFU: model FLOPs (6 N per token run + attention, `gpt2chat.evaluate.flops`) / the best fp32 matmul rate
   measured before and after the runs (1024^3, the best of 5 x 5 timings).
 - `--budget-gib G`: each runner's peak at two batch sizes (2 steps each, so the optimizer state is in it),
-  memory as an affine function of the batch, and the largest batch of `--seq` tokens under G.
+  memory as an affine function of the batch, the largest batch of `--seq` tokens under G it predicts, then
+  that batch run and measured (one less while over G, then one more while the next is under G): the
+  reported batch is measured under G and the next one measured over it.
 Prints a table and one JSON line.
 """
 
@@ -239,6 +241,29 @@ def budget_fit(points: dict[int, float], budget_mb: float) -> dict:
             "max_batch": int((budget_mb - fixed) // per_row) if per_row > 0 else None}
 
 
+def verify_budget(peak_at, fit: dict, budget_mb: float, measured: dict[int, float]) -> int | None:
+    """The largest batch measured under `budget_mb`, starting from the affine fit's prediction: a batch over
+    the budget steps down, then it steps up while the next batch measures under the budget (so the batch
+    above the answer was run too, and was over). Each peak measured on the way goes into `fit["measured"]`:
+    the table holds what was run, not what was extrapolated. None when not even the smallest measured batch fits."""
+    def peak(batch: int) -> float:
+        if batch not in measured:
+            measured[batch] = peak_at(batch)
+            fit["measured"][str(batch)] = round(measured[batch])
+        return measured[batch]
+
+    batch = fit["max_batch"]
+    if batch is None or batch < 1:
+        return None
+    while batch >= 1 and peak(batch) > budget_mb:
+        batch -= 1
+    if batch < 1:
+        return None
+    while peak(batch + 1) <= budget_mb:
+        batch += 1
+    return batch
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"))
@@ -302,7 +327,13 @@ def main() -> int:
             fits[kind] = {who: budget_fit(p, args.budget_gib * 1024) for who, p in points.items()}
             for who, fit in fits[kind].items():
                 print(f"{kind} {who:>15}: peaks {fit['measured']} MiB, {fit['per_row_mb']:.0f} MiB per "
-                      f"{args.seq}-token row -> {fit['max_batch']} x {args.seq} in {args.budget_gib:g} GiB")
+                      f"{args.seq}-token row -> {fit['max_batch']} x {args.seq} in {args.budget_gib:g} GiB "
+                      "(predicted)", file=sys.stderr, flush=True)
+                fit["verified"] = verify_budget(
+                    lambda batch, who=who, kind=kind: run_child(who, kind, ckpt, specs, args, batch, 2, env)["peak_mb"],
+                    fit, args.budget_gib * 1024, points[who])
+                print(f"{kind} {who:>15}: {fit['verified']} x {args.seq} measured under {args.budget_gib:g} GiB; "
+                      f"peaks {fit['measured']} MiB")
         print(json.dumps({"benchmark": "train-budget", "seq_len": args.seq, "budget_gib": args.budget_gib,
                           "device": args.device, "checkpointing": args.checkpointing, **fits}))
         return 0

@@ -41,3 +41,26 @@ def test_round_robin_runs_every_side_once_a_round_and_rotates_the_first():
     assert rounds == ["abc", "bca", "cab", "abc"]
     assert Counter(side for _, side in order) == {"a": 4, "b": 4, "c": 4}
     assert list(round_robin([], 3)) == []
+
+
+@pytest.mark.parametrize("fixed, per_row, curve_bend, expected", [
+    (3000, 900, 0, 5),        # the affine fit is right: its prediction is measured and kept
+    (3000, 900, 300, 4),      # rows cost more past batch 2 than the fit says: step down to what fits
+    (3000, 900, -400, 8),     # rows cost less: step up while the next batch still fits
+    (9000, 900, 0, None),     # not even the smallest batch fits
+])
+def test_the_budget_batch_is_the_largest_measured_under_the_budget(fixed, per_row, curve_bend, expected):
+    from benchmarks.train import budget_fit, verify_budget
+
+    def peak_at(batch: int) -> float:
+        runs.append(batch)
+        return fixed + per_row * batch + curve_bend * max(batch - 2, 0)
+
+    runs: list[int] = []
+    measured = {1: peak_at(1), 2: peak_at(2)}
+    fit = budget_fit(dict(measured), 8192)
+    assert verify_budget(peak_at, fit, 8192, measured) == expected
+    if expected is not None:
+        assert measured[expected] <= 8192 < measured[expected + 1]       # both measured: this fits, the next not
+        assert {str(expected), str(expected + 1)} <= set(fit["measured"])
+    assert len(runs) == len(set(runs))                                    # no batch measured twice
