@@ -31,9 +31,9 @@ Opt-in runners: `ours-sib` (the optimizer step inside the backward, `step_in_bac
 - MFU: model FLOPs (6 N per token run + attention, `gpt2chat.evaluate.flops`) / the best fp32 matmul rate
   measured before and after the runs (1024^3, the best of 5 x 5 timings).
 - `--budget-gib G`: each runner's peak at two batch sizes (2 steps each, so the optimizer state is in it),
-  memory as an affine function of the batch, the largest batch of `--seq` tokens under G it predicts, then
-  that batch run and measured (one less while over G, then one more while the next is under G): the
-  reported batch is measured under G and the next one measured over it.
+  memory as an affine function of the batch, then runs where that line crosses G until the largest batch
+  measured under G and the next one measured over it are adjacent (or `--budget-runs` runs): the table
+  gives both, measured, never an extrapolation.
 Prints a table and one JSON line.
 """
 
@@ -241,27 +241,27 @@ def budget_fit(points: dict[int, float], budget_mb: float) -> dict:
             "max_batch": int((budget_mb - fixed) // per_row) if per_row > 0 else None}
 
 
-def verify_budget(peak_at, fit: dict, budget_mb: float, measured: dict[int, float]) -> int | None:
-    """The largest batch measured under `budget_mb`, starting from the affine fit's prediction: a batch over
-    the budget steps down, then it steps up while the next batch measures under the budget (so the batch
-    above the answer was run too, and was over). Each peak measured on the way goes into `fit["measured"]`:
-    the table holds what was run, not what was extrapolated. None when not even the smallest measured batch fits."""
-    def peak(batch: int) -> float:
-        if batch not in measured:
-            measured[batch] = peak_at(batch)
-            fit["measured"][str(batch)] = round(measured[batch])
-        return measured[batch]
-
-    batch = fit["max_batch"]
-    if batch is None or batch < 1:
-        return None
-    while batch >= 1 and peak(batch) > budget_mb:
-        batch -= 1
-    if batch < 1:
-        return None
-    while peak(batch + 1) <= budget_mb:
-        batch += 1
-    return batch
+def verify_budget(peak_at, budget_mb: float, measured: dict[int, float], max_runs: int = 4) -> dict:
+    """Bracket the largest batch under `budget_mb` by measurement: `fits`, the largest batch measured under
+    it, and `over`, the smallest larger batch measured over it (None: not reached). Each next batch to run
+    is where the line through the two measured points nearest the budget crosses it (memory is close to
+    affine in the batch, but not exactly: per-row costs bend), inside the bracket; it stops when the two
+    are adjacent or after `max_runs` runs (a row of a big batch takes minutes). `measured` ({batch: peak
+    MiB}, at least two batches) gains every run."""
+    for _ in range(max_runs + 1):
+        under = [b for b, p in measured.items() if p <= budget_mb]
+        fits = max(under) if under else None
+        above = [b for b, p in measured.items() if p > budget_mb and (fits is None or b > fits)]
+        over = min(above) if above else None
+        if (fits is not None and over == fits + 1) or over == 1 or _ == max_runs:
+            return {"fits": fits, "over": over}
+        near = sorted(measured, key=lambda b: abs(measured[b] - budget_mb))[:2]
+        (b0, p0), (b1, p1) = sorted((b, measured[b]) for b in near)
+        slope = (p1 - p0) / (b1 - b0) if b1 != b0 and p1 != p0 else float("inf")
+        guess = b0 + int((budget_mb - p0) // slope) if slope > 0 else (over or 2 * (fits or 1))
+        low, high = (fits or 0) + 1, (over - 1) if over is not None else max(guess, (fits or 0) + 1)
+        measured[min(max(guess, low), high)] = peak_at(min(max(guess, low), high))
+    raise AssertionError("unreachable")
 
 
 def main() -> int:
@@ -281,6 +281,8 @@ def main() -> int:
                         help="instead of the speed table: the largest batch of --seq tokens that trains in this "
                              "much memory, for each runner, from peaks at --budget-batches (2 steps each)")
     parser.add_argument("--budget-batches", default="1,2")
+    parser.add_argument("--budget-runs", type=int, default=4, help="--budget-gib: at most this many runs past "
+                        "the first two batches to bracket the answer")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing on both sides (its own rows: never compare with a run without)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping on both sides (0: none, as "
@@ -329,11 +331,12 @@ def main() -> int:
                 print(f"{kind} {who:>15}: peaks {fit['measured']} MiB, {fit['per_row_mb']:.0f} MiB per "
                       f"{args.seq}-token row -> {fit['max_batch']} x {args.seq} in {args.budget_gib:g} GiB "
                       "(predicted)", file=sys.stderr, flush=True)
-                fit["verified"] = verify_budget(
+                fit.update(verify_budget(
                     lambda batch, who=who, kind=kind: run_child(who, kind, ckpt, specs, args, batch, 2, env)["peak_mb"],
-                    fit, args.budget_gib * 1024, points[who])
-                print(f"{kind} {who:>15}: {fit['verified']} x {args.seq} measured under {args.budget_gib:g} GiB; "
-                      f"peaks {fit['measured']} MiB")
+                    args.budget_gib * 1024, points[who], args.budget_runs))
+                fit["measured"] = {str(b): round(m) for b, m in sorted(points[who].items())}
+                print(f"{kind} {who:>15}: {fit['fits']} x {args.seq} measured under {args.budget_gib:g} GiB, "
+                      f"{fit['over']} x {args.seq} over; peaks {fit['measured']} MiB")
         print(json.dumps({"benchmark": "train-budget", "seq_len": args.seq, "budget_gib": args.budget_gib,
                           "device": args.device, "checkpointing": args.checkpointing, **fits}))
         return 0
