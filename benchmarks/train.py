@@ -248,20 +248,20 @@ def verify_budget(peak_at, budget_mb: float, measured: dict[int, float], max_run
     affine in the batch, but not exactly: per-row costs bend), inside the bracket; it stops when the two
     are adjacent or after `max_runs` runs (a row of a big batch takes minutes). `measured` ({batch: peak
     MiB}, at least two batches) gains every run."""
-    for _ in range(max_runs + 1):
-        under = [b for b, p in measured.items() if p <= budget_mb]
-        fits = max(under) if under else None
-        above = [b for b, p in measured.items() if p > budget_mb and (fits is None or b > fits)]
-        over = min(above) if above else None
-        if (fits is not None and over == fits + 1) or over == 1 or _ == max_runs:
-            return {"fits": fits, "over": over}
+    for run in range(max_runs + 1):
+        fits = max((b for b, p in measured.items() if p <= budget_mb), default=None)
+        over = min((b for b, p in measured.items() if p > budget_mb and b > (fits or 0)), default=None)
+        if run == max_runs or over == (fits or 0) + 1:     # adjacent (or nothing fits: batch 1 is over)
+            break
         near = sorted(measured, key=lambda b: abs(measured[b] - budget_mb))[:2]
         (b0, p0), (b1, p1) = sorted((b, measured[b]) for b in near)
         slope = (p1 - p0) / (b1 - b0) if b1 != b0 and p1 != p0 else float("inf")
         guess = b0 + int((budget_mb - p0) // slope) if slope > 0 else (over or 2 * (fits or 1))
-        low, high = (fits or 0) + 1, (over - 1) if over is not None else max(guess, (fits or 0) + 1)
-        measured[min(max(guess, low), high)] = peak_at(min(max(guess, low), high))
-    raise AssertionError("unreachable")
+        batch = max(guess, (fits or 0) + 1)                   # inside the bracket
+        if over is not None:
+            batch = min(batch, over - 1)
+        measured[batch] = peak_at(batch)
+    return {"fits": fits, "over": over}
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ from gpt2chat.train import training_state
 from gpt2chat.train.config import ConfigError, build_config
 from gpt2chat.train.distributed import DistState
 from gpt2chat.train.objectives import DPOObjective, ORPOObjective, SFTObjective
+from gpt2chat.train.recipes import set_dropout
 from gpt2chat.train.step_in_backward import StepInBackward
 from gpt2chat.train.trainer import Trainer, TrainingDivergedError, seed_for_step
 from train_support import make_trainer, pref_examples, sft_examples, tiny_model
@@ -45,15 +46,12 @@ def test_step_in_backward_gives_the_plain_steps_parameters_to_the_bit(tmp_path, 
     assert all(p.grad is None for p in hooked_model.parameters())
 
 
-@pytest.mark.parametrize("kind, extra", [("sft", {"dropout": 0.1}), ("dpo", {}), ("orpo", {"step_in_backward": True})])
-def test_gradient_checkpointing_gives_the_plain_runs_parameters(tmp_path, kind, extra):
+@pytest.mark.parametrize("kind, dropout, options", [("sft", 0.1, {}), ("dpo", 0.0, {}),
+                                                     ("orpo", 0.0, {"step_in_backward": True})])
+def test_gradient_checkpointing_gives_the_plain_runs_parameters(tmp_path, kind, dropout, options):
     """Recomputing each block in the backward (dropout's random draws included) changes memory, not numbers."""
     start = tiny_model()
-    if "dropout" in extra:
-        for module in start.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = extra["dropout"]
-    options = {k: v for k, v in extra.items() if k != "dropout"}
+    set_dropout(start, dropout)
     plain_model, recomputed_model = copy.deepcopy(start), copy.deepcopy(start)
     recomputed: list[int] = []
     original = torch.utils.checkpoint.checkpoint
